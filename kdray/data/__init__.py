@@ -1,0 +1,147 @@
+"""Data set registry and the in-memory ``DataBundle`` every loader returns.
+
+Small data sets live as whole tensors (the airbench way): a loader reads the
+data set's own on-disk format once and returns a ``DataBundle``; the training
+loop slices batches out of it with index tensors and applies batched
+preprocessing.  No per-sample PIL pipelines, no DataLoader workers.
+
+Contract for a loader registered with ``@register_dataset(name)``::
+
+    loader(root: pathlib.Path | None, **args) -> DataBundle
+
+``root`` is the data root (the sweep's ``data_root`` or ``$KDRAY_DATA``); a
+loader that needs files raises ``DataNotFoundError`` naming the path it looked
+for.  ``args`` come from the sweep file's ``dataset:`` mapping.
+"""
+from __future__ import annotations
+
+import importlib
+import os
+import pkgutil
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, Iterator, Optional
+
+import torch
+
+from kdray.registry import Registry
+
+DATA_ROOT_ENV = "KDRAY_DATA"
+
+
+class DataNotFoundError(FileNotFoundError):
+    """The data set's files are not where the loader looked; the message says where."""
+
+    def __str__(self) -> str:
+        return str(self.args[0]) if self.args else "data not found"
+
+
+# (x_batch, train, generator) -> float tensor ready for the model
+Preprocess = Callable[[torch.Tensor, bool, Optional[torch.Generator]], torch.Tensor]
+
+
+def default_preprocess(x: torch.Tensor, train: bool, gen: Optional[torch.Generator]) -> torch.Tensor:
+    return x.float() / 255.0 if x.dtype == torch.uint8 else x
+
+
+@dataclass
+class DataBundle:
+    """A whole data set in memory.
+
+    task "classification": ``train_x[N, ...]``, ``train_y[N]`` (int64), same
+    for test.  task "lm": ``train_x`` is the 1-D int64 token stream of the
+    training split (``train_y`` is None, batches are random windows of
+    ``block_size``); ``test_x``/``test_y`` are ``[M, block_size]`` windows
+    of inputs and next-token targets, so every predicted position of the test
+    split is one test input.
+    """
+
+    task: str
+    num_classes: int
+    input_shape: tuple[int, ...]
+    train_x: torch.Tensor
+    train_y: Optional[torch.Tensor]
+    test_x: torch.Tensor
+    test_y: torch.Tensor
+    preprocess: Preprocess = default_preprocess
+    block_size: Optional[int] = None
+    vocab: Optional[str] = None  # lm: the characters, index = token id
+    extras: dict = field(default_factory=dict)  # loader-specific (e.g. clean test text)
+
+    @property
+    def n_train(self) -> int:
+        return len(self.train_x) if self.task == "classification" else len(self.train_x) - self.block_size
+
+    def steps_per_epoch(self, batch_size: int) -> int:
+        if self.task != "classification":
+            raise ValueError("language-model data sets count iterations, not epochs")
+        return -(-len(self.train_x) // batch_size)
+
+    def train_batches(self, batch_size: int, steps: int, order: torch.Generator) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        """``steps`` raw training batches, their order drawn from ``order``.
+
+        Classification: a fresh permutation per epoch, last partial batch kept.
+        LM: each batch is ``batch_size`` windows at uniformly random offsets.
+        """
+        if self.task == "classification":
+            n = len(self.train_x)
+            done = 0
+            while done < steps:
+                perm = torch.randperm(n, generator=order)
+                for i in range(0, n, batch_size):
+                    if done == steps:
+                        return
+                    idx = perm[i:i + batch_size]
+                    yield self.train_x[idx], self.train_y[idx]
+                    done += 1
+        else:
+            bs, data = self.block_size, self.train_x
+            offs = torch.arange(bs)
+            for _ in range(steps):
+                start = torch.randint(len(data) - bs, (batch_size,), generator=order)
+                idx = start[:, None] + offs
+                yield data[idx], data[idx + 1]
+
+    def test_batches(self, batch_size: int) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        for i in range(0, len(self.test_x), batch_size):
+            yield self.test_x[i:i + batch_size], self.test_y[i:i + batch_size]
+
+
+DATASETS: Registry[Callable[..., DataBundle]] = Registry("dataset")
+register_dataset = DATASETS.register
+
+
+def resolve_root(root: str | os.PathLike | None) -> Optional[Path]:
+    """The data root: the explicit value, else ``$KDRAY_DATA``, else None."""
+    if root:
+        return Path(root).expanduser()
+    env = os.environ.get(DATA_ROOT_ENV)
+    return Path(env).expanduser() if env else None
+
+
+def require_root(root: Optional[Path], dataset: str, expected: str) -> Path:
+    """Fail clearly when a data set that needs files was given no data root."""
+    if root is None:
+        raise DataNotFoundError(
+            f"dataset {dataset!r} needs a data root holding {expected}: set data_root in the sweep file or ${DATA_ROOT_ENV}"
+        )
+    return root
+
+
+_cache: dict[tuple, DataBundle] = {}
+
+
+def load_dataset(name: str, root: str | os.PathLike | None = None, **args) -> DataBundle:
+    """Load (and memoise per process) a registered data set."""
+    key = (name, str(resolve_root(root)), tuple(sorted((k, repr(v)) for k, v in args.items())))
+    if key not in _cache:
+        _cache[key] = DATASETS.get(name)(resolve_root(root), **args)
+    return _cache[key]
+
+
+def _import_all() -> None:
+    for info in pkgutil.iter_modules(__path__):
+        importlib.import_module(f"{__name__}.{info.name}")
+
+
+_import_all()
