@@ -31,3 +31,6 @@ def digits(root: Optional[Path] = None, test_size: float = 0.2, split_seed: int 
     shape = (64,) if flatten else (1, 8, 8)
     return DataBundle("classification", 10, shape, t(xtr, torch.uint8), t(ytr, torch.int64),
                       t(xte, torch.uint8), t(yte, torch.int64), preprocess=preprocess)
+
+
+digits.needs_root = False  # ships inside scikit-learn

@@ -1,0 +1,145 @@
+"""The ``kdray`` command: validate, plan, sweep, report, ui.
+
+User mistakes (a bad sweep file, missing data, unreachable MLflow) print one
+``kdray: error: ...`` line and exit 2; nothing is started.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from typing import Callable, Optional
+
+EXIT_USAGE = 2
+
+
+def _fail(msg: str) -> int:
+    print(f"kdray: error: {msg}", file=sys.stderr)
+    return EXIT_USAGE
+
+
+def _load(path: str):
+    from kdray.plan import build_plan
+    from kdray.sweep import load_sweep
+
+    sweep = load_sweep(path)
+    return sweep, build_plan(sweep)
+
+
+def cmd_validate(args) -> int:
+    sweep, plan = _load(args.sweep)
+    print(f"{args.sweep}: ok ({len(sweep.setups)} setups, {len(plan.all)} trials)")
+    return 0
+
+
+def cmd_plan(args) -> int:
+    from kdray.plan import format_plan
+
+    sweep, plan = _load(args.sweep)
+    print(format_plan(plan))
+    try:
+        from kdray.analysis.stats import significance_warning
+    except ImportError:  # analysis not installed in a minimal build
+        significance_warning = None
+    if significance_warning:
+        for s in sweep.setups:
+            w = significance_warning(len(s.student_seeds))
+            if w:
+                print(f"  warning: {s.name}: {w}")
+    if args.list:
+        for spec in plan.all:
+            print(f"{spec.trial_key}  {spec.label}")
+    return 0
+
+
+def cmd_sweep(args) -> int:
+    from kdray.engine import run_sweep
+    from kdray.plan import format_plan
+
+    sweep, plan = _load(args.sweep)
+    if args.storage or args.tracking_uri:
+        sweep = sweep.model_copy(update={k: v for k, v in (("storage", args.storage),
+                                                           ("tracking_uri", args.tracking_uri)) if v})
+        plan = None
+    print(format_plan(plan) if plan else f"sweep {sweep.name}", flush=True)
+    summary = run_sweep(sweep, verbose=0 if args.quiet else 1)
+    print("\n".join(summary.lines()))
+    return 0 if summary.ok else 1
+
+
+def cmd_report(args) -> int:
+    from kdray.analysis.report import run_report
+
+    return run_report(args.target, args.out, args.tracking_uri, args.threshold, args.exclude_below)
+
+
+def cmd_ui(args) -> int:
+    uri = args.tracking_uri
+    if not uri:
+        from kdray.sweep import DEFAULT_STORAGE, load_sweep
+        from pathlib import Path
+
+        storage = load_sweep(args.sweep).storage if args.sweep else DEFAULT_STORAGE
+        uri = f"sqlite:///{Path(storage).expanduser().resolve() / 'mlflow.db'}"
+    cmd = ["mlflow", "ui", "--backend-store-uri", uri, "--host", args.host, "--port", str(args.port)]
+    print(" ".join(cmd), flush=True)
+    os.execvp(cmd[0], cmd)
+    return 0  # not reached
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="kdray", description="Ray-distributed sweeps for the functional study of knowledge distillation.")
+    sub = p.add_subparsers(dest="command", required=True)
+    commands: dict[str, Callable] = {}
+
+    def add(name: str, fn: Callable, help: str) -> argparse.ArgumentParser:
+        sp = sub.add_parser(name, help=help, description=help)
+        sp.set_defaults(func=fn)
+        commands[name] = fn
+        return sp
+
+    sp = add("validate", cmd_validate, "check a sweep file; one error line and exit 2 when it is wrong")
+    sp.add_argument("sweep")
+    sp = add("plan", cmd_plan, "print the trials a sweep file expands to, per setup and condition")
+    sp.add_argument("sweep")
+    sp.add_argument("--list", action="store_true", help="also list every trial key and label")
+    sp = add("sweep", cmd_sweep, "run a sweep: teachers, then students and controls, on Ray Tune")
+    sp.add_argument("sweep")
+    sp.add_argument("--resume", action="store_true",
+                    help="continue an interrupted sweep (the default behaviour: finished trials are always skipped)")
+    sp.add_argument("--storage", help="override the sweep file's storage")
+    sp.add_argument("--tracking-uri", help="override the MLflow tracking URI")
+    sp.add_argument("--quiet", action="store_true", help="no per-trial progress tables")
+    sp = add("report", cmd_report, "paired tests, transfer decisions, tables and figures from a sweep's MLflow runs")
+    sp.add_argument("target", help="a sweep file or an MLflow experiment name")
+    sp.add_argument("--out", help="output folder (default <storage>/<sweep>/report)")
+    sp.add_argument("--tracking-uri", help="MLflow tracking URI (default: the sweep's)")
+    sp.add_argument("--threshold", type=float, default=0.01, help="marginal-transfer threshold on the prediction-agreement gain")
+    sp.add_argument("--exclude-below", type=float, default=None,
+                    help="drop controls whose mean accuracy is this far below SIDDO's from best-control selection")
+    sp = add("ui", cmd_ui, "open the MLflow UI on a sweep's runs")
+    sp.add_argument("sweep", nargs="?")
+    sp.add_argument("--tracking-uri")
+    sp.add_argument("--host", default="127.0.0.1")
+    sp.add_argument("--port", type=int, default=5000)
+    return p
+
+
+def main(argv: Optional[list[str]] = None) -> int:
+    from kdray.data import DataNotFoundError
+    from kdray.registry import UnknownNameError
+    from kdray.sweep import SweepError
+    from kdray.tracking import TrackingError
+
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except (SweepError, TrackingError, DataNotFoundError, UnknownNameError) as e:
+        return _fail(str(e))
+    except KeyboardInterrupt:
+        print("kdray: interrupted; run the same command again to resume", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,121 @@
+"""Expand a sweep into trial specs: teachers (stage 1) and students (stage 2).
+
+Tune's cartesian grid cannot say that SIDDO ignores alpha, so kdray expands
+the grid itself and de-duplicates by trial key.  Seeds follow PROTOCOL.md 2:
+teacher seed s fixes the teacher's init and data order; student seed fixes a
+student's data order; students of a self-distillation setup start from the
+teacher's initial weights, students of a different architecture from their
+own student seed (shared by every condition with that seed).
+"""
+from __future__ import annotations
+
+from collections import Counter
+from dataclasses import dataclass, field
+
+from kdray.spec import TrialSpec
+from kdray.sweep import Setup, Sweep
+
+
+@dataclass
+class Plan:
+    sweep: Sweep
+    teachers: list[TrialSpec] = field(default_factory=list)
+    students: list[TrialSpec] = field(default_factory=list)
+
+    @property
+    def all(self) -> list[TrialSpec]:
+        return self.teachers + self.students
+
+    def counts(self) -> dict[tuple[str, str], int]:
+        """(setup, method) -> number of trials."""
+        return dict(Counter((s.setup, s.method) for s in self.all))
+
+    def n_pairs(self) -> int:
+        """The fewest paired student seeds of any setup (what the tests will see)."""
+        return min(len(s.student_seeds) for s in self.sweep.setups)
+
+
+def _student_conditions(setup: Setup) -> list[dict]:
+    """The distinct (method, alpha, temperature, block) a student seed is trained under."""
+    c = setup.conditions
+    out: list[dict] = []
+    if c.siddo:
+        out.append(dict(method="siddo"))
+    for method, grid in (("kd", c.kd), ("rcd", c.rcd)):
+        if grid:
+            out += [dict(method=method, alpha=a, temperature=t) for a in grid.alphas for t in grid.temperatures]
+    if c.ls:
+        out += [dict(method="ls", alpha=e) for e in c.ls.epsilons]
+    if c.fm:
+        for a in c.fm.alphas:
+            for b in c.fm.blocks:
+                out.append(dict(method="fm", alpha=a, block=b))
+                if c.fm.control:
+                    out.append(dict(method="fm_rcd", alpha=a, block=b))
+    return out
+
+
+def _self_distillation(setup: Setup, width: float) -> bool:
+    same = setup.student is None or setup.student == setup.teacher
+    return same and width == 1.0
+
+
+def expand_setup(sweep: Sweep, setup: Setup) -> tuple[list[TrialSpec], list[TrialSpec]]:
+    common = dict(setup=setup.name, dataset=setup.dataset.name, data_root=sweep.data_root, sweep=sweep.name,
+                  evals=tuple(setup.evals),
+                  distributed=setup.distributed.model_dump() if setup.distributed else {})
+    recipe = setup.recipe.model_dump()
+    student_recipe = {**recipe, **setup.student_recipe}
+    teachers, students = [], []
+    for ts in setup.teacher_seeds:
+        teacher = TrialSpec(role="teacher", method="teacher", arch=setup.teacher.arch,
+                            arch_args=dict(setup.teacher.args), teacher_seed=ts, init_seed=ts, data_seed=ts,
+                            dataset_args={**setup.dataset.args, **setup.teacher_dataset}, recipe=recipe,
+                            resources=setup.resources.teacher.model_dump(), **common)
+        teachers.append(teacher)
+        for width in setup.widths:
+            arch_args = dict(setup.student_model.args)
+            if width != 1.0:
+                arch_args["width"] = width
+            from_teacher = {"auto": _self_distillation(setup, width), "teacher": True,
+                            "student_seed": False}[setup.student_init]
+            for ss in setup.student_seeds:
+                for cond in _student_conditions(setup):
+                    students.append(TrialSpec(
+                        role="student", arch=setup.student_model.arch, arch_args=arch_args,
+                        teacher_seed=ts, student_seed=ss, init_seed=ts if from_teacher else ss, data_seed=ss,
+                        width=width, dataset_args=dict(setup.dataset.args), recipe=student_recipe,
+                        teacher=teacher, resources=setup.resources.student.model_dump(), **cond, **common))
+    return teachers, students
+
+
+def build_plan(sweep: Sweep) -> Plan:
+    plan = Plan(sweep)
+    seen: set[str] = set()
+    for setup in sweep.setups:
+        teachers, students = expand_setup(sweep, setup)
+        for spec in teachers:
+            if spec.trial_key not in seen:
+                seen.add(spec.trial_key)
+                plan.teachers.append(spec)
+        for spec in students:
+            if spec.trial_key not in seen:
+                seen.add(spec.trial_key)
+                plan.students.append(spec)
+    return plan
+
+
+def format_plan(plan: Plan) -> str:
+    """The counts per setup, stage and method, as ``kdray plan`` prints them."""
+    lines = [f"sweep {plan.sweep.name}: {len(plan.all)} trials "
+             f"({len(plan.teachers)} teachers in stage 1, {len(plan.students)} students in stage 2)"]
+    counts = plan.counts()
+    for setup in plan.sweep.setups:
+        per = {m: n for (s, m), n in counts.items() if s == setup.name}
+        total = sum(per.values())
+        detail = ", ".join(f"{m} {n}" for m, n in sorted(per.items(), key=lambda kv: _ORDER.get(kv[0], 99)))
+        lines.append(f"  {setup.name}: {total} models ({detail})")
+    return "\n".join(lines)
+
+
+_ORDER = {"teacher": 0, "siddo": 1, "kd": 2, "rcd": 3, "ls": 4, "fm": 5, "fm_rcd": 6}

@@ -1,0 +1,246 @@
+"""One trial, top to bottom: data -> model -> objective -> train -> test outputs -> metrics.
+
+``run_trial(spec, store)`` is a pure function of the TrialSpec (and, for a
+student, its teacher's stored artefacts).  It knows nothing about Ray or
+MLflow: the engine passes ``report`` (called at every epoch end with the
+epoch's metrics and, every ``checkpoint_every`` epochs, a resumable state) and
+``restore`` (the last such state, after a worker crash).
+"""
+from __future__ import annotations
+
+import hashlib
+import io
+import math
+import time
+from typing import Callable, Optional
+
+import numpy as np
+import torch
+from torch import nn
+
+from kdray.data import DataBundle, load_dataset
+from kdray.models import block_output, build_model
+from kdray.objectives import Batch, build_objective, fm_noise
+from kdray.spec import TrialSpec
+from kdray.storage import Store
+from kdray.sweep import Recipe
+
+Report = Callable[[dict, Optional[dict]], None]
+
+
+class TrialDiverged(RuntimeError):
+    """The training loss became NaN or inf; the trial stops and is marked failed."""
+
+
+class TeacherArtifactError(RuntimeError):
+    """A student's teacher has no usable checkpoint or test outputs in storage."""
+
+
+def derive_seed(seed: int, purpose: str) -> int:
+    """Independent, stable sub-seeds (data order, augmentation, dropout) from one seed."""
+    return int.from_bytes(hashlib.sha256(f"{seed}:{purpose}".encode()).digest()[:8], "little") >> 1
+
+
+def init_model(spec: TrialSpec, bundle: DataBundle) -> nn.Module:
+    """The model at initialisation: a function of ``init_seed`` alone (global RNG untouched)."""
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(spec.init_seed)
+        return build_model(spec.arch, bundle.num_classes, bundle.input_shape, **spec.arch_args)
+
+
+def load_teacher(spec: TrialSpec, store: Store, bundle: DataBundle, device) -> tuple[nn.Module, np.ndarray]:
+    """The frozen teacher (eval mode) and its float32 test logits, from storage."""
+    t = spec.teacher
+    try:
+        state = torch.load(io.BytesIO(store.read_bytes(t.trial_key, "model.pt")), map_location=device,
+                           weights_only=True)
+        logits = store.load_npy(t.trial_key, "test_logits.npy")
+        model = build_model(t.arch, bundle.num_classes, bundle.input_shape, **t.arch_args)
+        model.load_state_dict(state)
+    except Exception as e:  # missing, truncated or mismatched artefacts
+        raise TeacherArtifactError(f"teacher {t.label} (trial {t.trial_key}) has no usable artefacts in "
+                                   f"{store.trial_dir(t.trial_key)}: {type(e).__name__}: {e}") from None
+    model.to(device).eval().requires_grad_(False)
+    return model, logits
+
+
+# ------------------------------------------------------------------ optimiser
+
+OPTIMIZERS: dict[str, Callable[..., torch.optim.Optimizer]] = {
+    "adam": lambda params, r: torch.optim.Adam(params, lr=r.lr, weight_decay=r.weight_decay),
+    "adamw": lambda params, r: torch.optim.AdamW(params, lr=r.lr, weight_decay=r.weight_decay),
+    "sgd": lambda params, r: torch.optim.SGD(params, lr=r.lr, momentum=r.momentum, nesterov=r.nesterov,
+                                             weight_decay=r.weight_decay),
+}
+
+
+def make_optimizer(r: Recipe, model: nn.Module) -> torch.optim.Optimizer:
+    return OPTIMIZERS[r.optimizer](model.parameters(), r)
+
+
+def lr_factor(r: Recipe, step: int, steps_per_epoch: int, epochs: int) -> float:
+    """The learning-rate multiplier at a step; schedules are defined in epochs, as the paper's."""
+    epoch = step // steps_per_epoch
+    if r.schedule == "cosine":
+        t_max = r.cosine_t_max or epochs
+        return 0.5 * (1 + math.cos(math.pi * min(epoch, t_max) / t_max))
+    if r.schedule == "step":
+        return r.gamma ** (epoch // r.step_size)
+    if r.schedule == "warmup_step":
+        frac = step / steps_per_epoch
+        warm = min(1.0, (frac + 1e-9) / r.warmup_epochs) if r.warmup_epochs > 0 else 1.0
+        return warm * r.gamma ** (epoch // r.step_size)
+    return 1.0
+
+
+# ------------------------------------------------------------------ evaluation
+
+def _flatten(logits: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    return logits.reshape(-1, logits.shape[-1]), y.reshape(-1)
+
+
+@torch.inference_mode()
+def evaluate(model: nn.Module, bundle: DataBundle, device, batch_size: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Test logits (float32, one row per test input) and labels, on the CPU."""
+    model.eval()
+    outs, ys = [], []
+    for xb, yb in bundle.test_batches(batch_size):
+        logits = model(bundle.preprocess(xb.to(device), False, None))
+        logits, yb = _flatten(logits.float(), yb)
+        outs.append(logits.cpu())
+        ys.append(yb)
+    return torch.cat(outs), torch.cat(ys)
+
+
+def loss_and_accuracy(logits: torch.Tensor, y: torch.Tensor) -> tuple[float, float]:
+    return (float(nn.functional.cross_entropy(logits, y)), float((logits.argmax(-1) == y).float().mean()))
+
+
+# ------------------------------------------------------------------ the trial
+
+def run_trial(spec: TrialSpec, store: Store, report: Optional[Report] = None,
+              restore: Optional[Callable[[], Optional[dict]]] = None, device: str | torch.device = "cpu") -> dict:
+    report = report or (lambda metrics, state=None: None)
+    device = torch.device(device)
+    t0 = time.perf_counter()
+    r = Recipe(**spec.recipe)
+    bundle = load_dataset(spec.dataset, spec.data_root, **spec.dataset_args)
+    model = init_model(spec, bundle).to(device)
+    objective = build_objective(spec.method, spec.alpha, spec.temperature)
+    teacher = teacher_logits = None
+    if spec.role == "student":
+        teacher, teacher_logits = load_teacher(spec, store, bundle, device)
+
+    # Seeds: the data seed alone fixes batch order, augmentation and dropout, so
+    # KD, SIDDO and RCD with the same student seed see the same batches.
+    order = torch.Generator().manual_seed(derive_seed(spec.data_seed, "order"))
+    augment = torch.Generator().manual_seed(derive_seed(spec.data_seed, "augment"))
+    torch.manual_seed(derive_seed(spec.data_seed, "dropout"))
+
+    if bundle.task == "classification":
+        if r.epochs is None:
+            raise ValueError(f"setup {spec.setup}: dataset {spec.dataset!r} is classification; give recipe.epochs")
+        steps_per_epoch, epochs, total = bundle.steps_per_epoch(r.batch_size), r.epochs, None
+        total = steps_per_epoch * epochs
+    else:
+        if r.iterations is None:
+            raise ValueError(f"setup {spec.setup}: dataset {spec.dataset!r} is a language model; give recipe.iterations")
+        steps_per_epoch, total = r.log_every, r.iterations
+        epochs = -(-total // steps_per_epoch)
+    opt = make_optimizer(r, model)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: lr_factor(r, s, steps_per_epoch, epochs))
+
+    start_epoch, history = 0, []
+    state = restore() if restore else None
+    if state:
+        model.load_state_dict(state["model"])
+        opt.load_state_dict(state["optimizer"])
+        sched.load_state_dict(state["scheduler"])
+        order.set_state(state["order_rng"])
+        augment.set_state(state["augment_rng"])
+        torch.set_rng_state(state["torch_rng"])
+        start_epoch = int(state["epoch"])
+
+    noise_seed = derive_seed(spec.data_seed, "fm_noise")
+    step = start_epoch * steps_per_epoch
+    for epoch in range(start_epoch, epochs):
+        model.train()
+        n_steps = min(steps_per_epoch, total - epoch * steps_per_epoch)
+        loss_sum = torch.zeros((), device=device)
+        correct = torch.zeros((), device=device, dtype=torch.long)
+        seen = 0
+        for xb, yb in bundle.train_batches(r.batch_size, n_steps, order):
+            xb = bundle.preprocess(xb.to(device, non_blocking=True), True, augment)
+            yb = yb.to(device, non_blocking=True)
+            batch = _forward(model, teacher, objective, spec, xb, yb, noise_seed, step)
+            loss = objective(batch)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            if r.grad_clip:
+                nn.utils.clip_grad_norm_(model.parameters(), r.grad_clip)
+            opt.step()
+            sched.step()
+            n = yb.numel()
+            loss_sum += loss.detach() * n
+            correct += (batch.logits.detach().argmax(-1) == yb).sum()
+            seen += n
+            step += 1
+        # One host sync per epoch, for the curves and the divergence check.
+        train_loss = float(loss_sum) / seen
+        if not math.isfinite(train_loss):
+            raise TrialDiverged(f"training loss is {train_loss} at epoch {epoch + 1} (trial {spec.label})")
+        metrics = {"epoch": epoch + 1, "train_loss": train_loss, "train_acc": int(correct) / seen,
+                   "lr": opt.param_groups[0]["lr"]}
+        if r.eval_every and (epoch + 1) % r.eval_every == 0 and epoch + 1 < epochs:
+            metrics["test_loss"], metrics["test_acc"] = loss_and_accuracy(*evaluate(model, bundle, device, r.eval_batch_size))
+        history.append(metrics)
+        ckpt = None
+        if r.checkpoint_every and (epoch + 1) % r.checkpoint_every == 0 and epoch + 1 < epochs:
+            ckpt = {"epoch": epoch + 1, "model": model.state_dict(), "optimizer": opt.state_dict(),
+                    "scheduler": sched.state_dict(), "order_rng": order.get_state(),
+                    "augment_rng": augment.get_state(), "torch_rng": torch.get_rng_state()}
+        report(metrics, ckpt)
+
+    return finish_trial(spec, store, model, bundle, device, r, teacher_logits, history, time.perf_counter() - t0, report)
+
+
+def _forward(model, teacher, objective, spec: TrialSpec, xb, yb, noise_seed: int, step: int) -> Batch:
+    if objective.needs_features:
+        with block_output(model, spec.block) as feats:
+            logits = model(xb)
+        if spec.method == "fm":
+            with torch.no_grad(), block_output(teacher, spec.block) as tfeats:
+                teacher(xb)
+            target = tfeats["out"]
+        else:
+            target = fm_noise(feats["out"].shape, noise_seed, step, xb.device)
+        return Batch(logits, yb, features=feats["out"], teacher_features=target)
+    logits = model(xb)
+    if objective.needs_teacher_logits:
+        with torch.no_grad():
+            return Batch(logits, yb, teacher_logits=teacher(xb))
+    return Batch(logits, yb)
+
+
+def finish_trial(spec: TrialSpec, store: Store, model: nn.Module, bundle: DataBundle, device, r: Recipe,
+                 teacher_logits: Optional[np.ndarray], history: list[dict], seconds: float, report: Report) -> dict:
+    """Final evaluation, artefacts and the metrics the tracker logs."""
+    from kdray.evals import EVALS
+
+    logits, y = evaluate(model, bundle, device, r.eval_batch_size)
+    test_loss, test_acc = loss_and_accuracy(logits, y)
+    final = {"epoch": len(history), "train_loss": history[-1]["train_loss"], "train_acc": history[-1]["train_acc"],
+             "test_loss": test_loss, "test_acc": test_acc, "train_seconds": seconds, "final": 1}
+    if teacher_logits is not None:
+        from kdray.functional import functional_metrics
+        final.update(functional_metrics(torch.from_numpy(teacher_logits), logits, y))
+    for name in spec.evals:
+        final.update(EVALS.get(name)(model.eval(), bundle, device))
+    if spec.role == "teacher":
+        buf = io.BytesIO()
+        torch.save({k: v.cpu() for k, v in model.state_dict().items()}, buf)
+        store.save_npy(spec.trial_key, "test_logits.npy", logits.numpy().astype(np.float32))
+        store.write_bytes(spec.trial_key, "model.pt", buf.getvalue())  # written last: marks the teacher usable
+    store.save_npz(spec.trial_key, "test_outputs.npz", logits=logits.numpy().astype(np.float16), labels=y.numpy())
+    report(final, None)
+    return final

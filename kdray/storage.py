@@ -1,0 +1,87 @@
+"""Where a sweep keeps its trial artefacts: a local folder or s3://, gs:// (pyarrow).
+
+Layout under ``<storage>/<sweep>/``::
+
+    trials/<trial_key>/model.pt            teachers: the trained weights (students load them)
+    trials/<trial_key>/test_logits.npy     teachers: float32 test logits (students compare to them)
+    trials/<trial_key>/test_outputs.npz    every trial: float16 logits + labels, compressed
+    tune/                                  Ray Tune's own experiment state
+
+Writes go to a temporary name first and are renamed, so a crash never leaves
+a half-written artefact that a later stage would trust.
+"""
+from __future__ import annotations
+
+import io
+import os
+import uuid
+from pathlib import Path
+
+import numpy as np
+import pyarrow.fs as pafs
+
+
+def _is_uri(path: str) -> bool:
+    return "://" in path
+
+
+class Store:
+    def __init__(self, storage: str, sweep: str):
+        base = storage if _is_uri(storage) else str(Path(storage).expanduser().resolve())
+        self.uri = f"{base.rstrip('/')}/{sweep}"
+        if _is_uri(base):
+            self.fs, root = pafs.FileSystem.from_uri(self.uri)
+        else:
+            self.fs, root = pafs.LocalFileSystem(), self.uri
+        self.root = root.rstrip("/")
+
+    # ------------------------------------------------------------- paths
+    def trial_dir(self, key: str) -> str:
+        return f"{self.root}/trials/{key}"
+
+    def tune_path(self) -> str:
+        """Tune's storage_path: a local absolute path or the URI itself."""
+        return self.uri + "/tune" if _is_uri(self.uri) else f"{self.root}/tune"
+
+    def local_dir(self, key: str) -> Path | None:
+        """The trial folder on this machine, when storage is local."""
+        return None if _is_uri(self.uri) else Path(self.trial_dir(key))
+
+    # ------------------------------------------------------------- bytes
+    def write_bytes(self, key: str, name: str, data: bytes) -> None:
+        d = self.trial_dir(key)
+        self.fs.create_dir(d, recursive=True)
+        tmp = f"{d}/.{name}.{uuid.uuid4().hex}.tmp"
+        with self.fs.open_output_stream(tmp) as f:
+            f.write(data)
+        self.fs.move(tmp, f"{d}/{name}")
+
+    def read_bytes(self, key: str, name: str) -> bytes:
+        with self.fs.open_input_stream(f"{self.trial_dir(key)}/{name}") as f:
+            return f.read()
+
+    def exists(self, key: str, name: str) -> bool:
+        return self.fs.get_file_info(f"{self.trial_dir(key)}/{name}").type == pafs.FileType.File
+
+    # ------------------------------------------------------------- arrays
+    def save_npy(self, key: str, name: str, arr: np.ndarray) -> None:
+        buf = io.BytesIO()
+        np.save(buf, arr, allow_pickle=False)
+        self.write_bytes(key, name, buf.getvalue())
+
+    def load_npy(self, key: str, name: str) -> np.ndarray:
+        return np.load(io.BytesIO(self.read_bytes(key, name)), allow_pickle=False)
+
+    def save_npz(self, key: str, name: str, **arrays: np.ndarray) -> None:
+        buf = io.BytesIO()
+        np.savez_compressed(buf, **arrays)
+        self.write_bytes(key, name, buf.getvalue())
+
+    def fetch_to(self, key: str, name: str, dest_dir: str | os.PathLike) -> Path:
+        """A local copy of an artefact (for logging it to MLflow)."""
+        local = self.local_dir(key)
+        if local is not None:
+            return local / name
+        out = Path(dest_dir) / name
+        out.write_bytes(self.read_bytes(key, name))
+        return out

@@ -1,0 +1,302 @@
+"""The sweep file schema: what a researcher writes, validated at the edge.
+
+A sweep is a list of *setups* (dataset x teacher architecture x student
+architecture x recipe), each crossed with teacher seeds, student seeds and
+conditions.  Pydantic rejects unknown keys and bad values; ``load_sweep``
+turns every failure into one ``SweepError`` line naming the file and field.
+"""
+from __future__ import annotations
+
+import re
+from pathlib import Path
+from typing import Any, Literal, Optional
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+DEFAULT_STORAGE = "./results"
+
+
+class SweepError(ValueError):
+    """A user mistake in a sweep file; the message is one line naming file and field."""
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+Alpha = float
+Positive = float
+
+
+def _check_alphas(v: list[float], what: str = "alpha") -> list[float]:
+    for a in v:
+        if not 0.0 <= a <= 1.0:
+            raise ValueError(f"{what} must be in [0, 1], got {a}")
+    return v
+
+
+def _check_temps(v: list[float]) -> list[float]:
+    for t in v:
+        if not t > 0:
+            raise ValueError(f"temperature must be > 0, got {t}")
+    return v
+
+
+class AlphaGrid(_Strict):
+    """A teacher-shaped condition over alphas and temperatures (KD, RCD)."""
+    alphas: list[float] = Field(default=[0.1, 0.5, 0.9], min_length=1)
+    temperatures: list[float] = Field(default=[1.0], min_length=1)
+
+    _a = field_validator("alphas")(_check_alphas)
+    _t = field_validator("temperatures")(_check_temps)
+
+
+class SmoothingGrid(_Strict):
+    epsilons: list[float] = Field(default=[0.1, 0.5, 0.9], min_length=1)
+
+    @field_validator("epsilons")
+    @classmethod
+    def _e(cls, v):
+        return _check_alphas(v, "epsilon")
+
+
+class FeatureGrid(_Strict):
+    """Feature-map matching on transformer blocks, with its uniform-noise control."""
+    alphas: list[float] = Field(default=[0.1, 0.5, 0.9], min_length=1)
+    blocks: list[int] = Field(min_length=1)
+    control: bool = True
+
+    _a = field_validator("alphas")(_check_alphas)
+
+    @field_validator("blocks")
+    @classmethod
+    def _b(cls, v):
+        if any(b < 1 for b in v):
+            raise ValueError("blocks are 1-indexed and must be >= 1")
+        return v
+
+
+class Conditions(_Strict):
+    siddo: bool = True
+    kd: Optional[AlphaGrid] = AlphaGrid()
+    rcd: Optional[AlphaGrid] = AlphaGrid()
+    ls: Optional[SmoothingGrid] = None
+    fm: Optional[FeatureGrid] = None
+
+
+class ModelRef(_Strict):
+    arch: str
+    args: dict[str, Any] = {}
+
+    @field_validator("arch")
+    @classmethod
+    def _known(cls, v):
+        from kdray.models import MODELS
+        if v not in MODELS:
+            raise ValueError(f"unknown architecture {v!r}; valid: {', '.join(MODELS.names())}")
+        return v
+
+
+class DatasetRef(_Strict):
+    name: str
+    args: dict[str, Any] = {}
+
+    @field_validator("name")
+    @classmethod
+    def _known(cls, v):
+        from kdray.data import DATASETS
+        if v not in DATASETS:
+            raise ValueError(f"unknown dataset {v!r}; valid: {', '.join(DATASETS.names())}")
+        return v
+
+
+class Recipe(_Strict):
+    """One training recipe; identical across a setup's conditions (PROTOCOL 2)."""
+    optimizer: Literal["adam", "adamw", "sgd"] = "adam"
+    lr: float = Field(1e-3, gt=0)
+    momentum: float = Field(0.9, ge=0, lt=1)
+    nesterov: bool = False
+    weight_decay: float = Field(0.0, ge=0)
+    batch_size: int = Field(256, ge=1)
+    epochs: Optional[int] = Field(None, ge=1)
+    iterations: Optional[int] = Field(None, ge=1)   # language models count iterations
+    log_every: int = Field(500, ge=1)                # lm: iterations per logged "epoch"
+    schedule: Literal["none", "cosine", "step", "warmup_step"] = "none"
+    cosine_t_max: Optional[int] = Field(None, ge=1)  # in epochs; default = epochs
+    step_size: int = Field(30, ge=1)                 # step schedule: epochs per decay
+    gamma: float = Field(0.1, gt=0)
+    warmup_epochs: float = Field(0, ge=0)
+    grad_clip: Optional[float] = Field(None, gt=0)
+    eval_every: int = Field(0, ge=0)                 # evaluate the test set every N epochs (0: at the end)
+    eval_batch_size: int = Field(1024, ge=1)
+    checkpoint_every: int = Field(0, ge=0)           # epochs between Tune checkpoints (0: never)
+
+    @model_validator(mode="after")
+    def _budget(self):
+        if (self.epochs is None) == (self.iterations is None):
+            raise ValueError("give exactly one of epochs (classification) or iterations (language models)")
+        return self
+
+
+class Resources(_Strict):
+    cpu: float = Field(1, gt=0)
+    gpu: float = Field(0, ge=0)
+
+
+class StageResources(_Strict):
+    teacher: Resources = Resources()
+    student: Resources = Resources()
+
+
+class Distributed(_Strict):
+    workers: int = Field(2, ge=1)
+    backend: Literal["gloo", "nccl"] = "gloo"
+    use_gpu: bool = False
+
+
+class Setup(_Strict):
+    name: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.\-]*$")
+    dataset: DatasetRef
+    teacher: ModelRef
+    student: Optional[ModelRef] = None            # default: the teacher's (self-distillation)
+    recipe: Recipe
+    student_recipe: dict[str, Any] = {}           # overrides of recipe for students
+    teacher_dataset: dict[str, Any] = {}          # dataset args only the teacher sees (e.g. poison)
+    teacher_seeds: list[int] = Field(default=[0, 1, 2], min_length=1)
+    student_seeds: list[int] = Field(default=list(range(10, 20)), min_length=1)
+    student_init: Literal["auto", "teacher", "student_seed"] = "auto"
+    widths: list[float] = [1.0]                   # student width fractions (width sweep)
+    conditions: Conditions = Conditions()
+    evals: list[str] = []
+    resources: StageResources = StageResources()
+    distributed: Optional[Distributed] = None
+
+    @field_validator("widths")
+    @classmethod
+    def _w(cls, v):
+        if not v or any(not 0 < w <= 1 for w in v):
+            raise ValueError("widths must be a non-empty list of fractions in (0, 1]")
+        return v
+
+    @field_validator("evals")
+    @classmethod
+    def _e(cls, v):
+        from kdray.evals import EVALS
+        for name in v:
+            if name not in EVALS:
+                raise ValueError(f"unknown eval {name!r}; valid: {', '.join(EVALS.names())}")
+        return v
+
+    @model_validator(mode="after")
+    def _seeds(self):
+        for what, seeds in (("teacher_seeds", self.teacher_seeds), ("student_seeds", self.student_seeds)):
+            if len(set(seeds)) != len(seeds):
+                raise ValueError(f"{what} has duplicates: {seeds}")
+        overlap = sorted(set(self.teacher_seeds) & set(self.student_seeds))
+        if overlap:
+            raise ValueError(f"student_seeds overlap teacher_seeds at {overlap}: a student would share the teacher's data order")
+        try:
+            Recipe(**{**self.recipe.model_dump(), **self.student_recipe})
+        except ValidationError as e:
+            raise ValueError(f"student_recipe: {_first_error(e)}") from None
+        c = self.conditions
+        if not (c.siddo or c.kd or c.rcd or c.ls or c.fm):
+            raise ValueError("conditions: the grid is empty (enable at least one of siddo, kd, rcd, ls, fm)")
+        return self
+
+    @property
+    def student_model(self) -> ModelRef:
+        return self.student or self.teacher
+
+
+class Sweep(_Strict):
+    name: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.\-]*$")
+    description: str = ""
+    storage: str = DEFAULT_STORAGE
+    tracking_uri: Optional[str] = None            # default sqlite:///<storage>/mlflow.db
+    data_root: Optional[str] = None               # default $KDRAY_DATA
+    max_concurrent_trials: Optional[int] = Field(None, ge=1)
+    max_failures: int = Field(1, ge=0)            # retries per trial (from its last checkpoint)
+    setups: list[Setup] = Field(min_length=1)
+
+    @model_validator(mode="after")
+    def _unique(self):
+        names = [s.name for s in self.setups]
+        dup = sorted({n for n in names if names.count(n) > 1})
+        if dup:
+            raise ValueError(f"setup names must be unique; repeated: {dup}")
+        return self
+
+    def resolved_tracking_uri(self) -> str:
+        import os
+        uri = self.tracking_uri or os.environ.get("MLFLOW_TRACKING_URI")
+        if uri:
+            return uri
+        return f"sqlite:///{Path(self.storage).expanduser().resolve() / 'mlflow.db'}"
+
+
+# ---------------------------------------------------------------- loading
+
+def _loc(loc: tuple) -> str:
+    out = ""
+    for part in loc:
+        if isinstance(part, int):
+            out += f"[{part}]"
+        elif re.match(r"^function-|^function_", str(part)):
+            continue
+        else:
+            out += ("." if out else "") + str(part)
+    return out or "(top level)"
+
+
+def _first_error(e: ValidationError) -> str:
+    err = e.errors()[0]
+    msg = err["msg"].removeprefix("Value error, ")
+    if err["type"] == "extra_forbidden":
+        msg = "unknown key"
+    elif err["type"] == "missing":
+        msg = "required field missing"
+    where = _loc(tuple(p for p in err["loc"] if not str(p).startswith(("function-", "tagged-"))))
+    if err["type"] not in ("missing", "extra_forbidden") and "input" in err and not isinstance(err["input"], (dict, list)):
+        msg += f" (got {err['input']!r})"
+    more = len(e.errors()) - 1
+    return f"{where}: {msg}" + (f" (+{more} more)" if more else "")
+
+
+def parse_sweep(data: Any, source: str = "<sweep>") -> Sweep:
+    if not isinstance(data, dict):
+        raise SweepError(f"{source}: the file must hold a mapping with name and setups")
+    try:
+        sweep = Sweep(**data)
+    except ValidationError as e:
+        raise SweepError(f"{source}: {_first_error(e)}") from None
+    _check_data_roots(sweep, source)
+    return sweep
+
+
+def load_sweep(path: str | Path) -> Sweep:
+    p = Path(path)
+    if not p.is_file():
+        raise SweepError(f"{p}: no such sweep file")
+    try:
+        data = yaml.safe_load(p.read_text())
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        where = f" line {mark.line + 1}" if mark else ""
+        raise SweepError(f"{p}:{where} not valid YAML ({getattr(e, 'problem', e)})") from None
+    return parse_sweep(data, str(p))
+
+
+def _check_data_roots(sweep: Sweep, source: str) -> None:
+    """Data sets that read files need a data root that exists (checked before anything starts)."""
+    from kdray.data import DATASETS, resolve_root
+    root = resolve_root(sweep.data_root)
+    for i, s in enumerate(sweep.setups):
+        loader = DATASETS.get(s.dataset.name)
+        if not getattr(loader, "needs_root", True):
+            continue
+        if root is None and not s.dataset.args.get("path"):
+            raise SweepError(f"{source}: setups[{i}].dataset: {s.dataset.name!r} reads files; set data_root or $KDRAY_DATA")
+        if root is not None and not root.is_dir():
+            raise SweepError(f"{source}: data_root: {root} is not a directory")
