@@ -8,6 +8,7 @@ epoch's metrics and, every ``checkpoint_every`` epochs, a resumable state) and
 """
 from __future__ import annotations
 
+import copy
 import hashlib
 import io
 import math
@@ -196,9 +197,10 @@ def run_trial(spec: TrialSpec, store: Store, report: Optional[Report] = None,
         history.append(metrics)
         ckpt = None
         if r.checkpoint_every and (epoch + 1) % r.checkpoint_every == 0 and epoch + 1 < epochs:
-            ckpt = {"epoch": epoch + 1, "model": model.state_dict(), "optimizer": opt.state_dict(),
-                    "scheduler": sched.state_dict(), "order_rng": order.get_state(),
-                    "augment_rng": augment.get_state(), "torch_rng": torch.get_rng_state()}
+            # A copy, not live references: the state must not move on with training.
+            ckpt = copy.deepcopy({"epoch": epoch + 1, "model": model.state_dict(), "optimizer": opt.state_dict(),
+                                  "scheduler": sched.state_dict(), "order_rng": order.get_state(),
+                                  "augment_rng": augment.get_state(), "torch_rng": torch.get_rng_state()})
         report(metrics, ckpt)
 
     return finish_trial(spec, store, model, bundle, device, r, teacher_logits, history, time.perf_counter() - t0, report)

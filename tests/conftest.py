@@ -1,0 +1,26 @@
+"""Test-wide settings: the shared real data, one torch thread, no MLflow outside tmp."""
+import os
+from pathlib import Path
+
+import pytest
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+SHARED_DATA = ROOT.parent / "shared" / "data"
+
+# The real small data sets (TinyShakespeare, FSDD) beside the checkout, unless the
+# caller points KDRAY_DATA elsewhere.  Tests that need them say so by name.
+if "KDRAY_DATA" not in os.environ and SHARED_DATA.is_dir():
+    os.environ["KDRAY_DATA"] = str(SHARED_DATA)
+os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")
+os.environ.setdefault("RAY_DEDUP_LOGS", "0")
+os.environ.pop("MLFLOW_TRACKING_URI", None)
+torch.set_num_threads(1)
+
+
+@pytest.fixture()
+def shared_data() -> Path:
+    root = Path(os.environ.get("KDRAY_DATA", SHARED_DATA))
+    if not (root / "tinyshakespeare" / "input.txt").is_file():
+        pytest.fail(f"the real data sets are expected under {root} (set KDRAY_DATA)")
+    return root

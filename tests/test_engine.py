@@ -1,0 +1,78 @@
+"""End to end on a local Ray cluster with MLflow on a temporary sqlite file."""
+import json
+from pathlib import Path
+
+import pytest
+import ray
+from mlflow.tracking import MlflowClient
+
+from kdray.engine import run_sweep
+from kdray.plan import build_plan
+from kdray.sweep import parse_sweep
+
+
+@pytest.fixture(scope="module")
+def local_ray():
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    yield
+    ray.shutdown()
+
+
+def tiny_sweep(tmp_path, name="e2e"):
+    return parse_sweep({
+        "name": name, "storage": str(tmp_path / "results"),
+        "setups": [{"name": "digits-mlp", "dataset": {"name": "digits"},
+                    "teacher": {"arch": "mlp", "args": {"hidden": 32}},
+                    "recipe": {"epochs": 2, "batch_size": 128, "lr": 0.01},
+                    "teacher_seeds": [0, 1], "student_seeds": [10, 11],
+                    "conditions": {"siddo": True, "kd": {"alphas": [0.5]}, "rcd": {"alphas": [0.5]}}}]})
+
+
+def test_sweep_logs_every_planned_trial_to_mlflow_and_resubmission_skips(local_ray, tmp_path):
+    sweep = tiny_sweep(tmp_path)
+    plan = build_plan(sweep)
+    assert len(plan.all) == 14
+    summary = run_sweep(sweep, verbose=0)
+    assert summary.ok and summary.finished == 14, summary.lines()
+
+    client = MlflowClient(sweep.resolved_tracking_uri())
+    assert sweep.resolved_tracking_uri() == f"sqlite:///{tmp_path / 'results' / 'mlflow.db'}"
+    exp = client.get_experiment_by_name("e2e")
+    runs = client.search_runs([exp.experiment_id], "tags.`kdray.kind` = 'trial'")
+    assert len(runs) == 14 and all(r.info.status == "FINISHED" for r in runs)
+    assert {r.data.tags["kdray.trial_key"] for r in runs} == {s.trial_key for s in plan.all}
+    parent = client.search_runs([exp.experiment_id], "tags.`kdray.kind` = 'sweep'")
+    assert len(parent) == 1 and all(r.data.tags["mlflow.parentRunId"] == parent[0].info.run_id for r in runs)
+
+    by_key = {s.trial_key: s for s in plan.all}
+    for r in runs:
+        spec = by_key[r.data.tags["kdray.trial_key"]]
+        assert r.data.params["method"] == spec.method and r.data.params["alpha"] == str(spec.alpha)
+        assert r.data.params["recipe.lr"] == "0.01" and r.data.tags["kdray.setup"] == "digits-mlp"
+        assert 0 <= r.data.metrics["test_acc"] <= 1 and "train_loss" in r.data.metrics
+        curve = client.get_metric_history(r.info.run_id, "train_loss")
+        assert [m.step for m in curve][:2] == [1, 2]
+        arts = {a.path for a in client.list_artifacts(r.info.run_id)}
+        assert "test_outputs.npz" in arts
+        if spec.role == "student":
+            for k in ("activation_distance", "js_divergence", "rank_disagreement", "prediction_disagreement",
+                      "prediction_agreement", "correct_agreement", "variation_of_information", "procrustes_distance"):
+                assert k in r.data.metrics, k
+        else:
+            assert "model.pt" in arts
+
+    # Trials ran in parallel against the one sqlite file (the driver is the only writer).
+    spans = sorted((r.info.start_time, r.info.end_time) for r in runs)
+    assert any(b[0] < a[1] for a, b in zip(spans, spans[1:])), "no two trials overlapped"
+
+    again = run_sweep(sweep, verbose=0)
+    assert again.finished == 0 and again.skipped == 14
+    assert len(client.search_runs([exp.experiment_id], "tags.`kdray.kind` = 'trial'")) == 14
+
+
+def test_unreachable_mlflow_fails_before_any_trial(local_ray, tmp_path):
+    from kdray.tracking import TrackingError
+    sweep = tiny_sweep(tmp_path).model_copy(update={"tracking_uri": "http://127.0.0.1:9"})
+    with pytest.raises(TrackingError, match=r"MLflow tracking at http://127.0.0.1:9 is unreachable"):
+        run_sweep(sweep, verbose=0)
+    assert not (tmp_path / "results" / "e2e" / "tune").exists()
