@@ -20,7 +20,8 @@ def tha_count(model: torch.nn.Module, bundle, device: torch.device) -> dict[str,
     """PROTOCOL 6.6: at each "the" of the clean test text, top-1 after "th": "a" or "e"?"""
     from kdray.data.tinyshakespeare import the_contexts
 
-    contexts, n = the_contexts(bundle.extras["test_text"], bundle.block_size, bundle.vocab)
+    contexts, n = the_contexts(bundle.extras["test_text"], bundle.block_size, bundle.vocab,
+                               prefix=bundle.extras.get("test_prefix"))
     a, e = bundle.vocab.index("a"), bundle.vocab.index("e")
     top = []
     with torch.inference_mode():

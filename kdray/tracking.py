@@ -38,6 +38,18 @@ def retry(fn: Callable[[], R], what: str, attempts: int = 5, delay: float = 0.5)
     raise AssertionError("unreachable")
 
 
+def probe(uri: str, timeout: float = 5.0) -> None:
+    """Fail fast when a tracking server is down (MLflow's own client retries for minutes)."""
+    if not uri.startswith(("http://", "https://")):
+        return
+    import requests
+
+    try:
+        requests.get(uri.rstrip("/") + "/health", timeout=timeout)
+    except requests.RequestException as e:
+        raise TrackingError(f"MLflow tracking at {uri} is unreachable: {type(e).__name__}") from None
+
+
 def git_sha() -> str:
     try:
         return subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
@@ -57,6 +69,7 @@ class Tracker:
         from mlflow.tracking import MlflowClient
 
         self.uri = uri
+        probe(uri)
         self.client = MlflowClient(tracking_uri=uri)
         try:
             exp = retry(lambda: self.client.get_experiment_by_name(experiment), "connect", attempts=3)

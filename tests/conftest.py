@@ -15,6 +15,10 @@ if "KDRAY_DATA" not in os.environ and SHARED_DATA.is_dir():
 os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")
 os.environ.setdefault("RAY_DEDUP_LOGS", "0")
 os.environ.pop("MLFLOW_TRACKING_URI", None)
+# Caches of decoded data go to a temporary folder, never into the shared data.
+if "KDRAY_CACHE" not in os.environ:
+    import tempfile
+    os.environ["KDRAY_CACHE"] = tempfile.mkdtemp(prefix="kdray-cache-")
 torch.set_num_threads(1)
 
 

@@ -15,9 +15,12 @@ for.  ``args`` come from the sweep file's ``dataset:`` mapping.
 """
 from __future__ import annotations
 
+import hashlib
 import importlib
+import json
 import os
 import pkgutil
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Iterator, Optional
@@ -126,6 +129,59 @@ def require_root(root: Optional[Path], dataset: str, expected: str) -> Path:
             f"dataset {dataset!r} needs a data root holding {expected}: set data_root in the sweep file or ${DATA_ROOT_ENV}"
         )
     return root
+
+
+CACHE_ENV = "KDRAY_CACHE"
+
+
+def disk_cached(name: str, data_dir: Path, settings: dict, build: Callable[[], dict],
+                cache_dir: str | os.PathLike | None = None) -> tuple[dict, Path, bool]:
+    """Tensors a loader derives from raw files (decoded images, spectrograms), built once.
+
+    The file is ``<dir>/<name>-<hash of settings>.pt`` where ``<dir>`` is ``cache_dir`` if
+    given, else the first writable of ``$KDRAY_CACHE/<name>``, ``<data_dir>/.kdray_cache``
+    and ``~/.cache/kdray/<name>`` (a hit is looked for in the same places).  Setting
+    ``$KDRAY_CACHE`` keeps caches out of a shared data root.  ``settings`` must hold
+    everything the tensors depend on (loader options and a signature of the source
+    files), so a changed setting or file set builds a new entry rather than reading a
+    stale one.  The file is written atomically (temp file + rename), so concurrent trials
+    at worst build it twice, and read back memory-mapped.  Returns ``(tensors, path, hit)``.
+    """
+    key = hashlib.sha256(json.dumps(settings, sort_keys=True, default=str).encode()).hexdigest()[:16]
+    fname = f"{name}-{key}.pt"
+    if cache_dir is not None:
+        dirs = [Path(cache_dir).expanduser()]
+    else:
+        env = os.environ.get(CACHE_ENV)
+        dirs = ([Path(env).expanduser() / name] if env else []) + [Path(data_dir) / ".kdray_cache",
+                                                                   Path.home() / ".cache" / "kdray" / name]
+    for d in dirs:
+        if (d / fname).is_file():
+            try:
+                return torch.load(d / fname, map_location="cpu", weights_only=True, mmap=True), d / fname, True
+            except Exception as e:  # a truncated or foreign file: rebuild it
+                warnings.warn(f"ignoring unreadable cache {d / fname}: {e}")
+    tensors = build()
+    for d in dirs:
+        tmp = d / f".{fname}.{os.getpid()}.tmp"
+        try:
+            d.mkdir(parents=True, exist_ok=True)
+            torch.save(tensors, tmp)
+            os.replace(tmp, d / fname)
+            return tensors, d / fname, False
+        except OSError:
+            try:
+                tmp.unlink(missing_ok=True)
+            except OSError:
+                pass
+    warnings.warn(f"could not write the {name} cache in any of {[str(d) for d in dirs]}; "
+                  f"set cache_dir or ${CACHE_ENV} to a writable folder")
+    return tensors, dirs[0] / fname, False
+
+
+def files_signature(paths, base: Path) -> list:
+    """(relative path, size) of each file: enough to notice an edited or changed file set."""
+    return [(str(Path(p).relative_to(base)), os.stat(p).st_size) for p in paths]
 
 
 _cache: dict[tuple, DataBundle] = {}

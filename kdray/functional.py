@@ -1,0 +1,173 @@
+"""Functional similarity between a teacher and a comparator (PROTOCOL section 4).
+
+Whether distillation transfers anything beyond accuracy is judged from these
+numbers, so they are computed in float64, vectorised, and in blocks of rows: a
+test set of ~111,000 x 65 or 50,000 x 1000 logits never needs an N x N array or
+a full-size float64 copy.
+
+Choices the protocol leaves open:
+
+* p, q are softmax probabilities at T = 1.  A row with a +inf logit puts its
+  mass uniformly on the +inf classes; an all -inf row is uniform.  Ranks,
+  argmaxes and the Procrustes matrices are all taken on p and q (not logits).
+* Ties: argmax and ranking break ties by the lower class index.
+* correct/incorrect agreement over an empty subset is ``nan``.
+* Procrustes uses the N x K probability matrices.  If a centred matrix has
+  (numerically) zero norm, i.e. constant outputs, its normalised matrix is taken
+  as zero and the distance is 2, the value for "nothing in common".
+"""
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import torch
+
+TRANSFER_METRICS: tuple[str, ...] = ("activation_distance", "rank_disagreement", "prediction_disagreement",
+                                     "js_divergence")
+
+METRIC_DIRECTIONS: dict[str, str] = {
+    "activation_distance": "lower",
+    "js_divergence": "lower",
+    "rank_disagreement": "lower",
+    "prediction_disagreement": "lower",
+    "prediction_agreement": "higher",
+    "correct_agreement": "higher",
+    "incorrect_agreement": "higher",
+    "variation_of_information": "lower",
+    "procrustes_distance": "lower",
+    "test_acc": "higher",
+    "test_loss": "lower",
+    "train_acc": "higher",
+    "train_loss": "lower",
+}
+
+_BLOCK_ELEMENTS = 1 << 21   # cap on rows x K per block, whatever `chunk` says (~16 MB per float64 array)
+_ZERO_NORM_RTOL = 1e-10     # centred norm below this fraction of the raw norm counts as zero
+_LN2 = math.log(2.0)
+
+
+def _as_tensor(x) -> torch.Tensor:
+    if isinstance(x, np.ndarray):
+        return torch.from_numpy(np.ascontiguousarray(x))
+    return torch.as_tensor(x).detach()
+
+
+def log_softmax64(logits: torch.Tensor) -> torch.Tensor:
+    """Row log-softmax in float64; a row with +inf logits or only -inf logits still gets probabilities."""
+    x = logits.to(torch.float64)
+    top = x.amax(dim=1, keepdim=True)
+    pos, neg = torch.isposinf(top), torch.isneginf(top)
+    if bool(pos.any()) or bool(neg.any()):
+        x = torch.where(pos, torch.where(torch.isposinf(x), 0.0, -math.inf), x)
+        x = torch.where(neg, torch.zeros((), dtype=x.dtype, device=x.device), x)
+    return torch.log_softmax(x, dim=1)
+
+
+def _entropy(counts: torch.Tensor, n: int) -> float:
+    f = counts.to(torch.float64) / n
+    return float(-(f * torch.log(f)).sum())
+
+
+def functional_metrics(teacher_logits, comparator_logits, labels, chunk: int = 65536) -> dict[str, float]:
+    """All PROTOCOL section 4 similarity metrics between teacher and comparator logits.
+
+    ``teacher_logits``, ``comparator_logits``: [N, K] (or [..., K], flattened to
+    rows) torch tensors or numpy arrays of any float dtype; ``labels``: [N] ints.
+    ``chunk`` is the most rows processed at once (further capped so a block holds
+    at most ~2M elements); the result does not depend on it.  Raises ValueError
+    on mismatched shapes or N == 0.
+    """
+    t, c, y = _as_tensor(teacher_logits), _as_tensor(comparator_logits), _as_tensor(labels)
+    if t.shape != c.shape or t.dim() < 2:
+        raise ValueError(f"logit shapes differ or are not [N, K]: {tuple(t.shape)} vs {tuple(c.shape)}")
+    k = t.shape[-1]
+    t, c = t.reshape(-1, k), c.reshape(-1, k)
+    y = y.reshape(-1).to(device=t.device, dtype=torch.long)
+    n = t.shape[0]
+    if n == 0 or k == 0:
+        raise ValueError("functional_metrics needs at least one input and one class")
+    if y.shape[0] != n:
+        raise ValueError(f"{y.shape[0]} labels for {n} inputs")
+    rows = max(1, min(int(chunk), _BLOCK_ELEMENTS // k))
+
+    dev, f64 = t.device, torch.float64
+    act = torch.zeros((), dtype=f64, device=dev)
+    js = torch.zeros((), dtype=f64, device=dev)
+    rank_diff = torch.zeros((), dtype=torch.long, device=dev)
+    # Procrustes by the shifted-data method: cross-products of (p - sp), (q - sq)
+    # with sp, sq the first block's column means, corrected by the final means.
+    sp = sq = None
+    sum_p = torch.zeros(k, dtype=f64, device=dev)
+    sum_q = torch.zeros(k, dtype=f64, device=dev)
+    cross = torch.zeros(k, k, dtype=f64, device=dev)
+    ss_p = torch.zeros((), dtype=f64, device=dev)
+    ss_q = torch.zeros((), dtype=f64, device=dev)
+    raw_p = torch.zeros((), dtype=f64, device=dev)
+    raw_q = torch.zeros((), dtype=f64, device=dev)
+    arg_p, arg_q = [], []
+
+    with torch.no_grad():
+        for s in range(0, n, rows):
+            log_p, log_q = log_softmax64(t[s:s + rows]), log_softmax64(c[s:s + rows])
+            p, q = torch.exp(log_p), torch.exp(log_q)
+            act += torch.linalg.vector_norm(p - q, dim=1).sum()
+
+            m = 0.5 * (p + q)
+            log_m = torch.log(m)
+            kl_p = torch.where(p > 0, p * (log_p - log_m), 0.0).sum(1)      # 0 log 0 = 0
+            kl_q = torch.where(q > 0, q * (log_q - log_m), 0.0).sum(1)
+            js += (0.5 * (kl_p + kl_q)).clamp(0.0, _LN2).sum()
+
+            rp = torch.sort(p, dim=1, descending=True, stable=True).indices
+            rq = torch.sort(q, dim=1, descending=True, stable=True).indices
+            rank_diff += (rp != rq).sum()
+            arg_p.append(rp[:, 0])
+            arg_q.append(rq[:, 0])
+
+            if sp is None:
+                sp, sq = p.mean(0), q.mean(0)
+            dp, dq = p - sp, q - sq
+            cross += dp.T @ dq
+            sum_p += p.sum(0)
+            sum_q += q.sum(0)
+            ss_p += (dp * dp).sum()
+            ss_q += (dq * dq).sum()
+            raw_p += (p * p).sum()
+            raw_q += (q * q).sum()
+
+        a, b = torch.cat(arg_p), torch.cat(arg_q)
+        agree = a == b
+        right = a == y
+        n_right = int(right.sum())
+        n_wrong = n - n_right
+        agree_right = int((agree & right).sum())
+        agree_all = int(agree.sum())
+
+        _, c_ab = torch.unique(a * k + b, return_counts=True)
+        _, c_a = torch.unique(a, return_counts=True)
+        _, c_b = torch.unique(b, return_counts=True)
+        vi = max(0.0, 2.0 * _entropy(c_ab, n) - _entropy(c_a, n) - _entropy(c_b, n))
+
+        ep, eq = sum_p / n - sp, sum_q / n - sq        # mean minus shift
+        cross = cross - n * torch.outer(ep, eq)
+        norm_p = float((ss_p - n * ep.dot(ep)).clamp_min(0.0).sqrt())
+        norm_q = float((ss_q - n * eq.dot(eq)).clamp_min(0.0).sqrt())
+        if norm_p <= _ZERO_NORM_RTOL * math.sqrt(float(raw_p)) or norm_q <= _ZERO_NORM_RTOL * math.sqrt(float(raw_q)):
+            procrustes = 2.0
+        else:
+            nuclear = float(torch.linalg.svdvals(cross).sum())
+            procrustes = min(2.0, max(0.0, 2.0 - 2.0 * nuclear / (norm_p * norm_q)))
+
+    disagreement = (n - agree_all) / n
+    return {
+        "activation_distance": float(act) / n,
+        "js_divergence": float(js) / n,
+        "rank_disagreement": float(rank_diff) / (n * k),
+        "prediction_disagreement": disagreement,
+        "prediction_agreement": 1.0 - disagreement,
+        "correct_agreement": agree_right / n_right if n_right else float("nan"),
+        "incorrect_agreement": (agree_all - agree_right) / n_wrong if n_wrong else float("nan"),
+        "variation_of_information": vi,
+        "procrustes_distance": procrustes,
+    }
