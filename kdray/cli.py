@@ -81,6 +81,9 @@ def cmd_ui(args) -> int:
 
         storage = load_sweep(args.sweep).storage if args.sweep else DEFAULT_STORAGE
         uri = f"sqlite:///{Path(storage).expanduser().resolve() / 'mlflow.db'}"
+    if uri.startswith(("http://", "https://")):
+        print(f"runs are on a tracking server: open {uri} in a browser")
+        return 0
     cmd = ["mlflow", "ui", "--backend-store-uri", uri, "--host", args.host, "--port", str(args.port)]
     print(" ".join(cmd), flush=True)
     os.execvp(cmd[0], cmd)

@@ -166,7 +166,6 @@ def connect_ray(num_cpus: Optional[int] = None) -> None:
     if ray.is_initialized():
         return
     os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")
-    os.environ.setdefault("TUNE_DISABLE_AUTO_CALLBACK_LOGGERS", "1")
     if os.environ.get("RAY_ADDRESS"):
         ray.init(address=os.environ["RAY_ADDRESS"], log_to_driver=False)
     else:
@@ -179,14 +178,16 @@ def _tune_stage(stage: str, specs: list[TrialSpec], sweep: Sweep, store: Store, 
     callback = _make_callback(tracker, store)
     reporter = tune.CLIReporter(
         metric_columns={"kdray/epoch": "epoch", "kdray/train_loss": "train loss", "kdray/test_acc": "test acc"},
-        parameter_columns={}, max_progress_rows=8, max_error_rows=5, max_report_frequency=15,
+        parameter_columns={"spec/teacher_seed": "teacher"}, max_progress_rows=8, max_error_rows=5, max_report_frequency=15,
         print_intermediate_tables=verbose > 0)
     storage = store.tune_path()
     tuner = tune.Tuner(
         tune.with_resources(trainable, _resources),
         param_space={"storage": sweep.storage if "://" in sweep.storage else str(Path(sweep.storage).resolve()),
                      "spec": tune.grid_search([s.to_dict() for s in specs])},
-        tune_config=tune.TuneConfig(max_concurrent_trials=sweep.max_concurrent_trials,
+        # reuse_actors: a worker process keeps torch imported and data sets in memory
+        # between trials (every trial re-seeds everything it uses, so results are unchanged).
+        tune_config=tune.TuneConfig(max_concurrent_trials=sweep.max_concurrent_trials, reuse_actors=True,
                                     trial_name_creator=lambda t: TrialSpec.from_dict(t.config["spec"]).label,
                                     trial_dirname_creator=lambda t: TrialSpec.from_dict(t.config["spec"]).trial_key),
         run_config=tune.RunConfig(name=f"{stage}s", storage_path=storage, callbacks=[callback],
