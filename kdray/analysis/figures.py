@@ -1,0 +1,171 @@
+"""The report's figures, PNG and SVG, drawn with matplotlib's object API.
+
+``Figure`` objects render through Agg without pyplot, so nothing here touches
+a global backend or leaks open figures in a long-lived process.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+from matplotlib.figure import Figure
+
+from kdray.analysis.stats import TRANSFER_METRICS, Analysis, by_condition, mean_sem
+from kdray.analysis.tables import metric_header, slug
+
+PANEL = (4.2, 3.2)                   # inches per panel
+COLORS = {"correct": "#4477aa", "incorrect": "#ee6677"}
+
+
+def _grid(rows: int, cols: int) -> tuple[Figure, np.ndarray]:
+    fig = Figure(figsize=(PANEL[0] * cols, PANEL[1] * rows), layout="constrained")
+    axes = np.atleast_2d(fig.subplots(rows, cols, squeeze=False))
+    return fig, axes
+
+
+def save(fig: Figure, out_dir: Path, name: str) -> list[Path]:
+    out_dir.mkdir(parents=True, exist_ok=True)
+    paths = [out_dir / f"{name}.png", out_dir / f"{name}.svg"]
+    fig.draw_without_rendering()          # lay out once (constrained layout is the slow part) ...
+    fig.set_layout_engine("none")         # ... and let both formats reuse it
+    fig.savefig(paths[0], dpi=110)
+    fig.savefig(paths[1])
+    return paths
+
+
+def _full_width(d):
+    """Rows at the largest width: the alpha and asymmetry figures; width has its own figure."""
+    top = max(c.width for c in d["condition"])
+    return d[np.array([c.width == top for c in d["condition"]], bool)]
+
+
+def asymmetry_figure(a: Analysis, setup: str) -> Figure | None:
+    """Δcorrect vs Δincorrect agreement bars per condition; a panel per teacher seed (rows: temperatures)."""
+    d = a.decisions[a.decisions["setup"] == setup]
+    if d.empty:
+        return None
+    d = _full_width(d)
+    seeds = sorted(set(d["teacher_seed"]))
+    temps = sorted({c.temperature for c in d["condition"]})
+    fig, axes = _grid(len(temps), len(seeds))
+    for i, t in enumerate(temps):
+        for j, ts in enumerate(seeds):
+            ax = axes[i, j]
+            rows = d[(d["teacher_seed"] == ts).to_numpy() & np.array([c.temperature == t for c in d["condition"]])]
+            x = np.arange(len(rows))
+            ax.bar(x - 0.2, rows["delta_correct"], 0.4, yerr=rows["delta_correct_sem"].fillna(0), capsize=3,
+                   color=COLORS["correct"], label="Δ correct agreement")
+            ax.bar(x + 0.2, rows["delta_incorrect"], 0.4, yerr=rows["delta_incorrect_sem"].fillna(0), capsize=3,
+                   color=COLORS["incorrect"], label="Δ incorrect agreement")
+            ax.axhline(0, color="black", lw=0.6)
+            labels = [c.label.replace(f" T={t:g}", "") + ("\n" + asym if asym != "none" else "")
+                      for c, asym in zip(rows["condition"], rows["asymmetry"])]
+            ax.set_xticks(x, labels, fontsize=8)
+            ax.set_title(f"teacher seed {ts}" + (f", T={t:g}" if len(temps) > 1 else ""), fontsize=9)
+            ax.set_ylabel("vs best control")
+    axes[0, 0].legend(fontsize=7)
+    fig.suptitle(f"{setup}: agreement gained over the best control (mean ± SEM)", fontsize=10)
+    return fig
+
+
+def metrics_figure(a: Analysis, setup: str) -> Figure | None:
+    """Accuracy and the functional metrics against alpha: a line per method (and T, block), SIDDO as a band."""
+    s = a.students[a.students["setup"] == setup]
+    metrics = [m for m in ("test_acc", *TRANSFER_METRICS) if m in s and s[m].notna().any()]
+    if s.empty or not metrics:
+        return None
+    s = _full_width(s)
+    seeds = sorted(set(s["teacher_seed"]))
+    fig, axes = _grid(len(seeds), len(metrics))
+    for i, ts in enumerate(seeds):
+        conds = by_condition(s[s["teacher_seed"] == ts])
+        lines: dict[tuple, list] = {}
+        for c in conds:
+            if c.method != "siddo":
+                lines.setdefault((c.method, c.temperature, c.block), []).append(c)
+        for j, m in enumerate(metrics):
+            ax = axes[i, j]
+            for c in (c for c in conds if c.method == "siddo"):
+                mu, se, _ = mean_sem(conds[c][m])
+                ax.axhspan(mu - (se if se == se else 0), mu + (se if se == se else 0), color="grey", alpha=0.3)
+                ax.axhline(mu, color="grey", lw=1, label="SIDDO")
+            for (method, t, b), cs in sorted(lines.items(), key=lambda kv: kv[1][0].sort_key):
+                cs = sorted(cs, key=lambda c: c.alpha)
+                ms = [mean_sem(conds[c][m]) for c in cs]
+                label = cs[0].label.split(" ")[0] + (f" T={t:g}" if t != 1 else "") + (f" b{b}" if b is not None else "")
+                ax.errorbar([c.alpha for c in cs], [x[0] for x in ms], yerr=[0 if x[1] != x[1] else x[1] for x in ms],
+                            marker="o", ms=3, capsize=2, label=label)
+            ax.set_xlabel("α (ε for LS)")
+            ax.set_title(f"{metric_header(m)}, teacher seed {ts}", fontsize=9)
+    axes[0, 0].legend(fontsize=7)
+    fig.suptitle(f"{setup}: metrics against α (mean ± SEM)", fontsize=10)
+    return fig
+
+
+def width_figure(a: Analysis, setup: str) -> Figure | None:
+    """Δcorrect (solid) and Δincorrect (dashed) against student width; a line pair per condition."""
+    d = a.decisions[a.decisions["setup"] == setup]
+    if len({c.width for c in d["condition"]}) < 2:
+        return None
+    seeds = sorted(set(d["teacher_seed"]))
+    fig, axes = _grid(1, len(seeds))
+    for j, ts in enumerate(seeds):
+        ax = axes[0, j]
+        groups: dict = {}
+        for r in d[d["teacher_seed"] == ts].itertuples():
+            groups.setdefault(r.condition._replace(width=1.0), []).append(r)
+        for k, (base, rs) in enumerate(sorted(groups.items(), key=lambda kv: kv[0].sort_key)):
+            rs = sorted(rs, key=lambda r: r.condition.width)
+            w = [r.condition.width for r in rs]
+            color = f"C{k}"
+            ax.errorbar(w, [r.delta_correct for r in rs], yerr=[np.nan_to_num(r.delta_correct_sem) for r in rs],
+                        color=color, marker="o", ms=3, capsize=2, label=f"{base.label} Δcorrect")
+            ax.errorbar(w, [r.delta_incorrect for r in rs], yerr=[np.nan_to_num(r.delta_incorrect_sem) for r in rs],
+                        color=color, ls="--", marker="s", ms=3, capsize=2, label=f"{base.label} Δincorrect")
+        ax.axhline(0, color="black", lw=0.6)
+        ax.set_xlabel("student width (fraction of the teacher's)")
+        ax.set_title(f"teacher seed {ts}", fontsize=9)
+    axes[0, 0].legend(fontsize=7)
+    fig.suptitle(f"{setup}: transfer against width (mean ± SEM)", fontsize=10)
+    return fig
+
+
+def count_figure(a: Analysis, setup: str) -> Figure | None:
+    """Mean tha_count_* per condition (teacher included): how far KD copies a planted error."""
+    s = a.students[a.students["setup"] == setup]
+    cols = sorted(c for c in s.columns if c.startswith("tha_count") and s[c].notna().any())
+    if not cols:
+        return None
+    seeds = sorted(set(s["teacher_seed"]))
+    fig, axes = _grid(1, len(seeds))
+    teachers = a.teachers[a.teachers["setup"] == setup]
+    for j, ts in enumerate(seeds):
+        ax = axes[0, j]
+        conds = by_condition(s[s["teacher_seed"] == ts])
+        labels = ["teacher"] + [c.label for c in conds]
+        t = teachers[teachers["teacher_seed"] == ts]
+        x = np.arange(len(labels))
+        width = 0.8 / len(cols)
+        for k, col in enumerate(cols):
+            ms = [mean_sem(t[col]) if col in t else (np.nan, np.nan, 0)] + [mean_sem(r[col]) for r in conds.values()]
+            ax.bar(x + (k - (len(cols) - 1) / 2) * width, [m[0] for m in ms], width,
+                   yerr=[np.nan_to_num(m[1]) for m in ms], capsize=2, label=col)
+        ax.set_xticks(x, labels, rotation=60, ha="right", fontsize=7)
+        ax.set_title(f"teacher seed {ts}", fontsize=9)
+    axes[0, 0].legend(fontsize=7)
+    fig.suptitle(f"{setup}: planted-error counts (mean ± SEM)", fontsize=10)
+    return fig
+
+
+FIGURES = {"asymmetry": asymmetry_figure, "metrics": metrics_figure, "width": width_figure, "counts": count_figure}
+
+
+def all_figures(a: Analysis, out_dir: Path) -> list[tuple[str, list[Path]]]:
+    """Every figure that applies to each setup: (title, [png, svg])."""
+    out = []
+    for setup in sorted(set(a.students["setup"])):
+        for kind, draw in FIGURES.items():
+            fig = draw(a, setup)
+            if fig is not None:
+                out.append((f"{setup}: {kind}", save(fig, Path(out_dir), slug(kind, setup))))
+    return out

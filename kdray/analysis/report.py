@@ -1,0 +1,189 @@
+"""``kdray report``: a sweep's MLflow runs -> tables, figures, one HTML page, a terminal summary.
+
+Layout of the output folder::
+
+    index.html            self-contained: tables inline, figures as data URIs
+    summary.txt           what the terminal shows
+    tables/<name>.md|csv|tex
+    figures/<name>.png|svg
+    data/{runs,summary,tests,decisions,excluded}.csv   tidy, for scripts
+
+The folder is also logged as the artifacts of a ``kdray.kind=report`` run
+under the sweep's parent run, so the report travels with the runs.
+"""
+from __future__ import annotations
+
+import base64
+import html
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Optional
+
+import pandas as pd
+
+from kdray.analysis import figures, tables
+from kdray.analysis.runs import ReportError, get_experiment, load_runs, resolve_experiment
+from kdray.analysis.stats import Analysis, analyse
+
+SHOW_EXCLUDED = 8                    # excluded runs listed in the terminal summary
+
+
+@dataclass
+class ReportResult:
+    out_dir: Path
+    analysis: Analysis
+    files: list[Path] = field(default_factory=list)
+
+    @property
+    def index(self) -> Path:
+        return self.out_dir / "index.html"
+
+    def summary_text(self) -> str:
+        """One line per setup: which conditions transfer on which teacher seeds (marginal,
+        asymmetry), and which condition has the best accuracy (the paper's "RCD is often best")."""
+        a = self.analysis
+        lines = [f"kdray report: {len(a.students)} student and {len(a.teachers)} teacher runs used, "
+                 f"{len(a.excluded)} excluded or partly excluded",
+                 "transfer: condition [supporting teacher seeds, (m) marginal; asymmetry]"]
+        for setup in sorted(set(a.students["setup"])):
+            lines.append(f"{setup}: {_transfer_text(a.decisions[a.decisions['setup'] == setup])}"
+                         f" | {_best_text(a.best_accuracy[a.best_accuracy['setup'] == setup])}")
+        if len(a.excluded):
+            lines.append(f"excluded ({len(a.excluded)}):")
+            for r in a.excluded.head(SHOW_EXCLUDED).itertuples():
+                lines.append(f"  {r.setup} t{r.teacher_seed} {r.condition} seed {r.student_seed}: {r.reason}")
+            if len(a.excluded) > SHOW_EXCLUDED:
+                lines.append(f"  ... and {len(a.excluded) - SHOW_EXCLUDED} more (tables/excluded.md)")
+        lines += [f"warning: {n}" for n in a.notes]
+        lines.append(f"report: {self.index}")
+        return "\n".join(lines)
+
+
+def _counted(items: list[str]) -> str:
+    """'negative ×2, positive' from ['negative', 'positive', 'negative'], first-seen order."""
+    return ", ".join(f"{x} ×{items.count(x)}" if items.count(x) > 1 else x for x in dict.fromkeys(items))
+
+
+def _transfer_text(d: pd.DataFrame) -> str:
+    parts = []
+    for cond in sorted(set(d["condition"]), key=lambda c: c.sort_key):
+        sup = [r for r in d.itertuples() if r.condition == cond and r.supported]
+        if sup:
+            seeds = " ".join(f"t{r.teacher_seed}" + ("(m)" if r.marginal else "") for r in sup)
+            parts.append(f"{cond.label} [{seeds}; {_counted([r.asymmetry for r in sup])}]")
+    return "transfer " + ", ".join(parts) if parts else "no supported transfer"
+
+
+def _best_text(b: pd.DataFrame) -> str:
+    if b.empty:
+        return "best accuracy: n/a"
+    labels = [r.condition.label for r in b.itertuples()]
+    return f"best accuracy {_counted(labels)} (an RCD control in {int(b['is_rcd'].sum())}/{len(b)})"
+
+
+# ------------------------------------------------------------------ writing
+
+def _write(path: Path, text: str) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(text, encoding="utf-8")
+    return path
+
+
+def _data_uri(png: Path) -> str:
+    return "data:image/png;base64," + base64.b64encode(png.read_bytes()).decode("ascii")
+
+
+_CSS = ("body{font-family:sans-serif;margin:2em;max-width:110em}table{border-collapse:collapse;margin:.5em 0 1.5em}"
+        "td,th{border:1px solid #ccc;padding:2px 6px;text-align:right;font-size:13px}td:first-child{text-align:left}"
+        "img{max-width:100%}pre{background:#f6f6f6;padding:1em}")
+
+
+def _html(title: str, summary: str, tabs: list[tables.Table], figs: list[tuple[str, list[Path]]], root: Path) -> str:
+    def link(p: Path) -> str:
+        rel = p.relative_to(root).as_posix()
+        return f"<a href='{html.escape(rel)}'>{html.escape(p.suffix[1:])}</a>"
+    parts = [f"<!doctype html><html><head><meta charset='utf-8'><title>{html.escape(title)}</title>"
+             f"<style>{_CSS}</style></head><body><h1>{html.escape(title)}</h1>",
+             f"<pre>{html.escape(summary)}</pre><h2>Tables</h2>"]
+    for t in tabs:
+        files = " ".join(link(root / "tables" / f"{t.name}.{ext}") for ext in ("md", "csv", "tex"))
+        parts.append(t.html() + f"<p>{files}</p>")
+    parts.append("<h2>Figures</h2>")
+    for name, (png, svg) in figs:
+        parts.append(f"<h3>{html.escape(name)}</h3><img alt='{html.escape(name)}' src='{_data_uri(png)}'>"
+                     f"<p>{link(png)} {link(svg)}</p>")
+    parts.append("</body></html>")
+    return "\n".join(parts)
+
+
+def build_report(df: pd.DataFrame, out_dir: str | Path, threshold: float = 0.01,
+                 exclude_below: Optional[float] = None, title: str = "kdray report") -> ReportResult:
+    """Analyse the runs and write every table, figure and the HTML page into out_dir."""
+    out = Path(out_dir)
+    a = analyse(df, threshold=threshold, exclude_below=exclude_below)
+    result = ReportResult(out, a)
+    files = result.files
+    tabs = tables.all_tables(a)
+    for t in tabs:
+        files += [_write(out / "tables" / f"{t.name}.md", t.markdown()),
+                  _write(out / "tables" / f"{t.name}.csv", t.csv()),
+                  _write(out / "tables" / f"{t.name}.tex", t.latex())]
+    for name, frame in (("runs", a.runs), ("summary", a.summary), ("tests", a.tests),
+                        ("decisions", a.decisions), ("excluded", a.excluded)):
+        files.append(_write(out / "data" / f"{name}.csv", tables.tidy(frame).to_csv(index=False)))
+    figs = figures.all_figures(a, out / "figures")
+    files += [p for _, paths in figs for p in paths]
+    summary = result.summary_text()
+    files.append(_write(out / "summary.txt", summary + "\n"))
+    files.append(_write(result.index, _html(title, summary, tabs, figs, out)))
+    return result
+
+
+# ------------------------------------------------------------------ MLflow and CLI
+
+def log_report_to_mlflow(tracking_uri: str, experiment: str, out_dir: str | Path) -> str:
+    """Log out_dir as the artifacts of a new report run (child of the sweep run if there is one)."""
+    from mlflow import MlflowClient
+
+    client = MlflowClient(tracking_uri)
+    exp = get_experiment(tracking_uri, experiment)
+    parents = client.search_runs([exp.experiment_id], "tags.`kdray.kind` = 'sweep'", max_results=1)
+    tags = {"kdray.kind": "report"}
+    if parents:
+        tags["mlflow.parentRunId"] = parents[0].info.run_id
+    run = client.create_run(exp.experiment_id, tags=tags, run_name="report")
+    try:
+        client.log_artifacts(run.info.run_id, str(out_dir))
+    except Exception:
+        client.set_terminated(run.info.run_id, "FAILED")
+        raise
+    client.set_terminated(run.info.run_id, "FINISHED")
+    return run.info.run_id
+
+
+def default_out(storage: str, experiment: str) -> Path:
+    """<storage>/<sweep>/report, or ./<sweep>-report when storage is remote (s3://, gs://)."""
+    return Path(f"{experiment}-report") if "://" in storage else Path(storage).expanduser() / experiment / "report"
+
+
+def run_report(target: str, out: str | None, tracking_uri: str | None, threshold: float = 0.01,
+               exclude_below: float | None = None) -> int:
+    """What ``kdray report`` does: print the summary, return the exit code (2 on a user error)."""
+    try:
+        uri, name, storage = resolve_experiment(tracking_uri, target)
+        df = load_runs(uri, name)
+        if df.empty:
+            raise ReportError(f"MLflow experiment {name!r} at {uri} has no trial runs yet; run `kdray sweep` first")
+    except ReportError as e:
+        print(f"kdray: error: {e}", file=sys.stderr)
+        return 2
+    out_dir = Path(out) if out else default_out(storage, name)
+    result = build_report(df, out_dir, threshold=threshold, exclude_below=exclude_below, title=f"kdray report: {name}")
+    print(result.summary_text())
+    try:
+        run_id = log_report_to_mlflow(uri, name, out_dir)
+        print(f"logged to MLflow: experiment {name!r}, run {run_id}")
+    except Exception as e:  # the report on disk is still good
+        print(f"kdray: warning: could not log the report to MLflow: {type(e).__name__}: {e}", file=sys.stderr)
+    return 0

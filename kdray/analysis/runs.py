@@ -1,0 +1,143 @@
+"""MLflow runs -> one pandas row per trial: the single source of truth for reports.
+
+The sweep engine (kdray/tracking.py) logs one child run per trial with the
+flattened TrialSpec as string params, tags naming the trial, and per-epoch
+metrics whose latest value is the final one.  ``load_runs`` turns that into a
+typed table; ``resolve_experiment`` finds the experiment a report is about.
+"""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+# Columns every frame from load_runs has, in this order; metric columns follow.
+ID_COLUMNS = ("run_id", "status", "failure", "start_time", "trial_key", "teacher_key", "setup", "role",
+              "method", "alpha", "temperature", "block", "width", "teacher_seed", "student_seed")
+DEFAULT_STORAGE = "./results"
+
+
+class ReportError(RuntimeError):
+    """A user-facing problem (missing experiment, empty sweep); the message is one line."""
+
+
+# ------------------------------------------------------------------ resolving
+
+def default_tracking_uri(storage: str = DEFAULT_STORAGE) -> str:
+    """The sweep engine's embedded default: sqlite:///<storage>/mlflow.db, storage relative to the cwd."""
+    return f"sqlite:///{Path(storage).expanduser().resolve() / 'mlflow.db'}"
+
+
+def resolve_experiment(tracking_uri: str | None, name_or_path: str) -> tuple[str, str, str]:
+    """(tracking URI, experiment name, storage) for a sweep name or a sweep YAML file.
+
+    A YAML path contributes its ``name``, ``storage`` and ``tracking_uri`` keys
+    (read directly, not validated: a report needs no data roots).  The URI is,
+    in order: the explicit argument, the file's ``tracking_uri``,
+    $MLFLOW_TRACKING_URI, then ``sqlite:///<storage>/mlflow.db`` with storage
+    defaulting to ./results -- the same order the sweep engine uses.
+    """
+    storage, uri_in_file, name = DEFAULT_STORAGE, None, name_or_path
+    path = Path(name_or_path)
+    if path.suffix in (".yaml", ".yml") or path.is_file():
+        if not path.is_file():
+            raise ReportError(f"{path}: no such sweep file")
+        import yaml
+        data = yaml.safe_load(path.read_text()) or {}
+        if not isinstance(data, dict) or not data.get("name"):
+            raise ReportError(f"{path}: the sweep file has no name")
+        name = str(data["name"])
+        storage = str(data.get("storage") or DEFAULT_STORAGE)
+        uri_in_file = data.get("tracking_uri")
+    uri = tracking_uri or uri_in_file or os.environ.get("MLFLOW_TRACKING_URI") or default_tracking_uri(storage)
+    return uri, name, storage
+
+
+def get_experiment(tracking_uri: str, experiment: str):
+    """The MLflow experiment, or a ReportError that says how to create it.
+
+    A sqlite file that does not exist is reported rather than created empty.
+    """
+    from mlflow import MlflowClient
+
+    missing = ReportError(f"no MLflow experiment {experiment!r} at {tracking_uri}; run `kdray sweep` first")
+    if tracking_uri.startswith("sqlite:///") and not Path(tracking_uri.removeprefix("sqlite:///")).is_file():
+        raise missing
+    exp = MlflowClient(tracking_uri).get_experiment_by_name(experiment)
+    if exp is None or exp.lifecycle_stage == "deleted":
+        raise missing
+    return exp
+
+
+# ------------------------------------------------------------------ loading
+
+def _num(v) -> float:
+    try:
+        return float(v)
+    except (TypeError, ValueError):  # None, "None", ""
+        return np.nan
+
+
+def _none(v):
+    return None if v in (None, "None", "") else v
+
+
+def _row(run) -> dict:
+    p, t = run.data.params, run.data.tags
+    row = dict(
+        run_id=run.info.run_id, status=run.info.status, failure=t.get("kdray.failure"),
+        start_time=run.info.start_time, trial_key=t.get("kdray.trial_key", p.get("trial_key")),
+        teacher_key=_none(t.get("kdray.teacher_key", p.get("teacher_key"))),
+        setup=t.get("kdray.setup", p.get("setup")), role=t.get("kdray.role", p.get("role")),
+        method=t.get("kdray.method", p.get("method")),
+        alpha=_num(p.get("alpha")), temperature=_num(p.get("temperature")), block=_num(p.get("block")),
+        width=_num(p.get("width")), teacher_seed=_num(p.get("teacher_seed")),
+        student_seed=_num(p.get("student_seed")),
+    )
+    row.update(run.data.metrics)  # latest value per metric = the final one
+    return row
+
+
+def search_trial_runs(client, experiment_id: str) -> list:
+    """Every active trial run, paged (50,000 per page: one page for the paper's 4,189 models)."""
+    runs, token = [], None
+    while True:
+        page = client.search_runs([experiment_id], "tags.`kdray.kind` = 'trial'",
+                                  max_results=50000, page_token=token)
+        runs += list(page)
+        token = page.token
+        if not token:
+            return runs
+
+
+def runs_frame(rows: list[dict]) -> pd.DataFrame:
+    """Typed frame from row dicts (also used by tests to skip MLflow)."""
+    df = pd.DataFrame(rows)
+    for col in ID_COLUMNS:
+        if col not in df:
+            df[col] = np.nan
+    metrics = sorted(c for c in df.columns if c not in ID_COLUMNS)
+    df = df[list(ID_COLUMNS) + metrics]
+    for col in ("alpha", "temperature", "width", *metrics):
+        df[col] = pd.to_numeric(df[col], errors="coerce").astype(float)
+    for col in ("block", "teacher_seed", "student_seed"):
+        df[col] = pd.to_numeric(df[col], errors="coerce").astype("Int64")
+    df["failure"] = df["failure"].where(df["failure"].notna(), None)
+    return df.reset_index(drop=True)
+
+
+def load_runs(tracking_uri: str, experiment: str) -> pd.DataFrame:
+    """One row per trial run of a sweep's experiment, with every final metric as a column.
+
+    Params are strings in MLflow; they come back typed: alpha, temperature and
+    width as floats, block, teacher_seed and student_seed as nullable ints
+    (<NA> where the spec had None).  Failed runs stay in (status, failure):
+    the analysis reports them rather than silently losing them.
+    """
+    from mlflow import MlflowClient
+
+    exp = get_experiment(tracking_uri, experiment)
+    runs = search_trial_runs(MlflowClient(tracking_uri), exp.experiment_id)
+    return runs_frame([_row(r) for r in runs])

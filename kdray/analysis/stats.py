@@ -1,0 +1,482 @@
+"""Paired tests, FDR and the transfer and asymmetry decisions (PROTOCOL.md 5).
+
+Pure functions on the frame ``runs.load_runs`` returns; no MLflow here, so
+every number can be checked against scipy/statsmodels on planted data.
+
+Choices the protocol leaves open, made here:
+
+- Pairing is an inner join on ``student_seed``.  Runs that did not finish are
+  excluded (and listed); a NaN metric drops that seed from that metric's
+  tests only (and is listed).  Of several finished runs of one trial key, or
+  of one condition and seed, the latest is used and the others listed.
+- "Significant" means p <= level (statsmodels' BH convention), BH adjusted
+  for the four functional metrics, uncorrected for accuracy and loss.
+- The prediction-agreement gain, Delta_correct and Delta_incorrect are means
+  of per-seed paired differences against the best control.
+- Asymmetry labels: "negative" (supported, mean Delta_incorrect > mean
+  Delta_correct), "positive" (supported, the reverse), "symmetric"
+  (supported, equal means), "none" (transfer not supported).
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import NamedTuple, Optional
+
+import numpy as np
+import pandas as pd
+
+from kdray.functional import METRIC_DIRECTIONS, TRANSFER_METRICS
+
+LEVEL = 0.05
+SUPPORT_MIN = 3                      # functional metrics that must be significant (of 4)
+ACCURACY_METRICS = ("test_acc", "test_loss")
+TESTED_METRICS = tuple(TRANSFER_METRICS) + ACCURACY_METRICS
+ASYMMETRY_METRICS = ("correct_agreement", "incorrect_agreement")
+CHECKED_METRICS = TESTED_METRICS + ASYMMETRY_METRICS + ("prediction_agreement",)
+_OWN_DIRECTIONS = {"test_acc": "higher", "train_acc": "higher", "test_loss": "lower", "train_loss": "lower"}
+METHOD_ORDER = {"teacher": 0, "siddo": 1, "kd": 2, "rcd": 3, "ls": 4, "fm": 5, "fm_rcd": 6}
+RANDOM_CONTROLS = ("rcd", "fm_rcd")         # the paper's "RCD is often best" check
+
+
+def direction(metric: str) -> Optional[str]:
+    """'lower' or 'higher' for the preferred ("more similar"/better) direction, None if unknown."""
+    return METRIC_DIRECTIONS.get(metric) or _OWN_DIRECTIONS.get(metric)
+
+
+# ------------------------------------------------------------------ conditions
+
+class Condition(NamedTuple):
+    """What a student was trained under; runs of one condition differ only by seed."""
+    method: str
+    alpha: float = 0.0
+    temperature: float = 1.0
+    block: Optional[int] = None
+    width: float = 1.0
+
+    @property
+    def label(self) -> str:
+        name = {"siddo": "SIDDO", "fm_rcd": "FM-RCD"}.get(self.method, self.method.upper())
+        parts = [name]
+        if self.method in ("kd", "rcd", "fm", "fm_rcd"):
+            parts.append(f"α={self.alpha:g}")
+        if self.method == "ls":
+            parts.append(f"ε={self.alpha:g}")
+        if self.method in ("kd", "rcd") and self.temperature != 1.0:
+            parts.append(f"T={self.temperature:g}")
+        if self.block is not None:
+            parts.append(f"b{self.block}")
+        if self.width != 1.0:
+            parts.append(f"w={self.width:g}")
+        return " ".join(parts)
+
+    @property
+    def sort_key(self) -> tuple:
+        return (METHOD_ORDER.get(self.method, 99), self.method, -self.width, self.temperature,
+                -1 if self.block is None else self.block, self.alpha)
+
+
+def _f(v, default: float) -> float:
+    return default if pd.isna(v) else float(v)
+
+
+def condition_of(row) -> Condition:
+    """A run's condition; missing params take TrialSpec's defaults (alpha 0, T 1, width 1)."""
+    block = None if pd.isna(row.block) else int(row.block)
+    return Condition(row.method, _f(row.alpha, 0.0), _f(row.temperature, 1.0), block, _f(row.width, 1.0))
+
+
+def by_condition(frame: pd.DataFrame) -> dict[Condition, pd.DataFrame]:
+    """Split on the ``condition`` column (tuples do not survive pandas groupby/== reliably)."""
+    idx: dict[Condition, list] = {}
+    for i, c in zip(frame.index, frame["condition"]):
+        idx.setdefault(c, []).append(i)
+    return {c: frame.loc[ix] for c, ix in sorted(idx.items(), key=lambda kv: kv[0].sort_key)}
+
+
+# ------------------------------------------------------------------ controls
+
+@dataclass(frozen=True)
+class ControlRule:
+    """Conditions of ``method`` that equal the treated condition on the fields in ``match``.
+
+    ``fallback`` relaxes fields when nothing matches exactly (RCD at T=1 when
+    the sweep has no RCD at the KD student's temperature).
+    """
+    method: str
+    match: tuple[str, ...]
+    fallback: tuple[tuple[str, object], ...] = ()
+
+    def find(self, treated: Condition, available) -> list[Condition]:
+        def hits(target: Condition) -> list[Condition]:
+            return [c for c in available if c.method == self.method
+                    and all(getattr(c, f) == getattr(target, f) for f in self.match)]
+        found = hits(treated)
+        if not found and self.fallback:
+            found = hits(treated._replace(**dict(self.fallback)))
+        return sorted(found, key=lambda c: c.sort_key)
+
+
+_SIDDO = ControlRule("siddo", ("width",))
+# The paired controls each treated method is tested against (PROTOCOL 5.2, 3 for FM).
+CONTROL_RULES: dict[str, tuple[ControlRule, ...]] = {
+    "kd": (_SIDDO, ControlRule("rcd", ("alpha", "temperature", "width"), (("temperature", 1.0),))),
+    "fm": (_SIDDO, ControlRule("fm_rcd", ("alpha", "block", "width"))),
+}
+# The candidates for the "best control" (highest mean test accuracy, PROTOCOL 5.7).
+BEST_CONTROL_POOL: dict[str, tuple[ControlRule, ...]] = {
+    "kd": (_SIDDO, ControlRule("rcd", ("temperature", "width"), (("temperature", 1.0),))),
+    "fm": (_SIDDO, ControlRule("fm_rcd", ("block", "width"))),
+}
+
+
+# ------------------------------------------------------------------ primitive statistics
+
+def _signed_rank(d: np.ndarray, alternative: str) -> float:
+    """scipy's Wilcoxon signed-rank p on differences d, as ``method="auto"`` computes it.
+
+    No ties and no zeros, n <= 50: the exact null distribution.  Ties or zeros
+    (zeros dropped, zero_method="wilcox"), n <= 13: the exhaustive sign-flip
+    permutation test scipy uses, run here with a vectorised statistic (scipy's
+    own loops over the 2^n flips one by one: 0.2 s a test).  Otherwise the
+    normal approximation.
+    """
+    from scipy.stats import permutation_test, rankdata, wilcoxon
+
+    d = np.asarray(d, float)
+    d = d[~np.isnan(d)]
+    if d.size < 1:
+        return math.nan
+    if np.all(d == 0):
+        return 1.0
+    ties = np.any(d == 0) or np.unique(np.abs(d)).size < d.size
+    if ties and d.size <= 13:
+        nz = d != 0
+        ranks = np.zeros(d.size)
+        ranks[nz] = rankdata(np.abs(d[nz]))
+
+        def r_plus(x, axis):  # sign flips keep |d|, so the ranks are fixed
+            return np.sum(ranks * (x > 0), axis=axis)
+        return float(permutation_test((d,), r_plus, permutation_type="samples", vectorized=True,
+                                      n_resamples=9999, alternative=alternative).pvalue)
+    method = "exact" if not ties and d.size <= 50 else "asymptotic"
+    return float(wilcoxon(d, alternative=alternative, method=method).pvalue)
+
+
+def wilcoxon_one_sided(kd, control, direction: str) -> float:
+    """Paired one-sided signed-rank p that KD is more similar/better than the control.
+
+    direction is the metric's preferred one: "lower" tests kd - control < 0,
+    "higher" tests > 0.  All-zero differences give 1.0; no pairs give nan.
+    """
+    kd, control = np.asarray(kd, float), np.asarray(control, float)
+    if kd.shape != control.shape:
+        raise ValueError(f"paired samples differ in length: {kd.shape} vs {control.shape}")
+    alternative = {"lower": "less", "higher": "greater"}[direction]
+    return _signed_rank(kd - control, alternative)
+
+
+def wilcoxon_two_sided(d) -> float:
+    """Two-sided signed-rank p on per-seed differences d (1.0 when all are zero)."""
+    return _signed_rank(d, "two-sided")
+
+
+def bh_adjust(pvals, level: float = LEVEL) -> tuple[np.ndarray, np.ndarray]:
+    """Benjamini-Hochberg adjusted p-values and rejections; nan p-values stay out of the family."""
+    from statsmodels.stats.multitest import multipletests
+
+    p = np.asarray(pvals, float)
+    adj, rej = np.full(p.shape, np.nan), np.zeros(p.shape, bool)
+    ok = ~np.isnan(p)
+    if ok.any():
+        rej[ok], adj[ok], _, _ = multipletests(p[ok], alpha=level, method="fdr_bh")
+    return adj, rej
+
+
+def mean_sem(x) -> tuple[float, float, int]:
+    """Mean, 1 SEM (ddof=1 std / sqrt(n)) and n over the non-nan values."""
+    x = np.asarray(x, float)
+    x = x[~np.isnan(x)]
+    n = x.size
+    if n == 0:
+        return math.nan, math.nan, 0
+    sem = float(np.std(x, ddof=1) / math.sqrt(n)) if n > 1 else math.nan
+    return float(np.mean(x)), sem, n
+
+
+def min_wilcoxon_p(n: int) -> float:
+    """The smallest one-sided signed-rank p that n pairs can give: all signs agree, 2**-n."""
+    return 2.0 ** -n
+
+
+def significance_warning(n_pairs: int, level: float = LEVEL, n_tests: int = 4) -> Optional[str]:
+    """A one-line warning when n_pairs paired seeds can never reach significance, else None.
+
+    BH across n_tests metrics cannot push an adjusted p below the smallest raw
+    one (all n_tests tie at 2**-n), so 2**-n <= level is the condition.
+    """
+    if n_pairs < 1:
+        return "no paired student seeds: no test can be run"
+    p = min_wilcoxon_p(n_pairs)
+    if p <= level:
+        return None
+    need = math.ceil(math.log2(1 / level))
+    return (f"{n_pairs} paired student seeds: the smallest one-sided Wilcoxon p is 2^-{n_pairs} = {p:.4g} > {level:g}, "
+            f"so none of the {n_tests} metric tests can be significant; use at least {need} student seeds")
+
+
+class Pairs(NamedTuple):
+    seeds: np.ndarray
+    x: np.ndarray            # the treated condition's metric, per seed
+    y: np.ndarray            # the control's
+
+    @property
+    def d(self) -> np.ndarray:
+        return self.x - self.y
+
+
+def paired(a: pd.DataFrame, b: pd.DataFrame, metric: str) -> Pairs:
+    """a's and b's metric matched on student_seed (inner join); seeds with a nan on either side dropped."""
+    if metric not in a or metric not in b:
+        return Pairs(np.array([], int), np.array([]), np.array([]))
+    sa, sb = a["student_seed"].to_numpy(np.int64), b["student_seed"].to_numpy(np.int64)
+    if len(set(sa)) < len(sa) or len(set(sb)) < len(sb):
+        raise ValueError("a condition has two runs with the same student seed; pairing would be ambiguous")
+    seeds, ia, ib = np.intersect1d(sa, sb, return_indices=True)
+    x, y = a[metric].to_numpy(float)[ia], b[metric].to_numpy(float)[ib]
+    keep = ~(np.isnan(x) | np.isnan(y))
+    return Pairs(seeds[keep], x[keep], y[keep])
+
+
+# ------------------------------------------------------------------ cleaning
+
+def _excluded_row(r, reason: str) -> dict:
+    cond = condition_of(r)
+    return dict(setup=r.setup, teacher_seed=r.teacher_seed, condition=cond.label if r.role != "teacher" else "teacher",
+                student_seed=r.student_seed, trial_key=r.trial_key, run_id=r.run_id, reason=reason)
+
+
+def prepare(df: pd.DataFrame) -> tuple[pd.DataFrame, pd.DataFrame, pd.DataFrame]:
+    """(finished students with a ``condition`` column, finished teachers, excluded runs with reasons)."""
+    df = df.copy()
+    if "prediction_disagreement" in df:  # PA = 1 - PD where a run did not log PA itself
+        derived = 1 - df["prediction_disagreement"]
+        df["prediction_agreement"] = df["prediction_agreement"].fillna(derived) if "prediction_agreement" in df else derived
+    excluded = []
+    # Latest finished run per trial key wins; earlier attempts are superseded.
+    df["_ok"] = df["status"] == "FINISHED"
+    df = df.sort_values(["_ok", "start_time"], ascending=False, na_position="last")
+    keyed = df["trial_key"].notna()
+    dup = keyed & df.duplicated("trial_key")
+    for r in df[dup].itertuples():
+        excluded.append(_excluded_row(r, f"superseded: another run of trial {r.trial_key} is used"))
+    df = df[~dup]
+    for r in df[~df["_ok"]].itertuples():
+        why = r.failure if isinstance(r.failure, str) and r.failure else "no reason recorded"
+        excluded.append(_excluded_row(r, f"status {r.status}: {why.splitlines()[0][:200]}"))
+    df = df[df["_ok"]].drop(columns="_ok")
+    teachers = df[df["role"] == "teacher"].copy()
+    students = df[df["role"] != "teacher"].copy()
+    for col in ("setup", "teacher_seed", "student_seed"):
+        for r in students[students[col].isna()].itertuples():
+            excluded.append(_excluded_row(r, f"no {col}: cannot be paired"))
+        students = students[students[col].notna()]
+    students["condition"] = [condition_of(r) for r in students.itertuples()]
+    students["teacher_seed"] = students["teacher_seed"].astype("Int64")
+    # One run per (setup, teacher seed, condition, seed): a second would pair twice.
+    keys = students[["setup", "teacher_seed", "student_seed"]].astype(str).agg("|".join, axis=1) \
+        + "|" + students["condition"].map(repr)
+    dup = keys.duplicated()
+    for r in students[dup].itertuples():
+        excluded.append(_excluded_row(r, "duplicate of a later finished run with the same condition and seed"))
+    students = students[~dup]
+    checked = [m for m in CHECKED_METRICS if m in students]
+    for r in students.itertuples():
+        nan = [m for m in checked if pd.isna(getattr(r, m))]
+        if nan:
+            excluded.append(_excluded_row(r, "NaN " + ", ".join(nan) + " (left out of those tests)"))
+    cols = ["setup", "teacher_seed", "condition", "student_seed", "trial_key", "run_id", "reason"]
+    excl = pd.DataFrame(excluded, columns=cols)
+    return students.reset_index(drop=True), teachers.reset_index(drop=True), excl
+
+
+# ------------------------------------------------------------------ analysis
+
+def metric_columns(df: pd.DataFrame) -> list[str]:
+    """Numeric metric columns, the protocol's first, then any extra metric alphabetically."""
+    from kdray.analysis.runs import ID_COLUMNS
+    skip = set(ID_COLUMNS) | {"condition"}
+    present = [c for c in df.columns if c not in skip and pd.api.types.is_numeric_dtype(df[c]) and df[c].notna().any()]
+    first = ["test_acc", "test_loss", "train_acc", "train_loss", *TRANSFER_METRICS, "prediction_agreement",
+             "correct_agreement", "incorrect_agreement", "variation_of_information", "procrustes_distance"]
+    return [m for m in first if m in present] + sorted(m for m in present if m not in first)
+
+
+def summarize(students: pd.DataFrame) -> pd.DataFrame:
+    """Long table: setup, teacher_seed, condition, metric, n, mean, sem."""
+    rows = []
+    metrics = metric_columns(students)
+    for (setup, ts), grp in students.groupby(["setup", "teacher_seed"], sort=True):
+        for cond, runs in by_condition(grp).items():
+            for m in metrics:
+                mean, sem, n = mean_sem(runs[m])
+                if n:
+                    rows.append(dict(setup=setup, teacher_seed=int(ts), condition=cond, metric=m, n=n, mean=mean, sem=sem))
+    return pd.DataFrame(rows, columns=["setup", "teacher_seed", "condition", "metric", "n", "mean", "sem"])
+
+
+def paired_tests(students: pd.DataFrame, level: float = LEVEL) -> pd.DataFrame:
+    """One row per (setup, teacher seed, treated condition, control, metric) with raw and adjusted p."""
+    rows = []
+    for (setup, ts), grp in students.groupby(["setup", "teacher_seed"], sort=True):
+        conds = by_condition(grp)
+        for cond, runs in conds.items():
+            for rule in CONTROL_RULES.get(cond.method, ()):
+                for ctrl in rule.find(cond, conds):
+                    for m in TESTED_METRICS:
+                        pr = paired(runs, conds[ctrl], m)
+                        rows.append(dict(setup=setup, teacher_seed=int(ts), condition=cond, control=ctrl, metric=m,
+                                         n=len(pr.seeds), mean_diff=mean_sem(pr.d)[0],
+                                         p=wilcoxon_one_sided(pr.x, pr.y, direction(m)),
+                                         family="bh" if m in TRANSFER_METRICS else "none"))
+    cols = ["setup", "teacher_seed", "condition", "control", "metric", "n", "mean_diff", "p", "family"]
+    tests = pd.DataFrame(rows, columns=cols)
+    tests["p_adj"], tests["significant"] = tests["p"], tests["p"] <= level
+    families: dict[tuple, list] = {}   # BH per (setup, teacher seed, condition, control)
+    for i, r in zip(tests.index, tests.itertuples()):
+        if r.family == "bh":
+            families.setdefault((r.setup, r.teacher_seed, r.condition, r.control), []).append(i)
+    for ix in families.values():
+        adj, rej = bh_adjust(tests.loc[ix, "p"], level)
+        tests.loc[ix, "p_adj"], tests.loc[ix, "significant"] = adj, rej
+    return tests
+
+
+def against_controls(tests: pd.DataFrame) -> pd.DataFrame:
+    """Per (setup, teacher seed, condition, metric): significant against every control present."""
+    groups: dict[tuple, list] = {}
+    for i, r in zip(tests.index, tests.itertuples()):
+        groups.setdefault((r.setup, r.teacher_seed, r.condition, r.metric), []).append(i)
+    rows = [dict(setup=k[0], teacher_seed=k[1], condition=k[2], metric=k[3],
+                 significant=bool(tests.loc[ix, "significant"].all()), n_controls=len(ix),
+                 max_p_adj=float(tests.loc[ix, "p_adj"].max())) for k, ix in groups.items()]
+    return pd.DataFrame(rows, columns=["setup", "teacher_seed", "condition", "metric", "significant",
+                                       "n_controls", "max_p_adj"])
+
+
+def _mean_test_acc(runs: pd.DataFrame) -> float:
+    return mean_sem(runs["test_acc"])[0] if "test_acc" in runs else math.nan
+
+
+def control_pool(treated: Condition, conds: dict[Condition, pd.DataFrame],
+                 exclude_below: Optional[float] = None) -> dict[Condition, float]:
+    """The best-control candidates of a treated condition with their mean test accuracy.
+
+    exclude_below drops controls whose mean accuracy is more than that below
+    SIDDO's (the paper drops RCD alpha 0.9 on UrbanSound8K); SIDDO always stays.
+    With best = highest accuracy the drop cannot change the choice; it shows in
+    the pool (and would matter to any other choice of "best").
+    """
+    pool = [c for rule in BEST_CONTROL_POOL.get(treated.method, ()) for c in rule.find(treated, conds)]
+    acc = {c: _mean_test_acc(conds[c]) for c in pool}
+    siddo = [a for c, a in acc.items() if c.method == "siddo"]
+    if exclude_below is not None and siddo:
+        acc = {c: a for c, a in acc.items() if c.method == "siddo" or not a < siddo[0] - exclude_below}
+    return {c: a for c, a in acc.items() if not math.isnan(a)}
+
+
+def best_control(treated: Condition, conds: dict[Condition, pd.DataFrame],
+                 exclude_below: Optional[float] = None) -> Optional[Condition]:
+    """The pool control with the highest mean test accuracy (PROTOCOL 5.7), None without one."""
+    pool = control_pool(treated, conds, exclude_below)
+    return max(pool, key=pool.get) if pool else None
+
+
+def best_accuracy(students: pd.DataFrame) -> pd.DataFrame:
+    """Per setup, teacher seed and width: the condition with the highest mean test accuracy."""
+    rows = []
+    if "test_acc" not in students:
+        return pd.DataFrame(columns=["setup", "teacher_seed", "width", "condition", "test_acc", "is_rcd"])
+    for (setup, ts), grp in students.groupby(["setup", "teacher_seed"], sort=True):
+        conds = by_condition(grp)
+        for w in sorted({c.width for c in conds}, reverse=True):
+            acc = {c: _mean_test_acc(r) for c, r in conds.items() if c.width == w}
+            acc = {c: a for c, a in acc.items() if not math.isnan(a)}
+            if acc:
+                best = max(acc, key=acc.get)
+                rows.append(dict(setup=setup, teacher_seed=int(ts), width=w, condition=best, test_acc=acc[best],
+                                 is_rcd=best.method in RANDOM_CONTROLS))
+    return pd.DataFrame(rows, columns=["setup", "teacher_seed", "width", "condition", "test_acc", "is_rcd"])
+
+
+def _asymmetry(supported: bool, d_cor: float, d_inc: float) -> str:
+    if not supported or math.isnan(d_cor) or math.isnan(d_inc):
+        return "none"
+    return "negative" if d_inc > d_cor else "positive" if d_cor > d_inc else "symmetric"
+
+
+def decisions(students: pd.DataFrame, against: pd.DataFrame, threshold: float = 0.01,
+              exclude_below: Optional[float] = None) -> pd.DataFrame:
+    """Transfer support, marginality and asymmetry per (setup, teacher seed, treated condition)."""
+    rows = []
+    sig = {(r.setup, r.teacher_seed, r.condition, r.metric): r.significant for r in against.itertuples()}
+    for (setup, ts), grp in students.groupby(["setup", "teacher_seed"], sort=True):
+        ts = int(ts)
+        conds = by_condition(grp)
+        for cond, runs in conds.items():
+            if cond.method not in CONTROL_RULES:
+                continue
+            n_sig = sum(bool(sig.get((setup, ts, cond, m), False)) for m in TRANSFER_METRICS)
+            supported = n_sig >= SUPPORT_MIN
+            best = best_control(cond, conds, exclude_below)
+            ref = conds[best] if best is not None else runs.iloc[0:0]
+            cor, inc = paired(runs, ref, "correct_agreement"), paired(runs, ref, "incorrect_agreement")
+            dc, dc_sem, _ = mean_sem(cor.d)
+            di, di_sem, _ = mean_sem(inc.d)
+            both, ic, ii = np.intersect1d(cor.seeds, inc.seeds, return_indices=True)
+            gain = mean_sem(paired(runs, ref, "prediction_agreement").d)[0]
+            rows.append(dict(
+                setup=setup, teacher_seed=ts, condition=cond, n_significant=n_sig, supported=supported,
+                marginal=bool(supported and gain < threshold), pa_gain=gain,
+                delta_correct=dc, delta_correct_sem=dc_sem, delta_incorrect=di, delta_incorrect_sem=di_sem,
+                n_pairs=len(both), asymmetry=_asymmetry(supported, dc, di),
+                p_asymmetry=wilcoxon_two_sided(inc.d[ii] - cor.d[ic]),
+                best_control=best))
+    return pd.DataFrame(rows, columns=[
+        "setup", "teacher_seed", "condition", "n_significant", "supported", "marginal", "pa_gain",
+        "delta_correct", "delta_correct_sem", "delta_incorrect", "delta_incorrect_sem", "n_pairs",
+        "asymmetry", "p_asymmetry", "best_control"])
+
+
+@dataclass
+class Analysis:
+    """Everything a report shows, computed once from the runs."""
+    runs: pd.DataFrame
+    students: pd.DataFrame
+    teachers: pd.DataFrame
+    excluded: pd.DataFrame
+    summary: pd.DataFrame
+    tests: pd.DataFrame
+    against: pd.DataFrame
+    decisions: pd.DataFrame
+    best_accuracy: pd.DataFrame
+    threshold: float = 0.01
+    exclude_below: Optional[float] = None
+    level: float = LEVEL
+    notes: list = field(default_factory=list)
+
+
+def analyse(df: pd.DataFrame, threshold: float = 0.01, exclude_below: Optional[float] = None,
+            level: float = LEVEL) -> Analysis:
+    """Run the whole of PROTOCOL.md 5 on a sweep's runs."""
+    students, teachers, excluded = prepare(df)
+    tests = paired_tests(students, level)
+    against = against_controls(tests)
+    notes = []
+    if len(tests):
+        n = int(tests.groupby(["setup", "teacher_seed"])["n"].max().min())
+        if (w := significance_warning(n, level)):
+            notes.append(w)
+    return Analysis(df, students, teachers, excluded, summarize(students), tests, against,
+                    decisions(students, against, threshold, exclude_below), best_accuracy(students),
+                    threshold, exclude_below, level, notes)

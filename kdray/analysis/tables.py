@@ -1,0 +1,194 @@
+"""The paper's tables as plain data, rendered to Markdown, CSV, LaTeX and HTML.
+
+A Table is a header, string cells and the set of cells to set in bold; the
+renderers differ only in markup, so the four formats cannot disagree.
+"""
+from __future__ import annotations
+
+import csv
+import html
+import io
+import math
+from dataclasses import dataclass, field
+
+import pandas as pd
+
+from kdray.analysis.stats import TESTED_METRICS, Analysis, Condition, direction, metric_columns
+
+TICK, CROSS, UNTESTED = "✓", "–", "·"
+ARROWS = {"lower": "↓", "higher": "↑"}
+
+
+@dataclass
+class Table:
+    name: str                                  # file stem
+    title: str
+    header: list[str]
+    rows: list[list[str]]
+    bold: set[tuple[int, int]] = field(default_factory=set)   # (row, column) cells in bold
+    note: str = ""
+
+    def markdown(self) -> str:
+        def cell(i, j, v):
+            return f"**{v}**" if (i, j) in self.bold else v.replace("|", "\\|")
+        lines = [f"### {self.title}", ""] + ([self.note, ""] if self.note else [])
+        lines += ["| " + " | ".join(self.header) + " |", "|" + "---|" * len(self.header)]
+        lines += ["| " + " | ".join(cell(i, j, v) for j, v in enumerate(r)) + " |" for i, r in enumerate(self.rows)]
+        return "\n".join(lines) + "\n"
+
+    def csv(self) -> str:
+        buf = io.StringIO()
+        w = csv.writer(buf, lineterminator="\n")
+        w.writerow(self.header)
+        w.writerows(self.rows)
+        return buf.getvalue()
+
+    def latex(self) -> str:
+        def cell(i, j, v):
+            v = tex(v)
+            return f"\\textbf{{{v}}}" if (i, j) in self.bold else v
+        out = [f"% {self.title}", "\\begin{tabular}{l" + "r" * (len(self.header) - 1) + "}", "\\toprule",
+               " & ".join(tex(h) for h in self.header) + " \\\\", "\\midrule"]
+        out += [" & ".join(cell(i, j, v) for j, v in enumerate(r)) + " \\\\" for i, r in enumerate(self.rows)]
+        out += ["\\bottomrule", "\\end{tabular}"]
+        return "\n".join(out) + "\n"
+
+    def html(self) -> str:
+        def cell(i, j, v):
+            v = html.escape(v)
+            return f"<td><b>{v}</b></td>" if (i, j) in self.bold else f"<td>{v}</td>"
+        head = "".join(f"<th>{html.escape(h)}</th>" for h in self.header)
+        body = "".join("<tr>" + "".join(cell(i, j, v) for j, v in enumerate(r)) + "</tr>" for i, r in enumerate(self.rows))
+        note = f"<p>{html.escape(self.note)}</p>" if self.note else ""
+        return f"<h3 id='{self.name}'>{html.escape(self.title)}</h3>{note}<table><tr>{head}</tr>{body}</table>"
+
+
+_TEX = {"\\": r"\textbackslash{}", "&": r"\&", "%": r"\%", "$": r"\$", "#": r"\#", "_": r"\_", "{": r"\{",
+        "}": r"\}", "~": r"\textasciitilde{}", "^": r"\textasciicircum{}", "±": r"$\pm$", "α": r"$\alpha$",
+        "ε": r"$\varepsilon$", "Δ": r"$\Delta$", "↓": r"$\downarrow$", "↑": r"$\uparrow$", "✓": r"\checkmark{}",
+        "–": "--", "·": r"$\cdot$"}
+
+
+def tex(s: str) -> str:
+    """Escape LaTeX specials and map the Unicode symbols the tables use (needs booktabs, amssymb)."""
+    return "".join(_TEX.get(ch, ch) for ch in s)
+
+
+def fmt(x: float, digits: int = 4) -> str:
+    return "nan" if x is None or (isinstance(x, float) and math.isnan(x)) else f"{x:.{digits}g}"
+
+
+def fmt_ms(mean: float, sem: float) -> str:
+    """'mean ± sem' with the SEM to two significant digits and the mean to the same decimals
+    (just the mean when there is no SEM: one run, or all runs equal)."""
+    if mean is None or math.isnan(mean) or sem is None or math.isnan(sem) or sem <= 0:
+        return fmt(mean)
+    dec = min(8, max(0, 1 - math.floor(math.log10(sem))))
+    return f"{mean:.{dec}f} ± {sem:.{dec}f}"
+
+
+def metric_header(metric: str) -> str:
+    return f"{metric} {ARROWS[direction(metric)]}" if direction(metric) in ARROWS else metric
+
+
+def slug(*parts) -> str:
+    return "_".join(str(p) for p in parts).replace(" ", "-").replace("/", "-")
+
+
+# ------------------------------------------------------------------ tables
+
+def metric_tables(a: Analysis) -> list[Table]:
+    """Per setup and teacher seed: conditions x metrics, mean ± SEM, best mean per column in bold."""
+    out = []
+    metrics = metric_columns(a.students)
+    s = a.summary
+    for (setup, ts), grp in s.groupby(["setup", "teacher_seed"], sort=True):
+        conds = sorted(set(grp["condition"]), key=lambda c: c.sort_key)
+        cols = [m for m in metrics if m in set(grp["metric"])]
+        cell = {(r.condition, r.metric): r for r in grp.itertuples()}
+        rows, bold = [], set()
+        for i, c in enumerate(conds):
+            n = max((cell[(c, m)].n for m in cols if (c, m) in cell), default=0)
+            rows.append([c.label, str(n)] + [fmt_ms(cell[(c, m)].mean, cell[(c, m)].sem) if (c, m) in cell else ""
+                                             for m in cols])
+        for j, m in enumerate(cols):
+            d = direction(m)
+            means = {i: cell[(c, m)].mean for i, c in enumerate(conds) if (c, m) in cell}
+            if d and means:
+                best = (min if d == "lower" else max)(means.values())
+                bold |= {(i, j + 2) for i, v in means.items() if v == best}
+        out.append(Table(slug("metrics", setup, f"t{ts}"), f"{setup}, teacher seed {ts}: mean ± SEM over student seeds",
+                         ["condition", "n"] + [metric_header(m) for m in cols], rows, bold,
+                         note="Best mean per column in bold."))
+    return out
+
+
+def tick_tables(a: Analysis) -> list[Table]:
+    """Per setup: treated condition x tested metric, one mark per teacher seed (✓ significant
+    against every control, – not, · not tested)."""
+    out = []
+    ag = a.against
+    for setup in sorted(set(a.decisions["setup"])):
+        seeds = sorted(set(a.decisions.loc[a.decisions["setup"] == setup, "teacher_seed"]))
+        rows_here = ag[ag["setup"] == setup]
+        sig = {(r.teacher_seed, r.condition, r.metric): r.significant for r in rows_here.itertuples()}
+        conds = sorted(set(a.decisions.loc[a.decisions["setup"] == setup, "condition"]), key=lambda c: c.sort_key)
+        rows = []
+        for c in conds:
+            row = [c.label]
+            for m in TESTED_METRICS:
+                marks = [UNTESTED if (ts, c, m) not in sig else TICK if sig[(ts, c, m)] else CROSS for ts in seeds]
+                row.append("".join(marks))
+            rows.append(row)
+        out.append(Table(slug("ticks", setup), f"{setup}: significant against every control "
+                         f"(one mark per teacher seed {', '.join(map(str, seeds))})",
+                         ["condition"] + [metric_header(m) for m in TESTED_METRICS], rows,
+                         note=f"{TICK} significant against every control, {CROSS} not, {UNTESTED} not tested; "
+                              f"functional metrics BH-corrected, accuracy and loss uncorrected, level {a.level:g}."))
+    return out
+
+
+def decision_table(a: Analysis) -> Table:
+    """One row per (setup, teacher seed, treated condition): the transfer and asymmetry calls."""
+    best_acc = {(r.setup, r.teacher_seed, r.width): r for r in a.best_accuracy.itertuples()}
+    rows = []
+    for r in a.decisions.itertuples():
+        b = best_acc.get((r.setup, r.teacher_seed, r.condition.width))
+        rows.append([r.setup, str(r.teacher_seed), r.condition.label, "yes" if r.supported else "no",
+                     "yes" if r.marginal else "no", fmt(r.pa_gain, 3),
+                     fmt_ms(r.delta_correct, r.delta_correct_sem), fmt_ms(r.delta_incorrect, r.delta_incorrect_sem),
+                     r.asymmetry, fmt(r.p_asymmetry, 3), r.best_control.label if r.best_control else "none",
+                     b.condition.label if b is not None else ""])
+    return Table("decisions", "Transfer decisions",
+                 ["setup", "teacher seed", "condition", "supported", "marginal", "PA gain", "Δcorrect", "Δincorrect",
+                  "asymmetry", "p(asym)", "best control", "best accuracy"], rows,
+                 note=f"Supported: at least 3 of 4 functional metrics significant against every control. "
+                      f"Marginal: supported but prediction-agreement gain over the best control < {a.threshold:g}. "
+                      f"p(asym): two-sided paired Wilcoxon of Δincorrect - Δcorrect.")
+
+
+def teacher_table(a: Analysis) -> Table:
+    t = a.teachers.sort_values(["setup", "teacher_seed"])
+    metrics = [m for m in metric_columns(t) if m in t and t[m].notna().any()]
+    rows = [[r["setup"], str(r["teacher_seed"])] + [fmt(r[m], 6) for m in metrics] for _, r in t.iterrows()]
+    return Table("teachers", "Teachers", ["setup", "teacher seed"] + [metric_header(m) for m in metrics], rows)
+
+
+def excluded_table(a: Analysis) -> Table:
+    rows = [[str(v) for v in (r.setup, r.teacher_seed, r.condition, r.student_seed, r.trial_key, r.reason)]
+            for r in a.excluded.itertuples()]
+    return Table("excluded", f"Excluded or partly excluded runs ({len(rows)})",
+                 ["setup", "teacher seed", "condition", "student seed", "trial key", "reason"], rows)
+
+
+def all_tables(a: Analysis) -> list[Table]:
+    return [decision_table(a), *tick_tables(a), *metric_tables(a), teacher_table(a), excluded_table(a)]
+
+
+def tidy(df: pd.DataFrame) -> pd.DataFrame:
+    """A frame with Condition objects replaced by their labels, for machine-readable CSVs."""
+    df = df.copy()
+    for col in ("condition", "control", "best_control"):
+        if col in df:
+            df[col] = [c.label if isinstance(c, Condition) else ("" if c is None else c) for c in df[col]]
+    return df

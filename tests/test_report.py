@@ -1,0 +1,166 @@
+"""kdray report end to end on a planted MLflow sweep: files, bold, ticks, HTML, MLflow logging."""
+import numpy as np
+import pytest
+
+from kdray.analysis import figures
+from kdray.analysis.report import build_report, log_report_to_mlflow, run_report
+from kdray.analysis.stats import analyse
+from synthetic_runs import SEEDS, as_frame, broken_setup, planted_runs, run, write_experiment
+
+
+@pytest.fixture(scope="module")
+def sweep(tmp_path_factory):
+    d = tmp_path_factory.mktemp("report")
+    uri = f"sqlite:///{d / 'mlflow.db'}"
+    write_experiment(uri, "planted", planted_runs(), d / "artifacts")
+    write_experiment(uri, "small", broken_setup(), d / "artifacts-small")    # for the CLI path
+    return d, uri
+
+
+@pytest.fixture(scope="module")
+def report(sweep):
+    from kdray.analysis.runs import load_runs
+
+    d, uri = sweep
+    return build_report(load_runs(uri, "planted"), d / "out")
+
+
+def md_rows(text: str) -> list[list[str]]:
+    return [[c.strip() for c in line.strip("|").split(" | ")] for line in text.splitlines()
+            if line.startswith("|") and not line.startswith("|---")]
+
+
+def test_writes_every_format(report):
+    out = report.out_dir
+    for stem in ("decisions", "ticks_errors", "metrics_errors_t0", "metrics_broken_t0", "teachers", "excluded"):
+        for ext in ("md", "csv", "tex"):
+            assert (out / "tables" / f"{stem}.{ext}").stat().st_size > 0, (stem, ext)
+    for stem in ("asymmetry_errors", "metrics_errors", "counts_errors"):
+        png, svg = out / "figures" / f"{stem}.png", out / "figures" / f"{stem}.svg"
+        assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and svg.read_text().lstrip().startswith("<?xml")
+    assert not (out / "figures" / "counts_same.png").exists()          # no tha counts in that setup
+    assert not (out / "figures" / "width_errors.png").exists()         # one width only
+    for name in ("runs", "summary", "tests", "decisions", "excluded"):
+        assert (out / "data" / f"{name}.csv").is_file()
+    page = (out / "index.html").read_text()
+    assert page.count("data:image/png;base64,") == len(list((out / "figures").glob("*.png")))
+    assert "<table>" in page and "href='tables/decisions.csv'" in page and "href='figures/asymmetry_errors.svg'" in page
+    assert "<td><b>" in page
+
+
+def test_best_mean_is_bold(report):
+    a = report.analysis
+    text = (report.out_dir / "tables" / "metrics_errors_t0.md").read_text()
+    rows = md_rows(text)
+    header, body = rows[0], rows[1:]
+    s = a.summary[(a.summary["setup"] == "errors") & (a.summary["teacher_seed"] == 0)]
+    for metric, best in (("activation_distance", min), ("incorrect_agreement", max), ("test_acc", max)):
+        j = next(i for i, h in enumerate(header) if h.split(" ")[0] == metric)
+        bold = [r[0] for r in body if r[j].startswith("**")]
+        sub = s[s["metric"] == metric]
+        want = sub.loc[sub["mean"] == best(sub["mean"]), "condition"].iloc[0].label
+        assert bold == [want], (metric, bold, want)
+    assert header[2].startswith("test_acc ↑") and any(h.startswith("activation_distance ↓") for h in header)
+    tex = (report.out_dir / "tables" / "metrics_errors_t0.tex").read_text()
+    assert "\\textbf{" in tex and "$\\pm$" in tex and "$\\alpha$" in tex
+
+
+def test_tick_table(report):
+    rows = md_rows((report.out_dir / "tables" / "ticks_errors.md").read_text())
+    header = [h.split(" ")[0] for h in rows[0]]
+    assert header == ["condition", "activation_distance", "rank_disagreement", "prediction_disagreement",
+                      "js_divergence", "test_acc", "test_loss"]
+    body = {r[0]: r[1:] for r in rows[1:]}
+    assert body["KD α=0.9"] == ["✓✓–", "✓✓✓", "✓✓✓", "✓✓✓", "–––", "–––"]
+    assert body["KD α=0.1"] == ["–––"] * 6
+    csv = (report.out_dir / "tables" / "ticks_errors.csv").read_text()
+    assert "KD α=0.9,✓✓–,✓✓✓" in csv
+
+
+def test_decision_table_and_summary(report):
+    rows = md_rows((report.out_dir / "tables" / "decisions.md").read_text())
+    h = rows[0]
+    got = {(r[0], r[1], r[2]): dict(zip(h, r)) for r in rows[1:]}
+    r = got[("errors", "1", "KD α=0.9")]
+    assert (r["supported"], r["marginal"], r["asymmetry"], r["best control"]) == ("yes", "yes", "negative", "RCD α=0.1")
+    assert r["best accuracy"] == "RCD α=0.1"
+    assert got[("errors", "0", "KD α=0.9")]["marginal"] == "no"
+    assert got[("same", "0", "KD α=0.5")]["supported"] == "no"
+    text = report.summary_text()
+    lines = {line.split(":")[0]: line for line in text.splitlines()}
+    assert lines["errors"] == ("errors: transfer KD α=0.9 [t0 t1(m) t2; negative ×3] | "
+                               "best accuracy RCD α=0.1 ×3 (an RCD control in 3/3)")
+    assert lines["same"].startswith("same: no supported transfer |")
+    assert lines["broken"].startswith("broken: transfer KD α=0.5 [t0; symmetric] | best accuracy KD α=0.5 ")
+    assert "broken t0 KD α=0.5 seed 12: status FAILED" in text and "seed 15: NaN activation_distance" in text
+    assert len(text.splitlines()) < 40
+    assert (report.out_dir / "summary.txt").read_text().strip() == text
+
+
+def test_log_report_to_mlflow(sweep, report):
+    from mlflow import MlflowClient
+
+    _, uri = sweep
+    run_id = log_report_to_mlflow(uri, "planted", report.out_dir)
+    c = MlflowClient(uri)
+    r = c.get_run(run_id)
+    parent = c.search_runs([r.info.experiment_id], "tags.`kdray.kind` = 'sweep'")[0]
+    assert r.data.tags["kdray.kind"] == "report" and r.data.tags["mlflow.parentRunId"] == parent.info.run_id
+    assert r.info.status == "FINISHED"
+    top = {f.path for f in c.list_artifacts(run_id)}
+    assert {"index.html", "summary.txt", "tables", "figures", "data"} <= top
+    assert "tables/decisions.tex" in {f.path for f in c.list_artifacts(run_id, "tables")}
+
+
+def test_run_report_from_a_sweep_file_and_errors(sweep, tmp_path, capsys):
+    _, uri = sweep
+    f = tmp_path / "small.yaml"
+    f.write_text(f"name: small\ntracking_uri: '{uri}'\nsetups: []\n")
+    assert run_report(str(f), str(tmp_path / "rep"), None, 0.01, None) == 0
+    out = capsys.readouterr().out
+    assert "broken: transfer KD α=0.5 [t0; symmetric]" in out and "logged to MLflow: experiment 'small'" in out
+    assert (tmp_path / "rep" / "index.html").is_file()
+
+    assert run_report("nope", None, uri, 0.01, None) == 2
+    err = capsys.readouterr().err.strip()
+    assert err == f"kdray: error: no MLflow experiment 'nope' at {uri}; run `kdray sweep` first"
+    missing = f"sqlite:///{tmp_path / 'absent' / 'mlflow.db'}"
+    assert run_report("planted", None, missing, 0.01, None) == 2
+    assert "no MLflow experiment 'planted'" in capsys.readouterr().err
+    assert not (tmp_path / "absent").exists()                          # nothing created on a miss
+
+
+def test_width_and_temperature_figures(tmp_path):
+    m = lambda s: {"activation_distance": 0.2, "correct_agreement": 0.9 + s / 1000, "incorrect_agreement": 0.3,
+                   "test_acc": 0.8 + s / 1000, "js_divergence": 0.1}
+    runs = []
+    for w in (1.0, 0.5):
+        runs += [run("w", "siddo", 0, s, width=w, metrics=m(s)) for s in SEEDS[:3]]
+        for t in (1.0, 2.0):
+            for method in ("kd", "rcd"):
+                runs += [run("w", method, 0, s, alpha=0.5, temperature=t, width=w, metrics=m(s)) for s in SEEDS[:3]]
+    a = analyse(as_frame(runs))
+    fig = figures.width_figure(a, "w")
+    assert fig is not None and len(fig.axes) == 1
+    assert len(figures.asymmetry_figure(a, "w").axes) == 2                # one row of panels per temperature
+    paths = figures.save(fig, tmp_path, "width_w")
+    assert all(p.stat().st_size > 0 for p in paths)
+    assert np.isfinite(a.decisions["delta_correct"]).all()
+
+
+def test_resolve_experiment(tmp_path, monkeypatch):
+    from kdray.analysis.report import default_out
+    from kdray.analysis.runs import ReportError, resolve_experiment
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    assert resolve_experiment(None, "quick") == (f"sqlite:///{tmp_path / 'results' / 'mlflow.db'}", "quick", "./results")
+    (tmp_path / "q.yaml").write_text("name: quick\nstorage: out/store\nsetups: []\n")
+    uri, name, storage = resolve_experiment(None, "q.yaml")
+    assert (uri, name) == (f"sqlite:///{tmp_path / 'out' / 'store' / 'mlflow.db'}", "quick")
+    assert default_out(storage, name) == tmp_path.joinpath("out/store/quick/report").relative_to(tmp_path)
+    assert resolve_experiment("http://x:5000", "q.yaml")[0] == "http://x:5000"
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", "http://env:5000")
+    assert resolve_experiment(None, "q.yaml")[0] == "http://env:5000"
+    with pytest.raises(ReportError, match="no such sweep file"):
+        resolve_experiment(None, "missing.yaml")

@@ -1,0 +1,272 @@
+"""The statistics of PROTOCOL.md 5 on planted MLflow sweeps, checked against scipy/statsmodels."""
+import math
+import warnings
+
+import numpy as np
+import pandas as pd
+import pytest
+from scipy.stats import wilcoxon
+from statsmodels.stats.multitest import multipletests
+
+from kdray.analysis import stats
+from kdray.analysis.runs import load_runs
+from kdray.analysis.stats import Condition, analyse, significance_warning, wilcoxon_one_sided
+from synthetic_runs import SEEDS, as_frame, planted_runs, run, write_experiment
+
+KD09, KD01, KD05 = Condition("kd", 0.9), Condition("kd", 0.1), Condition("kd", 0.5)
+SIDDO, RCD05 = Condition("siddo"), Condition("rcd", 0.5)
+
+
+@pytest.fixture(scope="module")
+def planted(tmp_path_factory):
+    d = tmp_path_factory.mktemp("mlflow")
+    uri = f"sqlite:///{d / 'mlflow.db'}"
+    runs = planted_runs()
+    write_experiment(uri, "planted", runs, d / "artifacts")
+    df = load_runs(uri, "planted")
+    return runs, df, analyse(df)
+
+
+def of(frame, cond, col="condition"):
+    """Boolean mask of rows whose condition (a tuple) equals cond."""
+    return np.array([c == cond for c in frame[col]], bool)
+
+
+def scipy_p(x, y, alternative):
+    """What scipy says directly; all-zero differences are the one case the protocol defines itself."""
+    x, y = np.asarray(x, float), np.asarray(y, float)
+    if np.all(x == y):
+        return 1.0
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        return float(wilcoxon(x, y, alternative=alternative).pvalue)
+
+
+def frame_pairs(students, setup, ts, cond, ctrl, metric):
+    """Independent pairing for the checks: a pandas merge on student_seed."""
+    def pick(c):
+        s = students[(students["setup"] == setup) & (students["teacher_seed"] == ts)]
+        return s[of(s, c)][["student_seed", metric]]
+    m = pick(cond).merge(pick(ctrl), on="student_seed").dropna()
+    return m.iloc[:, 1].to_numpy(), m.iloc[:, 2].to_numpy()
+
+
+# ------------------------------------------------------------------ loading
+
+def test_load_runs_types_and_contents(planted):
+    runs, df, _ = planted
+    assert len(df) == len(runs)
+    assert df["alpha"].dtype == float and df["temperature"].dtype == float and df["width"].dtype == float
+    assert str(df["student_seed"].dtype) == "Int64" and str(df["teacher_seed"].dtype) == "Int64"
+    assert df.loc[df["role"] == "teacher", "student_seed"].isna().all()
+    assert df["block"].isna().all()                                  # "None" params come back as missing
+    failed = df[df["status"] == "FAILED"]
+    assert list(failed["failure"]) == ["RuntimeError: CUDA out of memory"]
+    assert {"tha_count_a", "activation_distance", "test_acc"} <= set(df.columns)
+    r = df[(df["setup"] == "errors") & (df["method"] == "kd") & (df["alpha"] == 0.9)
+           & (df["teacher_seed"] == 1) & (df["student_seed"] == 13)].iloc[0]
+    planted_run = next(x for x in runs if x["trial_key"] == r["trial_key"])
+    assert r["incorrect_agreement"] == pytest.approx(planted_run["metrics"]["incorrect_agreement"])
+
+
+# ------------------------------------------------------------------ primitive statistics
+
+@pytest.mark.parametrize("direction,alternative", [("lower", "less"), ("higher", "greater")])
+def test_wilcoxon_one_sided_is_scipys(direction, alternative):
+    rng = np.random.default_rng(3)
+    for n in (5, 10, 30):
+        kd, ctrl = rng.normal(0, 1, n), rng.normal(0.3, 1, n)
+        p = wilcoxon_one_sided(kd, ctrl, direction)
+        assert p == pytest.approx(wilcoxon(kd, ctrl, alternative=alternative, method="exact").pvalue, rel=1e-12)
+    kd, ctrl = rng.normal(0, 1, 10), rng.normal(1, 1, 10)             # KD clearly lower
+    assert wilcoxon_one_sided(kd, ctrl, "lower") < 0.05 < wilcoxon_one_sided(kd, ctrl, "higher")
+
+
+def test_wilcoxon_with_ties_and_zeros_is_scipys():
+    rng = np.random.default_rng(4)
+    for n in (4, 9, 13, 20):
+        kd = rng.integers(0, 4, n) / 8
+        ctrl = rng.integers(0, 4, n) / 8
+        if np.all(kd == ctrl):
+            continue
+        for direction, alt in (("lower", "less"), ("higher", "greater")):
+            assert wilcoxon_one_sided(kd, ctrl, direction) == pytest.approx(scipy_p(kd, ctrl, alt), rel=1e-12)
+
+
+def test_all_zero_differences_give_one_and_empty_gives_nan():
+    x = np.array([0.5, 0.25, 0.125])
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")                                 # no RuntimeWarning either
+        assert wilcoxon_one_sided(x, x, "lower") == 1.0
+        assert wilcoxon_one_sided(x, x, "higher") == 1.0
+        assert stats.wilcoxon_two_sided(np.zeros(10)) == 1.0
+    assert math.isnan(wilcoxon_one_sided([], [], "lower"))
+
+
+def test_min_p_and_significance_warning():
+    assert stats.min_wilcoxon_p(4) == 0.0625
+    # Honest: with 4 pairs, scipy's best one-sided p really is 2^-4 > 0.05.
+    assert wilcoxon([1, 2, 3, 4], alternative="greater").pvalue == pytest.approx(0.0625)
+    w = significance_warning(4)
+    assert w and "0.0625" in w and "5 student seeds" in w
+    assert significance_warning(10) is None
+    assert significance_warning(5) is None                            # 2^-5 = 0.03125 <= 0.05
+    assert significance_warning(5, level=0.01) is not None
+    assert significance_warning(0)
+
+
+def test_mean_sem():
+    x = [0.1, 0.4, 0.2, np.nan]
+    m, s, n = stats.mean_sem(x)
+    assert (m, n) == (pytest.approx(np.mean(x[:3])), 3)
+    assert s == pytest.approx(np.std(x[:3], ddof=1) / np.sqrt(3))
+    assert math.isnan(stats.mean_sem([1.0])[1])
+
+
+# ------------------------------------------------------------------ every test in the table
+
+def test_every_p_value_matches_scipy_and_statsmodels(planted):
+    _, _, a = planted
+    assert len(a.tests) > 50
+    for r in a.tests.itertuples():
+        x, y = frame_pairs(a.students, r.setup, r.teacher_seed, r.condition, r.control, r.metric)
+        assert r.n == len(x)
+        alt = {"lower": "less", "higher": "greater"}[stats.direction(r.metric)]
+        assert r.p == pytest.approx(scipy_p(x, y, alt), rel=1e-12), r
+    fam = a.tests[a.tests["family"] == "bh"]
+    n_fam = 0
+    for _, g in fam.groupby(["setup", "teacher_seed", fam["condition"].map(repr), fam["control"].map(repr)]):
+        assert sorted(g["metric"]) == sorted(stats.TRANSFER_METRICS)
+        reject, adj, _, _ = multipletests(g["p"].to_numpy(), alpha=0.05, method="fdr_bh")
+        np.testing.assert_allclose(g["p_adj"].to_numpy(), adj, rtol=1e-12)
+        assert list(g["significant"]) == list(reject)
+        n_fam += 1
+    assert n_fam == len(fam) // 4
+    plain = a.tests[a.tests["family"] != "bh"]
+    assert set(plain["metric"]) == {"test_acc", "test_loss"}
+    assert (plain["p_adj"] == plain["p"]).all() and (plain["significant"] == (plain["p"] <= 0.05)).all()
+
+
+# ------------------------------------------------------------------ planted cases
+
+def decision(a, setup, ts, cond):
+    d = a.decisions
+    rows = d[(d["setup"] == setup) & (d["teacher_seed"] == ts) & of(d, cond)]
+    assert len(rows) == 1
+    return rows.iloc[0]
+
+
+def test_a_copying_errors_is_supported_and_negatively_asymmetric(planted):
+    _, _, a = planted
+    for ts in (0, 1, 2):
+        r = decision(a, "errors", ts, KD09)
+        assert r.supported and r.asymmetry == "negative"
+        assert r.best_control == Condition("rcd", 0.1)                # highest mean test accuracy
+        assert r.delta_correct == 0.0 and r.delta_incorrect == pytest.approx(0.15, abs=0.005)
+        assert r.p_asymmetry == pytest.approx(2 ** -9)                 # 10 positive differences, two-sided
+        assert r.marginal == (ts == 1)                                 # PA gain 0.005 < 0.01 only at t1
+    assert decision(a, "errors", 2, KD09).n_significant == 3           # no activation-distance gain at t2
+    ag = a.against
+    ad = ag[(ag["setup"] == "errors") & (ag["metric"] == "activation_distance") & of(ag, KD09)]
+    assert list(ad.sort_values("teacher_seed")["significant"]) == [True, True, False]
+    best = a.best_accuracy[a.best_accuracy["setup"] == "errors"]
+    assert list(best["condition"]) == [Condition("rcd", 0.1)] * 3 and best["is_rcd"].all()
+
+
+def test_b_kd_like_the_controls_is_not_supported(planted):
+    _, _, a = planted
+    for setup, ts, cond in [("same", 0, KD05), ("errors", 0, KD01), ("errors", 1, KD01), ("errors", 2, KD01)]:
+        r = decision(a, setup, ts, cond)
+        assert not r.supported and not r.marginal and r.asymmetry == "none"
+
+
+def test_c_ties_and_all_zero_differences(planted):
+    _, _, a = planted
+    t = a.tests[a.tests["setup"] == "ties"]
+    vs_siddo = t[of(t, SIDDO, "control")]
+    assert len(vs_siddo) == 6 and (vs_siddo["p"] == 1.0).all() and (vs_siddo["n"] == 10).all()
+    vs_rcd = t[of(t, RCD05, "control")]
+    assert vs_rcd["p"].notna().all() and (vs_rcd["n"] == 10).all()
+    assert not decision(a, "ties", 0, KD05).supported
+
+
+def test_d_failed_and_nan_runs_are_reported_and_pairing_stays_by_seed(planted):
+    _, _, a = planted
+    ex = a.excluded[a.excluded["setup"] == "broken"]
+    reasons = {(r.condition, int(r.student_seed)): r.reason for r in ex.itertuples()}
+    assert set(reasons) == {("KD α=0.5", 12), ("RCD α=0.5", 15)}
+    assert reasons[("KD α=0.5", 12)].startswith("status FAILED: RuntimeError: CUDA out of memory")
+    assert "NaN activation_distance" in reasons[("RCD α=0.5", 15)]
+
+    t = a.tests[(a.tests["setup"] == "broken") & (a.tests["metric"] == "activation_distance")]
+    by_ctrl = {r.control: r for r in t.itertuples()}
+    assert by_ctrl[SIDDO].n == 9 and by_ctrl[RCD05].n == 8            # seed 12 gone; 15 also gone vs RCD
+    # Paired by seed, KD is lower at every remaining seed: the smallest p those pairs allow.
+    assert by_ctrl[SIDDO].p == pytest.approx(2 ** -9) and by_ctrl[RCD05].p == pytest.approx(2 ** -8)
+    assert decision(a, "broken", 0, KD05).supported
+    # Pairing by position (dropping the failed seed and zipping) would reverse the answer.
+    s = a.students[a.students["setup"] == "broken"]
+    kd = s[of(s, KD05)].sort_values("student_seed")["activation_distance"].to_numpy()
+    ctrl = s[of(s, SIDDO)].sort_values("student_seed")["activation_distance"].to_numpy()
+    assert wilcoxon(kd, ctrl[: len(kd)], alternative="less").pvalue > 0.5
+
+
+# ------------------------------------------------------------------ control rules (no MLflow needed)
+
+def _cond_runs(setup, method, metric_of, teacher_seed=0, **cond):
+    return [run(setup, method, teacher_seed, s, metrics=metric_of(s), **cond) for s in SEEDS]
+
+
+def test_fm_is_tested_against_siddo_and_its_own_random_control():
+    good = lambda s: {m: 0.1 for m in stats.TRANSFER_METRICS} | {"test_acc": 0.8, "test_loss": 0.5}
+    worse = lambda s: {m: 0.2 + s / 1000 for m in stats.TRANSFER_METRICS} | {"test_acc": 0.7, "test_loss": 0.6}
+    runs = (_cond_runs("g", "siddo", worse) + _cond_runs("g", "fm", good, alpha=0.5, block=4)
+            + _cond_runs("g", "fm_rcd", worse, alpha=0.5, block=4) + _cond_runs("g", "fm_rcd", worse, alpha=0.5, block=5)
+            + _cond_runs("g", "fm_rcd", worse, alpha=0.9, block=4) + _cond_runs("g", "rcd", worse, alpha=0.5))
+    a = analyse(as_frame(runs))
+    controls = set(a.tests["control"])
+    assert set(a.tests["condition"]) == {Condition("fm", 0.5, block=4)}
+    assert controls == {SIDDO, Condition("fm_rcd", 0.5, block=4)}
+    assert a.decisions.iloc[0].supported
+
+
+def test_rcd_at_the_kd_temperature_else_at_t1():
+    m = lambda s: {"activation_distance": 0.1 + s / 100, "test_acc": 0.8}
+    runs = (_cond_runs("t", "siddo", m) + _cond_runs("t", "kd", m, alpha=0.5, temperature=2.0)
+            + _cond_runs("t", "kd", m, alpha=0.5, temperature=4.0) + _cond_runs("t", "rcd", m, alpha=0.5)
+            + _cond_runs("t", "rcd", m, alpha=0.5, temperature=4.0))
+    tests = analyse(as_frame(runs)).tests
+    pairs = {(r.condition.temperature, r.control) for r in tests.itertuples() if r.control.method == "rcd"}
+    assert pairs == {(2.0, Condition("rcd", 0.5, 1.0)), (4.0, Condition("rcd", 0.5, 4.0))}
+
+
+def test_best_control_and_exclude_below():
+    def conds(siddo, rcd01, rcd09):
+        return {SIDDO: as_frame(_cond_runs("x", "siddo", lambda s: {"test_acc": siddo})),
+                Condition("rcd", 0.1): as_frame(_cond_runs("x", "rcd", lambda s: {"test_acc": rcd01}, alpha=0.1)),
+                Condition("rcd", 0.9): as_frame(_cond_runs("x", "rcd", lambda s: {"test_acc": rcd09}, alpha=0.9)),
+                KD05: as_frame(_cond_runs("x", "kd", lambda s: {"test_acc": 0.99}, alpha=0.5))}
+    assert stats.best_control(KD05, conds(0.80, 0.78, 0.90)) == Condition("rcd", 0.9)   # KD itself never
+    assert stats.best_control(KD05, conds(0.80, 0.78, 0.70)) == SIDDO
+    c = conds(0.80, 0.76, 0.70)
+    assert set(stats.control_pool(KD05, c)) == {SIDDO, Condition("rcd", 0.1), Condition("rcd", 0.9)}
+    assert set(stats.control_pool(KD05, c, exclude_below=0.05)) == {SIDDO, Condition("rcd", 0.1)}
+    assert set(stats.control_pool(KD05, c, exclude_below=0.01)) == {SIDDO}
+
+
+def test_duplicate_runs_of_a_trial_keep_the_latest_finished():
+    base = _cond_runs("x", "siddo", lambda s: {"test_acc": 0.8})
+    retry = dict(base[0], status="FAILED", failure="preempted")
+    df = as_frame([retry] + base)                                       # same trial key, failed first
+    students, _, excluded = stats.prepare(df)
+    assert len(students) == 10 and (students["status"] == "FINISHED").all()
+    assert len(excluded) == 1 and excluded.iloc[0]["reason"].startswith("superseded")
+
+
+def test_labels_sort_in_paper_order():
+    conds = [Condition("rcd", 0.5), Condition("kd", 0.9), Condition("siddo"), Condition("kd", 0.1, 2.0),
+             Condition("ls", 0.1), Condition("fm", 0.5, block=4), Condition("kd", 0.1)]
+    labels = [c.label for c in sorted(conds, key=lambda c: c.sort_key)]
+    assert labels == ["SIDDO", "KD α=0.1", "KD α=0.9", "KD α=0.1 T=2", "RCD α=0.5", "LS ε=0.1", "FM α=0.5 b4"]
+    assert Condition("kd", 0.5, width=0.5).label == "KD α=0.5 w=0.5"
+    assert isinstance(pd.DataFrame({"c": conds})["c"].iloc[0], Condition)
