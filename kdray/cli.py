@@ -35,20 +35,29 @@ def cmd_validate(args) -> int:
 def cmd_plan(args) -> int:
     from kdray.plan import format_plan
 
-    sweep, plan = _load(args.sweep)
-    print(format_plan(plan))
     try:
         from kdray.analysis.stats import significance_warning
     except ImportError:  # analysis not installed in a minimal build
         significance_warning = None
-    if significance_warning:
+    keys: dict[str, str] = {}
+    total = 0
+    for path in args.sweep:
+        sweep, plan = _load(path)
+        print(format_plan(plan))
+        total += len(plan.all)
+        for spec in plan.all:
+            keys.setdefault(spec.trial_key, spec.role)
         for s in sweep.setups:
-            w = significance_warning(len(s.student_seeds))
+            w = significance_warning and significance_warning(len(s.student_seeds))
             if w:
                 print(f"  warning: {s.name}: {w}")
-    if args.list:
-        for spec in plan.all:
-            print(f"{spec.trial_key}  {spec.label}")
+        if args.list:
+            for spec in plan.all:
+                print(f"{spec.trial_key}  {spec.label}")
+    if len(args.sweep) > 1:
+        shared = total - len(keys)
+        print(f"all {len(args.sweep)} files: {len(keys)} distinct trials "
+              f"({shared} planned by more than one file, trained once: same trial key, shared storage)")
     return 0
 
 
@@ -103,8 +112,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     sp = add("validate", cmd_validate, "check a sweep file; one error line and exit 2 when it is wrong")
     sp.add_argument("sweep")
-    sp = add("plan", cmd_plan, "print the trials a sweep file expands to, per setup and condition")
-    sp.add_argument("sweep")
+    sp = add("plan", cmd_plan, "print the trials sweep files expand to, per setup and condition")
+    sp.add_argument("sweep", nargs="+")
     sp.add_argument("--list", action="store_true", help="also list every trial key and label")
     sp = add("sweep", cmd_sweep, "run a sweep: teachers, then students and controls, on Ray Tune")
     sp.add_argument("sweep")

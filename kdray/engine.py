@@ -117,6 +117,17 @@ def _make_callback(tracker: Tracker, store: Store):
     return MlflowCallback()
 
 
+def log_reused_teacher(tracker: Tracker, store: Store, spec: TrialSpec) -> None:
+    """A teacher already trained (same key) by another sweep: log its stored results, do not retrain."""
+    run_id = tracker.start_trial(spec)
+    result = store.load_json(spec.trial_key, "result.json")
+    for m in result["history"]:
+        tracker.log_metrics(run_id, m, int(m["epoch"]))
+    tracker.log_metrics(run_id, result["final"], int(result["final"]["epoch"]))
+    tracker.client.set_tag(run_id, "kdray.reused", "true")
+    tracker.end_trial(run_id, True)
+
+
 def _error_line(trial) -> str:
     """The last line of the trial's error (e.g. 'TrialDiverged: training loss is nan ...')."""
     path = getattr(trial, "error_file", None) or ""
@@ -135,6 +146,7 @@ class SweepSummary:
     name: str
     planned: int
     skipped: int = 0           # already FINISHED in MLflow before this run
+    reused: int = 0            # teachers whose artefacts another sweep (or run) left in storage
     finished: int = 0
     failed: dict = field(default_factory=dict)
     blocked: int = 0           # students whose teacher failed
@@ -144,6 +156,7 @@ class SweepSummary:
 
     def lines(self) -> list[str]:
         out = [f"sweep {self.name}: {self.finished} trials finished now, {self.skipped} already done, "
+               f"{self.reused} teachers reused from storage, "
                f"{len(self.failed)} failed, {self.blocked} not run (teacher missing); {self.planned} planned; "
                f"{self.seconds:.0f} s"]
         for key, reason in list(self.failed.items())[:10]:
@@ -213,6 +226,12 @@ def run_sweep(sweep: Sweep, plan: Optional[Plan] = None, verbose: int = 1) -> Sw
     for stage, specs in (("teacher", plan.teachers), ("student", plan.students)):
         todo = [s for s in specs if s.trial_key not in done]
         summary.skipped += len(specs) - len(todo)
+        if stage == "teacher":
+            reused = [s for s in todo if store.exists(s.trial_key, "model.pt")]
+            for spec in reused:
+                log_reused_teacher(tracker, store, spec)
+            summary.reused += len(reused)
+            todo = [s for s in todo if s not in reused]
         if stage == "student":
             ready = [s for s in todo if store.exists(s.teacher_key, "model.pt")]
             summary.blocked += len(todo) - len(ready)

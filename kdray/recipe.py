@@ -238,11 +238,12 @@ def finish_trial(spec: TrialSpec, store: Store, model: nn.Module, bundle: DataBu
         final.update(functional_metrics(torch.from_numpy(teacher_logits), logits, y))
     for name in spec.evals:
         final.update(EVALS.get(name)(model.eval(), bundle, device))
+    store.save_npz(spec.trial_key, "test_outputs.npz", logits=logits.numpy().astype(np.float16), labels=y.numpy())
+    store.save_json(spec.trial_key, "result.json", {"final": final, "history": history})
     if spec.role == "teacher":
         buf = io.BytesIO()
         torch.save({k: v.cpu() for k, v in model.state_dict().items()}, buf)
         store.save_npy(spec.trial_key, "test_logits.npy", logits.numpy().astype(np.float32))
         store.write_bytes(spec.trial_key, "model.pt", buf.getvalue())  # written last: marks the teacher usable
-    store.save_npz(spec.trial_key, "test_outputs.npz", logits=logits.numpy().astype(np.float16), labels=y.numpy())
     report(final, None)
     return final

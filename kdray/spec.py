@@ -46,6 +46,8 @@ class TrialSpec:
         d["teacher"] = self.teacher.trial_key if self.teacher else None
         d["evals"] = list(self.evals)
         d.pop("data_root")  # where the data lives does not change what it is
+        if self.role == "teacher":
+            d.pop("setup")  # one teacher serves every setup (and sweep) that plans it
         return d
 
     @property

@@ -1,11 +1,16 @@
 """Where a sweep keeps its trial artefacts: a local folder or s3://, gs:// (pyarrow).
 
-Layout under ``<storage>/<sweep>/``::
+Layout under ``<storage>/``::
 
     trials/<trial_key>/model.pt            teachers: the trained weights (students load them)
     trials/<trial_key>/test_logits.npy     teachers: float32 test logits (students compare to them)
     trials/<trial_key>/test_outputs.npz    every trial: float16 logits + labels, compressed
-    tune/                                  Ray Tune's own experiment state
+    trials/<trial_key>/result.json         every trial: its final metrics
+    <sweep>/tune/                          Ray Tune's own experiment state, per sweep
+
+Trial folders are keyed by trial key alone, not by sweep: a teacher trained by
+one sweep file (self-distillation) is found and reused by another (standard
+KD, temperature, width) that plans the same teacher.
 
 Writes go to a temporary name first and are renamed, so a crash never leaves
 a half-written artefact that a later stage would trust.
@@ -13,6 +18,7 @@ a half-written artefact that a later stage would trust.
 from __future__ import annotations
 
 import io
+import json
 import os
 import uuid
 from pathlib import Path
@@ -28,7 +34,8 @@ def _is_uri(path: str) -> bool:
 class Store:
     def __init__(self, storage: str, sweep: str):
         base = storage if _is_uri(storage) else str(Path(storage).expanduser().resolve())
-        self.uri = f"{base.rstrip('/')}/{sweep}"
+        self.uri = base.rstrip("/")
+        self.sweep = sweep
         if _is_uri(base):
             self.fs, root = pafs.FileSystem.from_uri(self.uri)
         else:
@@ -41,7 +48,7 @@ class Store:
 
     def tune_path(self) -> str:
         """Tune's storage_path: a local absolute path or the URI itself."""
-        return self.uri + "/tune" if _is_uri(self.uri) else f"{self.root}/tune"
+        return f"{self.uri if _is_uri(self.uri) else self.root}/{self.sweep}/tune"
 
     def local_dir(self, key: str) -> Path | None:
         """The trial folder on this machine, when storage is local."""
@@ -76,6 +83,12 @@ class Store:
         buf = io.BytesIO()
         np.savez_compressed(buf, **arrays)
         self.write_bytes(key, name, buf.getvalue())
+
+    def save_json(self, key: str, name: str, obj) -> None:
+        self.write_bytes(key, name, json.dumps(obj, indent=1, sort_keys=True).encode())
+
+    def load_json(self, key: str, name: str):
+        return json.loads(self.read_bytes(key, name))
 
     def fetch_to(self, key: str, name: str, dest_dir: str | os.PathLike) -> Path:
         """A local copy of an artefact (for logging it to MLflow)."""

@@ -305,7 +305,8 @@ def prepare(df: pd.DataFrame) -> tuple[pd.DataFrame, pd.DataFrame, pd.DataFrame]
 def metric_columns(df: pd.DataFrame) -> list[str]:
     """Numeric metric columns, the protocol's first, then any extra metric alphabetically."""
     from kdray.analysis.runs import ID_COLUMNS
-    skip = set(ID_COLUMNS) | {"condition"}
+    # Bookkeeping the trials log beside their results, not outcomes to compare.
+    skip = set(ID_COLUMNS) | {"condition", "lr", "train_seconds", "tha_contexts"}
     present = [c for c in df.columns if c not in skip and pd.api.types.is_numeric_dtype(df[c]) and df[c].notna().any()]
     first = ["test_acc", "test_loss", "train_acc", "train_loss", *TRANSFER_METRICS, "prediction_agreement",
              "correct_agreement", "incorrect_agreement", "variation_of_information", "procrustes_distance"]
