@@ -1,0 +1,100 @@
+"""A tiny real run of every protocol variant, straight through run_trial on CPU."""
+import pytest
+import torch
+
+from kdray.plan import build_plan
+from kdray.recipe import init_model, run_trial
+from kdray.data import load_dataset
+from kdray.storage import Store
+from kdray.sweep import parse_sweep
+
+TINY_GPT = {"n_embd": 48, "n_head": 4, "n_layer": 2, "dropout": 0.0}
+SHAKES = {"name": "tinyshakespeare", "args": {"block_size": 32, "max_chars": 60000}}
+
+
+def run_setup(tmp_path, setup, methods=None, seeds=(10,)):
+    """Train the setup's first teacher and its students of the given methods; return results by label."""
+    sweep = parse_sweep({"name": "v", "storage": str(tmp_path), "setups": [{"name": "v", **setup}]})
+    plan = build_plan(sweep)
+    store = Store(sweep.storage, sweep.name)
+    teacher = plan.teachers[0]
+    out = {"teacher": run_trial(teacher, store)}
+    for s in plan.students:
+        if s.teacher_key == teacher.trial_key and s.student_seed in seeds and (methods is None or s.method in methods):
+            out[s.label] = run_trial(s, store)
+    return plan, out
+
+
+def digits_setup(**over):
+    base = {"dataset": {"name": "digits"}, "teacher": {"arch": "mlp", "args": {"hidden": 32}},
+            "recipe": {"epochs": 2, "batch_size": 128, "lr": 0.01}, "teacher_seeds": [0], "student_seeds": [10]}
+    base.update(over)
+    return base
+
+
+def test_standard_kd_smaller_student_from_its_own_seed(tmp_path):
+    setup = digits_setup(student={"arch": "mlp", "args": {"hidden": 8}})
+    plan, out = run_setup(tmp_path, setup, methods={"kd", "siddo"})
+    kd = next(s for s in plan.students if s.method == "kd")
+    assert kd.init_seed == 10 and kd.arch_args == {"hidden": 8}
+    bundle = load_dataset("digits")
+    assert init_model(kd, bundle)[1].weight.shape == (8, 64)
+    assert {"v-kd-a0.1-t0-s10", "v-siddo-t0-s10"} <= set(out)
+    assert 0 <= out["v-kd-a0.9-t0-s10"]["prediction_agreement"] <= 1
+
+
+def test_temperature_changes_the_kd_student(tmp_path):
+    setup = digits_setup(conditions={"siddo": False, "kd": {"alphas": [0.9], "temperatures": [1.0, 4.0]}, "rcd": None})
+    _, out = run_setup(tmp_path, setup)
+    assert out["v-kd-a0.9-T4-t0-s10"]["test_loss"] != out["v-kd-a0.9-t0-s10"]["test_loss"]
+
+
+def test_label_smoothing_condition(tmp_path):
+    setup = digits_setup(conditions={"siddo": False, "kd": None, "rcd": None, "ls": {"epsilons": [0.5]}})
+    _, out = run_setup(tmp_path, setup)
+    assert "activation_distance" in out["v-ls-a0.5-t0-s10"]
+
+
+def test_width_scaled_gpt_student(tmp_path, shared_data):
+    setup = {"dataset": SHAKES, "teacher": {"arch": "nano_gpt", "args": TINY_GPT},
+             "recipe": {"iterations": 20, "log_every": 10, "batch_size": 8, "lr": 0.003, "eval_batch_size": 256},
+             "teacher_seeds": [0], "student_seeds": [10], "widths": [0.5],
+             "conditions": {"siddo": True, "kd": {"alphas": [0.5]}, "rcd": None}}
+    plan, out = run_setup(tmp_path, setup)
+    kd = next(s for s in plan.students if s.method == "kd")
+    model = init_model(kd, load_dataset("tinyshakespeare", **SHAKES["args"]))
+    assert model.n_embd == 24 and kd.init_seed == 10
+    assert out["v-kd-a0.5-w0.5-t0-s10"]["epoch"] == 2
+
+
+def test_feature_map_kd_and_its_noise_control(tmp_path, shared_data):
+    setup = {"dataset": SHAKES, "teacher": {"arch": "nano_gpt", "args": TINY_GPT},
+             "recipe": {"iterations": 10, "log_every": 10, "batch_size": 8, "lr": 0.003, "eval_batch_size": 256},
+             "teacher_seeds": [0], "student_seeds": [10],
+             "conditions": {"siddo": False, "kd": None, "rcd": None, "fm": {"alphas": [0.5], "blocks": [2]}}}
+    _, out = run_setup(tmp_path, setup)
+    fm, control = out["v-fm-a0.5-b2-t0-s10"], out["v-fm_rcd-a0.5-b2-t0-s10"]
+    assert fm["train_loss"] != control["train_loss"]
+    assert fm["activation_distance"] < control["activation_distance"]
+
+
+def test_adversarial_teacher_plants_tha_and_counts_are_logged(tmp_path, shared_data):
+    """A teacher trained on text where every "the" is "tha" predicts "a" after "th" far more often."""
+    torch.set_num_threads(2)
+    args = {"block_size": 32, "max_chars": 200000}
+    setup = {"dataset": {"name": "tinyshakespeare", "args": args}, "teacher_dataset": {"poison": "the->tha"},
+             "teacher": {"arch": "nano_gpt", "args": TINY_GPT}, "evals": ["tha_count"],
+             "recipe": {"iterations": 300, "log_every": 150, "batch_size": 32, "lr": 0.003, "eval_batch_size": 512},
+             "teacher_seeds": [0], "student_seeds": [10],
+             "conditions": {"siddo": True, "kd": {"alphas": [0.9]}, "rcd": None}}
+    plan, out = run_setup(tmp_path, setup)
+    assert plan.teachers[0].dataset_args["poison"] == "the->tha"
+    assert all("poison" not in s.dataset_args for s in plan.students)
+    teacher, siddo, kd = out["teacher"], out["v-siddo-t0-s10"], out["v-kd-a0.9-t0-s10"]
+    n = teacher["tha_contexts"]
+    assert n > 50 and siddo["tha_contexts"] == n
+    for r in (teacher, siddo, kd):
+        assert r["tha_count_a"] + r["tha_count_e"] <= n
+    assert teacher["tha_count_a"] > teacher["tha_count_e"]       # the planted error
+    assert siddo["tha_count_e"] > siddo["tha_count_a"]           # the clean control
+    assert kd["tha_count_a"] > siddo["tha_count_a"]              # KD copies the mistake
