@@ -19,7 +19,7 @@ from typing import Optional
 import torch
 
 from kdray.plan import Plan, build_plan
-from kdray.recipe import run_trial
+from kdray.recipe import TrialDiverged, run_trial
 from kdray.spec import TrialSpec
 from kdray.storage import Store
 from kdray.sweep import Sweep
@@ -57,13 +57,25 @@ def trainable(config: dict) -> None:
         with ckpt.as_directory() as d:
             return torch.load(Path(d) / "state.pt", weights_only=True)
 
-    run_trial(spec, store, report, restore, device=_device(spec))
+    if spec.distributed:  # DDP: this trial drives a Ray Train TorchTrainer (kdray.distributed)
+        from kdray.distributed import run_distributed_trial
+        run_distributed_trial(config["spec"], config["storage"], report, restore)
+        return
+    try:
+        run_trial(spec, store, report, restore, device=_device(spec))
+    except TrialDiverged as e:
+        # Not a crash to retry: the same spec would diverge again. End the trial
+        # normally with the reason; the callback marks its run FAILED.
+        tune.report({"kdray": {"failure": f"TrialDiverged: {e}"}})
 
 
 def _resources(config: dict):
     from ray import tune
 
     spec = config["spec"]
+    if spec.get("distributed"):  # the driver's bundle; the Train run reserves its workers itself
+        from kdray.distributed import placement_group_factory
+        return placement_group_factory(spec)
     r = spec.get("resources") or {}
     return tune.PlacementGroupFactory([{"CPU": r.get("cpu", 1), "GPU": r.get("gpu", 0)}])
 
@@ -98,7 +110,7 @@ def _make_callback(tracker: Tracker, store: Store):
             run_id = self._run(trial)
             final = (trial.last_result or {}).get("kdray") or {}
             if not final.get("final"):
-                self.failed[spec.trial_key] = "trial ended without its final evaluation"
+                self.failed[spec.trial_key] = final.get("failure") or "trial ended without its final evaluation"
                 tracker.end_trial(run_id, False, self.failed[spec.trial_key])
                 return
             with tempfile.TemporaryDirectory() as tmp:

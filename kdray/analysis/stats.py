@@ -284,8 +284,8 @@ def prepare(df: pd.DataFrame) -> tuple[pd.DataFrame, pd.DataFrame, pd.DataFrame]
     students["condition"] = [condition_of(r) for r in students.itertuples()]
     students["teacher_seed"] = students["teacher_seed"].astype("Int64")
     # One run per (setup, teacher seed, condition, seed): a second would pair twice.
-    keys = students[["setup", "teacher_seed", "student_seed"]].astype(str).agg("|".join, axis=1) \
-        + "|" + students["condition"].map(repr)
+    keys = pd.Series([f"{r.setup}|{r.teacher_seed}|{r.student_seed}|{r.condition!r}" for r in students.itertuples()],
+                     index=students.index, dtype=object)
     dup = keys.duplicated()
     for r in students[dup].itertuples():
         excluded.append(_excluded_row(r, "duplicate of a later finished run with the same condition and seed"))
