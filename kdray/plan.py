@@ -70,7 +70,8 @@ def expand_setup(sweep: Sweep, setup: Setup) -> tuple[list[TrialSpec], list[Tria
     for ts in setup.teacher_seeds:
         teacher = TrialSpec(role="teacher", method="teacher", arch=setup.teacher.arch,
                             arch_args=dict(setup.teacher.args), teacher_seed=ts, init_seed=ts, data_seed=ts,
-                            dataset_args={**setup.dataset.args, **setup.teacher_dataset}, recipe=recipe,
+                            dataset_args={**setup.dataset.args, **setup.teacher_dataset},
+                            recipe={**recipe, **setup.teacher_recipe},
                             resources=setup.resources.teacher.model_dump(), **common)
         teachers.append(teacher)
         for width in setup.widths:

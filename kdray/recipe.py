@@ -120,13 +120,16 @@ def loss_and_accuracy(logits: torch.Tensor, y: torch.Tensor) -> tuple[float, flo
 # ------------------------------------------------------------------ the trial
 
 def run_trial(spec: TrialSpec, store: Store, report: Optional[Report] = None,
-              restore: Optional[Callable[[], Optional[dict]]] = None, device: str | torch.device = "cpu") -> dict:
+              restore: Optional[Callable[[], Optional[dict]]] = None, device: str | torch.device = "cpu",
+              shard=None) -> dict:
+    """``shard`` (a ``kdray.distributed.Shard``): train this rank's rows of every global batch under DDP."""
     report = report or (lambda metrics, state=None: None)
     device = torch.device(device)
     t0 = time.perf_counter()
     r = Recipe(**spec.recipe)
     bundle = load_dataset(spec.dataset, spec.data_root, **spec.dataset_args)
     model = init_model(spec, bundle).to(device)
+    net = shard.wrap(model) if shard is not None else model  # the module trained (DDP when sharded)
     objective = build_objective(spec.method, spec.alpha, spec.temperature)
     teacher = teacher_logits = None
     if spec.role == "student":
@@ -151,6 +154,8 @@ def run_trial(spec: TrialSpec, store: Store, report: Optional[Report] = None,
     opt = make_optimizer(r, model)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: lr_factor(r, s, steps_per_epoch, epochs))
 
+    if not r.train:  # e.g. a pretrained teacher loaded through its arch args: evaluate only
+        epochs = 0
     start_epoch, history = 0, []
     state = restore() if restore else None
     if state:
@@ -165,6 +170,8 @@ def run_trial(spec: TrialSpec, store: Store, report: Optional[Report] = None,
     noise_seed = derive_seed(spec.data_seed, "fm_noise")
     step = start_epoch * steps_per_epoch
     for epoch in range(start_epoch, epochs):
+        if hasattr(bundle, "set_epoch"):  # streaming loaders (FFCV): per-epoch resolution
+            bundle.set_epoch(epoch)
         model.train()
         n_steps = min(steps_per_epoch, total - epoch * steps_per_epoch)
         loss_sum = torch.zeros((), device=device)
@@ -173,20 +180,25 @@ def run_trial(spec: TrialSpec, store: Store, report: Optional[Report] = None,
         for xb, yb in bundle.train_batches(r.batch_size, n_steps, order):
             xb = bundle.preprocess(xb.to(device, non_blocking=True), True, augment)
             yb = yb.to(device, non_blocking=True)
-            batch = _forward(model, teacher, objective, spec, xb, yb, noise_seed, step)
+            if shard is not None:  # this rank's rows; scale makes DDP's gradient mean the global-batch mean
+                xb, yb, grad_scale = shard.split(xb, yb)
+            batch = _forward(net, teacher, objective, spec, xb, yb, noise_seed, step)
             loss = objective(batch)
             opt.zero_grad(set_to_none=True)
-            loss.backward()
+            (loss if shard is None else loss * grad_scale).backward()
             if r.grad_clip:
                 nn.utils.clip_grad_norm_(model.parameters(), r.grad_clip)
             opt.step()
             sched.step()
             n = yb.numel()
-            loss_sum += loss.detach() * n
+            if n:  # (a rank's shard of a last batch can be empty)
+                loss_sum += loss.detach() * n
             correct += (batch.logits.detach().argmax(-1) == yb).sum()
             seen += n
             step += 1
         # One host sync per epoch, for the curves and the divergence check.
+        if shard is not None:
+            loss_sum, correct, seen = shard.epoch_totals(loss_sum, correct, seen)
         train_loss = float(loss_sum) / seen
         if not math.isfinite(train_loss):
             raise TrialDiverged(f"training loss is {train_loss} at epoch {epoch + 1} (trial {spec.label})")
@@ -203,6 +215,8 @@ def run_trial(spec: TrialSpec, store: Store, report: Optional[Report] = None,
                                   "augment_rng": augment.get_state(), "torch_rng": torch.get_rng_state()})
         report(metrics, ckpt)
 
+    if shard is not None and not shard.is_main:
+        return {}  # rank 0 evaluates, reports and writes the artefacts
     return finish_trial(spec, store, model, bundle, device, r, teacher_logits, history, time.perf_counter() - t0, report)
 
 
@@ -231,8 +245,9 @@ def finish_trial(spec: TrialSpec, store: Store, model: nn.Module, bundle: DataBu
 
     logits, y = evaluate(model, bundle, device, r.eval_batch_size)
     test_loss, test_acc = loss_and_accuracy(logits, y)
-    final = {"epoch": len(history), "train_loss": history[-1]["train_loss"], "train_acc": history[-1]["train_acc"],
-             "test_loss": test_loss, "test_acc": test_acc, "train_seconds": seconds, "final": 1}
+    final = {"epoch": len(history), "test_loss": test_loss, "test_acc": test_acc, "train_seconds": seconds, "final": 1}
+    if history:
+        final.update(train_loss=history[-1]["train_loss"], train_acc=history[-1]["train_acc"])
     if teacher_logits is not None:
         from kdray.functional import functional_metrics
         final.update(functional_metrics(torch.from_numpy(teacher_logits), logits, y))

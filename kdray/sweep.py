@@ -131,6 +131,7 @@ class Recipe(_Strict):
     eval_every: int = Field(0, ge=0)                 # evaluate the test set every N epochs (0: at the end)
     eval_batch_size: int = Field(1024, ge=1)
     checkpoint_every: int = Field(0, ge=0)           # epochs between Tune checkpoints (0: never)
+    train: bool = True                               # False: evaluate the model as built (a pretrained teacher)
 
     @model_validator(mode="after")
     def _budget(self):
@@ -162,6 +163,7 @@ class Setup(_Strict):
     student: Optional[ModelRef] = None            # default: the teacher's (self-distillation)
     recipe: Recipe
     student_recipe: dict[str, Any] = {}           # overrides of recipe for students
+    teacher_recipe: dict[str, Any] = {}           # overrides of recipe for teachers (e.g. {train: false})
     teacher_dataset: dict[str, Any] = {}          # dataset args only the teacher sees (e.g. poison)
     teacher_seeds: list[int] = Field(default=[0, 1, 2], min_length=1)
     student_seeds: list[int] = Field(default=list(range(10, 20)), min_length=1)
@@ -196,10 +198,11 @@ class Setup(_Strict):
         overlap = sorted(set(self.teacher_seeds) & set(self.student_seeds))
         if overlap:
             raise ValueError(f"student_seeds overlap teacher_seeds at {overlap}: a student would share the teacher's data order")
-        try:
-            Recipe(**{**self.recipe.model_dump(), **self.student_recipe})
-        except ValidationError as e:
-            raise ValueError(f"student_recipe: {_first_error(e)}") from None
+        for what, over in (("student_recipe", self.student_recipe), ("teacher_recipe", self.teacher_recipe)):
+            try:
+                Recipe(**{**self.recipe.model_dump(), **over})
+            except ValidationError as e:
+                raise ValueError(f"{what}: {_first_error(e)}") from None
         c = self.conditions
         if not (c.siddo or c.kd or c.rcd or c.ls or c.fm):
             raise ValueError("conditions: the grid is empty (enable at least one of siddo, kd, rcd, ls, fm)")

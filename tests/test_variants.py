@@ -98,3 +98,13 @@ def test_adversarial_teacher_plants_tha_and_counts_are_logged(tmp_path, shared_d
     assert teacher["tha_count_a"] > teacher["tha_count_e"]       # the planted error
     assert siddo["tha_count_e"] > siddo["tha_count_a"]           # the clean control
     assert kd["tha_count_a"] > siddo["tha_count_a"]              # KD copies the mistake
+
+
+def test_a_pretrained_teacher_is_evaluated_not_trained(tmp_path):
+    """teacher_recipe {train: false}: the teacher as built (e.g. weights_path) is only evaluated."""
+    setup = digits_setup(teacher_recipe={"train": False}, conditions={"siddo": True, "kd": None, "rcd": None})
+    plan, out = run_setup(tmp_path, setup)
+    assert plan.teachers[0].recipe["train"] is False and plan.students[0].recipe["train"] is True
+    t = out["teacher"]
+    assert t["epoch"] == 0 and "train_loss" not in t and t["test_acc"] < 0.3  # an untrained 10-class model
+    assert out["v-siddo-t0-s10"]["epoch"] == 2
