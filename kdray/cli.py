@@ -82,6 +82,13 @@ def cmd_report(args) -> int:
     return run_report(args.target, args.out, args.tracking_uri, args.threshold, args.exclude_below)
 
 
+def cmd_data(args) -> int:
+    from kdray.data.ffcv import ffcv_write_main
+
+    tools = {"ffcv-write": ffcv_write_main}
+    return tools[args.tool](args.rest)
+
+
 def cmd_ui(args) -> int:
     uri = args.tracking_uri
     if not uri:
@@ -129,6 +136,9 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--threshold", type=float, default=0.01, help="marginal-transfer threshold on the prediction-agreement gain")
     sp.add_argument("--exclude-below", type=float, default=None,
                     help="drop controls whose mean accuracy is this far below SIDDO's from best-control selection")
+    sp = add("data", cmd_data, "data tools: ffcv-write SRC DST converts an ImageFolder tree to an FFCV .beton")
+    sp.add_argument("tool", choices=["ffcv-write"])
+    sp.add_argument("rest", nargs=argparse.REMAINDER, help="the tool's own arguments (--help for them)")
     sp = add("ui", cmd_ui, "open the MLflow UI on a sweep's runs")
     sp.add_argument("sweep", nargs="?")
     sp.add_argument("--tracking-uri")

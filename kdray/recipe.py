@@ -134,6 +134,11 @@ def run_trial(spec: TrialSpec, store: Store, report: Optional[Report] = None,
     teacher = teacher_logits = None
     if spec.role == "student":
         teacher, teacher_logits = load_teacher(spec, store, bundle, device)
+    # KD on inputs that are never augmented: the teacher's training-set outputs are
+    # computed once (by the teacher trial) and looked up per batch, not recomputed.
+    train_cache = None
+    if objective.needs_teacher_logits and shard is None and bundle.train_inputs_are_fixed():
+        train_cache = teacher_train_logits(spec.teacher, store, teacher, bundle, device, r.eval_batch_size)
 
     # Seeds: the data seed alone fixes batch order, augmentation and dropout, so
     # KD, SIDDO and RCD with the same student seed see the same batches.
@@ -177,12 +182,12 @@ def run_trial(spec: TrialSpec, store: Store, report: Optional[Report] = None,
         loss_sum = torch.zeros((), device=device)
         correct = torch.zeros((), device=device, dtype=torch.long)
         seen = 0
-        for xb, yb in bundle.train_batches(r.batch_size, n_steps, order):
+        for xb, yb, cached in _train_batches(bundle, r.batch_size, n_steps, order, train_cache):
             xb = bundle.preprocess(xb.to(device, non_blocking=True), True, augment)
             yb = yb.to(device, non_blocking=True)
             if shard is not None:  # this rank's rows; scale makes DDP's gradient mean the global-batch mean
                 xb, yb, grad_scale = shard.split(xb, yb)
-            batch = _forward(net, teacher, objective, spec, xb, yb, noise_seed, step)
+            batch = _forward(net, teacher, objective, spec, xb, yb, noise_seed, step, cached)
             loss = objective(batch)
             opt.zero_grad(set_to_none=True)
             (loss if shard is None else loss * grad_scale).backward()
@@ -220,7 +225,38 @@ def run_trial(spec: TrialSpec, store: Store, report: Optional[Report] = None,
     return finish_trial(spec, store, model, bundle, device, r, teacher_logits, history, time.perf_counter() - t0, report)
 
 
-def _forward(model, teacher, objective, spec: TrialSpec, xb, yb, noise_seed: int, step: int) -> Batch:
+def _train_batches(bundle: DataBundle, batch_size: int, steps: int, order: torch.Generator,
+                   cache: Optional[torch.Tensor]):
+    """(x, y, cached teacher logits or None) per step, in the order ``order`` draws."""
+    if cache is None:
+        for xb, yb in bundle.train_batches(batch_size, steps, order):
+            yield xb, yb, None
+    else:
+        for idx in bundle.train_index_batches(batch_size, steps, order):
+            yield bundle.train_x[idx], bundle.train_y[idx], cache[idx]
+
+
+@torch.inference_mode()
+def training_set_logits(model: nn.Module, bundle: DataBundle, device, batch_size: int) -> torch.Tensor:
+    """The model's float32 logits on every training input, as a KD student would see them."""
+    model.eval()
+    out = [model(bundle.preprocess(bundle.train_x[i:i + batch_size].to(device), False, None)).float().cpu()
+           for i in range(0, len(bundle.train_x), batch_size)]
+    return torch.cat(out)
+
+
+def teacher_train_logits(teacher_spec: TrialSpec, store: Store, teacher: nn.Module, bundle: DataBundle, device,
+                         batch_size: int) -> torch.Tensor:
+    """The cache the teacher trial stored; a teacher from before the cache existed gets it computed now."""
+    if store.exists(teacher_spec.trial_key, "train_logits.npy"):
+        return torch.from_numpy(store.load_npy(teacher_spec.trial_key, "train_logits.npy"))
+    logits = training_set_logits(teacher, bundle, device, batch_size)
+    store.save_npy(teacher_spec.trial_key, "train_logits.npy", logits.numpy())
+    return logits
+
+
+def _forward(model, teacher, objective, spec: TrialSpec, xb, yb, noise_seed: int, step: int,
+             cached: Optional[torch.Tensor] = None) -> Batch:
     if objective.needs_features:
         with block_output(model, spec.block) as feats:
             logits = model(xb)
@@ -232,6 +268,8 @@ def _forward(model, teacher, objective, spec: TrialSpec, xb, yb, noise_seed: int
             target = fm_noise(feats["out"].shape, noise_seed, step, xb.device)
         return Batch(logits, yb, features=feats["out"], teacher_features=target)
     logits = model(xb)
+    if objective.needs_teacher_logits and cached is not None:
+        return Batch(logits, yb, teacher_logits=cached.to(xb.device, non_blocking=True))
     if objective.needs_teacher_logits:
         with torch.no_grad():
             return Batch(logits, yb, teacher_logits=teacher(xb))
@@ -259,6 +297,9 @@ def finish_trial(spec: TrialSpec, store: Store, model: nn.Module, bundle: DataBu
         buf = io.BytesIO()
         torch.save({k: v.cpu() for k, v in model.state_dict().items()}, buf)
         store.save_npy(spec.trial_key, "test_logits.npy", logits.numpy().astype(np.float32))
+        if bundle.train_inputs_are_fixed():
+            store.save_npy(spec.trial_key, "train_logits.npy",
+                           training_set_logits(model, bundle, device, r.eval_batch_size).numpy())
         store.write_bytes(spec.trial_key, "model.pt", buf.getvalue())  # written last: marks the teacher usable
     report(final, None)
     return final

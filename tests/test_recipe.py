@@ -48,14 +48,14 @@ def test_students_start_from_the_teachers_initial_weights(trained):
 def test_paired_conditions_see_the_same_batches_in_the_same_order(trained, monkeypatch):
     plan, store = trained
     seen: dict[str, list] = {}
-    original = DataBundle.train_batches
+    original = DataBundle.train_index_batches
 
     def spy(self, batch_size, steps, order):
-        for xb, yb in original(self, batch_size, steps, order):
-            seen.setdefault(current, []).append((float(xb.float().sum()), yb.clone()))
-            yield xb, yb
+        for idx in original(self, batch_size, steps, order):
+            seen.setdefault(current, []).append(idx.clone())
+            yield idx
 
-    monkeypatch.setattr(DataBundle, "train_batches", spy)
+    monkeypatch.setattr(DataBundle, "train_index_batches", spy)
     for method, seed in (("siddo", 10), ("kd", 10), ("rcd", 10), ("siddo", 11)):
         current = f"{method}{seed}"
         run_trial(by(plan, method, seed), store)
@@ -63,8 +63,26 @@ def test_paired_conditions_see_the_same_batches_in_the_same_order(trained, monke
     assert len(ref) == 2 * 12  # 2 epochs of ceil(1437 / 128) batches
     for other in ("kd10", "rcd10"):
         assert len(seen[other]) == len(ref)
-        assert all(a[0] == b[0] and torch.equal(a[1], b[1]) for a, b in zip(ref, seen[other]))
-    assert not all(torch.equal(a[1], b[1]) for a, b in zip(ref, seen["siddo11"]))
+        assert all(torch.equal(a, b) for a, b in zip(ref, seen[other]))
+    assert not all(torch.equal(a, b) for a, b in zip(ref, seen["siddo11"]))
+
+
+def test_kd_uses_the_teachers_cached_training_outputs(trained):
+    """Digits are not augmented: the teacher stores its training-set logits once; KD with the
+    cache trains exactly as KD with the teacher run online would (same targets, up to float noise)."""
+    plan, store = trained
+    t = plan.teachers[0]
+    assert store.exists(t.trial_key, "train_logits.npy")
+    cache = store.load_npy(t.trial_key, "train_logits.npy")
+    bundle = load_dataset("digits")
+    assert cache.shape == (len(bundle.train_x), 10)
+    teacher = torch.load(io.BytesIO(store.read_bytes(t.trial_key, "model.pt")), weights_only=True)
+    model = init_model(t, bundle)
+    model.load_state_dict(teacher)
+    model.eval()
+    with torch.no_grad():
+        online = model(bundle.preprocess(bundle.train_x[:100], True, torch.Generator().manual_seed(3)))
+    np.testing.assert_allclose(cache[:100], online.numpy(), rtol=1e-5, atol=1e-5)
 
 
 def test_a_trial_is_a_pure_function_of_its_spec(trained, tmp_path):

@@ -80,6 +80,18 @@ class DataBundle:
             raise ValueError("language-model data sets count iterations, not epochs")
         return -(-len(self.train_x) // batch_size)
 
+    def train_index_batches(self, batch_size: int, steps: int, order: torch.Generator) -> Iterator[torch.Tensor]:
+        """Classification: the row indices of ``steps`` batches, a fresh permutation per epoch."""
+        n = len(self.train_x)
+        done = 0
+        while done < steps:
+            perm = torch.randperm(n, generator=order)
+            for i in range(0, n, batch_size):
+                if done == steps:
+                    return
+                yield perm[i:i + batch_size]
+                done += 1
+
     def train_batches(self, batch_size: int, steps: int, order: torch.Generator) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         """``steps`` raw training batches, their order drawn from ``order``.
 
@@ -87,16 +99,8 @@ class DataBundle:
         LM: each batch is ``batch_size`` windows at uniformly random offsets.
         """
         if self.task == "classification":
-            n = len(self.train_x)
-            done = 0
-            while done < steps:
-                perm = torch.randperm(n, generator=order)
-                for i in range(0, n, batch_size):
-                    if done == steps:
-                        return
-                    idx = perm[i:i + batch_size]
-                    yield self.train_x[idx], self.train_y[idx]
-                    done += 1
+            for idx in self.train_index_batches(batch_size, steps, order):
+                yield self.train_x[idx], self.train_y[idx]
         else:
             bs, data = self.block_size, self.train_x
             offs = torch.arange(bs)
@@ -104,6 +108,16 @@ class DataBundle:
                 start = torch.randint(len(data) - bs, (batch_size,), generator=order)
                 idx = start[:, None] + offs
                 yield data[idx], data[idx + 1]
+
+    def train_inputs_are_fixed(self) -> bool:
+        """True when a training input reaches the model the same way every time (no random
+        augmentation), so a teacher's outputs on the training set can be computed once."""
+        if self.task != "classification" or type(self).train_batches is not DataBundle.train_batches:
+            return False
+        x = self.train_x[:16]
+        a = self.preprocess(x, True, torch.Generator().manual_seed(1))
+        b = self.preprocess(x, True, torch.Generator().manual_seed(2))
+        return torch.equal(a, b) and torch.equal(a, self.preprocess(x, False, None))
 
     def test_batches(self, batch_size: int) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         for i in range(0, len(self.test_x), batch_size):
