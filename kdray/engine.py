@@ -57,12 +57,12 @@ def trainable(config: dict) -> None:
         with ckpt.as_directory() as d:
             return torch.load(Path(d) / "state.pt", weights_only=True)
 
-    if spec.distributed:  # DDP: this trial drives a Ray Train TorchTrainer (kdray.distributed)
-        from kdray.distributed import run_distributed_trial
-        run_distributed_trial(config["spec"], config["storage"], report, restore)
-        return
     try:
-        run_trial(spec, store, report, restore, device=_device(spec))
+        if spec.distributed:  # DDP: this trial drives a Ray Train TorchTrainer (kdray.distributed)
+            from kdray.distributed import run_distributed_trial
+            run_distributed_trial(config["spec"], config["storage"], report, restore)  # re-raises TrialDiverged
+        else:
+            run_trial(spec, store, report, restore, device=_device(spec))
     except TrialDiverged as e:
         # Not a crash to retry: the same spec would diverge again. End the trial
         # normally with the reason; the callback marks its run FAILED.
@@ -197,6 +197,16 @@ def connect_ray(num_cpus: Optional[int] = None) -> None:
         ray.init(num_cpus=num_cpus, include_dashboard=False, log_to_driver=False, configure_logging=False)
 
 
+def _concurrency(sweep: Sweep, specs: list[TrialSpec]) -> Optional[int]:
+    """The sweep's cap; for DDP trials without one, as many as the cluster's current size fits
+    (Ray Train reserves its workers outside Tune). On an autoscaling cluster set
+    ``max_concurrent_trials`` in the sweep file: the current size undercounts."""
+    if sweep.max_concurrent_trials or not any(s.distributed for s in specs):
+        return sweep.max_concurrent_trials
+    from kdray.distributed import max_concurrent
+    return max_concurrent([s.to_dict() for s in specs])
+
+
 def _tune_stage(stage: str, specs: list[TrialSpec], sweep: Sweep, store: Store, tracker: Tracker, verbose: int):
     from ray import tune
 
@@ -212,7 +222,7 @@ def _tune_stage(stage: str, specs: list[TrialSpec], sweep: Sweep, store: Store, 
                      "spec": tune.grid_search([s.to_dict() for s in specs])},
         # reuse_actors: a worker process keeps torch imported and data sets in memory
         # between trials (every trial re-seeds everything it uses, so results are unchanged).
-        tune_config=tune.TuneConfig(max_concurrent_trials=sweep.max_concurrent_trials, reuse_actors=True,
+        tune_config=tune.TuneConfig(max_concurrent_trials=_concurrency(sweep, specs), reuse_actors=True,
                                     trial_name_creator=lambda t: TrialSpec.from_dict(t.config["spec"]).label,
                                     trial_dirname_creator=lambda t: TrialSpec.from_dict(t.config["spec"]).trial_key),
         run_config=tune.RunConfig(name=f"{stage}s", storage_path=storage, callbacks=[callback],

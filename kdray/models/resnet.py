@@ -14,6 +14,11 @@
   paper's ImageNet ResNet50 teacher); only for torchvision's own geometry
   (224px stem, 3 channels, 1000 classes, width 1, no blurpool).  It downloads
   into the torch hub cache, so a cluster must allow it or pre-seed the cache.
+* ``weights_path``: a local state_dict file (e.g. torchvision's
+  ``resnet50-11ad3fa6.pth``, the IMAGENET1K_V2 weights) loaded with
+  ``torch.load(weights_only=True)`` into the model as configured (strict keys; a
+  ``module.`` prefix from DDP and a ``{"model"|"state_dict": ...}`` wrapper are accepted).
+  For clusters without internet access.
 
 Initialisation is torchvision's (Kaiming-normal convs, BN 1/0), drawn from the
 torch global RNG only.
@@ -79,7 +84,14 @@ class _ResNet(tv.ResNet):
 
 
 def _build(block, layers: list[int], tv_builder, num_classes: int, input_shape: tuple[int, ...],
-           small_input: Optional[bool], width: float, blurpool: bool, weights: Optional[str]) -> nn.Module:
+           small_input: Optional[bool], width: float, blurpool: bool, weights: Optional[str],
+           weights_path: Optional[str] = None) -> nn.Module:
+    if weights is not None and weights_path is not None:
+        raise ValueError("give weights (a torchvision name) or weights_path (a local file), not both")
+    if weights_path is not None:
+        model = _build(block, layers, tv_builder, num_classes, input_shape, small_input, width, blurpool, None)
+        load_local_weights(model, weights_path)
+        return model
     in_channels, height = input_shape[0], input_shape[1]
     if small_input is None:
         small_input = height <= 64
@@ -108,15 +120,36 @@ def _build(block, layers: list[int], tv_builder, num_classes: int, input_shape: 
     return model
 
 
+def load_local_weights(model: nn.Module, path: str) -> None:
+    """Load a state_dict saved with torch.save (no pickled code: weights_only=True)."""
+    from pathlib import Path
+
+    p = Path(path).expanduser()
+    if not p.is_file():
+        raise FileNotFoundError(f"weights_path {p}: no such file")
+    state = torch.load(p, map_location="cpu", weights_only=True)
+    for key in ("model", "state_dict"):
+        if isinstance(state, dict) and isinstance(state.get(key), dict):
+            state = state[key]
+    state = {k.removeprefix("module."): v for k, v in state.items()}
+    try:
+        model.load_state_dict(state)
+    except RuntimeError as e:
+        raise ValueError(f"weights_path {p} does not fit this model: {str(e).splitlines()[0]} "
+                         f"(check num_classes, input size/small_input, width, blurpool)") from None
+
+
 @register_model("resnet18")
 def resnet18(num_classes: int, input_shape: tuple[int, ...], small_input: Optional[bool] = None,
-             width: float = 1.0, blurpool: bool = False, weights: Optional[str] = None) -> nn.Module:
+             width: float = 1.0, blurpool: bool = False, weights: Optional[str] = None,
+             weights_path: Optional[str] = None) -> nn.Module:
     return _build(tv.BasicBlock, [2, 2, 2, 2], tv.resnet18, num_classes, input_shape,
-                  small_input, width, blurpool, weights)
+                  small_input, width, blurpool, weights, weights_path)
 
 
 @register_model("resnet50")
 def resnet50(num_classes: int, input_shape: tuple[int, ...], small_input: Optional[bool] = None,
-             width: float = 1.0, blurpool: bool = False, weights: Optional[str] = None) -> nn.Module:
+             width: float = 1.0, blurpool: bool = False, weights: Optional[str] = None,
+             weights_path: Optional[str] = None) -> nn.Module:
     return _build(tv.Bottleneck, [3, 4, 6, 3], tv.resnet50, num_classes, input_shape,
-                  small_input, width, blurpool, weights)
+                  small_input, width, blurpool, weights, weights_path)
