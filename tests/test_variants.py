@@ -80,7 +80,6 @@ def test_feature_map_kd_and_its_noise_control(tmp_path, shared_data):
 
 def test_adversarial_teacher_plants_tha_and_counts_are_logged(tmp_path, shared_data):
     """A teacher trained on text where every "the" is "tha" predicts "a" after "th" far more often."""
-    torch.set_num_threads(2)
     args = {"block_size": 32, "max_chars": 200000}
     setup = {"dataset": {"name": "tinyshakespeare", "args": args}, "teacher_dataset": {"poison": "the->tha"},
              "teacher": {"arch": "nano_gpt", "args": TINY_GPT}, "evals": ["tha_count"],
