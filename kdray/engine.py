@@ -239,8 +239,7 @@ def run_sweep(sweep: Sweep, plan: Optional[Plan] = None, verbose: int = 1) -> Sw
     plan = plan or build_plan(sweep)
     store = Store(sweep.storage, sweep.name)
     uri = sweep.resolved_tracking_uri()
-    artifact_root = None if "://" in sweep.storage or not uri.startswith("sqlite") else \
-        str(Path(sweep.storage).expanduser().resolve() / "mlartifacts" / sweep.name)
+    artifact_root = str(sweep.local_storage() / "mlartifacts" / sweep.name) if uri.startswith("sqlite") else None
     tracker = Tracker(uri, sweep.name, artifact_root, sweep.description)  # fails before any trial if unreachable
     summary = SweepSummary(sweep.name, len(plan.all), tracking_uri=uri, storage=store.uri)
     done = tracker.finished_keys()

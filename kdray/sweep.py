@@ -236,7 +236,16 @@ class Sweep(_Strict):
         uri = self.tracking_uri or os.environ.get("MLFLOW_TRACKING_URI")
         if uri:
             return uri
-        return f"sqlite:///{Path(self.storage).expanduser().resolve() / 'mlflow.db'}"
+        return f"sqlite:///{self.local_storage() / 'mlflow.db'}"
+
+    def local_storage(self) -> Path:
+        """The storage folder on this machine (a file:// URI's path); object stores have none."""
+        if self.storage.startswith("file://"):
+            return Path(self.storage.removeprefix("file://"))
+        if "://" in self.storage:
+            raise SweepError(f"storage {self.storage} is an object store: give tracking_uri "
+                             "(or $MLFLOW_TRACKING_URI) for the MLflow server")
+        return Path(self.storage).expanduser().resolve()
 
 
 # ---------------------------------------------------------------- loading

@@ -76,3 +76,28 @@ def test_unreachable_mlflow_fails_before_any_trial(local_ray, tmp_path):
     with pytest.raises(TrackingError, match=r"MLflow tracking at http://127.0.0.1:9 is unreachable"):
         run_sweep(sweep, verbose=0)
     assert not (tmp_path / "results" / "e2e" / "tune").exists()
+
+
+def test_sweep_on_a_filesystem_uri_storage(local_ray, tmp_path):
+    """Storage given as a URI goes through pyarrow (as s3:// and gs:// do) and Tune's storage_path."""
+    from kdray.storage import Store
+    uri = f"file://{tmp_path / 'bucket'}"
+    sweep = tiny_sweep(tmp_path, name="uri").model_copy(update={"storage": uri})
+    sweep = sweep.model_copy(update={"setups": [sweep.setups[0].model_copy(update={"student_seeds": [10]})]})
+    summary = run_sweep(sweep, verbose=0)
+    assert summary.ok and summary.finished == 2 + 2 * 3, summary.lines()
+    store = Store(uri, "uri")
+    plan = build_plan(sweep)
+    for t in plan.teachers:
+        assert store.exists(t.trial_key, "model.pt") and (tmp_path / "bucket" / "trials" / t.trial_key / "model.pt").is_file()
+    assert (tmp_path / "bucket" / "uri" / "tune").is_dir()
+    assert sweep.resolved_tracking_uri() == f"sqlite:///{tmp_path / 'bucket' / 'mlflow.db'}"
+
+
+def test_object_store_without_tracking_uri_is_a_clear_error(monkeypatch):
+    from kdray.sweep import SweepError, parse_sweep
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    sweep = parse_sweep({"name": "s3", "storage": "s3://bucket/kdray", "setups": [
+        {"name": "d", "dataset": {"name": "digits"}, "teacher": {"arch": "mlp"}, "recipe": {"epochs": 1}}]})
+    with pytest.raises(SweepError, match="storage s3://bucket/kdray is an object store: give tracking_uri"):
+        sweep.resolved_tracking_uri()
