@@ -85,6 +85,12 @@ class Conditions(_Strict):
     fm: Optional[FeatureGrid] = None
 
 
+def _registered(registry, name: str) -> str:
+    if name not in registry:
+        raise ValueError(f"unknown {registry.kind} {name!r}; valid: {', '.join(registry.names())}")
+    return name
+
+
 class ModelRef(_Strict):
     arch: str
     args: dict[str, Any] = {}
@@ -93,9 +99,7 @@ class ModelRef(_Strict):
     @classmethod
     def _known(cls, v):
         from kdray.models import MODELS
-        if v not in MODELS:
-            raise ValueError(f"unknown architecture {v!r}; valid: {', '.join(MODELS.names())}")
-        return v
+        return _registered(MODELS, v)
 
 
 class DatasetRef(_Strict):
@@ -106,9 +110,7 @@ class DatasetRef(_Strict):
     @classmethod
     def _known(cls, v):
         from kdray.data import DATASETS
-        if v not in DATASETS:
-            raise ValueError(f"unknown dataset {v!r}; valid: {', '.join(DATASETS.names())}")
-        return v
+        return _registered(DATASETS, v)
 
 
 class Recipe(_Strict):
@@ -185,10 +187,7 @@ class Setup(_Strict):
     @classmethod
     def _e(cls, v):
         from kdray.evals import EVALS
-        for name in v:
-            if name not in EVALS:
-                raise ValueError(f"unknown eval {name!r}; valid: {', '.join(EVALS.names())}")
-        return v
+        return [_registered(EVALS, name) for name in v]
 
     @model_validator(mode="after")
     def _seeds(self):
