@@ -116,7 +116,27 @@ def format_plan(plan: Plan) -> str:
         total = sum(per.values())
         detail = ", ".join(f"{m} {n}" for m, n in sorted(per.items(), key=lambda kv: _ORDER.get(kv[0], 99)))
         lines.append(f"  {setup.name}: {total} models ({detail})")
+        lines.append("    " + _estimate(setup, per))
     return "\n".join(lines)
+
+
+def _estimate(setup, per: dict[str, int]) -> str:
+    """GPU-hours at the setup's per-model cost, and how trials pack onto GPUs."""
+    on_gpu = setup.resources.teacher.gpu or setup.resources.student.gpu or (setup.distributed and setup.distributed.use_gpu)
+    if not on_gpu:
+        return "runs on CPU (no GPU estimate)"
+    hours = setup.gpu_hours_per_model * sum(per.values())
+    parts = [f"~{hours:,.0f} GPU-hours at {setup.gpu_hours_per_model:g} per model"]
+    for stage in ("teacher", "student"):
+        gpu = getattr(setup.resources, stage).gpu
+        workers = setup.distributed.workers if setup.distributed else 1
+        if gpu == 0 and not (setup.distributed and setup.distributed.use_gpu):
+            parts.append(f"{stage}s on CPU")
+        elif setup.distributed:
+            parts.append(f"{stage}s: {workers} GPU workers per trial")
+        else:
+            parts.append(f"{stage}s: {max(1, int(1 / gpu + 1e-9))} per GPU")
+    return "; ".join(parts)
 
 
 _ORDER = {"teacher": 0, "siddo": 1, "kd": 2, "rcd": 3, "ls": 4, "fm": 5, "fm_rcd": 6}

@@ -129,7 +129,12 @@ def run_trial(spec: TrialSpec, store: Store, report: Optional[Report] = None,
     r = Recipe(**spec.recipe)
     bundle = load_dataset(spec.dataset, spec.data_root, **spec.dataset_args)
     model = init_model(spec, bundle).to(device)
+    fmt = torch.channels_last if r.channels_last and len(bundle.input_shape) == 3 else torch.contiguous_format
+    model = model.to(memory_format=fmt)
     net = shard.wrap(model) if shard is not None else model  # the module trained (DDP when sharded)
+    if r.compile:
+        net = torch.compile(net)
+    autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=r.precision == "bf16")
     objective = build_objective(spec.method, spec.alpha, spec.temperature)
     teacher = teacher_logits = None
     if spec.role == "student":
@@ -187,8 +192,10 @@ def run_trial(spec: TrialSpec, store: Store, report: Optional[Report] = None,
             yb = yb.to(device, non_blocking=True)
             if shard is not None:  # this rank's rows; scale makes DDP's gradient mean the global-batch mean
                 xb, yb, grad_scale = shard.split(xb, yb)
-            batch = _forward(net, teacher, objective, spec, xb, yb, noise_seed, step, cached)
-            loss = objective(batch)
+            with autocast:
+                batch = _forward(net, teacher, objective, spec, xb.contiguous(memory_format=fmt) if xb.dim() == 4 else xb,
+                                 yb, noise_seed, step, cached)
+                loss = objective(batch)
             opt.zero_grad(set_to_none=True)
             (loss if shard is None else loss * grad_scale).backward()
             if r.grad_clip:

@@ -134,6 +134,10 @@ class Recipe(_Strict):
     eval_batch_size: int = Field(1024, ge=1)
     checkpoint_every: int = Field(0, ge=0)           # epochs between Tune checkpoints (0: never)
     train: bool = True                               # False: evaluate the model as built (a pretrained teacher)
+    # GPU speed features; all off by default, so a CPU trial is bit-reproducible.
+    precision: Literal["fp32", "bf16"] = "fp32"      # bf16: autocast forward and loss
+    channels_last: bool = False                      # NHWC memory format for CNNs on 4-D inputs
+    compile: bool = False                            # torch.compile the trained model
 
     @model_validator(mode="after")
     def _budget(self):
@@ -175,6 +179,9 @@ class Setup(_Strict):
     evals: list[str] = []
     resources: StageResources = StageResources()
     distributed: Optional[Distributed] = None
+    # For `kdray plan`'s estimate only: A100-hours one model of this setup takes. The default is
+    # the paper's average, 2,216 GPU-hours over 4,189 models; set your own from a pilot trial.
+    gpu_hours_per_model: float = Field(0.53, ge=0)
 
     @field_validator("widths")
     @classmethod

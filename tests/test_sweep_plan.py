@@ -147,3 +147,9 @@ def test_quickstart_plan_counts(capsys):
     assert main(["plan", str(ROOT / "search_spaces/quickstart.yaml")]) == 0
     out = capsys.readouterr().out
     assert "86 trials (2 teachers in stage 1, 84 students in stage 2)" in out
+
+
+def test_plan_estimates_gpu_hours_and_packing(capsys):
+    assert main(["plan", str(ROOT / "search_spaces/svhn_resnet18.yaml")]) == 0
+    out = capsys.readouterr().out
+    assert f"~{213 * 0.53:,.0f} GPU-hours at 0.53 per model; teachers: 4 per GPU; students: 4 per GPU" in out

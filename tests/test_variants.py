@@ -107,3 +107,12 @@ def test_a_pretrained_teacher_is_evaluated_not_trained(tmp_path):
     t = out["teacher"]
     assert t["epoch"] == 0 and "train_loss" not in t and t["test_acc"] < 0.3  # an untrained 10-class model
     assert out["v-siddo-t0-s10"]["epoch"] == 2
+
+
+def test_gpu_speed_features_run_on_cpu(tmp_path):
+    """bf16 autocast, channels_last and torch.compile are recipe switches; they train on CPU too."""
+    setup = digits_setup(teacher={"arch": "small_cnn", "args": {"channels": 4}},
+                         recipe={"epochs": 4, "batch_size": 128, "lr": 0.01, "precision": "bf16", "channels_last": True},
+                         conditions={"siddo": True, "kd": {"alphas": [0.5]}, "rcd": None})
+    _, out = run_setup(tmp_path, setup)
+    assert out["teacher"]["test_acc"] > 0.3 and "activation_distance" in out["v-kd-a0.5-t0-s10"]

@@ -1,0 +1,114 @@
+"""Smoke test of benchmarks/: every benchmark's core function at a tiny size returns a well-formed record.
+
+Not a timing test (the numbers are meaningless at these sizes).  The sweep
+benchmark's Ray side is replaced by a stand-in (a real Ray start alone takes
+~10 s here; tests/test_engine.py covers run_sweep); its plain loop is real.
+FFCV's timing path is skipped (numba compiles its pipeline for ~15 s); its
+"not installed" path and the torchvision side are exercised.
+"""
+import math
+import sys
+from pathlib import Path
+
+import pytest
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))   # benchmarks/ is a top-level package, not installed
+
+from benchmarks import NAMES, load  # noqa: E402
+from benchmarks.docs import read_records, update  # noqa: E402
+
+KEYS = {"benchmark", "title", "ratio", "ratio_def", "target", "met", "measurements", "params", "notes", "seconds"}
+
+
+def check(r: dict, name: str, ratio: bool = True) -> dict:
+    assert KEYS <= set(r), KEYS - set(r)
+    assert r["benchmark"] == name and r["title"] and r["target"]
+    assert r["met"] in (True, False, None)
+    if ratio:
+        assert isinstance(r["ratio"], float) and math.isfinite(r["ratio"]) and r["ratio"] > 0
+    assert r["measurements"] and all(isinstance(k, str) for k in r["measurements"])
+    assert r["seconds"] >= 0
+    return r
+
+
+@pytest.fixture(scope="module")
+def records():
+    return {}
+
+
+def test_sweep(records, monkeypatch):
+    sweep = load("sweep")
+    fake = {"wall_s": 2.0, "ray_start_s": 1.0, "sweep_s": 1.0, "ray_shutdown_s": 0.1, "trials": 4, "slots": 2,
+            "trial_train_sum_s": 1.0, "trial_train_median_s": 0.25, "overhead_per_trial_core_s": 0.25,
+            "mlflow_driver_s": 0.1, "mlflow_calls": 12, "load_avg_1m": (0.0, 0.0)}
+    monkeypatch.setattr(sweep, "run_kdray", lambda d, device, slots=None: dict(fake, slots=slots))
+    r = check(sweep.run(grids={"tiny": sweep.tiny_grid()}, loop_threads={"tiny": (2, 1)}, slots=2), "sweep")
+    loops = r["cases"][0]["loops"]
+    assert set(loops) == {"2", "1"} and all(v["trials"] == 4 and v["wall_s"] > 0 for v in loops.values())
+    records["sweep"] = r
+
+
+def test_sweep_mlflow_timer_restores_tracker():
+    from kdray.tracking import Tracker
+    from benchmarks.sweep import _MlflowTimer
+
+    before = Tracker.start_trial
+    with _MlflowTimer():
+        assert Tracker.start_trial is not before
+    assert Tracker.start_trial is before
+
+
+@pytest.mark.parametrize("name", ["train_step", "kd_step"])
+def test_training_steps(records, name):
+    mod = load(name)
+    r = check(mod.run(case_list={"tiny": load("train_step").tiny_case()}, reps=1), name)
+    assert set(r["cases"]) == {"tiny"}
+    records[name] = r
+
+
+def test_data(records):
+    r = check(load("data").run(n=512, reps=1, workers=(0,), threads=(1,)), "data")
+    assert r["measurements"]["kdray_t1 samples/s"] > 0 and r["measurements"]["torchvision_w0 samples/s"] > 0
+    records["data"] = r
+
+
+def test_functional(records):
+    mod = load("functional")
+    r = check(mod.run(n=300, k=12, students=3, loop_rows=60, loop_students=1, reps=1), "functional")
+    assert r["measurements"]["max |loop - kdray| on the checked rows"] < 1e-9   # the loop computes the same
+    records["functional"] = r
+
+
+def test_report(records):
+    r = check(load("report").run(n_runs=71, breakdown=False, subprocess_cli=False), "report")
+    assert r["measurements"]["runs"] == 71 and r["measurements"]["report files written"] > 5
+    records["report"] = r
+
+
+def test_ffcv_not_installed_and_torchvision_side(records, monkeypatch, tmp_path):
+    mod = load("ffcv")
+    monkeypatch.setattr(mod, "ffcv_available", lambda: (False, "ImportError: no module named ffcv"))
+    r = check(mod.run(n=8), "ffcv", ratio=False)
+    assert r["ratio"] is None and r["met"] is None
+    assert r["measurements"]["status"] == "not measured: ffcv not installed"
+    records["ffcv"] = r
+    mod.write_jpegs(tmp_path / "img", 8, 64, classes=2)
+    loader = mod.torchvision_loader(tmp_path / "img", 32, 4, 0, "cpu")
+    assert mod.epoch(loader, "cpu", None, 32) > 0
+
+
+def test_docs_update(records, tmp_path):
+    assert set(records) == set(NAMES), set(NAMES) - set(records)
+    out = tmp_path / "benchmarks.md"
+    out.write_text("# Benchmarks\n\nhand-written text\n\n## Summary\n\n<!-- bench:summary:start -->\n"
+                   "<!-- bench:summary:end -->\n")
+    run = {"command": "python -m benchmarks all --quick", "date": "2026-01-01 00:00 UTC",
+           "machine": {"cpu": "x", "cores": 2, "torch": "2", "device": "cpu"}}
+    update(out, list(records.values()), run)
+    update(out, [records["data"]], dict(run, command="python -m benchmarks data"))   # one block again
+    text = out.read_text()
+    assert "hand-written text" in text
+    assert [r["benchmark"] for r in read_records(out)] == list(NAMES)
+    assert text.count("<!-- bench:data:start -->") == 1 and "python -m benchmarks data`" in text
+    summary = text.split("<!-- bench:summary:start -->")[1].split("<!-- bench:summary:end -->")[0]
+    assert summary.count("\n| ") == len(NAMES) + 1
