@@ -1,0 +1,277 @@
+"""Benchmark 1: ``kdray sweep`` (Ray Tune) vs a plain sequential loop over the same trials.
+
+Both sides run the same plan (``kdray.plan.build_plan``) through the same
+training function (``kdray.recipe.run_trial``), teachers first, into fresh
+storage:
+
+* kdray: ``connect_ray()`` then ``run_sweep(sweep)``, exactly what ``kdray sweep
+  FILE`` does after parsing the file: one trial per core (``resources: cpu 1``,
+  ``torch.set_num_threads(1)`` in each trial), the driver logging every epoch
+  and artefact to MLflow on sqlite.  Ray start-up (``ray.init``) is timed on
+  its own and counted in kdray's wall time; shutdown is reported apart.
+* plain loop: ``for spec in plan: run_trial(spec, store)`` in this process,
+  torch using every core (``torch.set_num_threads(cores)``), no MLflow.  When
+  ``loop_threads`` lists 1 as well, a one-thread loop is timed too (on a small
+  model one thread is often faster than two).
+
+Per-trial overhead of kdray, in core-seconds:
+``(slots * sweep_seconds - sum of the trials' own train_seconds) / trials``,
+with ``slots`` the concurrent trials (cores) and ``sweep_seconds`` the sweep
+without Ray start-up.  It holds everything a trial slot spends outside its
+training loop: Tune scheduling, actor reuse, result reporting, the final
+evaluation and artefact writes, MLflow logging in the driver, and slots left
+idle (the teacher/student stage barrier, the tail).  The loop's own
+per-trial cost outside the training loop is reported beside it.
+"""
+from __future__ import annotations
+
+import copy
+import json
+import os
+import tempfile
+from pathlib import Path
+from typing import Optional
+
+import torch
+
+from benchmarks.common import cpu_count, load_avg, median, now, result, torch_threads
+
+NAME = "sweep"
+TITLE = "kdray sweep (Ray Tune) vs a plain sequential loop"
+TARGET = 0.8          # kdray wall time <= 0.8 x the plain loop's
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def quickstart_dict() -> dict:
+    import yaml
+
+    return yaml.safe_load((ROOT / "search_spaces" / "quickstart.yaml").read_text())
+
+
+def grid(kind: str, quick: bool = False) -> dict:
+    """The sweep dicts measured: the quickstart, and a variant with ~10 s trials (at one thread)."""
+    d = quickstart_dict()
+    s = d["setups"][0]
+    if kind == "quickstart":
+        if quick:   # 14 trials: 2 teachers, 2 student seeds, SIDDO + KD 0.5 + RCD 0.5
+            s.update(student_seeds=[10, 11], conditions={"siddo": True, "kd": {"alphas": [0.5]},
+                                                          "rcd": {"alphas": [0.5]}})
+        else:       # 44 trials: the quickstart's 2 teachers and 7 conditions, 3 of its 6 student seeds
+            s.update(student_seeds=[10, 11, 12])
+        return d
+    if kind == "quickstart-full":   # the quickstart as shipped: 86 trials (not in the default set: time)
+        return d
+    if kind == "10s":
+        # ~10 s per trial on one core of the 2-core EPYC: 2x the channels, 40 epochs.
+        s["teacher"]["args"]["channels"] = 32
+        s["recipe"].update(epochs=8 if quick else 40, eval_every=0)
+        s.update(name="digits-cnn-10s", student_seeds=[10], conditions={"siddo": True, "kd": {"alphas": [0.5]},
+                                                                         "rcd": None})
+        d["name"] = "quickstart-10s"
+        return d
+    raise ValueError(kind)
+
+
+def tiny_grid() -> dict:
+    """For the smoke test: 4 one-epoch MLP trials."""
+    d = quickstart_dict()
+    s = d["setups"][0]
+    s["teacher"] = {"arch": "mlp", "args": {"hidden": 16}}
+    s["dataset"] = {"name": "digits", "args": {"flatten": True}}
+    s["recipe"].update(epochs=1, eval_every=0)
+    s.update(student_seeds=[10], conditions={"siddo": True, "kd": None, "rcd": None})
+    d["name"] = "tiny"
+    return d
+
+
+def _parse(d: dict, storage: str, device: str, slots: int):
+    from kdray.sweep import parse_sweep
+
+    d = copy.deepcopy(d)
+    d["storage"] = storage
+    d["tracking_uri"] = f"sqlite:///{Path(storage) / 'mlflow.db'}"
+    gpu = (1.0 / slots) if torch.device(device).type == "cuda" else 0
+    for s in d["setups"]:
+        s["resources"] = {"teacher": {"cpu": 1, "gpu": gpu}, "student": {"cpu": 1, "gpu": gpu}}
+    return parse_sweep(d, "<benchmark>")
+
+
+def _trial_seconds(storage: str, sweep_name: str, plan) -> list[float]:
+    from kdray.storage import Store
+
+    store = Store(storage, sweep_name)
+    return [float(store.load_json(s.trial_key, "result.json")["final"]["train_seconds"]) for s in plan.all
+            if store.exists(s.trial_key, "result.json")]
+
+
+def run_loop(d: dict, threads: int, device: str) -> dict:
+    """The plain loop: every trial of the plan, sequentially, in this process."""
+    from kdray.plan import build_plan
+    from kdray.recipe import run_trial
+    from kdray.data import _cache as data_cache
+    from kdray.storage import Store
+
+    data_cache.clear()   # the loop loads its data once, as a plain script would (imports stay warm)
+    with tempfile.TemporaryDirectory(prefix="kdray-bench-loop-") as tmp:
+        sweep = _parse(d, tmp, device, 1)
+        plan = build_plan(sweep)
+        store = Store(sweep.storage, sweep.name)
+        walls, trains = [], []
+        load0 = load_avg()
+        with torch_threads(threads):
+            t0 = now()
+            for spec in plan.all:
+                t = now()
+                final = run_trial(spec, store, device=device)
+                walls.append(now() - t)
+                trains.append(float(final["train_seconds"]))
+            wall = now() - t0
+    return {"wall_s": wall, "trials": len(walls), "threads": threads, "trial_wall_median_s": median(walls),
+            "trial_train_sum_s": sum(trains), "outside_train_per_trial_s": (sum(walls) - sum(trains)) / len(walls),
+            "load_avg_1m": (load0, load_avg())}
+
+
+class _MlflowTimer:
+    """Accumulates the seconds the driver spends in kdray's Tracker calls during a sweep."""
+
+    METHODS = ("start_trial", "log_metrics", "log_artifact", "end_trial", "end_sweep", "finished_keys",
+               "discard_unfinished")
+
+    def __init__(self):
+        self.seconds = 0.0
+        self.calls = 0
+        self._orig = {}
+
+    def __enter__(self):
+        from kdray.tracking import Tracker
+
+        for name in self.METHODS:
+            orig = getattr(Tracker, name)
+            self._orig[name] = orig
+
+            def timed(*a, _orig=orig, **k):
+                t = now()
+                try:
+                    return _orig(*a, **k)
+                finally:
+                    self.seconds += now() - t
+                    self.calls += 1
+
+            setattr(Tracker, name, timed)
+        return self
+
+    def __exit__(self, *exc):
+        from kdray.tracking import Tracker
+
+        for name, orig in self._orig.items():
+            setattr(Tracker, name, orig)
+
+
+def _cpu_seconds() -> float:
+    """CPU seconds (user + system) this process has used: the sweep driver's own cost."""
+    import resource
+
+    u = resource.getrusage(resource.RUSAGE_SELF)
+    return u.ru_utime + u.ru_stime
+
+
+def run_kdray(d: dict, device: str, slots: Optional[int] = None) -> dict:
+    """``kdray sweep``: Ray start-up, the two Tune stages, MLflow logging; into fresh storage."""
+    import ray
+
+    from kdray.engine import connect_ray, run_sweep
+    from kdray.plan import build_plan
+
+    slots = slots or cpu_count()
+    was_running = ray.is_initialized()
+    with tempfile.TemporaryDirectory(prefix="kdray-bench-sweep-") as tmp:
+        sweep = _parse(d, tmp, device, slots)
+        plan = build_plan(sweep)
+        load0 = load_avg()
+        t0 = now()
+        connect_ray()
+        t_start = now() - t0
+        with _MlflowTimer() as mt:
+            t1, cpu1 = now(), _cpu_seconds()
+            summary = run_sweep(sweep, plan, verbose=0)
+            t_sweep, driver_cpu = now() - t1, _cpu_seconds() - cpu1
+        t2 = now()
+        if not was_running:
+            ray.shutdown()
+        t_shutdown = now() - t2
+        if not summary.ok:
+            raise RuntimeError("benchmark sweep failed: " + "; ".join(summary.lines()[:3]))
+        trains = _trial_seconds(tmp, sweep.name, plan)
+    n = len(plan.all)
+    overhead = (slots * t_sweep - sum(trains)) / n
+    return {"wall_s": t_start + t_sweep, "ray_start_s": t_start if not was_running else float("nan"),
+            "sweep_s": t_sweep, "ray_shutdown_s": t_shutdown, "trials": n, "slots": slots,
+            "trial_train_sum_s": sum(trains), "trial_train_median_s": median(trains),
+            "overhead_per_trial_core_s": overhead, "mlflow_driver_s": mt.seconds, "mlflow_calls": mt.calls,
+            "driver_cpu_s": driver_cpu,
+            "load_avg_1m": (load0, load_avg())}
+
+
+def compare(label: str, d: dict, device: str, loop_threads: tuple[int, ...], slots: int) -> dict:
+    """kdray, then the loop(s): A B (B') order; a fresh storage each."""
+    out = {"grid": label}
+    k = run_kdray(d, device, slots)
+    loops = {t: run_loop(d, t, device) for t in loop_threads}
+    out["kdray"] = k
+    out["loops"] = {str(t): v for t, v in loops.items()}
+    main = loops[loop_threads[0]]
+    out["ratio_all_cores"] = k["wall_s"] / main["wall_s"]
+    out["ratio_best_loop"] = k["wall_s"] / min(v["wall_s"] for v in loops.values())
+    out["ratio_excl_ray_start"] = k["sweep_s"] / main["wall_s"]
+    return out
+
+
+def run(quick: bool = False, device: str = "cpu", grids: Optional[dict[str, dict]] = None,
+        loop_threads: Optional[dict[str, tuple[int, ...]]] = None, slots: Optional[int] = None) -> dict:
+    """Measure every grid; the headline ratio is the quickstart's (first grid) kdray / all-core loop."""
+    t0 = now()
+    slots = slots or cpu_count()
+    grids = grids or {"quickstart": grid("quickstart", quick), "10s-trials": grid("10s", quick)}
+    # The all-core loop is the issue's baseline; a one-thread loop beside it (the faster on small models).
+    loop_threads = loop_threads or {name: (slots, 1) for name in grids}
+    cases = [compare(name, d, device, tuple(dict.fromkeys(loop_threads[name])), slots) for name, d in grids.items()]
+    first = cases[0]
+    ratio = first["ratio_all_cores"]
+    meas = {}
+    for c in cases:
+        g, k = c["grid"], c["kdray"]
+        meas[f"{g}: trials"] = k["trials"]
+        meas[f"{g}: kdray wall s (incl. Ray start)"] = k["wall_s"]
+        meas[f"{g}: kdray Ray start-up s"] = k["ray_start_s"]
+        meas[f"{g}: kdray Ray shutdown s (not counted)"] = k["ray_shutdown_s"]
+        meas[f"{g}: kdray per-trial overhead, core-s"] = k["overhead_per_trial_core_s"]
+        meas[f"{g}: kdray median trial train s (1 thread, {k['slots']} concurrent)"] = k["trial_train_median_s"]
+        meas[f"{g}: kdray driver time in MLflow calls s"] = k["mlflow_driver_s"]
+        meas[f"{g}: kdray driver process CPU s during the sweep"] = k.get("driver_cpu_s", float("nan"))
+        for t, lp in c["loops"].items():
+            meas[f"{g}: loop wall s ({t} thread{'s' if t != '1' else ''})"] = lp["wall_s"]
+            meas[f"{g}: loop median trial wall s ({t} thr)"] = lp["trial_wall_median_s"]
+            meas[f"{g}: loop per-trial cost outside training s ({t} thr)"] = lp["outside_train_per_trial_s"]
+        meas[f"{g}: ratio kdray / loop ({slots} threads)"] = c["ratio_all_cores"]
+        meas[f"{g}: ratio kdray / best loop"] = c["ratio_best_loop"]
+        meas[f"{g}: ratio kdray without Ray start / loop ({slots} threads)"] = c["ratio_excl_ray_start"]
+        meas[f"{g}: load avg 1m before/after (kdray; loop)"] = (f"{k['load_avg_1m'][0]}/{k['load_avg_1m'][1]}; "
+                                                                f"{c['loops'][str(slots)]['load_avg_1m'][0]}/"
+                                                                f"{c['loops'][str(slots)]['load_avg_1m'][1]}")
+    met = all(c["ratio_all_cores"] <= TARGET for c in cases)
+    notes = [
+        "One kdray run and one run of each loop per grid (kdray, then the all-core loop, then the one-thread "
+        "loop), not interleaved repetitions: a repetition costs minutes.  Each side starts from empty storage.",
+        "Grids: 'quickstart' is search_spaces/quickstart.yaml with 3 of its 6 student seeds (full mode; "
+        "the shipped 86-trial grid is grid('quickstart-full')); '10s-trials' is the same setup with "
+        "small_cnn(32) for 40 epochs (~10 s per trial on one core), 2 teachers, 1 student seed, SIDDO + KD 0.5.",
+        "Headline ratio: the first grid's kdray wall time (Ray start-up included) / the all-core loop's; "
+        "met requires every grid to be at or under the target.",
+        "Per-trial overhead = (slots x sweep seconds - sum of trial train_seconds) / trials; it includes "
+        "idle slots at the teacher/student stage barrier and the tail, the final evaluation and artefact "
+        "writes, Tune bookkeeping and the driver's MLflow logging.",
+    ]
+    return result(NAME, TITLE, ratio, f"kdray sweep wall / plain loop wall ({slots} torch threads), first grid",
+                  f"<= {TARGET}", met, meas, {"quick": quick, "device": device, "slots": slots,
+                                              "grids": {c["grid"]: c["kdray"]["trials"] for c in cases}},
+                  notes, now() - t0) | {"cases": cases}
