@@ -36,8 +36,12 @@ def main(argv=None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     args = parse(argv)
     names = list(NAMES) if "all" in args.names else args.names
-    for n in names:
-        load(n)                                   # unknown names fail before anything runs
+    try:
+        for n in names:
+            load(n)                               # unknown names fail before anything runs
+    except KeyError as e:
+        print(f"python -m benchmarks: error: {e.args[0]}", file=sys.stderr)
+        return 2
     os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")
     os.environ.pop("MLFLOW_TRACKING_URI", None)   # benchmarks write only to their own temporary stores
     from benchmarks.common import effective_cores, machine, resolve_device

@@ -57,7 +57,8 @@ def render_block(r: dict, run: dict) -> str:
         lines += [f"- **error**: `{r['error']}`", ""]
     else:
         ratio = "n/a" if r.get("ratio") is None else f"**{r['ratio']:.3g}**"
-        lines += [f"- ratio: {ratio} ({r['ratio_def']}); target: {r['target']}; met: {_met(r)}",
+        lines += [f"- ratio: {ratio} ({r['ratio_def']}); target: {r['target']}; met: {_met(r)}"
+                  + (f"; per case: {r['ratio_text']}" if r.get("ratio_text") else ""),
                   f"- benchmark wall time: {r['seconds']:.0f} s", "",
                   "| measurement | value |", "|---|---|"]
         for k, v in r["measurements"].items():
@@ -68,7 +69,8 @@ def render_block(r: dict, run: dict) -> str:
         lines += [f"- {n}" for n in r.get("notes", [])]
         lines.append(f"- parameters: `{json.dumps(r.get('params', {}), sort_keys=True, default=str)}`")
         lines.append("")
-    record = {k: r.get(k) for k in ("benchmark", "title", "ratio", "ratio_def", "target", "met", "error")}
+    record = {k: r.get(k) for k in ("benchmark", "title", "ratio", "ratio_text", "ratio_def", "target", "met",
+                                     "error")}
     record.update(date=run["date"], command=run["command"], device=m.get("device"),
                   quick=bool(r.get("params", {}).get("quick")))
     lines.append(f"<!-- record: {json.dumps(record, default=str)} -->")
@@ -80,6 +82,8 @@ def render_summary(records: list[dict]) -> str:
     for r in records:
         i = NAMES.index(r["benchmark"]) + 1 if r["benchmark"] in NAMES else "?"
         ratio = "error" if r.get("error") else ("n/a" if r.get("ratio") is None else f"{r['ratio']:.3g}")
+        if r.get("ratio_text") and not r.get("error"):
+            ratio += f" ({r['ratio_text']})"
         run = f"{r['date'][:10]}, {r['device']}" + (", quick" if r.get("quick") else "")
         lines.append(f"| {i} | [{r['benchmark']}](#{r['benchmark']}) | {ratio} | {r.get('ratio_def', '')} | "
                      f"{r.get('target', '')} | {_met(r)} | {run} |")

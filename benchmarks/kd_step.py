@@ -31,10 +31,10 @@ import torch
 
 from benchmarks.common import interleaved, median, now, result, sync, torch_threads
 from benchmarks.train_step import cases as step_cases
-from benchmarks.train_step import kdray_epochs, plan_for, tiny_case
+from benchmarks.train_step import kdray_epochs, plan_for
 
 NAME = "kd_step"
-TITLE = "KD step vs SIDDO step (teacher forward per step); what a train-output cache would save"
+TITLE = "KD step vs SIDDO step (teacher forward per step), without and with the train-output cache"
 ALPHA = 0.5
 
 
@@ -161,7 +161,7 @@ def run(quick: bool = False, device: str = "cpu", case_list: Optional[dict[str, 
                   {"quick": quick, "device": device, "threads": threads, "alpha": ALPHA,
                    "cases": {k: {"epochs": c["epochs"], "reps": reps or c.get("reps", 3), **c["recipe"],
                                  "dataset": c["dataset"], "model": c["teacher"]} for k, c in case_list.items()}},
-                  notes, now() - t0) | {"cases": per}
+                  notes, now() - t0) | {"cases": per, "ratio_text": "; ".join(
+                      f"{k.split(' ')[0]}: no cache {m['ratio']:.2f}, cache {m['ratio_cached']:.2f} "
+                      f"(saves {100 * m['cache_saving_share']:.0f} %)" for k, m in per.items())}
 
-
-__all__ = ["run", "tiny_case"]

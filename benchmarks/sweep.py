@@ -26,8 +26,6 @@ per-trial cost outside the training loop is reported beside it.
 from __future__ import annotations
 
 import copy
-import json
-import os
 import tempfile
 from pathlib import Path
 from typing import Optional
@@ -228,15 +226,21 @@ def compare(label: str, d: dict, device: str, loop_threads: tuple[int, ...], slo
 
 def run(quick: bool = False, device: str = "cpu", grids: Optional[dict[str, dict]] = None,
         loop_threads: Optional[dict[str, tuple[int, ...]]] = None, slots: Optional[int] = None) -> dict:
-    """Measure every grid; the headline ratio is the quickstart's (first grid) kdray / all-core loop."""
+    """Measure every grid; the headline ratio is the worst grid's kdray / all-core loop."""
     t0 = now()
     slots = slots or cpu_count()
     grids = grids or {"quickstart": grid("quickstart", quick), "10s-trials": grid("10s", quick)}
     # The all-core loop is the issue's baseline; a one-thread loop beside it (the faster on small models).
     loop_threads = loop_threads or {name: (slots, 1) for name in grids}
     cases = [compare(name, d, device, tuple(dict.fromkeys(loop_threads[name])), slots) for name, d in grids.items()]
-    first = cases[0]
-    ratio = first["ratio_all_cores"]
+    return assemble(cases, quick, device, slots, now() - t0)
+
+
+def assemble(cases: list[dict], quick: bool, device: str, slots: int, seconds: float) -> dict:
+    """The result record from the measured cases (also used to re-render a saved run)."""
+    ratio = max(c["ratio_all_cores"] for c in cases)
+    ratio_text = "; ".join(f"{c['grid']} {c['ratio_all_cores']:.2f} (vs best loop {c['ratio_best_loop']:.2f})"
+                           for c in cases)
     meas = {}
     for c in cases:
         g, k = c["grid"], c["kdray"]
@@ -265,13 +269,14 @@ def run(quick: bool = False, device: str = "cpu", grids: Optional[dict[str, dict
         "Grids: 'quickstart' is search_spaces/quickstart.yaml with 3 of its 6 student seeds (full mode; "
         "the shipped 86-trial grid is grid('quickstart-full')); '10s-trials' is the same setup with "
         "small_cnn(32) for 40 epochs (~10 s per trial on one core), 2 teachers, 1 student seed, SIDDO + KD 0.5.",
-        "Headline ratio: the first grid's kdray wall time (Ray start-up included) / the all-core loop's; "
-        "met requires every grid to be at or under the target.",
+        "Headline ratio: the worst grid's kdray wall time (Ray start-up included) / the all-core loop's; "
+        "met requires every grid to be at or under the target.  'best loop' is the faster of the all-core and "
+        "the one-thread loop.",
         "Per-trial overhead = (slots x sweep seconds - sum of trial train_seconds) / trials; it includes "
         "idle slots at the teacher/student stage barrier and the tail, the final evaluation and artefact "
         "writes, Tune bookkeeping and the driver's MLflow logging.",
     ]
-    return result(NAME, TITLE, ratio, f"kdray sweep wall / plain loop wall ({slots} torch threads), first grid",
+    return result(NAME, TITLE, ratio, f"kdray sweep wall / plain loop wall ({slots} torch threads), worst grid",
                   f"<= {TARGET}", met, meas, {"quick": quick, "device": device, "slots": slots,
                                               "grids": {c["grid"]: c["kdray"]["trials"] for c in cases}},
-                  notes, now() - t0) | {"cases": cases}
+                  notes, seconds) | {"cases": cases, "ratio_text": ratio_text}

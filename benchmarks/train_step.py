@@ -160,4 +160,5 @@ def run(quick: bool = False, device: str = "cpu", case_list: Optional[dict[str, 
                    "cases": {k: {"epochs": c["epochs"], "reps": reps or c.get("reps", 3), **c["recipe"],
                                  "dataset": c["dataset"],
                                  "model": c["teacher"]} for k, c in case_list.items()}},
-                  notes, now() - t0) | {"cases": per}
+                  notes, now() - t0) | {"cases": per, "ratio_text": "; ".join(
+                      f"{k.split(' ')[0]} {m['ratio']:.2f}" for k, m in per.items())}
