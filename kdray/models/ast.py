@@ -18,7 +18,7 @@ import torch
 from torch import nn
 
 from kdray.models import register_model
-from kdray.models.vit import Block, init_transformer
+from kdray.models.vit import add_encoder
 
 Pair = Union[int, tuple[int, int], list[int]]
 
@@ -37,15 +37,7 @@ class AST(nn.Module):
             raise ValueError(f"patch {pf}x{pt} is larger than the {n_mels}x{frames} spectrogram")
         grid = ((n_mels - pf) // sf + 1, (frames - pt) // st + 1)
         self.patch_embed = nn.Conv2d(in_channels, dim, kernel_size=(pf, pt), stride=(sf, st))
-        self.cls_token = nn.Parameter(torch.zeros(1, 1, dim))
-        self.pos_embed = nn.Parameter(torch.zeros(1, grid[0] * grid[1] + 1, dim))
-        self.drop = nn.Dropout(dropout)
-        self.blocks = nn.ModuleList(Block(dim, heads, mlp_dim, dropout) for _ in range(depth))
-        self.norm = nn.LayerNorm(dim)
-        self.head = nn.Linear(dim, num_classes)
-        init_transformer(self)
-        nn.init.trunc_normal_(self.cls_token, std=0.02)
-        nn.init.trunc_normal_(self.pos_embed, std=0.02)
+        add_encoder(self, grid[0] * grid[1], num_classes, dim, depth, heads, mlp_dim, dropout)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if x.dim() == 3:                                             # [B, n_mels, frames]

@@ -66,6 +66,21 @@ def init_transformer(model: nn.Module) -> None:
             nn.init.zeros_(m.bias)
 
 
+def add_encoder(model: nn.Module, num_patches: int, num_classes: int, dim: int, depth: int, heads: int,
+                mlp_dim: int, dropout: float) -> None:
+    """The part ViT and AST share after their patch embedding: cls token, positional
+    embedding, transformer blocks, final norm and linear head, initialised."""
+    model.cls_token = nn.Parameter(torch.zeros(1, 1, dim))
+    model.pos_embed = nn.Parameter(torch.zeros(1, num_patches + 1, dim))
+    model.drop = nn.Dropout(dropout)
+    model.blocks = nn.ModuleList(Block(dim, heads, mlp_dim, dropout) for _ in range(depth))
+    model.norm = nn.LayerNorm(dim)
+    model.head = nn.Linear(dim, num_classes)
+    init_transformer(model)
+    nn.init.trunc_normal_(model.cls_token, std=0.02)
+    nn.init.trunc_normal_(model.pos_embed, std=0.02)
+
+
 class ViT(nn.Module):
     def __init__(self, num_classes: int, in_channels: int, image_size: tuple[int, int], patch_size: int,
                  dim: int, depth: int, heads: int, mlp_dim: int, dropout: float):
@@ -75,15 +90,7 @@ class ViT(nn.Module):
             raise ValueError(f"image size {h}x{w} is not divisible by patch_size {patch_size}")
         num_patches = (h // patch_size) * (w // patch_size)
         self.patch_embed = nn.Conv2d(in_channels, dim, kernel_size=patch_size, stride=patch_size)
-        self.cls_token = nn.Parameter(torch.zeros(1, 1, dim))
-        self.pos_embed = nn.Parameter(torch.zeros(1, num_patches + 1, dim))
-        self.drop = nn.Dropout(dropout)
-        self.blocks = nn.ModuleList(Block(dim, heads, mlp_dim, dropout) for _ in range(depth))
-        self.norm = nn.LayerNorm(dim)
-        self.head = nn.Linear(dim, num_classes)
-        init_transformer(self)
-        nn.init.trunc_normal_(self.cls_token, std=0.02)
-        nn.init.trunc_normal_(self.pos_embed, std=0.02)
+        add_encoder(self, num_patches, num_classes, dim, depth, heads, mlp_dim, dropout)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = self.patch_embed(x).flatten(2).transpose(1, 2)          # [B, N, dim]
