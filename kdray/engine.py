@@ -247,6 +247,8 @@ def run_sweep(sweep: Sweep, plan: Optional[Plan] = None, verbose: int = 1) -> Sw
     for stage, specs in (("teacher", plan.teachers), ("student", plan.students)):
         todo = [s for s in specs if s.trial_key not in done]
         summary.skipped += len(specs) - len(todo)
+        # Runs a killed driver left unfinished go before any trial gets its one new run.
+        tracker.discard_unfinished(s.trial_key for s in todo)
         if stage == "teacher":
             reused = [s for s in todo if store.exists(s.trial_key, "model.pt")]
             for spec in reused:
@@ -259,7 +261,6 @@ def run_sweep(sweep: Sweep, plan: Optional[Plan] = None, verbose: int = 1) -> Sw
             todo = ready
         if not todo:
             continue
-        tracker.discard_unfinished(s.trial_key for s in todo)
         print(f"kdray: stage {stage}s: {len(todo)} trials", file=sys.stderr, flush=True)
         cb = _tune_stage(stage, todo, sweep, store, tracker, verbose)
         summary.finished += len(cb.finished)

@@ -8,7 +8,7 @@ from mlflow.tracking import MlflowClient
 
 from kdray.engine import run_sweep
 from kdray.plan import build_plan
-from kdray.sweep import parse_sweep
+from kdray.sweep import ModelRef, parse_sweep
 
 
 @pytest.fixture(scope="module")
@@ -101,3 +101,28 @@ def test_object_store_without_tracking_uri_is_a_clear_error(monkeypatch):
         {"name": "d", "dataset": {"name": "digits"}, "teacher": {"arch": "mlp"}, "recipe": {"epochs": 1}}]})
     with pytest.raises(SweepError, match="storage s3://bucket/kdray is an object store: give tracking_uri"):
         sweep.resolved_tracking_uri()
+
+
+def test_a_second_sweep_reuses_the_teachers_in_shared_storage(local_ray, tmp_path):
+    """Same teacher, other sweep (e.g. standard KD after self-distillation): logged, not retrained."""
+    first = tiny_sweep(tmp_path, name="first")
+    first = first.model_copy(update={"setups": [first.setups[0].model_copy(update={
+        "teacher_seeds": [0], "student_seeds": [10], "conditions": first.setups[0].conditions.model_copy(
+            update={"kd": None, "rcd": None})})]})
+    assert run_sweep(first, verbose=0).finished == 2
+    teacher = build_plan(first).teachers[0]
+    model_file = tmp_path / "results" / "trials" / teacher.trial_key / "model.pt"
+    mtime = model_file.stat().st_mtime_ns
+
+    second = first.model_copy(update={"name": "second", "setups": [first.setups[0].model_copy(update={
+        "name": "other-setup", "student": ModelRef(arch="mlp", args={"hidden": 8})})]})
+    assert build_plan(second).teachers[0].trial_key == teacher.trial_key
+    summary = run_sweep(second, verbose=0)
+    assert summary.reused == 1 and summary.finished == 1 and summary.ok, summary.lines()
+    assert model_file.stat().st_mtime_ns == mtime  # not retrained
+    client = MlflowClient(second.resolved_tracking_uri())
+    exp = client.get_experiment_by_name("second")
+    runs = client.search_runs([exp.experiment_id], "tags.`kdray.kind` = 'trial'")
+    t = [r for r in runs if r.data.tags["kdray.role"] == "teacher"]
+    assert len(t) == 1 and t[0].data.tags.get("kdray.reused") == "true" and t[0].info.status == "FINISHED"
+    assert "test_acc" in t[0].data.metrics
