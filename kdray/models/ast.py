@@ -18,7 +18,7 @@ import torch
 from torch import nn
 
 from kdray.models import register_model
-from kdray.models.vit import add_encoder
+from kdray.models.vit import add_encoder, encode
 
 Pair = Union[int, tuple[int, int], list[int]]
 
@@ -42,12 +42,7 @@ class AST(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if x.dim() == 3:                                             # [B, n_mels, frames]
             x = x.unsqueeze(1)
-        x = self.patch_embed(x).flatten(2).transpose(1, 2)          # [B, N, dim]
-        x = torch.cat([self.cls_token.expand(x.shape[0], -1, -1), x], dim=1)
-        x = self.drop(x + self.pos_embed)
-        for block in self.blocks:
-            x = block(x)
-        return self.head(self.norm(x[:, 0]))
+        return encode(self, x)
 
 
 @register_model("ast")

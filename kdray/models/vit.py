@@ -81,6 +81,16 @@ def add_encoder(model: nn.Module, num_patches: int, num_classes: int, dim: int, 
     nn.init.trunc_normal_(model.pos_embed, std=0.02)
 
 
+def encode(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """Patches -> tokens -> blocks -> class-token logits, for a model built with ``add_encoder``."""
+    x = model.patch_embed(x).flatten(2).transpose(1, 2)          # [B, N, dim]
+    x = torch.cat([model.cls_token.expand(x.shape[0], -1, -1), x], dim=1)
+    x = model.drop(x + model.pos_embed)
+    for block in model.blocks:
+        x = block(x)
+    return model.head(model.norm(x[:, 0]))
+
+
 class ViT(nn.Module):
     def __init__(self, num_classes: int, in_channels: int, image_size: tuple[int, int], patch_size: int,
                  dim: int, depth: int, heads: int, mlp_dim: int, dropout: float):
@@ -93,12 +103,7 @@ class ViT(nn.Module):
         add_encoder(self, num_patches, num_classes, dim, depth, heads, mlp_dim, dropout)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = self.patch_embed(x).flatten(2).transpose(1, 2)          # [B, N, dim]
-        x = torch.cat([self.cls_token.expand(x.shape[0], -1, -1), x], dim=1)
-        x = self.drop(x + self.pos_embed)
-        for block in self.blocks:
-            x = block(x)
-        return self.head(self.norm(x[:, 0]))
+        return encode(self, x)
 
 
 @register_model("vit")
