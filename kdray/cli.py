@@ -92,11 +92,9 @@ def cmd_data(args) -> int:
 def cmd_ui(args) -> int:
     uri = args.tracking_uri
     if not uri:
-        from kdray.sweep import DEFAULT_STORAGE, load_sweep
-        from pathlib import Path
+        from kdray.sweep import default_tracking_uri, load_sweep
 
-        storage = load_sweep(args.sweep).storage if args.sweep else DEFAULT_STORAGE
-        uri = f"sqlite:///{Path(storage).expanduser().resolve() / 'mlflow.db'}"
+        uri = load_sweep(args.sweep).resolved_tracking_uri() if args.sweep else default_tracking_uri()
     if uri.startswith(("http://", "https://")):
         print(f"runs are on a tracking server: open {uri} in a browser")
         return 0

@@ -218,7 +218,7 @@ def _tune_stage(stage: str, specs: list[TrialSpec], sweep: Sweep, store: Store, 
     storage = store.tune_path()
     tuner = tune.Tuner(
         tune.with_resources(trainable, _resources),
-        param_space={"storage": sweep.storage if "://" in sweep.storage else str(Path(sweep.storage).resolve()),
+        param_space={"storage": store.uri,  # absolute, so every worker finds the same place
                      "spec": tune.grid_search([s.to_dict() for s in specs])},
         # reuse_actors: a worker process keeps torch imported and data sets in memory
         # between trials (every trial re-seeds everything it uses, so results are unchanged).

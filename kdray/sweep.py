@@ -239,19 +239,25 @@ class Sweep(_Strict):
 
     def resolved_tracking_uri(self) -> str:
         import os
-        uri = self.tracking_uri or os.environ.get("MLFLOW_TRACKING_URI")
-        if uri:
-            return uri
-        return f"sqlite:///{self.local_storage() / 'mlflow.db'}"
+        return self.tracking_uri or os.environ.get("MLFLOW_TRACKING_URI") or default_tracking_uri(self.storage)
 
     def local_storage(self) -> Path:
-        """The storage folder on this machine (a file:// URI's path); object stores have none."""
-        if self.storage.startswith("file://"):
-            return Path(self.storage.removeprefix("file://"))
-        if "://" in self.storage:
-            raise SweepError(f"storage {self.storage} is an object store: give tracking_uri "
-                             "(or $MLFLOW_TRACKING_URI) for the MLflow server")
-        return Path(self.storage).expanduser().resolve()
+        return local_storage(self.storage)
+
+
+def local_storage(storage: str) -> Path:
+    """The storage folder on this machine (a file:// URI's path); object stores have none."""
+    if storage.startswith("file://"):
+        return Path(storage.removeprefix("file://"))
+    if "://" in storage:
+        raise SweepError(f"storage {storage} is an object store: give tracking_uri "
+                         "(or $MLFLOW_TRACKING_URI) for the MLflow server")
+    return Path(storage).expanduser().resolve()
+
+
+def default_tracking_uri(storage: str = DEFAULT_STORAGE) -> str:
+    """The embedded default: MLflow in sqlite:///<storage>/mlflow.db."""
+    return f"sqlite:///{local_storage(storage) / 'mlflow.db'}"
 
 
 # ---------------------------------------------------------------- loading

@@ -13,10 +13,11 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
+from kdray.sweep import DEFAULT_STORAGE, SweepError, default_tracking_uri
+
 # Columns every frame from load_runs has, in this order; metric columns follow.
 ID_COLUMNS = ("run_id", "status", "failure", "start_time", "trial_key", "teacher_key", "setup", "role",
               "method", "alpha", "temperature", "block", "width", "teacher_seed", "student_seed")
-DEFAULT_STORAGE = "./results"
 
 
 class ReportError(RuntimeError):
@@ -24,11 +25,6 @@ class ReportError(RuntimeError):
 
 
 # ------------------------------------------------------------------ resolving
-
-def default_tracking_uri(storage: str = DEFAULT_STORAGE) -> str:
-    """The sweep engine's embedded default: sqlite:///<storage>/mlflow.db, storage relative to the cwd."""
-    return f"sqlite:///{Path(storage).expanduser().resolve() / 'mlflow.db'}"
-
 
 def resolve_experiment(tracking_uri: str | None, name_or_path: str) -> tuple[str, str, str]:
     """(tracking URI, experiment name, storage) for a sweep name or a sweep YAML file.
@@ -51,7 +47,10 @@ def resolve_experiment(tracking_uri: str | None, name_or_path: str) -> tuple[str
         name = str(data["name"])
         storage = str(data.get("storage") or DEFAULT_STORAGE)
         uri_in_file = data.get("tracking_uri")
-    uri = tracking_uri or uri_in_file or os.environ.get("MLFLOW_TRACKING_URI") or default_tracking_uri(storage)
+    try:
+        uri = tracking_uri or uri_in_file or os.environ.get("MLFLOW_TRACKING_URI") or default_tracking_uri(storage)
+    except SweepError as e:  # an object store with no tracking server named
+        raise ReportError(str(e)) from None
     return uri, name, storage
 
 
