@@ -98,7 +98,7 @@ def cmd_ui(args) -> int:
     if uri.startswith(("http://", "https://")):
         print(f"runs are on a tracking server: open {uri} in a browser")
         return 0
-    cmd = ["mlflow", "ui", "--backend-store-uri", uri, "--host", args.host, "--port", str(args.port)]
+    cmd = [sys.executable, "-m", "mlflow", "ui", "--backend-store-uri", uri, "--host", args.host, "--port", str(args.port)]
     print(" ".join(cmd), flush=True)
     os.execvp(cmd[0], cmd)
     return 0  # not reached

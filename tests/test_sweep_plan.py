@@ -153,3 +153,14 @@ def test_plan_estimates_gpu_hours_and_packing(capsys):
     assert main(["plan", str(ROOT / "search_spaces/svhn_resnet18.yaml")]) == 0
     out = capsys.readouterr().out
     assert f"~{213 * 0.53:,.0f} GPU-hours at 0.53 per model; teachers: 4 per GPU; students: 4 per GPU" in out
+
+
+def test_ui_runs_this_pythons_mlflow_on_the_sweeps_store(monkeypatch, tmp_path):
+    """`kdray ui` must work without the venv on PATH: it runs `python -m mlflow ui` itself."""
+    seen = {}
+    monkeypatch.setattr("os.execvp", lambda prog, cmd: seen.update(cmd=cmd))
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    path = write(tmp_path, {**base(), "storage": str(tmp_path / "res")})
+    assert main(["ui", path, "--port", "5123"]) == 0
+    assert seen["cmd"][:4] == [sys.executable, "-m", "mlflow", "ui"]
+    assert seen["cmd"][seen["cmd"].index("--backend-store-uri") + 1] == f"sqlite:///{tmp_path / 'res' / 'mlflow.db'}"
