@@ -25,14 +25,21 @@ torch global RNG only.
 """
 from __future__ import annotations
 
+import functools
 from typing import Optional
 
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torchvision.models import resnet as tv
 
 from kdray.models import register_model
+
+
+def _tv():
+    """torchvision's resnet module, imported on first use: it costs every process ~1.5 s to import."""
+    from torchvision.models import resnet
+
+    return resnet
 
 
 class BlurPool2d(nn.Module):
@@ -70,20 +77,24 @@ def _scaled(channels: int, width: float) -> int:
     return max(1, round(channels * width))
 
 
-class _ResNet(tv.ResNet):
-    """torchvision's ResNet with every stage ``width`` times as wide."""
+@functools.cache
+def _resnet_class() -> type:
+    class _ResNet(_tv().ResNet):
+        """torchvision's ResNet with every stage ``width`` times as wide."""
 
-    def __init__(self, block, layers: list[int], num_classes: int, width: float):
-        self.width = width  # read by _make_layer, which ResNet.__init__ calls
-        super().__init__(block, layers, num_classes=num_classes)
+        def __init__(self, block, layers: list[int], num_classes: int, width: float):
+            self.width = width  # read by _make_layer, which ResNet.__init__ calls
+            super().__init__(block, layers, num_classes=num_classes)
 
-    def _make_layer(self, block, planes, blocks, stride=1, dilate=False):
-        if planes == 64:  # layer1: its input is the stem, scaled below
-            self.inplanes = _scaled(64, self.width)
-        return super()._make_layer(block, _scaled(planes, self.width), blocks, stride, dilate)
+        def _make_layer(self, block, planes, blocks, stride=1, dilate=False):
+            if planes == 64:  # layer1: its input is the stem, scaled below
+                self.inplanes = _scaled(64, self.width)
+            return super()._make_layer(block, _scaled(planes, self.width), blocks, stride, dilate)
+
+    return _ResNet
 
 
-def _build(block, layers: list[int], tv_builder, num_classes: int, input_shape: tuple[int, ...],
+def _build(block: str, layers: list[int], tv_builder: str, num_classes: int, input_shape: tuple[int, ...],
            small_input: Optional[bool], width: float, blurpool: bool, weights: Optional[str],
            weights_path: Optional[str] = None) -> nn.Module:
     if weights is not None and weights_path is not None:
@@ -99,9 +110,10 @@ def _build(block, layers: list[int], tv_builder, num_classes: int, input_shape: 
         if small_input or in_channels != 3 or num_classes != 1000 or width != 1.0 or blurpool:
             raise ValueError("pretrained weights need the ImageNet geometry: small_input=False, "
                              "3 channels, 1000 classes, width 1, no blurpool")
-        return tv_builder(weights=weights)
+        return getattr(_tv(), tv_builder)(weights=weights)
 
-    model = _ResNet(block, layers, num_classes, width)
+    block = getattr(_tv(), block)
+    model = _resnet_class()(block, layers, num_classes, width)
     stem = _scaled(64, width)
     new_stem = None
     if small_input:
@@ -143,7 +155,7 @@ def load_local_weights(model: nn.Module, path: str) -> None:
 def resnet18(num_classes: int, input_shape: tuple[int, ...], small_input: Optional[bool] = None,
              width: float = 1.0, blurpool: bool = False, weights: Optional[str] = None,
              weights_path: Optional[str] = None) -> nn.Module:
-    return _build(tv.BasicBlock, [2, 2, 2, 2], tv.resnet18, num_classes, input_shape,
+    return _build("BasicBlock", [2, 2, 2, 2], "resnet18", num_classes, input_shape,
                   small_input, width, blurpool, weights, weights_path)
 
 
@@ -151,5 +163,5 @@ def resnet18(num_classes: int, input_shape: tuple[int, ...], small_input: Option
 def resnet50(num_classes: int, input_shape: tuple[int, ...], small_input: Optional[bool] = None,
              width: float = 1.0, blurpool: bool = False, weights: Optional[str] = None,
              weights_path: Optional[str] = None) -> nn.Module:
-    return _build(tv.Bottleneck, [3, 4, 6, 3], tv.resnet50, num_classes, input_shape,
+    return _build("Bottleneck", [3, 4, 6, 3], "resnet50", num_classes, input_shape,
                   small_input, width, blurpool, weights, weights_path)
