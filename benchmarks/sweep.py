@@ -4,11 +4,12 @@ Both sides run the same plan (``kdray.plan.build_plan``) through the same
 training function (``kdray.recipe.run_trial``), teachers first, into fresh
 storage:
 
-* kdray: ``connect_ray()`` then ``run_sweep(sweep)``, exactly what ``kdray sweep
-  FILE`` does after parsing the file: one trial per core (``resources: cpu 1``,
+* kdray: ``run_sweep(sweep)``, exactly what ``kdray sweep FILE`` does after
+  parsing the file: one trial per core (``resources: cpu 1``,
   ``torch.set_num_threads(1)`` in each trial), the driver logging every epoch
-  and artefact to MLflow on sqlite.  Ray start-up (``ray.init``) is timed on
-  its own and counted in kdray's wall time; shutdown is reported apart.
+  and artefact to MLflow on sqlite.  Ray start-up (``ray.init``, which kdray
+  overlaps with opening MLflow) is counted in kdray's wall time and reported
+  on its own; shutdown is reported apart.
 * plain loop: ``for spec in plan: run_trial(spec, store)`` in this process,
   torch using every core (``torch.set_num_threads(cores)``), no MLflow.  When
   ``loop_threads`` lists 1 as well, a one-thread loop is timed too (on a small
@@ -20,7 +21,7 @@ with ``slots`` the concurrent trials (cores) and ``sweep_seconds`` the sweep
 without Ray start-up.  It holds everything a trial slot spends outside its
 training loop: Tune scheduling, actor reuse, result reporting, the final
 evaluation and artefact writes, MLflow logging in the driver, and slots left
-idle (the teacher/student stage barrier, the tail).  The loop's own
+idle (waiting for a teacher, the tail).  The loop's own
 per-trial cost outside the training loop is reported beside it.
 """
 from __future__ import annotations
@@ -132,7 +133,7 @@ def run_loop(d: dict, threads: int, device: str) -> dict:
 class _MlflowTimer:
     """Accumulates the seconds the driver spends in kdray's Tracker calls during a sweep."""
 
-    METHODS = ("start_trial", "log_metrics", "log_artifact", "end_trial", "end_sweep", "finished_keys",
+    METHODS = ("start_trial", "log_epochs", "log_artifact", "end_trial", "end_sweep", "finished_keys",
                "discard_unfinished")
 
     def __init__(self):
@@ -174,10 +175,11 @@ def _cpu_seconds() -> float:
 
 
 def run_kdray(d: dict, device: str, slots: Optional[int] = None) -> dict:
-    """``kdray sweep``: Ray start-up, the two Tune stages, MLflow logging; into fresh storage."""
+    """``kdray sweep``: Ray start-up (overlapped with opening MLflow), the Tune run, MLflow logging;
+    into fresh storage."""
     import ray
 
-    from kdray.engine import connect_ray, run_sweep
+    from kdray.engine import run_sweep
     from kdray.plan import build_plan
 
     slots = slots or cpu_count()
@@ -186,13 +188,12 @@ def run_kdray(d: dict, device: str, slots: Optional[int] = None) -> dict:
         sweep = _parse(d, tmp, device, slots)
         plan = build_plan(sweep)
         load0 = load_avg()
-        t0 = now()
-        connect_ray()
-        t_start = now() - t0
         with _MlflowTimer() as mt:
             t1, cpu1 = now(), _cpu_seconds()
-            summary = run_sweep(sweep, plan, verbose=0)
-            t_sweep, driver_cpu = now() - t1, _cpu_seconds() - cpu1
+            summary = run_sweep(sweep, plan, verbose=0)   # starts Ray, as `kdray sweep` does
+            t_wall, driver_cpu = now() - t1, _cpu_seconds() - cpu1
+        t_start = summary.ray_start_seconds
+        t_sweep = t_wall - t_start
         t2 = now()
         if not was_running:
             ray.shutdown()

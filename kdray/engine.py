@@ -1,17 +1,20 @@
-"""Run a plan on Ray Tune: stage 1 trains teachers, stage 2 their students.
+"""Run a plan on Ray Tune: teachers first, each teacher's students as soon as it is done.
 
-kdray expands the grid itself (kdray.plan) and hands Tune the expanded list
-as one ``grid_search`` over specs.  The driver's ``MlflowCallback`` logs every
+kdray expands the grid itself (kdray.plan); a Tune searcher hands the specs
+over in one run, teachers first and each student once its teacher's model is
+in storage (no barrier between stages).  The driver's ``MlflowCallback`` logs every
 result; trials only compute and write artefacts to storage.  A re-submitted
 sweep skips every trial whose key already has a FINISHED MLflow run.
 """
 from __future__ import annotations
 
+import json
 import logging
 import os
 import sys
 import tempfile
 import time
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional
@@ -23,7 +26,7 @@ from kdray.recipe import TrialDiverged, run_trial
 from kdray.spec import TrialSpec
 from kdray.storage import Store
 from kdray.sweep import Sweep
-from kdray.tracking import Tracker
+from kdray.tracking import Tracker, probe
 
 log = logging.getLogger(__name__)
 
@@ -35,20 +38,33 @@ def _device(spec: TrialSpec) -> str:
 
 
 def trainable(config: dict) -> None:
-    """Tune's function trainable: rebuild the spec, train, report every epoch."""
+    """Tune's function trainable: rebuild the spec, train, report the epochs' metrics in batches."""
     from ray import tune
 
     spec = TrialSpec.from_dict(config["spec"])
     store = Store(config["storage"], spec.sweep)
     torch.set_num_threads(max(1, int(spec.resources.get("cpu", 1))))
+    every = float(config.get("report_every_s", 0.0))
+    pending: list[dict] = []       # epochs not yet sent to the driver
+    last_sent = [time.monotonic()]
 
-    def report(metrics: dict, state: Optional[dict] = None) -> None:
+    def send(state: Optional[dict] = None) -> None:
+        # Every tune.report waits for the driver to take the result: batching epochs keeps
+        # short trials from stalling on the driver (PROTOCOL's metrics are unchanged).
+        result = {"kdray": pending[-1], "kdray_epochs": list(pending)}
+        pending.clear()
+        last_sent[0] = time.monotonic()
         if state is None:
-            tune.report({"kdray": metrics})
+            tune.report(result)
             return
         with tempfile.TemporaryDirectory() as d:
             torch.save(state, Path(d) / "state.pt")
-            tune.report({"kdray": metrics}, checkpoint=tune.Checkpoint.from_directory(d))
+            tune.report(result, checkpoint=tune.Checkpoint.from_directory(d))
+
+    def report(metrics: dict, state: Optional[dict] = None) -> None:
+        pending.append(metrics)
+        if state is not None or metrics.get("final") or time.monotonic() - last_sent[0] >= every:
+            send(state)
 
     def restore() -> Optional[dict]:
         ckpt = tune.get_checkpoint()
@@ -65,8 +81,9 @@ def trainable(config: dict) -> None:
             run_trial(spec, store, report, restore, device=_device(spec))
     except TrialDiverged as e:
         # Not a crash to retry: the same spec would diverge again. End the trial
-        # normally with the reason; the callback marks its run FAILED.
-        tune.report({"kdray": {"failure": f"TrialDiverged: {e}"}})
+        # normally with the reason (and the epochs before it); the callback marks its run FAILED.
+        pending.append({"failure": f"TrialDiverged: {e}"})
+        send()
 
 
 def _resources(config: dict):
@@ -102,8 +119,8 @@ def _make_callback(tracker: Tracker, store: Store):
             self._run(trial)
 
         def on_trial_result(self, iteration, trials, trial, result, **info):
-            m = result.get("kdray") or {}
-            tracker.log_metrics(self._run(trial), m, int(m.get("epoch", 0)))
+            epochs = result.get("kdray_epochs") or [result.get("kdray") or {}]
+            tracker.log_epochs(self._run(trial), epochs)
 
         def on_trial_complete(self, iteration, trials, trial, **info):
             spec = TrialSpec.from_dict(trial.config["spec"])
@@ -133,9 +150,7 @@ def log_reused_teacher(tracker: Tracker, store: Store, spec: TrialSpec) -> None:
     """A teacher already trained (same key) by another sweep: log its stored results, do not retrain."""
     run_id = tracker.start_trial(spec)
     result = store.load_json(spec.trial_key, "result.json")
-    for m in result["history"]:
-        tracker.log_metrics(run_id, m, int(m["epoch"]))
-    tracker.log_metrics(run_id, result["final"], int(result["final"]["epoch"]))
+    tracker.log_epochs(run_id, result["history"] + [result["final"]])
     tracker.client.set_tag(run_id, "kdray.reused", "true")
     tracker.end_trial(run_id, True)
 
@@ -165,6 +180,7 @@ class SweepSummary:
     seconds: float = 0.0
     tracking_uri: str = ""
     storage: str = ""
+    ray_start_seconds: float = 0.0   # ray.init (or joining the cluster), overlapped with opening MLflow
 
     def lines(self) -> list[str]:
         out = [f"sweep {self.name}: {self.finished} trials finished now, {self.skipped} already done, "
@@ -207,31 +223,124 @@ def _concurrency(sweep: Sweep, specs: list[TrialSpec]) -> Optional[int]:
     return max_concurrent([s.to_dict() for s in specs])
 
 
-def _tune_stage(stage: str, specs: list[TrialSpec], sweep: Sweep, store: Store, tracker: Tracker, verbose: int):
+def _searcher(specs: list[TrialSpec], store: Store):
+    from ray.tune.search import Searcher
+
+    class TeachersFirst(Searcher):
+        """Hands Tune every teacher first, then each student as soon as its own teacher's model is
+        in storage: one Tune run, and no slot waits for the slowest teacher of a stage."""
+
+        def __init__(self):
+            super().__init__()
+            self.teachers = [s for s in specs if s.role == "teacher"]
+            self.students = [s for s in specs if s.role == "student"]
+            running = {t.trial_key for t in self.teachers}
+            self.in_flight: dict[str, str] = {}   # Tune trial id -> teacher key
+            self.unsettled = set(running)         # teachers not yet ended
+            self.ready = {s.teacher_key for s in self.students
+                          if s.teacher_key not in running and store.exists(s.teacher_key, "model.pt")}
+            self.blocked = 0                      # students whose teacher has no model
+
+        def suggest(self, trial_id: str):
+            if self.teachers:
+                t = self.teachers.pop(0)
+                self.in_flight[trial_id] = t.trial_key
+                return {"spec": t.to_dict()}
+            waiting = [s for s in self.students if s.teacher_key in self.ready or s.teacher_key in self.unsettled]
+            self.blocked += len(self.students) - len(waiting)
+            self.students = waiting
+            for i, s in enumerate(self.students):
+                if s.teacher_key in self.ready:
+                    return {"spec": self.students.pop(i).to_dict()}
+            return None if self.students else Searcher.FINISHED
+
+        def on_trial_complete(self, trial_id: str, result=None, error: bool = False):
+            key = self.in_flight.pop(trial_id, None)
+            if key is not None:
+                self.unsettled.discard(key)
+                if store.exists(key, "model.pt"):  # written last by a teacher that finished
+                    self.ready.add(key)
+
+        def save(self, checkpoint_path: str):  # Tune saves searchers with its experiment state
+            Path(checkpoint_path).write_text(json.dumps({"teachers": len(self.teachers),
+                                                         "students": len(self.students)}))
+
+        def restore(self, checkpoint_path: str):  # kdray resumes from MLflow, not from Tune's state
+            pass
+
+    return TeachersFirst()
+
+
+def _tune_run(specs: list[TrialSpec], sweep: Sweep, store: Store, tracker: Tracker, verbose: int):
+    """One Tune run over teachers and students; returns (callback, searcher) for the summary."""
     from ray import tune
 
+    import ray
+    from ray.tune.logger import JsonLoggerCallback
+
+    tune_env = {
+        # Tune's CSV and TensorBoard files would duplicate MLflow at a cost to the driver; its
+        # result.json stays (Tune's result grid reads it).
+        "TUNE_DISABLE_AUTO_CALLBACK_LOGGERS": "1",
+        # Tune queues one pending trial at a time for a custom searcher; queue as many as it does
+        # for a grid, so that free slots fill at once and an autoscaler sees the demand.
+        "TUNE_MAX_PENDING_TRIALS_PG": str(max(200, int(ray.cluster_resources().get("CPU", 1) * 1.1))),
+    }
     callback = _make_callback(tracker, store)
+    searcher = _searcher(specs, store)
     reporter = tune.CLIReporter(
         metric_columns={"kdray/epoch": "epoch", "kdray/train_loss": "train loss", "kdray/test_acc": "test acc"},
-        parameter_columns={"spec/teacher_seed": "teacher"}, max_progress_rows=8, max_error_rows=5, max_report_frequency=15,
-        print_intermediate_tables=verbose > 0)
-    storage = store.tune_path()
+        parameter_columns={"spec/role": "role", "spec/teacher_seed": "teacher"}, max_progress_rows=8,
+        max_error_rows=5, max_report_frequency=15, print_intermediate_tables=verbose > 0)
     tuner = tune.Tuner(
         tune.with_resources(trainable, _resources),
         param_space={"storage": store.uri,  # absolute, so every worker finds the same place
-                     "spec": tune.grid_search([s.to_dict() for s in specs])},
+                     "report_every_s": sweep.report_every_s},
         # reuse_actors: a worker process keeps torch imported and data sets in memory
         # between trials (every trial re-seeds everything it uses, so results are unchanged).
-        tune_config=tune.TuneConfig(max_concurrent_trials=_concurrency(sweep, specs), reuse_actors=True,
+        tune_config=tune.TuneConfig(search_alg=searcher, num_samples=len(specs),
+                                    max_concurrent_trials=_concurrency(sweep, specs), reuse_actors=True,
                                     trial_name_creator=lambda t: TrialSpec.from_dict(t.config["spec"]).label,
                                     trial_dirname_creator=lambda t: TrialSpec.from_dict(t.config["spec"]).trial_key),
-        run_config=tune.RunConfig(name=f"{stage}s", storage_path=storage, callbacks=[callback],
+        run_config=tune.RunConfig(name="trials", storage_path=store.tune_path(), callbacks=[callback, JsonLoggerCallback()],
                                   failure_config=tune.FailureConfig(max_failures=sweep.max_failures),
                                   progress_reporter=reporter, verbose=verbose,
                                   checkpoint_config=tune.CheckpointConfig(num_to_keep=1)),
     )
-    tuner.fit()
-    return callback
+    with _environ(tune_env):
+        tuner.fit()
+    return callback, searcher
+
+
+@contextmanager
+def _environ(values: dict[str, str]):
+    """Set environment variables for the block (where the user has not set them), then restore."""
+    added = {k: v for k, v in values.items() if k not in os.environ}
+    os.environ.update(added)
+    try:
+        yield
+    finally:
+        for k in added:
+            os.environ.pop(k, None)
+
+
+def _tracker_and_ray(uri: str, sweep: Sweep, artifact_root: Optional[str]) -> tuple[Tracker, float]:
+    """Open MLflow (fails before any trial if unreachable) while Ray starts: both take seconds."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    import mlflow.tracking  # noqa: F401 - imported here, never by two threads at once
+    import ray  # noqa: F401
+
+    probe(uri)  # an unreachable server fails now, before Ray starts
+    with ThreadPoolExecutor(1, thread_name_prefix="kdray-mlflow") as pool:
+        opening = pool.submit(Tracker, uri, sweep.name, artifact_root, sweep.description)
+        t0 = time.time()
+        try:
+            connect_ray()  # in the main thread: Ray installs signal handlers
+        finally:
+            seconds = time.time() - t0
+            tracker = opening.result()
+    return tracker, seconds
 
 
 def run_sweep(sweep: Sweep, plan: Optional[Plan] = None, verbose: int = 1) -> SweepSummary:
@@ -240,31 +349,31 @@ def run_sweep(sweep: Sweep, plan: Optional[Plan] = None, verbose: int = 1) -> Sw
     store = Store(sweep.storage, sweep.name)
     uri = sweep.resolved_tracking_uri()
     artifact_root = str(sweep.local_storage() / "mlartifacts" / sweep.name) if uri.startswith("sqlite") else None
-    tracker = Tracker(uri, sweep.name, artifact_root, sweep.description)  # fails before any trial if unreachable
-    summary = SweepSummary(sweep.name, len(plan.all), tracking_uri=uri, storage=store.uri)
+    tracker, ray_seconds = _tracker_and_ray(uri, sweep, artifact_root)
+    summary = SweepSummary(sweep.name, len(plan.all), tracking_uri=uri, storage=store.uri, ray_start_seconds=ray_seconds)
     done = tracker.finished_keys()
-    connect_ray()
-    for stage, specs in (("teacher", plan.teachers), ("student", plan.students)):
-        todo = [s for s in specs if s.trial_key not in done]
-        summary.skipped += len(specs) - len(todo)
-        # Runs a killed driver left unfinished go before any trial gets its one new run.
-        tracker.discard_unfinished(s.trial_key for s in todo)
-        if stage == "teacher":
-            reused = [s for s in todo if store.exists(s.trial_key, "model.pt")]
-            for spec in reused:
-                log_reused_teacher(tracker, store, spec)
-            summary.reused += len(reused)
-            todo = [s for s in todo if s not in reused]
-        if stage == "student":
-            ready = [s for s in todo if store.exists(s.teacher_key, "model.pt")]
-            summary.blocked += len(todo) - len(ready)
-            todo = ready
-        if not todo:
-            continue
-        print(f"kdray: stage {stage}s: {len(todo)} trials", file=sys.stderr, flush=True)
-        cb = _tune_stage(stage, todo, sweep, store, tracker, verbose)
-        summary.finished += len(cb.finished)
+    todo = [s for s in plan.all if s.trial_key not in done]
+    summary.skipped = len(plan.all) - len(todo)
+    # Runs a killed driver left unfinished go before any trial gets its one new run.
+    tracker.discard_unfinished(s.trial_key for s in todo)
+    reused = [s for s in todo if s.role == "teacher" and store.exists(s.trial_key, "model.pt")]
+    for spec in reused:
+        log_reused_teacher(tracker, store, spec)
+    summary.reused = len(reused)
+    todo = [s for s in todo if s not in reused]
+    training = {s.trial_key for s in todo if s.role == "teacher"}
+    runnable = [s for s in todo if s.role == "teacher" or s.teacher_key in training
+                or store.exists(s.teacher_key, "model.pt")]
+    summary.blocked = len(todo) - len(runnable)   # their teacher is neither trained nor training
+    todo = runnable
+    if todo:
+        n_teachers = sum(s.role == "teacher" for s in todo)
+        print(f"kdray: {len(todo)} trials on Ray Tune: {n_teachers} teachers first, each teacher's "
+              f"{len(todo) - n_teachers} students as soon as it is done", file=sys.stderr, flush=True)
+        cb, searcher = _tune_run(todo, sweep, store, tracker, verbose)
+        summary.finished = len(cb.finished)
         summary.failed.update(cb.failed)
+        summary.blocked += searcher.blocked + len(searcher.students)
     summary.seconds = time.time() - t0
     tracker.end_sweep({"trials_finished": summary.finished, "trials_failed": len(summary.failed),
                        "trials_planned": summary.planned, "sweep_seconds": summary.seconds})

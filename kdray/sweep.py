@@ -227,6 +227,9 @@ class Sweep(_Strict):
     data_root: Optional[str] = None               # default $KDRAY_DATA
     max_concurrent_trials: Optional[int] = Field(None, ge=1)
     max_failures: int = Field(1, ge=0)            # retries per trial (from its last checkpoint)
+    # A trial sends its epochs' metrics to the driver (and so to MLflow) at most this often, and at
+    # its end and checkpoints: every report is a round trip that stalls the trial. 0: every epoch.
+    report_every_s: float = Field(10.0, ge=0)
     setups: list[Setup] = Field(min_length=1)
 
     @model_validator(mode="after")

@@ -134,13 +134,17 @@ class Tracker:
         return run.info.run_id
 
     def log_metrics(self, run_id: str, metrics: dict, step: int) -> None:
+        self.log_epochs(run_id, [dict(metrics, epoch=step)])
+
+    def log_epochs(self, run_id: str, epochs: list[dict]) -> None:
+        """Every numeric value of every record at step ``record["epoch"]``, in as few calls as MLflow allows."""
         from mlflow.entities import Metric
 
         now = int(time.time() * 1000)
-        ms = [Metric(k, float(v), now, step) for k, v in metrics.items()
+        ms = [Metric(k, float(v), now, int(m.get("epoch", 0))) for m in epochs for k, v in m.items()
               if isinstance(v, (int, float)) and k not in ("epoch", "final")]
-        if ms:
-            retry(lambda: self.client.log_batch(run_id, metrics=ms), "log_metrics")
+        for i in range(0, len(ms), 1000):  # MLflow's per-batch limit
+            retry(lambda: self.client.log_batch(run_id, metrics=ms[i:i + 1000]), "log_metrics")
 
     def log_artifact(self, run_id: str, path: Path) -> None:
         retry(lambda: self.client.log_artifact(run_id, str(path)), "log_artifact")

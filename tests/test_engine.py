@@ -126,3 +126,27 @@ def test_a_second_sweep_reuses_the_teachers_in_shared_storage(local_ray, tmp_pat
     t = [r for r in runs if r.data.tags["kdray.role"] == "teacher"]
     assert len(t) == 1 and t[0].data.tags.get("kdray.reused") == "true" and t[0].info.status == "FINISHED"
     assert "test_acc" in t[0].data.metrics
+
+
+def test_students_start_when_their_own_teacher_is_done_and_batched_reports_keep_every_epoch(local_ray, tmp_path):
+    """No stage barrier: a fast teacher's students run while a slow teacher still trains.  With
+    report_every_s far above a trial's length every trial reports once, yet MLflow has every epoch."""
+    fast = {"name": "fast", "dataset": {"name": "digits"}, "teacher": {"arch": "mlp", "args": {"hidden": 16}},
+            "recipe": {"epochs": 3, "batch_size": 128}, "teacher_seeds": [0], "student_seeds": [10, 11],
+            "conditions": {"siddo": True, "kd": None, "rcd": None}}
+    slow = {"name": "slow", "dataset": {"name": "digits"}, "teacher": {"arch": "small_cnn", "args": {"channels": 16}},
+            "recipe": {"epochs": 40, "batch_size": 32}, "teacher_seeds": [0], "student_seeds": [10],
+            "conditions": {"siddo": True, "kd": None, "rcd": None}}
+    sweep = parse_sweep({"name": "nobarrier", "storage": str(tmp_path / "results"), "report_every_s": 1000,
+                         "setups": [slow, fast]})
+    summary = run_sweep(sweep, verbose=0)
+    assert summary.ok and summary.finished == 5, summary.lines()
+
+    client = MlflowClient(sweep.resolved_tracking_uri())
+    exp = client.get_experiment_by_name("nobarrier")
+    runs = client.search_runs([exp.experiment_id], "tags.`kdray.kind` = 'trial'")
+    slow_teacher = next(r for r in runs if r.data.tags["kdray.setup"] == "slow" and r.data.tags["kdray.role"] == "teacher")
+    fast_students = [r for r in runs if r.data.tags["kdray.setup"] == "fast" and r.data.tags["kdray.role"] == "student"]
+    assert len(fast_students) == 2
+    assert min(r.info.start_time for r in fast_students) < slow_teacher.info.end_time, "students waited for every teacher"
+    assert [m.step for m in client.get_metric_history(slow_teacher.info.run_id, "train_loss")] == list(range(1, 41))
