@@ -79,7 +79,7 @@ def cmd_sweep(args) -> int:
 def cmd_report(args) -> int:
     from kdray.analysis.report import run_report
 
-    return run_report(args.target, args.out, args.tracking_uri, args.threshold, args.exclude_below)
+    return run_report(args.target, args.out, args.tracking_uri, args.threshold, args.exclude_below, args.jobs)
 
 
 def cmd_data(args) -> int:
@@ -102,6 +102,12 @@ def cmd_ui(args) -> int:
     print(" ".join(cmd), flush=True)
     os.execvp(cmd[0], cmd)
     return 0  # not reached
+
+
+def _positive_int(text: str) -> int:
+    if not text.isdigit() or int(text) < 1:
+        raise argparse.ArgumentTypeError(f"expected a whole number >= 1, got {text!r}")
+    return int(text)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -134,6 +140,8 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--threshold", type=float, default=0.01, help="marginal-transfer threshold on the prediction-agreement gain")
     sp.add_argument("--exclude-below", type=float, default=None,
                     help="drop controls whose mean accuracy is this far below SIDDO's from best-control selection")
+    sp.add_argument("--jobs", type=_positive_int, default=None,
+                    help="worker processes for fetching runs and drawing figures (default: one per core; 1: none)")
     sp = add("data", cmd_data, "data tools: ffcv-write SRC DST converts an ImageFolder tree to an FFCV .beton")
     sp.add_argument("tool", choices=["ffcv-write"])
     sp.add_argument("rest", nargs=argparse.REMAINDER, help="the tool's own arguments (--help for them)")
@@ -146,7 +154,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Optional[list[str]] = None) -> int:
-    from kdray.data import DataNotFoundError
+    from kdray.errors import DataNotFoundError
     from kdray.registry import UnknownNameError
     from kdray.sweep import SweepError
     from kdray.tracking import TrackingError

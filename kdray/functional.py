@@ -23,24 +23,7 @@ import math
 import numpy as np
 import torch
 
-TRANSFER_METRICS: tuple[str, ...] = ("activation_distance", "rank_disagreement", "prediction_disagreement",
-                                     "js_divergence")
-
-METRIC_DIRECTIONS: dict[str, str] = {
-    "activation_distance": "lower",
-    "js_divergence": "lower",
-    "rank_disagreement": "lower",
-    "prediction_disagreement": "lower",
-    "prediction_agreement": "higher",
-    "correct_agreement": "higher",
-    "incorrect_agreement": "higher",
-    "variation_of_information": "lower",
-    "procrustes_distance": "lower",
-    "test_acc": "higher",
-    "test_loss": "lower",
-    "train_acc": "higher",
-    "train_loss": "lower",
-}
+from kdray.metric_names import METRIC_DIRECTIONS, TRANSFER_METRICS  # noqa: F401 - re-exported
 
 _BLOCK_ELEMENTS = 1 << 21   # cap on rows x K per block, whatever `chunk` says (~16 MB per float64 array)
 _ZERO_NORM_RTOL = 1e-10     # centred norm below this fraction of the raw norm counts as zero

@@ -25,6 +25,30 @@ def report(sweep):
     return build_report(load_runs(uri, "planted"), d / "out")
 
 
+def test_worker_processes_load_and_draw_what_one_process_does(sweep, report, tmp_path):
+    """kdray report's process pool: runs fetched in start-time slices and figures drawn per setup
+    by workers give the same frame and the same figure files as the serial path."""
+    import pandas as pd
+
+    from kdray.analysis.report import report_pool
+    from kdray.analysis.runs import load_runs
+
+    d, uri = sweep
+    serial = load_runs(uri, "planted")
+    assert serial["start_time"].nunique() > 8           # more than one slice really holds runs
+    with report_pool(2) as pool:
+        assert pool is not None
+        parallel = load_runs(uri, "planted", pool)
+        pd.testing.assert_frame_equal(parallel, serial)
+        drawn = build_report(parallel, tmp_path / "out", pool=pool)
+    names = lambda out: sorted(p.name for p in (out / "figures").iterdir())  # noqa: E731
+    assert names(drawn.out_dir) == names(report.out_dir) and len(names(report.out_dir)) >= 6
+    assert (drawn.out_dir / "summary.txt").read_text() == (report.out_dir / "summary.txt").read_text().replace(
+        str(report.out_dir), str(drawn.out_dir))
+    with report_pool(1) as none:
+        assert none is None
+
+
 def md_rows(text: str) -> list[list[str]]:
     return [[c.strip() for c in line.strip("|").split(" | ")] for line in text.splitlines()
             if line.startswith("|") and not line.startswith("|---")]

@@ -10,7 +10,7 @@ from statsmodels.stats.multitest import multipletests
 
 from kdray.analysis import stats
 from kdray.analysis.runs import load_runs
-from kdray.analysis.stats import Condition, analyse, significance_warning, wilcoxon_one_sided
+from kdray.analysis.stats import Condition, _exact_signed_rank, analyse, significance_warning, wilcoxon_one_sided
 from synthetic_runs import SEEDS, as_frame, planted_runs, run, write_experiment
 
 KD09, KD01, KD05 = Condition("kd", 0.9), Condition("kd", 0.1), Condition("kd", 0.5)
@@ -80,6 +80,16 @@ def test_wilcoxon_one_sided_is_scipys(direction, alternative):
         assert p == pytest.approx(wilcoxon(kd, ctrl, alternative=alternative, method="exact").pvalue, rel=1e-12)
     kd, ctrl = rng.normal(0, 1, 10), rng.normal(1, 1, 10)             # KD clearly lower
     assert wilcoxon_one_sided(kd, ctrl, "lower") < 0.05 < wilcoxon_one_sided(kd, ctrl, "higher")
+
+
+def test_exact_signed_rank_equals_scipy_bit_for_bit():
+    """kdray's own exact null distribution (scipy's per-call overhead dominated reports) vs scipy."""
+    rng = np.random.default_rng(11)
+    for n in (1, 2, 3, 7, 10, 13, 14, 25, 50):
+        for shift in (-1.0, 0.0, 0.4, 3.0):
+            d = rng.normal(shift, 1, n)
+            for alt in ("less", "greater", "two-sided"):
+                assert _exact_signed_rank(d, alt) == wilcoxon(d, alternative=alt, method="exact").pvalue, (n, shift, alt)
 
 
 def test_wilcoxon_with_ties_and_zeros_is_scipys():

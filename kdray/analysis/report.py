@@ -15,10 +15,15 @@ from __future__ import annotations
 
 import base64
 import html
+import multiprocessing as mp
+import os
 import sys
+import time
+from concurrent.futures import Executor, ProcessPoolExecutor
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Optional
+from typing import Iterator, Optional
 
 import pandas as pd
 
@@ -34,6 +39,7 @@ class ReportResult:
     out_dir: Path
     analysis: Analysis
     files: list[Path] = field(default_factory=list)
+    seconds: dict = field(default_factory=dict)     # per phase
 
     @property
     def index(self) -> Path:
@@ -118,12 +124,16 @@ def _html(title: str, summary: str, tabs: list[tables.Table], figs: list[tuple[s
 
 
 def build_report(df: pd.DataFrame, out_dir: str | Path, threshold: float = 0.01,
-                 exclude_below: Optional[float] = None, title: str = "kdray report") -> ReportResult:
-    """Analyse the runs and write every table, figure and the HTML page into out_dir."""
+                 exclude_below: Optional[float] = None, title: str = "kdray report", pool=None) -> ReportResult:
+    """Analyse the runs and write every table, figure and the HTML page into out_dir
+    (figures drawn by the process ``pool`` when given, see report_pool)."""
     out = Path(out_dir)
+    clock = _Clock()
     a = analyse(df, threshold=threshold, exclude_below=exclude_below)
-    result = ReportResult(out, a)
+    result = ReportResult(out, a, seconds=clock.seconds)
+    clock.lap("analysis")
     files = result.files
+    pending = figures.all_figures(a, out / "figures", pool)   # drawn by the workers meanwhile
     tabs = tables.all_tables(a)
     for t in tabs:
         files += [_write(out / "tables" / f"{t.name}.md", t.markdown()),
@@ -132,12 +142,28 @@ def build_report(df: pd.DataFrame, out_dir: str | Path, threshold: float = 0.01,
     for name, frame in (("runs", a.runs), ("summary", a.summary), ("tests", a.tests),
                         ("decisions", a.decisions), ("excluded", a.excluded)):
         files.append(_write(out / "data" / f"{name}.csv", tables.tidy(frame).to_csv(index=False)))
-    figs = figures.all_figures(a, out / "figures")
+    clock.lap("tables")
+    figs = list(pending)
     files += [p for _, paths in figs for p in paths]
+    clock.lap("figures")
     summary = result.summary_text()
     files.append(_write(out / "summary.txt", summary + "\n"))
     files.append(_write(result.index, _html(title, summary, tabs, figs, out)))
+    clock.lap("html")
     return result
+
+
+class _Clock:
+    """Seconds per phase, for the progress line."""
+
+    def __init__(self):
+        self.seconds: dict[str, float] = {}
+        self._t = time.perf_counter()
+
+    def lap(self, name: str) -> None:
+        now = time.perf_counter()
+        self.seconds[name] = now - self._t
+        self._t = now
 
 
 # ------------------------------------------------------------------ MLflow and CLI
@@ -167,19 +193,46 @@ def default_out(storage: str, experiment: str) -> Path:
     return Path(f"{experiment}-report") if "://" in storage else Path(storage).expanduser() / experiment / "report"
 
 
+@contextmanager
+def report_pool(jobs: Optional[int] = None) -> Iterator[Optional[Executor]]:
+    """Worker processes that fetch runs and draw figures (``jobs``, default one per core; 1: none).
+
+    Where the platform can fork, they are forked before this process opens any
+    MLflow connection, so no worker inherits a database connection, and they
+    start with kdray, pandas, matplotlib and MLflow already imported.
+    """
+    jobs = jobs or os.cpu_count() or 1
+    if jobs <= 1:
+        yield None
+        return
+    import mlflow.tracking  # noqa: F401 - imported once, inherited by forked workers
+
+    ctx = mp.get_context("fork") if "fork" in mp.get_all_start_methods() else None
+    with ProcessPoolExecutor(jobs, mp_context=ctx) as pool:
+        yield pool
+
+
 def run_report(target: str, out: str | None, tracking_uri: str | None, threshold: float = 0.01,
-               exclude_below: float | None = None) -> int:
+               exclude_below: float | None = None, jobs: Optional[int] = None) -> int:
     """What ``kdray report`` does: print the summary, return the exit code (2 on a user error)."""
-    try:
-        uri, name, storage = resolve_experiment(tracking_uri, target)
-        df = load_runs(uri, name)
-        if df.empty:
-            raise ReportError(f"MLflow experiment {name!r} at {uri} has no trial runs yet; run `kdray sweep` first")
-    except ReportError as e:
-        print(f"kdray: error: {e}", file=sys.stderr)
-        return 2
-    out_dir = Path(out) if out else default_out(storage, name)
-    result = build_report(df, out_dir, threshold=threshold, exclude_below=exclude_below, title=f"kdray report: {name}")
+    jobs = jobs or os.cpu_count() or 1
+    with report_pool(jobs) as pool:
+        try:
+            uri, name, storage = resolve_experiment(tracking_uri, target)
+            t0 = time.perf_counter()
+            df = load_runs(uri, name, pool)
+            loaded = time.perf_counter() - t0
+            if df.empty:
+                raise ReportError(f"MLflow experiment {name!r} at {uri} has no trial runs yet; run `kdray sweep` first")
+        except ReportError as e:
+            print(f"kdray: error: {e}", file=sys.stderr)
+            return 2
+        out_dir = Path(out) if out else default_out(storage, name)
+        result = build_report(df, out_dir, threshold=threshold, exclude_below=exclude_below,
+                              title=f"kdray report: {name}", pool=pool)
+    phases = ", ".join(f"{k} {v:.1f} s" for k, v in result.seconds.items())
+    print(f"kdray report: {len(df)} runs loaded in {loaded:.1f} s; {phases} "
+          f"({jobs} process{'es' if jobs > 1 else ''})", file=sys.stderr)
     print(result.summary_text())
     try:
         run_id = log_report_to_mlflow(uri, name, out_dir)

@@ -19,14 +19,15 @@ Choices the protocol leaves open, made here:
 """
 from __future__ import annotations
 
+import functools
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields, replace
 from typing import NamedTuple, Optional
 
 import numpy as np
 import pandas as pd
 
-from kdray.functional import METRIC_DIRECTIONS, TRANSFER_METRICS
+from kdray.metric_names import METRIC_DIRECTIONS, TRANSFER_METRICS
 
 LEVEL = 0.05
 SUPPORT_MIN = 3                      # functional metrics that must be significant (of 4)
@@ -159,8 +160,32 @@ def _signed_rank(d: np.ndarray, alternative: str) -> float:
             return np.sum(ranks * (x > 0), axis=axis)
         return float(permutation_test((d,), r_plus, permutation_type="samples", vectorized=True,
                                       n_resamples=9999, alternative=alternative).pvalue)
-    method = "exact" if not ties and d.size <= 50 else "asymptotic"
-    return float(wilcoxon(d, alternative=alternative, method=method).pvalue)
+    if not ties and d.size <= 50:
+        return _exact_signed_rank(d, alternative)
+    return float(wilcoxon(d, alternative=alternative, method="asymptotic").pvalue)
+
+
+@functools.cache
+def _signed_rank_counts(n: int) -> np.ndarray:
+    """How many of the 2^n sign patterns give each rank sum R+ = 0 .. n(n+1)/2 (exact in float64)."""
+    counts = np.zeros(n * (n + 1) // 2 + 1)
+    counts[0] = 1
+    for rank in range(1, n + 1):  # rank either counts towards R+ or not
+        counts[rank:] = counts[rank:] + counts[:-rank]
+    return counts
+
+
+def _exact_signed_rank(d: np.ndarray, alternative: str) -> float:
+    """scipy's ``method="exact"`` p without its per-call overhead (~1 ms; a report makes thousands).
+
+    Every partial sum of counts / 2^n is a dyadic fraction float64 holds
+    exactly, so the p-values equal scipy's bit for bit (tests/test_stats.py).
+    """
+    n = d.size
+    r_plus = int(np.sum((np.argsort(np.argsort(np.abs(d))) + 1)[d > 0]))  # no ties: ranks are 1..n
+    counts, total = _signed_rank_counts(n), 2.0 ** n
+    cdf, sf = counts[:r_plus + 1].sum() / total, counts[r_plus:].sum() / total
+    return float({"less": cdf, "greater": sf}.get(alternative, min(1.0, 2 * min(cdf, sf))))
 
 
 def wilcoxon_one_sided(kd, control, direction: str) -> float:
@@ -465,6 +490,15 @@ class Analysis:
     exclude_below: Optional[float] = None
     level: float = LEVEL
     notes: list = field(default_factory=list)
+
+
+    def for_setup(self, setup: str) -> "Analysis":
+        """The same analysis restricted to one setup (what a worker needs to draw its figures)."""
+        def only(frame: pd.DataFrame) -> pd.DataFrame:
+            return frame[frame["setup"] == setup] if "setup" in frame else frame
+
+        return replace(self, **{f.name: only(getattr(self, f.name)) for f in fields(self)
+                                if isinstance(getattr(self, f.name), pd.DataFrame)})
 
 
 def analyse(df: pd.DataFrame, threshold: float = 0.01, exclude_below: Optional[float] = None,

@@ -27,16 +27,10 @@ from typing import Callable, Iterator, Optional
 
 import torch
 
+from kdray.errors import DataNotFoundError  # noqa: F401 - raised by every loader, re-exported
 from kdray.registry import Registry
 
 DATA_ROOT_ENV = "KDRAY_DATA"
-
-
-class DataNotFoundError(FileNotFoundError):
-    """The data set's files are not where the loader looked; the message says where."""
-
-    def __str__(self) -> str:
-        return str(self.args[0]) if self.args else "data not found"
 
 
 # (x_batch, train, generator) -> float tensor ready for the model

@@ -1,0 +1,10 @@
+"""Errors that mean "the user's input is wrong", kept free of heavy imports so the CLI can
+catch them without loading torch."""
+from __future__ import annotations
+
+
+class DataNotFoundError(FileNotFoundError):
+    """The data set's files are not where the loader looked; the message says where."""
+
+    def __str__(self) -> str:
+        return str(self.args[0]) if self.args else "data not found"
