@@ -274,8 +274,9 @@ def assemble(cases: list[dict], quick: bool, device: str, slots: int, seconds: f
         "met requires every grid to be at or under the target.  'best loop' is the faster of the all-core and "
         "the one-thread loop.",
         "Per-trial overhead = (slots x sweep seconds - sum of trial train_seconds) / trials; it includes "
-        "idle slots at the teacher/student stage barrier and the tail, the final evaluation and artefact "
-        "writes, Tune bookkeeping and the driver's MLflow logging.",
+        "slots idle while students wait for their teacher and at the tail, the final evaluation and artefact "
+        "writes, Tune bookkeeping and the driver's MLflow logging.  Sweep seconds exclude Ray start-up, "
+        "which kdray overlaps with opening MLflow.",
     ]
     return result(NAME, TITLE, ratio, f"kdray sweep wall / plain loop wall ({slots} torch threads), worst grid",
                   f"<= {TARGET}", met, meas, {"quick": quick, "device": device, "slots": slots,

@@ -378,3 +378,4 @@ def run_sweep(sweep: Sweep, plan: Optional[Plan] = None, verbose: int = 1) -> Sw
     tracker.end_sweep({"trials_finished": summary.finished, "trials_failed": len(summary.failed),
                        "trials_planned": summary.planned, "sweep_seconds": summary.seconds})
     return summary
+

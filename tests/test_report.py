@@ -41,6 +41,8 @@ def test_worker_processes_load_and_draw_what_one_process_does(sweep, report, tmp
         parallel = load_runs(uri, "planted", pool)
         pd.testing.assert_frame_equal(parallel, serial)
         drawn = build_report(parallel, tmp_path / "out", pool=pool)
+    for name in ("summary", "tests", "decisions", "best_accuracy", "excluded"):   # setups analysed by workers
+        pd.testing.assert_frame_equal(getattr(drawn.analysis, name), getattr(report.analysis, name))
     names = lambda out: sorted(p.name for p in (out / "figures").iterdir())  # noqa: E731
     assert names(drawn.out_dir) == names(report.out_dir) and len(names(report.out_dir)) >= 6
     assert (drawn.out_dir / "summary.txt").read_text() == (report.out_dir / "summary.txt").read_text().replace(

@@ -126,10 +126,10 @@ def _html(title: str, summary: str, tabs: list[tables.Table], figs: list[tuple[s
 def build_report(df: pd.DataFrame, out_dir: str | Path, threshold: float = 0.01,
                  exclude_below: Optional[float] = None, title: str = "kdray report", pool=None) -> ReportResult:
     """Analyse the runs and write every table, figure and the HTML page into out_dir
-    (figures drawn by the process ``pool`` when given, see report_pool)."""
+    (setups analysed and their figures drawn by the process ``pool`` when given, see report_pool)."""
     out = Path(out_dir)
     clock = _Clock()
-    a = analyse(df, threshold=threshold, exclude_below=exclude_below)
+    a = analyse(df, threshold=threshold, exclude_below=exclude_below, map_=pool.map if pool else map)
     result = ReportResult(out, a, seconds=clock.seconds)
     clock.lap("analysis")
     files = result.files

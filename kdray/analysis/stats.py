@@ -491,7 +491,6 @@ class Analysis:
     level: float = LEVEL
     notes: list = field(default_factory=list)
 
-
     def for_setup(self, setup: str) -> "Analysis":
         """The same analysis restricted to one setup (what a worker needs to draw its figures)."""
         def only(frame: pd.DataFrame) -> pd.DataFrame:
@@ -502,16 +501,42 @@ class Analysis:
 
 
 def analyse(df: pd.DataFrame, threshold: float = 0.01, exclude_below: Optional[float] = None,
-            level: float = LEVEL) -> Analysis:
-    """Run the whole of PROTOCOL.md 5 on a sweep's runs."""
+            level: float = LEVEL, map_=map) -> Analysis:
+    """Run the whole of PROTOCOL.md 5 on a sweep's runs.
+
+    Every test, decision and summary is within one setup, so each setup is
+    analysed on its own and the parts are concatenated in setup order.
+    ``map_`` may be a process pool's ``map`` (kdray report's workers).
+    """
+    setup = df["setup"]
+    groups = [df[setup == s] for s in sorted(setup.dropna().unique())] + ([df[setup.isna()]] if setup.isna().any() else [])
+    parts = list(map_(_analyse_part, [(g, threshold, exclude_below, level) for g in groups])) or [
+        _analyse_part((df, threshold, exclude_below, level))]
+    frames = {f.name: _concat([getattr(p, f.name) for p in parts]) for f in fields(Analysis)
+              if isinstance(getattr(parts[0], f.name), pd.DataFrame) and f.name != "runs"}
+    return Analysis(runs=df, **frames, threshold=threshold, exclude_below=exclude_below, level=level,
+                    notes=_notes(frames["tests"], level))
+
+
+def _concat(frames: list[pd.DataFrame]) -> pd.DataFrame:
+    full = [f for f in frames if len(f)]
+    return pd.concat(full, ignore_index=True) if full else frames[0].reset_index(drop=True)
+
+
+def _notes(tests: pd.DataFrame, level: float) -> list[str]:
+    if not len(tests):
+        return []
+    n = int(tests.groupby(["setup", "teacher_seed"])["n"].max().min())
+    w = significance_warning(n, level)
+    return [w] if w else []
+
+
+def _analyse_part(job: tuple) -> Analysis:
+    """One setup's runs (or the runs without a setup) -> its analysis."""
+    df, threshold, exclude_below, level = job
     students, teachers, excluded = prepare(df)
     tests = paired_tests(students, level)
     against = against_controls(tests)
-    notes = []
-    if len(tests):
-        n = int(tests.groupby(["setup", "teacher_seed"])["n"].max().min())
-        if (w := significance_warning(n, level)):
-            notes.append(w)
     return Analysis(df, students, teachers, excluded, summarize(students), tests, against,
                     decisions(students, against, threshold, exclude_below), best_accuracy(students),
-                    threshold, exclude_below, level, notes)
+                    threshold, exclude_below, level)
