@@ -116,3 +116,23 @@ def test_gpu_speed_features_run_on_cpu(tmp_path):
                          conditions={"siddo": True, "kd": {"alphas": [0.5]}, "rcd": None})
     _, out = run_setup(tmp_path, setup)
     assert out["teacher"]["test_acc"] > 0.3 and "activation_distance" in out["v-kd-a0.5-t0-s10"]
+
+
+def test_torch_compile_trains_the_same_model_as_eager(tmp_path):
+    """recipe.compile wraps the trained module in torch.compile (inductor, CPU here).  Without
+    dropout, whose random stream inductor draws differently, it must train the same teacher."""
+    import numpy as np
+    from torch._dynamo.utils import counters
+
+    counters.clear()
+    logits = {}
+    for compiled in (False, True):
+        setup = digits_setup(teacher={"arch": "mlp", "args": {"hidden": 16, "dropout": 0.0}},
+                             recipe={"epochs": 2, "batch_size": 128, "lr": 0.01, "compile": compiled},
+                             conditions={"siddo": True, "kd": None, "rcd": None})
+        plan, _ = run_setup(tmp_path / str(compiled), setup, methods=())
+        spec = plan.teachers[0]
+        logits[compiled] = Store(str(tmp_path / str(compiled)), "v").load_npy(spec.trial_key, "test_logits.npy")
+        assert (counters["stats"]["unique_graphs"] > 0) == compiled   # dynamo really captured the model
+    assert np.abs(logits[True] - logits[False]).max() < 1e-4
+    assert np.abs(logits[False]).max() > 1.0        # a trained model, not an all-zero output
