@@ -234,11 +234,10 @@ def _searcher(specs: list[TrialSpec], store: Store):
             super().__init__()
             self.teachers = [s for s in specs if s.role == "teacher"]
             self.students = [s for s in specs if s.role == "student"]
-            running = {t.trial_key for t in self.teachers}
             self.in_flight: dict[str, str] = {}   # Tune trial id -> teacher key
-            self.unsettled = set(running)         # teachers not yet ended
-            self.ready = {s.teacher_key for s in self.students
-                          if s.teacher_key not in running and store.exists(s.teacher_key, "model.pt")}
+            self.unsettled = {t.trial_key for t in self.teachers}   # teachers not yet ended
+            self.ready = {s.teacher_key for s in self.students      # trained before this run
+                          if s.teacher_key not in self.unsettled and store.exists(s.teacher_key, "model.pt")}
             self.blocked = 0                      # students whose teacher has no model
 
         def suggest(self, trial_id: str):
@@ -273,9 +272,8 @@ def _searcher(specs: list[TrialSpec], store: Store):
 
 def _tune_run(specs: list[TrialSpec], sweep: Sweep, store: Store, tracker: Tracker, verbose: int):
     """One Tune run over teachers and students; returns (callback, searcher) for the summary."""
-    from ray import tune
-
     import ray
+    from ray import tune
     from ray.tune.logger import JsonLoggerCallback
 
     tune_env = {
