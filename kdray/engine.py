@@ -223,7 +223,8 @@ def _concurrency(sweep: Sweep, specs: list[TrialSpec]) -> Optional[int]:
     return max_concurrent([s.to_dict() for s in specs])
 
 
-def _searcher(specs: list[TrialSpec], store: Store):
+def _searcher(specs: list[TrialSpec], store: Store, trained: set[str]):
+    """``trained``: teacher keys whose model was in storage before this run."""
     from ray.tune.search import Searcher
 
     class TeachersFirst(Searcher):
@@ -236,8 +237,7 @@ def _searcher(specs: list[TrialSpec], store: Store):
             self.students = [s for s in specs if s.role == "student"]
             self.in_flight: dict[str, str] = {}   # Tune trial id -> teacher key
             self.unsettled = {t.trial_key for t in self.teachers}   # teachers not yet ended
-            self.ready = {s.teacher_key for s in self.students      # trained before this run
-                          if s.teacher_key not in self.unsettled and store.exists(s.teacher_key, "model.pt")}
+            self.ready = set(trained)                              # teachers with a model
             self.blocked = 0                      # students whose teacher has no model
 
         def suggest(self, trial_id: str):
@@ -270,7 +270,8 @@ def _searcher(specs: list[TrialSpec], store: Store):
     return TeachersFirst()
 
 
-def _tune_run(specs: list[TrialSpec], sweep: Sweep, store: Store, tracker: Tracker, verbose: int):
+def _tune_run(specs: list[TrialSpec], sweep: Sweep, store: Store, tracker: Tracker, trained: set[str],
+              verbose: int):
     """One Tune run over teachers and students; returns (callback, searcher) for the summary."""
     import ray
     from ray import tune
@@ -285,7 +286,7 @@ def _tune_run(specs: list[TrialSpec], sweep: Sweep, store: Store, tracker: Track
         "TUNE_MAX_PENDING_TRIALS_PG": str(max(200, int(ray.cluster_resources().get("CPU", 1) * 1.1))),
     }
     callback = _make_callback(tracker, store)
-    searcher = _searcher(specs, store)
+    searcher = _searcher(specs, store, trained)
     reporter = tune.CLIReporter(
         metric_columns={"kdray/epoch": "epoch", "kdray/train_loss": "train loss", "kdray/test_acc": "test acc"},
         parameter_columns={"spec/role": "role", "spec/teacher_seed": "teacher"}, max_progress_rows=8,
@@ -360,15 +361,16 @@ def run_sweep(sweep: Sweep, plan: Optional[Plan] = None, verbose: int = 1) -> Sw
     summary.reused = len(reused)
     todo = [s for s in todo if s not in reused]
     training = {s.trial_key for s in todo if s.role == "teacher"}
-    runnable = [s for s in todo if s.role == "teacher" or s.teacher_key in training
-                or store.exists(s.teacher_key, "model.pt")]
+    trained = {k for k in {s.teacher_key for s in todo if s.role == "student"} - training
+               if store.exists(k, "model.pt")}      # one storage look per teacher, not per student
+    runnable = [s for s in todo if s.role == "teacher" or s.teacher_key in training or s.teacher_key in trained]
     summary.blocked = len(todo) - len(runnable)   # their teacher is neither trained nor training
     todo = runnable
     if todo:
         n_teachers = sum(s.role == "teacher" for s in todo)
         print(f"kdray: {len(todo)} trials on Ray Tune: {n_teachers} teachers first, each teacher's "
               f"{len(todo) - n_teachers} students as soon as it is done", file=sys.stderr, flush=True)
-        cb, searcher = _tune_run(todo, sweep, store, tracker, verbose)
+        cb, searcher = _tune_run(todo, sweep, store, tracker, trained, verbose)
         summary.finished = len(cb.finished)
         summary.failed.update(cb.failed)
         summary.blocked += searcher.blocked + len(searcher.students)
