@@ -5,7 +5,8 @@ import numpy as np
 import pytest
 import torch
 
-from kdray.data import DataBundle, load_dataset
+from kdray.data import load_dataset
+from kdray.data.bundle import DataBundle
 from kdray.plan import build_plan
 from kdray.recipe import TeacherArtifactError, TrialDiverged, init_model, run_trial
 from kdray.storage import Store

@@ -30,6 +30,7 @@ import pandas as pd
 from kdray.analysis import figures, tables
 from kdray.analysis.runs import ReportError, get_experiment, load_runs, resolve_experiment
 from kdray.analysis.stats import Analysis, analyse
+from kdray.contracts import KIND_REPORT, KIND_SWEEP, TAG_KIND, TAG_PARENT
 
 SHOW_EXCLUDED = 8                    # excluded runs listed in the terminal summary
 
@@ -174,10 +175,10 @@ def log_report_to_mlflow(tracking_uri: str, experiment: str, out_dir: str | Path
 
     client = MlflowClient(tracking_uri)
     exp = get_experiment(tracking_uri, experiment)
-    parents = client.search_runs([exp.experiment_id], "tags.`kdray.kind` = 'sweep'", max_results=1)
-    tags = {"kdray.kind": "report"}
+    parents = client.search_runs([exp.experiment_id], f"tags.`{TAG_KIND}` = '{KIND_SWEEP}'", max_results=1)
+    tags = {TAG_KIND: KIND_REPORT}
     if parents:
-        tags["mlflow.parentRunId"] = parents[0].info.run_id
+        tags[TAG_PARENT] = parents[0].info.run_id
     run = client.create_run(exp.experiment_id, tags=tags, run_name="report")
     try:
         client.log_artifacts(run.info.run_id, str(out_dir))

@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 import pandas as pd
 
 from kdray.analysis.stats import TESTED_METRICS, Analysis, Condition, direction, metric_columns
+from kdray.metric_names import TRANSFER_METRICS
 
 TICK, CROSS, UNTESTED = "✓", "–", "·"
 ARROWS = {"lower": "↓", "higher": "↑"}
@@ -162,7 +163,7 @@ def decision_table(a: Analysis) -> Table:
     return Table("decisions", "Transfer decisions",
                  ["setup", "teacher seed", "condition", "supported", "marginal", "PA gain", "Δcorrect", "Δincorrect",
                   "asymmetry", "p(asym)", "best control", "best accuracy"], rows,
-                 note=f"Supported: at least 3 of 4 functional metrics significant against every control. "
+                 note=f"Supported: at least {a.min_metrics} of {len(TRANSFER_METRICS)} functional metrics significant against every control. "
                       f"Marginal: supported but prediction-agreement gain over the best control < {a.threshold:g}. "
                       f"p(asym): two-sided paired Wilcoxon of Δincorrect - Δcorrect.")
 

@@ -46,7 +46,8 @@ from typing import Iterator, Optional, Sequence
 import numpy as np
 import torch
 
-from kdray.data import DataBundle, DataNotFoundError, register_dataset, require_root
+from kdray.data import DataNotFoundError, require_root
+from kdray.data.bundle import DataBundle
 from kdray.data.images import IMAGENET_MEAN, IMAGENET_STD, image_preprocess
 
 DEFAULT_CROP_RATIO = 224 / 256
@@ -503,7 +504,6 @@ class FFCVBundle(DataBundle):
         yield from ffcv_eval_batches(self.val_path, batch_size, o["val_res"], o["crop_ratio"], o["num_workers"])
 
 
-@register_dataset("imagenet_ffcv")
 def imagenet_ffcv(root: Optional[Path] = None, train: str = "imagenet/ffcv/train.beton",
                   val: str = "imagenet/ffcv/val.beton", min_res: int = 160, max_res: int = 192,
                   start_ramp: int = 41, end_ramp: int = 48, val_res: int = 256,

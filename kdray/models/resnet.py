@@ -32,7 +32,6 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from kdray.models import register_model
 
 
 def _tv():
@@ -151,7 +150,6 @@ def load_local_weights(model: nn.Module, path: str) -> None:
                          f"(check num_classes, input size/small_input, width, blurpool)") from None
 
 
-@register_model("resnet18")
 def resnet18(num_classes: int, input_shape: tuple[int, ...], small_input: Optional[bool] = None,
              width: float = 1.0, blurpool: bool = False, weights: Optional[str] = None,
              weights_path: Optional[str] = None) -> nn.Module:
@@ -159,7 +157,6 @@ def resnet18(num_classes: int, input_shape: tuple[int, ...], small_input: Option
                   small_input, width, blurpool, weights, weights_path)
 
 
-@register_model("resnet50")
 def resnet50(num_classes: int, input_shape: tuple[int, ...], small_input: Optional[bool] = None,
              width: float = 1.0, blurpool: bool = False, weights: Optional[str] = None,
              weights_path: Optional[str] = None) -> nn.Module:

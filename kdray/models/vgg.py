@@ -15,7 +15,6 @@ from typing import Optional
 import torch
 from torch import nn
 
-from kdray.models import register_model
 
 
 def _tv():
@@ -73,13 +72,11 @@ def _build(batch_norm: bool, num_classes: int, input_shape: tuple[int, ...], sma
     return model
 
 
-@register_model("vgg19")
 def vgg19(num_classes: int, input_shape: tuple[int, ...], small_input: Optional[bool] = None,
           hidden: int = 512, dropout: float = 0.5) -> nn.Module:
     return _build(False, num_classes, input_shape, small_input, hidden, dropout)
 
 
-@register_model("vgg19_bn")
 def vgg19_bn(num_classes: int, input_shape: tuple[int, ...], small_input: Optional[bool] = None,
              hidden: int = 512, dropout: float = 0.5) -> nn.Module:
     return _build(True, num_classes, input_shape, small_input, hidden, dropout)
