@@ -93,7 +93,7 @@ class DatasetRef(_Strict):
 class Recipe(_Strict):
     """One training recipe; identical across a setup's conditions (PROTOCOL 2)."""
     optimizer: Literal["adam", "adamw", "sgd"] = "adam"
-    lr: float = Field(1e-3, gt=0, le=10, allow_inf_nan=False)
+    lr: float = Field(1e-3, gt=0, le=1000, allow_inf_nan=False)
     momentum: float = Field(0.9, ge=0, lt=1)
     nesterov: bool = False
     weight_decay: float = Field(0.0, ge=0, allow_inf_nan=False)

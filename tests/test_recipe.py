@@ -125,7 +125,7 @@ def test_corrupt_teacher_checkpoint_is_a_clear_error(trained):
 
 
 def test_nan_loss_stops_the_trial(tmp_path):
-    sw = sweep(tmp_path, teacher={"arch": "mlp"}, recipe={"epochs": 3, "lr": 1e12, "optimizer": "sgd", "momentum": 0.9})
+    sw = sweep(tmp_path, teacher={"arch": "mlp"}, recipe={"epochs": 3, "batch_size": 32, "lr": 1000, "optimizer": "sgd", "momentum": 0.9})
     with pytest.raises(TrialDiverged, match="training loss is nan|training loss is inf"):
         run_trial(build_plan(sw).teachers[0], Store(sw.storage, sw.name))
 

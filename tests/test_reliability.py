@@ -126,7 +126,7 @@ def test_killed_trial_worker_resumes_from_its_checkpoint_bit_identically(tmp_pat
 
 def test_diverging_trial_is_failed_with_its_reason_and_reported_as_excluded(tmp_path):
     path = write_sweep(tmp_path, "nan", {"teacher": {"arch": "mlp"},
-                                         "student_recipe": {"lr": 1e12, "optimizer": "sgd"},
+                                         "student_recipe": {"lr": 1000, "optimizer": "sgd", "batch_size": 32},
                                          "conditions": {"siddo": True, "kd": {"alphas": [0.5]}, "rcd": None},
                                          "student_seeds": [10, 11]})
     p = subprocess.run(KDRAY + ["sweep", str(path), "--quiet"], capture_output=True, text=True, timeout=600)

@@ -67,11 +67,12 @@ class Param:
             if not math.isfinite(value):
                 raise ValueError(f"{self.name} must be finite, got {value!r}")
             value = float(value)
-        if self.low is not None and (value <= self.low if self.low_open else value < self.low):
-            raise ValueError(f"{self.name} must be {'>' if self.low_open else '>='} {self.low:g}"
-                             + (f" and <= {self.high:g}" if self.high is not None else "") + f", got {value!r}")
-        if self.high is not None and value > self.high:
-            raise ValueError(f"{self.name} must be in [{self.low:g}, {self.high:g}], got {value!r}")
+        below = self.low is not None and (value <= self.low if self.low_open else value < self.low)
+        if below or (self.high is not None and value > self.high):
+            if self.high is None:
+                raise ValueError(f"{self.name} must be {'>' if self.low_open else '>='} {self.low:g}, got {value!r}")
+            raise ValueError(f"{self.name} must be in {'(' if self.low_open else '['}{self.low:g}, {self.high:g}], "
+                             f"got {value!r}")
         return value
 
     def fmt(self, value: Any, short: bool = False) -> str:
