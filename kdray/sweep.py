@@ -14,6 +14,10 @@ from typing import Any, Literal, Optional
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, StrictBool, ValidationError, create_model, field_validator, model_validator
 
+from kdray.data import DATASETS
+from kdray.evals import EVALS
+from kdray.models import MODELS
+
 DEFAULT_STORAGE = "./results"
 # Sweep and setup names become folder names and MLflow names: letters, digits, "_", "-", single dots.
 NAME = r"^[A-Za-z0-9][A-Za-z0-9_.\-]*$"
@@ -68,26 +72,21 @@ def _registered(registry, name: str) -> str:
     return name
 
 
+def _known(field: str, registry):
+    """A validator for ``field``: the name must be one the registry holds."""
+    return field_validator(field)(lambda cls, v: _registered(registry, v))
+
+
 class ModelRef(_Strict):
     arch: str
     args: dict[str, Any] = {}
-
-    @field_validator("arch")
-    @classmethod
-    def _known(cls, v):
-        from kdray.models import MODELS
-        return _registered(MODELS, v)
+    _arch = _known("arch", MODELS)
 
 
 class DatasetRef(_Strict):
     name: str
     args: dict[str, Any] = {}
-
-    @field_validator("name")
-    @classmethod
-    def _known(cls, v):
-        from kdray.data import DATASETS
-        return _registered(DATASETS, v)
+    _name = _known("name", DATASETS)
 
 
 class Recipe(_Strict):
@@ -171,7 +170,6 @@ class Setup(_Strict):
     @field_validator("evals")
     @classmethod
     def _e(cls, v):
-        from kdray.evals import EVALS
         return [_registered(EVALS, name) for name in v]
 
     @model_validator(mode="after")
