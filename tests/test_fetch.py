@@ -50,9 +50,10 @@ def test_pins_are_the_ones_torchvision_and_torchaudio_publish():
     assert sc.checksum == f"sha256:{speechcommands._CHECKSUMS[sc.url]}"
 
 
-def test_tinyshakespeare_from_a_file_mirror_with_the_real_pin(tmp_path, capsys):
+def test_tinyshakespeare_from_a_file_mirror_with_the_real_pin(tmp_path, capsys, monkeypatch):
     root = tmp_path / "root"
-    assert fetch("tinyshakespeare", "--root", str(root), "--mirror", (REPO_DATA / "tinyshakespeare").as_uri()) == 0
+    monkeypatch.setenv("KDRAY_FETCH_MIRROR", (REPO_DATA / "tinyshakespeare").as_uri())   # as --mirror
+    assert fetch("tinyshakespeare", "--root", str(root)) == 0
     got = root / "tinyshakespeare" / "input.txt"
     assert got.read_bytes() == (REPO_DATA / "tinyshakespeare" / "input.txt").read_bytes()
     assert sorted(p.name for p in root.iterdir()) == ["tinyshakespeare"]      # no staging folder left
