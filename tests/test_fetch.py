@@ -156,6 +156,12 @@ def test_cli_errors_are_one_line_exit_2_no_traceback(tmp_path):
     p = env_run("tinyshakespeare")
     assert p.returncode == 2 and p.stderr.strip().splitlines() == [
         "kdray: error: fetch tinyshakespeare: no data root: give --root DIR or set $KDRAY_DATA"]
+    (tmp_path / "a-file").write_text("")
+    p = env_run("tinyshakespeare", "--root", str(tmp_path / "a-file" / "sub"))        # not a folder
+    assert p.returncode == 2 and p.stderr.strip().splitlines() == [
+        f"kdray: error: fetch tinyshakespeare: cannot write in the data root {tmp_path / 'a-file' / 'sub'}: "
+        "Not a directory; nothing was written"]
+    (tmp_path / "a-file").unlink()
     p = env_run("nosuch", "--root", str(tmp_path))
     assert p.returncode == 2 and len(p.stderr.strip().splitlines()) == 1 and "valid: fsdd" in p.stderr
     assert list(tmp_path.iterdir()) == []

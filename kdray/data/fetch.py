@@ -204,8 +204,11 @@ def fetch(name: str, root: Path, mirror: Optional[str] = None, verify: bool = Tr
             print(f"{name}: {root / d.dest} is already there (delete it to fetch again)")
     if not todo:
         return []
-    root.mkdir(parents=True, exist_ok=True)
-    stage = Path(tempfile.mkdtemp(prefix=f".kdray-fetch-{name}-", dir=root))
+    try:
+        root.mkdir(parents=True, exist_ok=True)
+        stage = Path(tempfile.mkdtemp(prefix=f".kdray-fetch-{name}-", dir=root))
+    except OSError as e:
+        raise FetchError(f"cannot write in the data root {root}: {e.strerror or e}") from None
     try:
         staged = []
         for i, d in enumerate(todo):
@@ -231,8 +234,11 @@ def fetch(name: str, root: Path, mirror: Optional[str] = None, verify: bool = Tr
                                      f"not the pinned {want}")
             staged.append((item, root / d.dest))
         for item, target in staged:
-            target.parent.mkdir(parents=True, exist_ok=True)
-            os.replace(item, target)
+            try:
+                target.parent.mkdir(parents=True, exist_ok=True)
+                os.replace(item, target)
+            except OSError as e:
+                raise FetchError(f"cannot move the download into {target}: {e.strerror or e}") from None
         return [t for _, t in staged]
     finally:
         shutil.rmtree(stage, ignore_errors=True)
