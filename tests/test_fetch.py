@@ -32,9 +32,11 @@ def only_error_line(capsys) -> str:
 def test_list_shows_every_source_and_its_pin(capsys):
     assert fetch("--list") == 0
     out = capsys.readouterr().out
-    for name in ("tinyshakespeare", "fsdd", "svhn", "tinyimagenet", "speechcommands", "urbansound8k"):
-        line = next(ln for ln in out.splitlines() if ln.startswith(name + " "))
-        assert "NOT PINNED" not in line and "://" in line
+    blocks = {b.split(":", 1)[0]: b for b in out.replace("\n ", "\t").splitlines()}   # one line per source
+    assert set(blocks) == {"tinyshakespeare", "fsdd", "svhn", "tinyimagenet", "speechcommands", "urbansound8k"}
+    for name, block in blocks.items():
+        assert "NOT PINNED" not in block and "pin: " in block and "://" in block and "-> <root>/" in block
+    assert "pin: sha256 of the unpacked files" in blocks["fsdd"] and "pin: md5 of the download" in blocks["svhn"]
 
 
 def test_pins_are_the_ones_torchvision_and_torchaudio_publish():

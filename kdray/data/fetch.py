@@ -6,9 +6,9 @@ loader in ``kdray/data/<name>.py`` reads).  A download is written to a staging f
 inside the data root, verified, unpacked there and only then renamed into place, so a
 failure (offline, wrong checksum, interrupted) leaves nothing half-written behind.
 
-Checksums are the ones each source publishes (SHA-256, or MD5 where the source's own
-download code pins only that) or, where no archive checksum is published, a SHA-256 over
-the unpacked files (``tree_digest``), computed from a verified copy.  A source without any
+Checksums are the published ones (SHA-256, or MD5 where that is all the established
+downloaders, torchvision and soundata, pin) or, where no archive checksum is published,
+a SHA-256 over the unpacked files (``tree_digest``), computed from a known-good copy.  A source without any
 pin is refused unless ``--no-verify`` is given; the SHA-256 printed for every download is
 the value to pin.  ``--mirror URL`` (or ``$KDRAY_FETCH_MIRROR``) fetches each file from
 ``URL/<file name>`` instead of its public address: a local copy, a mirror, or a test's
@@ -64,11 +64,10 @@ class Source:
 
     def pin(self) -> str:
         if self.tree:
-            return "files " + self.tree.split(":")[0]
-        kinds = {d.checksum.split(":")[0] for d in self.downloads if d.checksum}
-        if len(kinds) == 1 and all(d.checksum for d in self.downloads):
-            return kinds.pop()
-        return "NOT PINNED (fill on first verified download; --no-verify until then)"
+            return f"{self.tree.split(':')[0]} of the unpacked files"
+        if self.pinned:
+            return "/".join(sorted({d.checksum.split(":")[0] for d in self.downloads})) + " of the download"
+        return "NOT PINNED (to be filled on the first verified download; --no-verify until then)"
 
     @property
     def pinned(self) -> bool:
@@ -113,7 +112,7 @@ add_source(Source("speechcommands", "Speech Commands v0.02 (105,829 clips, 35 wo
                       "http://download.tensorflow.org/data/speech_commands_v0.02.tar.gz",
                       "SpeechCommands/speech_commands_v0.02",
                       "sha256:af14739ee7dc311471de98f5f9d2c9191b18aedfe957f4a6ff791c709868ff58", "tar", ""),)))
-# md5 as Zenodo record 1203745 lists it (and soundata pins it).
+# md5 as soundata's UrbanSound8K loader pins it (the file of Zenodo record 1203745).
 add_source(Source("urbansound8k", "UrbanSound8K (8,732 clips, 10 classes)", "about 6 GB",
                   "CC BY-NC (non-commercial)", (Download(
                       "https://zenodo.org/record/1203745/files/UrbanSound8K.tar.gz", "UrbanSound8K",
@@ -245,13 +244,17 @@ def fetch(name: str, root: Path, mirror: Optional[str] = None, verify: bool = Tr
 
 
 def format_sources() -> str:
-    rows = [("name", "size", "licence", "pin", "into <root>/", "from")]
+    """``--list``: one block per source."""
+    blocks = []
     for n in SOURCES.names():
         s = SOURCES.get(n)
-        rows.append((n, s.size, s.licence, s.pin(), ", ".join(d.dest for d in s.downloads),
-                     " ".join(d.url for d in s.downloads)))
-    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]) - 1)]
-    return "\n".join("  ".join(c.ljust(w) for c, w in zip(r, widths)) + "  " + r[-1] for r in rows)
+        lines = [f"{n}: {s.what}", f"    size {s.size}; licence {s.licence}; pin: {s.pin()}"]
+        lines += [f"    {d.url}" + (f"  ({d.checksum.replace(':', ' ')})" if d.checksum else "")
+                  + f"\n      -> <root>/{d.dest}" for d in s.downloads]
+        if s.tree:
+            lines.append(f"    files under <root>/{s.downloads[0].dest}: {s.tree.replace(':', ' ')}")
+        blocks.append("\n".join(lines))
+    return "\n".join(blocks)
 
 
 def fetch_main(argv: list[str]) -> int:
