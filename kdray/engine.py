@@ -50,7 +50,7 @@ def trainable(config: dict) -> None:
 
     def send(state: Optional[dict] = None) -> None:
         # Every tune.report waits for the driver to take the result: batching epochs keeps
-        # short trials from stalling on the driver (PROTOCOL's metrics are unchanged).
+        # short trials from stalling on the driver (the metrics of docs/protocol.md §4 are unchanged).
         result = {"kdray": pending[-1], "kdray_epochs": list(pending)}
         pending.clear()
         last_sent[0] = time.monotonic()

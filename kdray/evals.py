@@ -17,7 +17,7 @@ register_eval = EVALS.register
 
 @register_eval("tha_count")
 def tha_count(model: torch.nn.Module, bundle, device: torch.device) -> dict[str, float]:
-    """PROTOCOL 6.6: at each "the" of the clean test text, top-1 after "th": "a" or "e"?"""
+    """docs/protocol.md §6.6: at each "the" of the clean test text, top-1 after "th": "a" or "e"?"""
     from kdray.data.tinyshakespeare import the_contexts
 
     contexts, n = the_contexts(bundle.extras["test_text"], bundle.block_size, bundle.vocab,

@@ -1,4 +1,4 @@
-"""Training objectives of PROTOCOL.md section 3, as a registry.
+"""Training objectives of docs/protocol.md §3, as a registry.
 
 Every objective is ``loss(batch) -> scalar`` over a ``Batch`` holding the
 student's logits, the labels and, for teacher-based objectives, the frozen

@@ -1,4 +1,4 @@
-"""Objectives of PROTOCOL.md section 3 against hand-computed values."""
+"""Objectives of docs/protocol.md §3 against hand-computed values."""
 import math
 
 import pytest
