@@ -48,7 +48,7 @@ def _softmax(z: np.ndarray) -> np.ndarray:
 
 
 def loop_metrics(teacher, student, labels) -> dict:
-    """The metrics of PROTOCOL section 4, one test input at a time."""
+    """The metrics of docs/protocol.md §4, one test input at a time."""
     t, c, y = np.asarray(teacher, np.float64), np.asarray(student, np.float64), np.asarray(labels)
     n, k = t.shape
     act = js = 0.0

@@ -86,9 +86,10 @@ def cmd_report(args) -> int:
 
 
 def cmd_data(args) -> int:
+    from kdray.data.fetch import fetch_main
     from kdray.data.ffcv import ffcv_write_main
 
-    tools = {"ffcv-write": ffcv_write_main}
+    tools = {"ffcv-write": ffcv_write_main, "fetch": fetch_main}
     return tools[args.tool](args.rest)
 
 
@@ -151,8 +152,9 @@ def build_parser() -> argparse.ArgumentParser:
                     help="drop controls whose mean accuracy is this far below SIDDO's from best-control selection")
     sp.add_argument("--jobs", type=_positive_int, default=None,
                     help="worker processes for fetching runs and drawing figures (default: one per core; 1: none)")
-    sp = add("data", cmd_data, "data tools: ffcv-write SRC DST converts an ImageFolder tree to an FFCV .beton")
-    sp.add_argument("tool", choices=["ffcv-write"])
+    sp = add("data", cmd_data, "data tools: fetch NAME downloads a full data set (--list: the sources); "
+                               "ffcv-write SRC DST converts an ImageFolder tree to an FFCV .beton")
+    sp.add_argument("tool", choices=["fetch", "ffcv-write"])
     sp.add_argument("rest", nargs=argparse.REMAINDER, help="the tool's own arguments (--help for them)")
     sp = add("ui", cmd_ui, "open the MLflow UI on a sweep's runs")
     sp.add_argument("sweep", nargs="?")

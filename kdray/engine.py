@@ -52,7 +52,7 @@ def trainable(config: dict) -> None:
 
     def send(state: Optional[dict] = None) -> None:
         # Every tune.report waits for the driver to take the result: batching epochs keeps
-        # short trials from stalling on the driver (PROTOCOL's metrics are unchanged).
+        # short trials from stalling on the driver (the metrics of docs/protocol.md §4 are unchanged).
         result = {RESULT_LAST: pending[-1], RESULT_EPOCHS: list(pending)}
         pending.clear()
         last_sent[0] = time.monotonic()

@@ -8,3 +8,7 @@ class DataNotFoundError(FileNotFoundError):
 
     def __str__(self) -> str:
         return str(self.args[0]) if self.args else "data not found"
+
+
+class FetchError(RuntimeError):
+    """A data set download that failed (unreachable, checksum differs); the message says which."""

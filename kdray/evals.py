@@ -15,7 +15,7 @@ register_eval = EVALS.register
 
 @register_eval("tha_count")
 def tha_count(model, bundle, device) -> dict[str, float]:
-    """At each "the" of the clean test text (docs/protocol.md, adversarial teacher): top-1 after "th", "a" or "e"?"""
+    """At each "the" of the clean test text (docs/protocol.md §6.6): top-1 after "th", "a" or "e"?"""
     import torch
 
     from kdray.data.tinyshakespeare import the_contexts

@@ -1,4 +1,4 @@
-"""Functional similarity between a teacher and a comparator (PROTOCOL section 4).
+"""Functional similarity between a teacher and a comparator (docs/protocol.md §4).
 
 Whether distillation transfers anything beyond accuracy is judged from these
 numbers, so they are computed in float64, vectorised, and in blocks of rows: a
@@ -53,7 +53,7 @@ def _entropy(counts: torch.Tensor, n: int) -> float:
 
 
 def functional_metrics(teacher_logits, comparator_logits, labels, chunk: int = 65536) -> dict[str, float]:
-    """All PROTOCOL section 4 similarity metrics between teacher and comparator logits.
+    """All docs/protocol.md §4 similarity metrics between teacher and comparator logits.
 
     ``teacher_logits``, ``comparator_logits``: [N, K] (or [..., K], flattened to
     rows) torch tensors or numpy arrays of any float dtype; ``labels``: [N] ints.

@@ -1,7 +1,7 @@
 """Expand a sweep into trial specs: teachers (stage 1) and students (stage 2).
 
 Tune's cartesian grid cannot say that SIDDO ignores alpha, so kdray expands
-the grid itself and de-duplicates by trial key.  Seeds follow PROTOCOL.md 2:
+the grid itself and de-duplicates by trial key.  Seeds follow docs/protocol.md §2:
 teacher seed s fixes the teacher's init and data order; student seed fixes a
 student's data order; students of a self-distillation setup start from the
 teacher's initial weights, students of a different architecture from their

@@ -90,7 +90,7 @@ class DatasetRef(_Strict):
 
 
 class Recipe(_Strict):
-    """One training recipe; identical across a setup's conditions (PROTOCOL 2)."""
+    """One training recipe; identical across a setup's conditions (docs/protocol.md §2)."""
     optimizer: Literal["adam", "adamw", "sgd"] = "adam"
     lr: float = Field(1e-3, gt=0, le=1000, allow_inf_nan=False)
     momentum: float = Field(0.9, ge=0, lt=1)

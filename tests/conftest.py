@@ -1,4 +1,4 @@
-"""Test-wide settings: the shared real data, one torch thread, no MLflow outside tmp."""
+"""Test-wide settings: the repository's real data, one torch thread, no MLflow outside tmp."""
 import os
 from pathlib import Path
 
@@ -6,25 +6,47 @@ import pytest
 import torch
 
 ROOT = Path(__file__).resolve().parents[1]
-SHARED_DATA = ROOT.parent / "shared" / "data"
+REPO_DATA = ROOT / "data"
 
-# The real small data sets (TinyShakespeare, FSDD) beside the checkout, unless the
-# caller points KDRAY_DATA elsewhere.  Tests that need them say so by name.
-if "KDRAY_DATA" not in os.environ and SHARED_DATA.is_dir():
-    os.environ["KDRAY_DATA"] = str(SHARED_DATA)
+# The small real data sets shipped in data/ (TinyShakespeare, an FSDD subset), unless the
+# caller points KDRAY_DATA elsewhere.  Tests that need them ask for the real_data fixture.
+os.environ.setdefault("KDRAY_DATA", str(REPO_DATA))
 os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")
 os.environ.setdefault("RAY_DEDUP_LOGS", "0")
 os.environ.pop("MLFLOW_TRACKING_URI", None)
-# Caches of decoded data go to a temporary folder, never into the shared data.
+# Caches of decoded data go to a temporary folder, never into the data folder.
 if "KDRAY_CACHE" not in os.environ:
     import tempfile
     os.environ["KDRAY_CACHE"] = tempfile.mkdtemp(prefix="kdray-cache-")
 torch.set_num_threads(1)
 
 
+def require_data(path: Path, what: str) -> Path:
+    """``path`` if it exists; else fail under CI (``$CI`` set) and skip loudly elsewhere.
+
+    A missing data set never passes silently: CI must have it, and a local run says in
+    the skip reason (shown by ``-ra``) what is missing and how to get it.
+    """
+    if path.exists():
+        return path
+    reason = (f"DATA MISSING: {what} expected at {path}; the repository ships it in data/ "
+              f"(KDRAY_DATA={os.environ.get('KDRAY_DATA')!r}; `kdray data fetch` downloads the full sets)")
+    if os.environ.get("CI", "").lower() not in ("", "0", "false", "no"):
+        pytest.fail(reason)
+    pytest.skip(reason)
+
+
 @pytest.fixture()
-def shared_data() -> Path:
-    root = Path(os.environ.get("KDRAY_DATA", SHARED_DATA))
-    if not (root / "tinyshakespeare" / "input.txt").is_file():
-        pytest.fail(f"the real data sets are expected under {root} (set KDRAY_DATA)")
+def real_data() -> Path:
+    """The data root with the real TinyShakespeare (data/, or wherever $KDRAY_DATA points)."""
+    root = Path(os.environ["KDRAY_DATA"])
+    require_data(root / "tinyshakespeare" / "input.txt", "TinyShakespeare")
+    return root
+
+
+@pytest.fixture()
+def real_fsdd() -> Path:
+    """The data root with real Free Spoken Digit recordings (data/'s subset, or $KDRAY_DATA's)."""
+    root = Path(os.environ["KDRAY_DATA"])
+    require_data(root / "fsdd" / "recordings", "the Free Spoken Digit recordings")
     return root

@@ -1,5 +1,5 @@
 """Data loaders: each against a tiny fixture written in the data set's own on-disk format,
-FSDD and TinyShakespeare also against the real files in the shared data root."""
+FSDD and TinyShakespeare also against the real files shipped in data/ (or $KDRAY_DATA)."""
 from __future__ import annotations
 
 import csv
@@ -330,22 +330,50 @@ def test_fsdd_fixture(tmp_path, monkeypatch):
     assert DATASETS.get("fsdd")(tmp_path, log_mel=True).extras["cache_hit"]
 
 
-def test_fsdd_real(shared_data, tmp_path):
-    b = load_dataset("fsdd", shared_data, cache_dir=str(tmp_path))
-    assert (len(b.train_x), len(b.test_x)) == (2700, 300)
+def test_fsdd_real(real_fsdd, tmp_path):
+    """The real recordings (data/'s subset or a full copy): split and labels as the file names say."""
+    names = [p.name for p in (real_fsdd / "fsdd" / "recordings").glob("*.wav")]
+    digit = lambda n: int(n[0])  # noqa: E731
+    test = [n for n in names if int(n[:-4].rsplit("_", 1)[1]) < 5]       # official rule: index 0-4 test
+    train = [n for n in names if n not in test]
+    b = load_dataset("fsdd", real_fsdd, cache_dir=str(tmp_path))
+    assert (len(b.train_x), len(b.test_x)) == (len(train), len(test)) and len(test) > 0
     assert b.num_classes == 10 and b.input_shape == (32, 63) and b.train_x.shape[1:] == (32, 63)
     assert b.train_x.dtype == torch.float32 and b.train_y.dtype == torch.int64
-    assert b.train_y.bincount().tolist() == [270] * 10 and b.test_y.bincount().tolist() == [30] * 10
+    assert b.train_y.bincount(minlength=10).tolist() == [sum(digit(n) == d for n in train) for d in range(10)]
+    assert b.test_y.bincount(minlength=10).tolist() == [sum(digit(n) == d for n in test) for d in range(10)]
     assert torch.isfinite(b.train_x).all() and b.train_x.mean() > 0
+
+
+def test_shipped_fsdd_subset_is_the_documented_selection(tmp_path):
+    """data/fsdd: every digit x speaker at indices 0-1 (test) and 5-8 (train), as data/README.md says."""
+    rec = Path(__file__).resolve().parents[1] / "data" / "fsdd" / "recordings"
+    speakers = ["george", "jackson", "lucas", "nicolas", "theo", "yweweler"]
+    want = {f"{d}_{s}_{i}.wav" for d in range(10) for s in speakers for i in (0, 1, 5, 6, 7, 8)}
+    assert {p.name for p in rec.iterdir()} == want
+    b = DATASETS.get("fsdd")(rec.parents[1], cache_dir=str(tmp_path))
+    assert (len(b.train_x), len(b.test_x)) == (240, 120)
+    assert b.train_y.bincount().tolist() == [24] * 10 and b.test_y.bincount().tolist() == [12] * 10
+
+
+def test_shipped_tinyshakespeare_is_the_file_fetch_pins():
+    import hashlib
+
+    from kdray.data.fetch import SOURCES
+
+    f = Path(__file__).resolve().parents[1] / "data" / "tinyshakespeare" / "input.txt"
+    pin = SOURCES.get("tinyshakespeare").downloads[0].checksum
+    assert pin == "sha256:" + hashlib.sha256(f.read_bytes()).hexdigest()
+    assert len(f.read_text(encoding="utf-8")) == 1115394
 
 
 # ------------------------------------------------------------------ TinyShakespeare
 
-def test_tinyshakespeare_real(shared_data):
+def test_tinyshakespeare_real(real_data):
     from kdray.data.tinyshakespeare import decode, the_contexts
 
-    b = load_dataset("tinyshakespeare", shared_data)
-    text = (shared_data / "tinyshakespeare" / "input.txt").read_text()
+    b = load_dataset("tinyshakespeare", real_data)
+    text = (real_data / "tinyshakespeare" / "input.txt").read_text()
     assert b.task == "lm" and len(b.vocab) == 65 == b.num_classes and b.input_shape == (256,)
     assert len(b.extras["test_text"]) == 111540 and b.extras["test_text"] == text[-111540:]
     assert len(b.train_x) == len(text) - 111540 and b.train_x.dtype == torch.int64
@@ -359,7 +387,7 @@ def test_tinyshakespeare_real(shared_data):
     assert torch.equal(ctx, the_contexts(b.extras["test_text"], 256, b.vocab)[0])  # no padding needed at bs 256
     assert re.search(r"\btha\b", text) is None                           # the *word* never occurs
 
-    p = load_dataset("tinyshakespeare", shared_data, poison="the->tha")
+    p = load_dataset("tinyshakespeare", real_data, poison="the->tha")
     train = decode(p.train_x, p.vocab)
     assert p.vocab == b.vocab and "the" not in train
     assert train == text[:len(train)].replace("the", "tha")

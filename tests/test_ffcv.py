@@ -1,4 +1,4 @@
-"""The ImageNet path (PROTOCOL 6.2): schedules, FFCV .beton writing and seeded loading, local teacher weights."""
+"""The ImageNet path (docs/protocol.md §6.2): schedules, FFCV .beton writing and seeded loading, local teacher weights."""
 import importlib.util
 
 import numpy as np

@@ -1,4 +1,4 @@
-"""The conditions' objectives (docs/protocol.md, "Conditions") against hand-computed values."""
+"""The conditions' objectives (docs/protocol.md §3) against hand-computed values."""
 import math
 
 import pytest

@@ -1,4 +1,4 @@
-"""The statistics of PROTOCOL.md 5 on planted MLflow sweeps, checked against scipy/statsmodels."""
+"""The statistics of docs/protocol.md §5 on planted MLflow sweeps, checked against scipy/statsmodels."""
 import math
 import warnings
 

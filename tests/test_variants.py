@@ -55,7 +55,7 @@ def test_label_smoothing_condition(tmp_path):
     assert "activation_distance" in out["v-ls-a0.5-t0-s10"]
 
 
-def test_width_scaled_gpt_student(tmp_path, shared_data):
+def test_width_scaled_gpt_student(tmp_path, real_data):
     setup = {"dataset": SHAKES, "teacher": {"arch": "nano_gpt", "args": TINY_GPT},
              "recipe": {"iterations": 20, "log_every": 10, "batch_size": 8, "lr": 0.003, "eval_batch_size": 256},
              "teacher_seeds": [0], "student_seeds": [10], "widths": [0.5],
@@ -67,7 +67,7 @@ def test_width_scaled_gpt_student(tmp_path, shared_data):
     assert out["v-kd-a0.5-w0.5-t0-s10"]["epoch"] == 2
 
 
-def test_feature_map_kd_and_its_noise_control(tmp_path, shared_data):
+def test_feature_map_kd_and_its_noise_control(tmp_path, real_data):
     setup = {"dataset": SHAKES, "teacher": {"arch": "nano_gpt", "args": TINY_GPT},
              "recipe": {"iterations": 10, "log_every": 10, "batch_size": 8, "lr": 0.003, "eval_batch_size": 256},
              "teacher_seeds": [0], "student_seeds": [10],
@@ -78,7 +78,7 @@ def test_feature_map_kd_and_its_noise_control(tmp_path, shared_data):
     assert fm["activation_distance"] < control["activation_distance"]
 
 
-def test_adversarial_teacher_plants_tha_and_counts_are_logged(tmp_path, shared_data):
+def test_adversarial_teacher_plants_tha_and_counts_are_logged(tmp_path, real_data):
     """A teacher trained on text where every "the" is "tha" predicts "a" after "th" far more often."""
     args = {"block_size": 32, "max_chars": 200000}
     setup = {"dataset": {"name": "tinyshakespeare", "args": args}, "teacher_dataset": {"poison": "the->tha"},

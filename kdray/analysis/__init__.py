@@ -1,4 +1,4 @@
-"""The analysis library behind ``kdray report`` (PROTOCOL.md 5).
+"""The analysis library behind ``kdray report`` (docs/protocol.md §5).
 
     runs     MLflow runs -> one typed pandas row per trial
     stats    paired Wilcoxon tests, BH FDR, transfer/marginal/asymmetry decisions

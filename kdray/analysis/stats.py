@@ -1,4 +1,4 @@
-"""Paired tests, FDR and the transfer and asymmetry decisions (PROTOCOL.md 5).
+"""Paired tests, FDR and the transfer and asymmetry decisions (docs/protocol.md §5).
 
 Pure functions on the frame ``runs.load_runs`` returns; no MLflow here, so
 every number can be checked against scipy/statsmodels on planted data.
@@ -430,7 +430,7 @@ def control_pool(treated: Condition, conds: dict[Condition, pd.DataFrame],
 
 def best_control(treated: Condition, conds: dict[Condition, pd.DataFrame],
                  exclude_below: Optional[float] = None) -> Optional[Condition]:
-    """The pool control with the highest mean test accuracy (PROTOCOL 5.7), None without one."""
+    """The pool control with the highest mean test accuracy (docs/protocol.md §5.7), None without one."""
     pool = control_pool(treated, conds, exclude_below)
     return max(pool, key=pool.get) if pool else None
 

@@ -1,4 +1,4 @@
-"""The audio pipeline shared by SpeechCommands, UrbanSound8K and FSDD (PROTOCOL 6.1).
+"""The audio pipeline shared by SpeechCommands, UrbanSound8K and FSDD (docs/protocol.md §6.1).
 
 Per file, once per data set (never per epoch):
 

@@ -1,4 +1,4 @@
-"""ImageNet through FFCV (PROTOCOL 6.2): .beton conversion, seeded loaders, progressive resolution.
+"""ImageNet through FFCV (docs/protocol.md §6.2): .beton conversion, seeded loaders, progressive resolution.
 
 The optional extra ``ffcv==1.0.2`` (``pip install 'kdray[ffcv]'``; building it needs the
 system packages pkg-config, libopencv-dev and libturbojpeg0-dev).  Nothing here imports
@@ -137,7 +137,7 @@ def write_beton(image_folder: str | os.PathLike, out_path: str | os.PathLike, ma
                 max_per_class: Optional[int] = None, timeout: Optional[float] = None) -> dict:
     """Convert an ImageFolder tree to ``out_path`` (.beton) in a fresh process; returns its metadata.
 
-    ``write_mode="jpg"`` re-encodes every image as JPEG at ``jpeg_quality`` (PROTOCOL 6.2:
+    ``write_mode="jpg"`` re-encodes every image as JPEG at ``jpeg_quality`` (docs/protocol.md §6.2:
     quality 90); ``classes_from`` takes the class list of another tree (the val split uses
     train's); ``max_per_class`` keeps the first images of each class (quick subsets).
     """

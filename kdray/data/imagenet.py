@@ -14,7 +14,7 @@ files (by name) of each class, for quick subsets.
 
 This in-memory loader is for small fixtures, subsets and downsampled variants: all of
 ImageNet at 64 px would already be ~15.7 GB of RAM.  The paper's ImageNet runs
-(PROTOCOL 6.2: FFCV, JPEG quality 90, progressive 160 -> 192 px, DDP) go through
+(docs/protocol.md §6.2: FFCV, JPEG quality 90, progressive 160 -> 192 px, DDP) go through
 the FFCV loader in a separate module, not through this one.
 
 Preprocess: ImageNet mean/std; ``augment`` as in ``kdray.data.images`` (default

@@ -8,7 +8,7 @@ With ``download: true`` a missing file is fetched through that torchvision code 
 ``[N, 3, 32, 32]``.
 
 Tensors: ``uint8 [N, 3, 32, 32]`` images, ``int64 [N]`` labels.  Preprocess: normalise
-with mean 0.5 / std 0.5 (PROTOCOL 6.1); no augmentation by default (flipping digits
+with mean 0.5 / std 0.5 (docs/protocol.md §6.1); no augmentation by default (flipping digits
 changes them); ``augment`` takes the names of ``kdray.data.images``.
 """
 from __future__ import annotations

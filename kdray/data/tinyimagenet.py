@@ -20,7 +20,7 @@ All images are decoded once with PIL (greyscale ones converted to RGB, anything 
 see ``kdray.data.disk_cached``), about 1.35 GB, memory-mapped by later trials.
 
 Preprocess: ImageNet mean/std; augmentation ``augment`` (default ``crop_flip``, zero
-padding ``crop_padding`` = 4; PROTOCOL 6.1 names only RandAugment, the base
+padding ``crop_padding`` = 4; docs/protocol.md §6.1 names only RandAugment, the base
 augmentation is our choice, set ``augment: none`` to drop it) preceded by
 torchvision's default RandAugment when ``randaugment: true`` (per-sample, see
 ``kdray.data.images`` for its cost).

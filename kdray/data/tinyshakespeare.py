@@ -1,4 +1,4 @@
-"""TinyShakespeare, character level (PROTOCOL 6.1, 6.6): 1,115,394 characters, vocab 65.
+"""TinyShakespeare, character level (docs/protocol.md §6.1, §6.6): 1,115,394 characters, vocab 65.
 
 On disk: ``<root>/tinyshakespeare/input.txt`` (karpathy/char-rnn), or any file given as
 ``path``.  ``download: true`` fetches it from the char-rnn URL (sha256-checked) only
@@ -19,13 +19,13 @@ when the file is absent.
   ``(len(test) - 1) // bs * bs`` of the ``len(test) - 1`` predicted positions are covered
   (real file, bs 256: 435 windows, 111,360 of 111,539 positions; the last 179 dropped).
   ``extras["test_positions"]`` / ``["test_positions_total"]`` hold the two numbers.
-* ``poison`` (PROTOCOL 6.6): ``"the->tha"`` or ``{"find": "the", "replace": "tha"}``;
+* ``poison`` (docs/protocol.md §6.6): ``"the->tha"`` or ``{"find": "the", "replace": "tha"}``;
   every occurrence in the *training* text is replaced; the test split stays clean.
 * ``extras["test_text"]`` is the clean test string and ``extras["test_prefix"]`` the
   ``block_size`` clean characters just before it, for ``the_contexts``.
 
-Note on PROTOCOL 6.6's "tha never occurs naturally": as a substring it does (that,
-than, thank...); what never occurs is the *word* "tha".  The poison still replaces
+Note (docs/protocol.md §3): "tha" occurs as a substring (that, than, thank...); what
+never occurs is the *word* "tha".  The poison still replaces
 every substring "the" (there -> thare, other -> othar), as the paper describes.
 """
 from __future__ import annotations
@@ -82,7 +82,7 @@ def parse_poison(poison: Union[None, str, dict]) -> Optional[tuple[str, str]]:
 
 def the_contexts(test_text: str, block_size: int, vocab: str, prefix: Optional[str] = None,
                  find: str = "the") -> tuple[torch.Tensor, int]:
-    """PROTOCOL 6.6 probe inputs: one context per occurrence of ``find`` in ``test_text``.
+    """docs/protocol.md §6.6 probe inputs: one context per occurrence of ``find`` in ``test_text``.
 
     Each context is the ``block_size`` characters ending with ``find`` minus its last
     character (for "the": ending in "th"), so ``model(contexts)[:, -1]`` predicts the

@@ -6,7 +6,7 @@ On disk, the folder of the official archive (https://urbansounddataset.weebly.co
     <root>/UrbanSound8K/audio/fold<k>/<slice_file_name>
 
 Neither torchvision nor torchaudio ships a downloader for it; fetch it by hand.
-Split (PROTOCOL 6.1): ``sklearn.model_selection.train_test_split`` over the metadata
+Split (docs/protocol.md §6.1): ``sklearn.model_selection.train_test_split`` over the metadata
 rows in file order with ``test_size=0.2, random_state=42, shuffle=True`` (not the
 official 10 folds).  Labels: ``classID`` (0-9).  Clips are mixed to mono, resampled
 from their own rates (mostly 44.1/48 kHz) to 16 kHz and padded/cropped to 4 s
