@@ -82,7 +82,8 @@ def cmd_sweep(args) -> int:
 def cmd_report(args) -> int:
     from kdray.analysis.report import run_report
 
-    return run_report(args.target, args.out, args.tracking_uri, args.threshold, args.exclude_below, args.jobs)
+    return run_report(args.target, args.out, args.tracking_uri, args.threshold, args.exclude_below, args.jobs,
+                      args.min_metrics)
 
 
 def cmd_data(args) -> int:
@@ -150,6 +151,9 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--threshold", type=float, default=0.01, help="marginal-transfer threshold on the prediction-agreement gain")
     sp.add_argument("--exclude-below", type=float, default=None,
                     help="drop controls whose mean accuracy is this far below SIDDO's from best-control selection")
+    sp.add_argument("--min-metrics", type=int, choices=range(1, 5), default=3, metavar="{1..4}",
+                    help="functional metrics that must be significant against every control for transfer "
+                         "to count as supported (default 3 of 4, the paper's rule)")
     sp.add_argument("--jobs", type=_positive_int, default=None,
                     help="worker processes for fetching runs and drawing figures (default: one per core; 1: none)")
     sp = add("data", cmd_data, "data tools: fetch NAME downloads a full data set (--list: the sources); "

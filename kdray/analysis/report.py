@@ -29,7 +29,7 @@ import pandas as pd
 
 from kdray.analysis import figures, tables
 from kdray.analysis.runs import ReportError, get_experiment, load_runs, resolve_experiment
-from kdray.analysis.stats import Analysis, analyse
+from kdray.analysis.stats import SUPPORT_MIN, Analysis, analyse
 from kdray.contracts import KIND_REPORT, KIND_SWEEP, TAG_KIND, TAG_PARENT
 
 SHOW_EXCLUDED = 8                    # excluded runs listed in the terminal summary
@@ -125,12 +125,14 @@ def _html(title: str, summary: str, tabs: list[tables.Table], figs: list[tuple[s
 
 
 def build_report(df: pd.DataFrame, out_dir: str | Path, threshold: float = 0.01,
-                 exclude_below: Optional[float] = None, title: str = "kdray report", pool=None) -> ReportResult:
+                 exclude_below: Optional[float] = None, title: str = "kdray report", pool=None,
+                 min_metrics: int = SUPPORT_MIN) -> ReportResult:
     """Analyse the runs and write every table, figure and the HTML page into out_dir
     (setups analysed and their figures drawn by the process ``pool`` when given, see report_pool)."""
     out = Path(out_dir)
     clock = _Clock()
-    a = analyse(df, threshold=threshold, exclude_below=exclude_below, map_=pool.map if pool else map)
+    a = analyse(df, threshold=threshold, exclude_below=exclude_below, map_=pool.map if pool else map,
+                min_metrics=min_metrics)
     result = ReportResult(out, a, seconds=clock.seconds)
     clock.lap("analysis")
     files = result.files
@@ -214,7 +216,7 @@ def report_pool(jobs: Optional[int] = None) -> Iterator[Optional[Executor]]:
 
 
 def run_report(target: str, out: str | None, tracking_uri: str | None, threshold: float = 0.01,
-               exclude_below: float | None = None, jobs: Optional[int] = None) -> int:
+               exclude_below: float | None = None, jobs: Optional[int] = None, min_metrics: int = SUPPORT_MIN) -> int:
     """What ``kdray report`` does: print the summary, return the exit code (2 on a user error)."""
     jobs = jobs or os.cpu_count() or 1
     with report_pool(jobs) as pool:
@@ -230,7 +232,7 @@ def run_report(target: str, out: str | None, tracking_uri: str | None, threshold
             return 2
         out_dir = Path(out) if out else default_out(storage, name)
         result = build_report(df, out_dir, threshold=threshold, exclude_below=exclude_below,
-                              title=f"kdray report: {name}", pool=pool)
+                              title=f"kdray report: {name}", pool=pool, min_metrics=min_metrics)
     phases = ", ".join(f"{k} {v:.1f} s" for k, v in result.seconds.items())
     print(f"kdray report: {len(df)} runs loaded in {loaded:.1f} s; {phases} "
           f"({jobs} process{'es' if jobs > 1 else ''})", file=sys.stderr)
