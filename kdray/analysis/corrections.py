@@ -16,6 +16,7 @@ CORRECTIONS = {
     "by": "Benjamini-Yekutieli (false discovery rate under any dependence)",
     "holm": "Holm (family-wise error rate)",
 }
+SHORT = {"bh": "BH", "by": "BY", "holm": "Holm"}
 DEFAULT = "bh"
 FAMILY = ("the {m} functional metrics of one comparison (one treated condition against one control, "
           "within one setup and teacher seed)")

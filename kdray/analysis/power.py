@@ -126,3 +126,38 @@ def per_decision(curves: pd.DataFrame) -> dict[tuple, tuple[float, float]]:
         cond = g["condition"].iloc[0]
         out[(key[0], key[1], cond)] = (float(g.loc[g["pilot"], "power"].iloc[0]), seeds_for(g))
     return out
+
+
+def needs_text(a) -> list[str]:
+    """Per setup, one line: the student seeds each treated condition needs on its hardest teacher seed."""
+    lines = []
+    for setup, d in a.decisions.groupby("setup", sort=True):
+        parts = []
+        for cond in sorted(set(d["condition"]), key=lambda c: c.sort_key):
+            n = d.loc[[c == cond for c in d["condition"]], "seeds_for_power"]
+            parts.append(f"{cond.label} {'more than ' + str(max(SEED_RANGE)) if n.isna().any() else int(n.max())}")
+        lines.append(f"{setup}: student seeds for {TARGET:.0%} power on every teacher seed: {', '.join(parts)}")
+    return lines
+
+
+def run_power(target: str, tracking_uri: Optional[str], correction: str = corrections.DEFAULT,
+              draws: int = 2 * DRAWS, level: float = LEVEL) -> int:
+    """What ``kdray power`` does: the power table and the seeds each condition needs; exit code 2 on a user error."""
+    import sys
+
+    from kdray.analysis.report import load_target
+    from kdray.analysis.runs import ReportError
+    from kdray.analysis.stats import analyse
+    from kdray.analysis.tables import power_table
+
+    try:
+        df, _, name, _, _ = load_target(target, tracking_uri)
+    except ReportError as e:
+        print(f"kdray: error: {e}", file=sys.stderr)
+        return 2
+    a = analyse(df, level=level, correction=correction, power_draws=draws)
+    print(f"kdray power: {name}: {len(a.students)} student runs as the pilot, {draws} simulated studies per "
+          f"estimate; {corrections.family_text(correction)}; level {level:g}")
+    print(power_table(a).markdown())
+    print("\n".join(needs_text(a)))
+    return 0

@@ -260,7 +260,7 @@ def significance_warning(n_pairs: int, level: float = LEVEL, n_tests: int = 4,
     if adj <= level:
         return None
     need = corrections.seeds_needed(level, correction, n_tests)
-    after = f" ({correction.upper()}-adjusted: {adj:.4g})" if adj != p else ""
+    after = f" ({corrections.SHORT[correction]}-adjusted: {adj:.4g})" if adj != p else ""
     return (f"{n_pairs} paired student seeds: the smallest one-sided Wilcoxon p is 2^-{n_pairs} = {p:.4g}{after} "
             f"> {level:g}, so none of the {n_tests} metric tests can be significant; "
             f"use at least {need} student seeds")
@@ -269,7 +269,7 @@ def significance_warning(n_pairs: int, level: float = LEVEL, n_tests: int = 4,
 def smallest_p_text(n_pairs: int, correction: str = corrections.DEFAULT, n_tests: int = 4) -> str:
     """What ``kdray plan`` states: the smallest p attainable with n_pairs seeds, raw and corrected."""
     return (f"{n_pairs} student seeds: smallest one-sided p 2^-{n_pairs} = {min_wilcoxon_p(n_pairs):.4g}, "
-            f"{correction.upper()}-adjusted over {n_tests} metrics "
+            f"{corrections.SHORT[correction]}-adjusted over {n_tests} metrics "
             f"{corrections.min_adjusted_p(n_pairs, correction, n_tests):.4g}")
 
 
