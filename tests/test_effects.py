@@ -196,6 +196,12 @@ def test_vectorised_corrections_equal_statsmodels_row_by_row():
     assert math.isnan(with_nan[1]) and with_nan[0] == pytest.approx(0.02)
 
 
+def test_cli_offers_exactly_the_corrections():
+    from kdray import cli
+
+    assert set(cli.CORRECTIONS) == set(corrections.CORRECTIONS) == set(corrections.SHORT)
+
+
 def test_smallest_attainable_p_and_seeds_needed():
     assert corrections.min_adjusted_p(6, "bh") == 2 ** -6
     assert corrections.min_adjusted_p(6, "by") == pytest.approx(2 ** -6 * 25 / 12)

@@ -507,17 +507,18 @@ def decisions(students: pd.DataFrame, against: pd.DataFrame, threshold: float = 
             di, di_sem, _ = mean_sem(inc.d)
             both, ic, ii = np.intersect1d(cor.seeds, inc.seeds, return_indices=True)
             gain = mean_sem(paired(runs, ref, "prediction_agreement").d)[0]
+            p_asym, asym_null = signed_rank_test(inc.d[ii] - cor.d[ic], "two-sided", _scale(inc.x, inc.y, cor.x, cor.y))
             rows.append(dict(
                 setup=setup, teacher_seed=ts, condition=cond, n_significant=n_sig, supported=supported,
                 marginal=_marginal(supported, gain, threshold), pa_gain=gain,
                 delta_correct=dc, delta_correct_sem=dc_sem, delta_incorrect=di, delta_incorrect_sem=di_sem,
                 n_pairs=len(both), asymmetry=_asymmetry(supported, dc, di),
-                p_asymmetry=wilcoxon_two_sided(inc.d[ii] - cor.d[ic], _scale(inc.x, inc.y, cor.x, cor.y)),
+                p_asymmetry=p_asym, asymmetry_null=asym_null,
                 best_control=best))
     return pd.DataFrame(rows, columns=[
         "setup", "teacher_seed", "condition", "n_significant", "supported", "marginal", "pa_gain",
         "delta_correct", "delta_correct_sem", "delta_incorrect", "delta_incorrect_sem", "n_pairs",
-        "asymmetry", "p_asymmetry", "best_control"])
+        "asymmetry", "p_asymmetry", "asymmetry_null", "best_control"])
 
 
 @dataclass
