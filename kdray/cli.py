@@ -159,14 +159,9 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--threshold", type=float, default=0.01, help="marginal-transfer threshold on the prediction-agreement gain")
     sp.add_argument("--exclude-below", type=float, default=None,
                     help="drop controls whose mean accuracy is this far below SIDDO's from best-control selection")
+    _correction(sp)
     sp.add_argument("--jobs", type=_positive_int, default=None,
                     help="worker processes for fetching runs and drawing figures (default: one per core; 1: none)")
-    _correction(sp)
-    sp = add("power", cmd_power, "power to support transfer at 5..30 student seeds, from a pilot sweep's runs")
-    sp.add_argument("target", help="a sweep file or an MLflow experiment name (the pilot)")
-    sp.add_argument("--tracking-uri", help="MLflow tracking URI (default: the sweep's)")
-    sp.add_argument("--draws", type=_positive_int, default=2000, help="simulated studies per estimate (default 2000)")
-    _correction(sp)
     sp = add("data", cmd_data, "data tools: ffcv-write SRC DST converts an ImageFolder tree to an FFCV .beton")
     sp.add_argument("tool", choices=["ffcv-write"])
     sp.add_argument("rest", nargs=argparse.REMAINDER, help="the tool's own arguments (--help for them)")
@@ -175,6 +170,11 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--tracking-uri")
     sp.add_argument("--host", default="127.0.0.1")
     sp.add_argument("--port", type=int, default=5000)
+    sp = add("power", cmd_power, "power to support transfer at 5..30 student seeds, from a pilot sweep's runs")
+    sp.add_argument("target", help="a sweep file or an MLflow experiment name (the pilot)")
+    sp.add_argument("--tracking-uri", help="MLflow tracking URI (default: the sweep's)")
+    sp.add_argument("--draws", type=_positive_int, default=2000, help="simulated studies per estimate (default 2000)")
+    _correction(sp)
     return p
 
 

@@ -1,4 +1,4 @@
-"""Paired tests, FDR and the transfer and asymmetry decisions (PROTOCOL.md 5).
+"""Paired tests, FDR and the transfer and asymmetry decisions (docs/protocol.md §5).
 
 Pure functions on the frame ``runs.load_runs`` returns; no MLflow here, so
 every number can be checked against scipy/statsmodels on planted data.
@@ -127,12 +127,12 @@ class ControlRule:
 
 
 _SIDDO = ControlRule("siddo", ("width",))
-# The paired controls each treated method is tested against (PROTOCOL 5.2, 3 for FM).
+# The paired controls each treated method is tested against (docs/protocol.md §5.2; FM's control: §3).
 CONTROL_RULES: dict[str, tuple[ControlRule, ...]] = {
     "kd": (_SIDDO, ControlRule("rcd", ("alpha", "temperature", "width"), (("temperature", 1.0),))),
     "fm": (_SIDDO, ControlRule("fm_rcd", ("alpha", "block", "width"))),
 }
-# The candidates for the "best control" (highest mean test accuracy, PROTOCOL 5.7).
+# The candidates for the "best control" (highest mean test accuracy, docs/protocol.md §5.7).
 BEST_CONTROL_POOL: dict[str, tuple[ControlRule, ...]] = {
     "kd": (_SIDDO, ControlRule("rcd", ("temperature", "width"), (("temperature", 1.0),))),
     "fm": (_SIDDO, ControlRule("fm_rcd", ("block", "width"))),
@@ -449,7 +449,7 @@ def control_pool(treated: Condition, conds: dict[Condition, pd.DataFrame],
 
 def best_control(treated: Condition, conds: dict[Condition, pd.DataFrame],
                  exclude_below: Optional[float] = None) -> Optional[Condition]:
-    """The pool control with the highest mean test accuracy (PROTOCOL 5.7), None without one."""
+    """The pool control with the highest mean test accuracy (docs/protocol.md §5.7), None without one."""
     pool = control_pool(treated, conds, exclude_below)
     return max(pool, key=pool.get) if pool else None
 
@@ -554,7 +554,7 @@ class Analysis:
 def analyse(df: pd.DataFrame, threshold: float = 0.01, exclude_below: Optional[float] = None,
             level: float = LEVEL, map_=map, correction: str = corrections.DEFAULT,
             power_draws: Optional[int] = None) -> Analysis:
-    """Run the whole of PROTOCOL.md 5 on a sweep's runs.
+    """Run the whole of docs/protocol.md §5 on a sweep's runs.
 
     Every test, decision and summary is within one setup, so each setup is
     analysed on its own and the parts are concatenated in setup order.
