@@ -552,8 +552,8 @@ class Analysis:
 
 
 def analyse(df: pd.DataFrame, threshold: float = 0.01, exclude_below: Optional[float] = None,
-            level: float = LEVEL, map_=map, correction: str = corrections.DEFAULT,
-            power_draws: Optional[int] = None) -> Analysis:
+            correction: str = corrections.DEFAULT, power_draws: Optional[int] = None,
+            level: float = LEVEL, map_=map) -> Analysis:
     """Run the whole of docs/protocol.md §5 on a sweep's runs.
 
     Every test, decision and summary is within one setup, so each setup is
