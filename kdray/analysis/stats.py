@@ -219,18 +219,6 @@ def wilcoxon_two_sided(d, scale: Optional[float] = None) -> float:
     return _signed_rank(d, "two-sided", scale)
 
 
-def bh_adjust(pvals, level: float = LEVEL) -> tuple[np.ndarray, np.ndarray]:
-    """Benjamini-Hochberg adjusted p-values and rejections; nan p-values stay out of the family."""
-    from statsmodels.stats.multitest import multipletests
-
-    p = np.asarray(pvals, float)
-    adj, rej = np.full(p.shape, np.nan), np.zeros(p.shape, bool)
-    ok = ~np.isnan(p)
-    if ok.any():
-        rej[ok], adj[ok], _, _ = multipletests(p[ok], alpha=level, method="fdr_bh")
-    return adj, rej
-
-
 def mean_sem(x) -> tuple[float, float, int]:
     """Mean, 1 SEM (ddof=1 std / sqrt(n)) and n over the non-nan values."""
     x = np.asarray(x, float)
