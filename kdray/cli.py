@@ -36,9 +36,9 @@ def cmd_plan(args) -> int:
     from kdray.plan import format_plan
 
     try:
-        from kdray.analysis.stats import significance_warning
+        from kdray.analysis.stats import significance_warning, smallest_p_text
     except ImportError:  # analysis not installed in a minimal build
-        significance_warning = None
+        significance_warning = smallest_p_text = None
     keys: dict[str, str] = {}
     total = 0
     for path in args.sweep:
@@ -48,7 +48,9 @@ def cmd_plan(args) -> int:
         for spec in plan.all:
             keys.setdefault(spec.trial_key, spec.role)
         for s in sweep.setups:
-            w = significance_warning and significance_warning(len(s.student_seeds))
+            if smallest_p_text:
+                print(f"  {s.name}: {smallest_p_text(len(s.student_seeds), args.correction)}")
+            w = significance_warning and significance_warning(len(s.student_seeds), correction=args.correction)
             if w:
                 print(f"  warning: {s.name}: {w}")
         if args.list:
@@ -79,7 +81,14 @@ def cmd_sweep(args) -> int:
 def cmd_report(args) -> int:
     from kdray.analysis.report import run_report
 
-    return run_report(args.target, args.out, args.tracking_uri, args.threshold, args.exclude_below, args.jobs)
+    return run_report(args.target, args.out, args.tracking_uri, args.threshold, args.exclude_below, args.jobs,
+                      args.correction)
+
+
+def cmd_power(args) -> int:
+    from kdray.analysis.power import run_power
+
+    return run_power(args.target, args.tracking_uri, args.correction, args.draws)
 
 
 def cmd_data(args) -> int:
@@ -111,6 +120,15 @@ def _positive_int(text: str) -> int:
     return int(text)
 
 
+CORRECTIONS = ("bh", "by", "holm")     # kdray.analysis.corrections.CORRECTIONS, without importing numpy here
+
+
+def _correction(sp: argparse.ArgumentParser) -> None:
+    sp.add_argument("--correction", choices=CORRECTIONS, default="bh",
+                    help="multiple-comparison correction over each comparison's four functional metrics: "
+                         "bh Benjamini-Hochberg (default), by Benjamini-Yekutieli, holm Holm")
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="kdray", description="Ray-distributed sweeps for the functional study of knowledge distillation.")
     sub = p.add_subparsers(dest="command", required=True)
@@ -127,6 +145,7 @@ def build_parser() -> argparse.ArgumentParser:
     sp = add("plan", cmd_plan, "print the trials sweep files expand to, per setup and condition")
     sp.add_argument("sweep", nargs="+")
     sp.add_argument("--list", action="store_true", help="also list every trial key and label")
+    _correction(sp)
     sp = add("sweep", cmd_sweep, "run a sweep: teachers, then students and controls, on Ray Tune")
     sp.add_argument("sweep")
     sp.add_argument("--resume", action="store_true",
@@ -141,6 +160,7 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--threshold", type=float, default=0.01, help="marginal-transfer threshold on the prediction-agreement gain")
     sp.add_argument("--exclude-below", type=float, default=None,
                     help="drop controls whose mean accuracy is this far below SIDDO's from best-control selection")
+    _correction(sp)
     sp.add_argument("--jobs", type=_positive_int, default=None,
                     help="worker processes for fetching runs and drawing figures (default: one per core; 1: none)")
     sp = add("data", cmd_data, "data tools: fetch NAME downloads a full data set (--list: the sources); "
@@ -152,6 +172,11 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--tracking-uri")
     sp.add_argument("--host", default="127.0.0.1")
     sp.add_argument("--port", type=int, default=5000)
+    sp = add("power", cmd_power, "power to support transfer at 5..30 student seeds, from a pilot sweep's runs")
+    sp.add_argument("target", help="a sweep file or an MLflow experiment name (the pilot)")
+    sp.add_argument("--tracking-uri", help="MLflow tracking URI (default: the sweep's)")
+    sp.add_argument("--draws", type=_positive_int, default=2000, help="simulated studies per estimate (default 2000)")
+    _correction(sp)
     return p
 
 
