@@ -43,9 +43,9 @@ def cmd_plan(args) -> int:
     from kdray.plan import format_plan
 
     try:
-        from kdray.analysis.stats import significance_warning
+        from kdray.analysis.stats import significance_warning, smallest_p_text
     except ImportError:  # analysis not installed in a minimal build
-        significance_warning = None
+        significance_warning = smallest_p_text = None
     keys: dict[str, str] = {}
     total = 0
     for path in args.sweep:
@@ -55,7 +55,9 @@ def cmd_plan(args) -> int:
         for spec in plan.all:
             keys.setdefault(spec.trial_key, spec.role)
         for s in sweep.setups:
-            w = significance_warning and significance_warning(len(s.student_seeds))
+            if smallest_p_text:
+                print(f"  {s.name}: {smallest_p_text(len(s.student_seeds), args.correction)}")
+            w = significance_warning and significance_warning(len(s.student_seeds), correction=args.correction)
             if w:
                 print(f"  warning: {s.name}: {w}")
         if args.list:
@@ -83,7 +85,13 @@ def cmd_report(args) -> int:
     from kdray.analysis.report import run_report
 
     return run_report(args.target, args.out, args.tracking_uri, args.threshold, args.exclude_below, args.jobs,
-                      args.min_metrics)
+                      args.correction, args.min_metrics)
+
+
+def cmd_power(args) -> int:
+    from kdray.analysis.power import run_power
+
+    return run_power(args.target, args.tracking_uri, args.correction, args.draws)
 
 
 def cmd_data(args) -> int:
@@ -115,6 +123,15 @@ def _positive_int(text: str) -> int:
     return int(text)
 
 
+CORRECTIONS = ("bh", "by", "holm")     # kdray.analysis.corrections.CORRECTIONS, without importing numpy here
+
+
+def _correction(sp: argparse.ArgumentParser) -> None:
+    sp.add_argument("--correction", choices=CORRECTIONS, default="bh",
+                    help="multiple-comparison correction over each comparison's four functional metrics: "
+                         "bh Benjamini-Hochberg (default), by Benjamini-Yekutieli, holm Holm")
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="kdray", description="Ray-distributed sweeps for the functional study of knowledge distillation.")
     sub = p.add_subparsers(dest="command", required=True)
@@ -137,6 +154,7 @@ def build_parser() -> argparse.ArgumentParser:
     sp = add("plan", cmd_plan, "print the trials sweep files expand to, per setup and condition")
     sp.add_argument("sweep", nargs="+")
     sp.add_argument("--list", action="store_true", help="also list every trial key and label")
+    _correction(sp)
     max_trials(sp)
     sp = add("sweep", cmd_sweep, "run a sweep (re-running it resumes: finished trials are skipped)")
     sp.add_argument("sweep")
@@ -151,6 +169,7 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--threshold", type=float, default=0.01, help="marginal-transfer threshold on the prediction-agreement gain")
     sp.add_argument("--exclude-below", type=float, default=None,
                     help="drop controls whose mean accuracy is this far below SIDDO's from best-control selection")
+    _correction(sp)
     sp.add_argument("--min-metrics", type=int, choices=range(1, 5), default=3, metavar="{1..4}",
                     help="functional metrics that must be significant against every control for transfer "
                          "to count as supported (default 3 of 4, the paper's rule)")
@@ -165,6 +184,11 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--tracking-uri")
     sp.add_argument("--host", default="127.0.0.1")
     sp.add_argument("--port", type=int, default=5000)
+    sp = add("power", cmd_power, "power to support transfer at 5..30 student seeds, from a pilot sweep's runs")
+    sp.add_argument("target", help="a sweep file or an MLflow experiment name (the pilot)")
+    sp.add_argument("--tracking-uri", help="MLflow tracking URI (default: the sweep's)")
+    sp.add_argument("--draws", type=_positive_int, default=2000, help="simulated studies per estimate (default 2000)")
+    _correction(sp)
     return p
 
 

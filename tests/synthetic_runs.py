@@ -167,3 +167,10 @@ def broken_setup() -> list[dict]:
 def planted_runs(seed: int = 0) -> list[dict]:
     rng = np.random.default_rng(seed)
     return errors_setup(rng) + same_setup(rng) + ties_setup() + broken_setup()
+
+
+def rate(k: int, n: int = 360) -> float:
+    """A rate k/n the way a trial computes it: the mean of a boolean vector with k hits."""
+    hits = np.zeros(n, bool)
+    hits[:k] = True
+    return float(np.mean(hits))

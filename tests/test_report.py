@@ -190,3 +190,58 @@ def test_resolve_experiment(tmp_path, monkeypatch):
     assert resolve_experiment(None, "q.yaml")[0] == "http://env:5000"
     with pytest.raises(ReportError, match="no such sweep file"):
         resolve_experiment(None, "missing.yaml")
+
+
+def test_effect_sizes_power_and_the_correction_family_are_reported(report):
+    import pandas as pd
+
+    out, a = report.out_dir, report.analysis
+    tests = pd.read_csv(out / "data" / "tests.csv")
+    assert {"null", "hl", "ci_low", "ci_high", "ci_level", "rank_biserial", "superiority"} <= set(tests.columns)
+    assert set(tests["null"]) <= {"exact", "exact-ties", "normal"}
+    ok = tests.dropna(subset=["hl"])
+    assert ((ok["ci_low"] <= ok["hl"]) & (ok["hl"] <= ok["ci_high"])).all()
+    eff = md_rows((out / "tables" / "effects_errors.md").read_text())
+    assert eff[0][:3] == ["teacher seed", "condition", "control"] and len(eff) - 1 == 3 * 2 * 2   # seeds x KD x controls
+    assert all("[" in c and "r=" in c and "P=" in c for c in eff[1][3:])
+    dec = md_rows((out / "tables" / "decisions.md").read_text())
+    h = dec[0]
+    rows = {(r[0], r[1], r[2]): dict(zip(h, r)) for r in dec[1:]}
+    assert rows[("errors", "0", "KD α=0.9")]["power"] == "1" and rows[("errors", "0", "KD α=0.9")]["seeds for 80%"] == "5"
+    assert rows[("same", "0", "KD α=0.5")]["supported"] == "no"
+    assert rows[("same", "0", "KD α=0.5")]["power"].endswith(" (under-powered)")
+    assert rows[("errors", "0", "KD α=0.1")]["power"].endswith(" (under-powered)")
+    assert (out / "tables" / "power.md").is_file() and (out / "tables" / "pooled.md").is_file()
+    pooled = md_rows((out / "tables" / "pooled.md").read_text())
+    assert ["errors", "KD α=0.9", "3/3"] == pooled[[r[1] for r in pooled].index("KD α=0.9")][:3]
+    assert (out / "figures" / "effects_errors.png").is_file()
+    page = (out / "index.html").read_text()
+    family = "Benjamini-Hochberg (false discovery rate) over the 4 functional metrics of one comparison"
+    assert family in page and "id='effects_errors'" in page and "id='power'" in page
+    text = report.summary_text()
+    assert f"statistics: {family}" in text and "seeds for 80% power" in text and "pooled over teacher seeds" in text
+    assert a.statements["ci_low"].le(a.statements["pa_gain"]).all()
+
+
+def test_correction_option_and_power_and_plan_commands(sweep, tmp_path, capsys):
+    from kdray.cli import main
+
+    _, uri = sweep
+    assert main(["report", "small", "--tracking-uri", uri, "--out", str(tmp_path / "holm"), "--correction", "holm",
+                 "--jobs", "1"]) == 0
+    capsys.readouterr()
+    import pandas as pd
+
+    t = pd.read_csv(tmp_path / "holm" / "data" / "tests.csv")
+    fam = t[t["family"] == "holm"]
+    assert len(fam) == 8 and set(t.loc[t["family"] != "holm", "metric"]) == {"test_acc", "test_loss"}
+    assert "Holm (family-wise error rate) over the 4 functional metrics" in (tmp_path / "holm" / "index.html").read_text()
+    assert main(["power", "small", "--tracking-uri", uri, "--draws", "200", "--correction", "by"]) == 0
+    out = capsys.readouterr().out
+    assert "Power to support transfer (BY)" in out and "broken: student seeds for 80% power on every teacher seed: KD α=0.5" in out
+    assert main(["power", "nope", "--tracking-uri", uri]) == 2
+    assert capsys.readouterr().err.strip() == f"kdray: error: no MLflow experiment 'nope' at {uri}; run `kdray sweep` first"
+    assert main(["plan", "search_spaces/quickstart.yaml", "--correction", "holm"]) == 0
+    out = capsys.readouterr().out
+    assert "digits-cnn: 6 student seeds: smallest one-sided p 2^-6 = 0.01562, Holm-adjusted over 4 metrics 0.0625" in out
+    assert "use at least 7 student seeds" in out

@@ -11,7 +11,7 @@ from statsmodels.stats.multitest import multipletests
 from kdray.analysis import stats
 from kdray.analysis.runs import load_runs
 from kdray.analysis.stats import Condition, _exact_signed_rank, analyse, significance_warning, wilcoxon_one_sided
-from synthetic_runs import SEEDS, as_frame, planted_runs, run, write_experiment
+from synthetic_runs import SEEDS, as_frame, planted_runs, rate, run, write_experiment
 
 KD09, KD01, KD05 = Condition.of("kd", alpha=0.9), Condition.of("kd", alpha=0.1), Condition.of("kd", alpha=0.5)
 SIDDO, RCD05 = Condition.of("siddo"), Condition.of("rcd", alpha=0.5)
@@ -95,15 +95,35 @@ def test_exact_signed_rank_equals_scipy_bit_for_bit():
                 assert _exact_signed_rank(d, alt) == wilcoxon(d, alternative=alt, method="exact").pvalue, (n, shift, alt)
 
 
+def brute_force_p(d, alternative):
+    """Every one of the 2^n sign patterns of |d| (zeros dropped), mid-ranks by scipy.stats.rankdata."""
+    from itertools import product
+
+    from scipy.stats import rankdata
+
+    d = np.asarray(d, float)
+    d = d[d != 0]
+    r = rankdata(np.abs(d))
+    obs = r[d > 0].sum()
+    null = np.array([sum(ri for ri, s in zip(r, signs) if s) for signs in product((0, 1), repeat=d.size)])
+    less, greater = np.mean(null <= obs), np.mean(null >= obs)
+    return {"less": less, "greater": greater}.get(alternative, min(1.0, 2 * min(less, greater)))
+
+
 def test_wilcoxon_with_ties_and_zeros_is_scipys():
+    """Up to 13 pairs scipy enumerates tied sign patterns too; above, kdray stays exact (to 50 pairs),
+    checked against brute-force enumeration."""
     rng = np.random.default_rng(4)
-    for n in (4, 9, 13, 20):
+    for n in (4, 9, 13, 16):
         kd = rng.integers(0, 4, n) / 8
         ctrl = rng.integers(0, 4, n) / 8
         if np.all(kd == ctrl):
             continue
         for direction, alt in (("lower", "less"), ("higher", "greater")):
-            assert wilcoxon_one_sided(kd, ctrl, direction) == pytest.approx(scipy_p(kd, ctrl, alt), rel=1e-12)
+            p = wilcoxon_one_sided(kd, ctrl, direction)
+            assert p == pytest.approx(brute_force_p(kd - ctrl, alt), rel=1e-12)
+            if n <= 13:
+                assert p == pytest.approx(scipy_p(kd, ctrl, alt), rel=1e-12)
 
 
 def test_all_zero_differences_give_one_and_empty_gives_nan():
@@ -283,3 +303,80 @@ def test_labels_sort_in_paper_order():
     assert labels == ["SIDDO", "KD α=0.1", "KD α=0.9", "KD α=0.1 T=2", "RCD α=0.5", "LS ε=0.1", "FM α=0.5 b4"]
     assert Condition.of("kd", alpha=0.5, width=0.5).label == "KD α=0.5 w=0.5"
     assert isinstance(pd.DataFrame({"c": conds})["c"].iloc[0], Condition)
+
+
+# ------------------------------------------------------------------ decision boundaries (rates as trials compute them)
+
+GOOD = ("activation_distance", "js_divergence", "rank_disagreement", "prediction_disagreement")
+
+
+def boundary_runs(kd_better=GOOD, rcd_equal=(), cor=(0, 0), inc=(0, 0), pd=(0, 0), n=300):
+    """SIDDO (best accuracy), RCD alpha 0.5 and KD alpha 0.5 on SEEDS.  KD is better by a seed-dependent
+    margin on the metrics in kd_better (except against RCD on those in rcd_equal, where RCD equals KD);
+    correct/incorrect agreement and prediction disagreement are counts of n: KD's extra counts over
+    every control are cor[0] of cor[1]-sized rates (likewise inc; pd: KD's prediction-disagreement count
+    below every control's, else 1 or 2 by seed)."""
+    out = []
+    for s in SEEDS:
+        base = {m: 0.3 + s / 100 for m in GOOD} | {"test_acc": 0.8, "test_loss": 0.7}
+        k = 40 + 7 * s                                              # this seed's counts
+        agree = dict(correct_agreement=rate(k, cor[1] or n), incorrect_agreement=rate(k // 3, inc[1] or n),
+                     prediction_disagreement=rate(k, pd[1] or n))
+        ctrl = base | agree
+        kd = {m: v - (0.01 + s / 1000 if m in kd_better else 0) for m, v in base.items()} | dict(
+            correct_agreement=rate(k + cor[0], cor[1] or n), incorrect_agreement=rate(k // 3 + inc[0], inc[1] or n),
+            prediction_disagreement=rate(k - pd[0], pd[1] or n))
+        if "prediction_disagreement" in kd_better and not pd[0]:
+            kd["prediction_disagreement"] = rate(k - 1 - s % 2, n)
+        rcd = dict(ctrl, test_acc=0.79)
+        for m in rcd_equal:
+            rcd[m] = kd[m] + (1e-4 if s % 2 else -1e-4)
+        out += [run("b", "siddo", 0, s, metrics=dict(ctrl, test_acc=0.81)), run("b", "rcd", 0, s, alpha=0.5, metrics=rcd),
+                run("b", "kd", 0, s, alpha=0.5, metrics=kd)]
+    return out
+
+
+def boundary(threshold=0.01, **kw):
+    a = analyse(as_frame(boundary_runs(**kw)), threshold=threshold, power_draws=0)
+    return a, a.decisions.iloc[0]
+
+
+def test_boundary_two_of_four_is_not_supported_three_is():
+    a, r = boundary(kd_better=GOOD[:2])
+    assert (r.n_significant, r.supported, r.asymmetry) == (2, False, "none")
+    _, r = boundary(kd_better=GOOD[:3])
+    assert (r.n_significant, r.supported) == (3, True)
+
+
+def test_boundary_beats_siddo_but_not_rcd_on_a_metric():
+    a, r = boundary(rcd_equal=("js_divergence",))
+    js = a.tests[a.tests["metric"] == "js_divergence"]
+    assert list(js.sort_values("control", key=lambda c: c.map(lambda x: x.sort_key))["significant"]) == [True, False]
+    ag = a.against[a.against["metric"] == "js_divergence"].iloc[0]
+    assert not ag.significant and ag.n_controls == 2
+    assert r.n_significant == 3 and r.supported                    # 3 of 4 still significant against both
+
+
+def test_boundary_positive_asymmetry():
+    _, r = boundary(cor=(15, 300), inc=(3, 300))
+    assert r.supported and r.asymmetry == "positive"
+    assert r.delta_correct == pytest.approx(15 / 300) and r.delta_incorrect == pytest.approx(3 / 300)
+
+
+def test_boundary_symmetric_within_the_stated_tolerance():
+    """Δcorrect = 2/200 and Δincorrect = 4/400 are equal as rationals; their float means are not."""
+    _, r = boundary(cor=(2, 200), inc=(4, 400))
+    assert r.delta_correct != r.delta_incorrect                     # float equality would call it asymmetric
+    assert abs(r.delta_correct - r.delta_incorrect) < stats.DECISION_RTOL * 0.01
+    assert r.supported and r.asymmetry == "symmetric"
+
+
+def test_boundary_marginal_exactly_at_the_threshold():
+    """A prediction-agreement gain of exactly 5/500 = 0.01 is not below the threshold 0.01; 4/500 is."""
+    _, r = boundary(pd=(5, 500))
+    assert r.pa_gain < 0.01 and r.pa_gain == pytest.approx(0.01, rel=1e-12)   # float noise below the boundary
+    assert r.supported and not r.marginal
+    _, r = boundary(pd=(4, 500))
+    assert r.supported and r.marginal
+    _, r = boundary(pd=(5, 500), threshold=0.0101)
+    assert r.marginal

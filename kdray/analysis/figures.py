@@ -24,16 +24,17 @@ LEFT, RIGHT, TOP, GAP_W = 0.75, 0.2, 0.45, 1.0
 TITLE_H = 0.35
 
 
-def _grid(rows: int, cols: int, bottom: float = 0.6) -> tuple[Figure, np.ndarray]:
+def _grid(rows: int, cols: int, bottom: float = 0.6, left: float = LEFT) -> tuple[Figure, np.ndarray]:
     """rows x cols panels of PANEL inches, spaced in fixed inches: ``bottom`` below each panel's axes
     (tick labels and x label), a title above each, the figure's title on top."""
     w, h = PANEL[0] * cols, PANEL[1] * rows + TOP
     gap_h = bottom + TITLE_H
-    ax_w = (w - LEFT - RIGHT - (cols - 1) * GAP_W) / cols
+    w += left - LEFT
+    ax_w = (w - left - RIGHT - (cols - 1) * GAP_W) / cols
     ax_h = (h - TOP - TITLE_H - bottom - (rows - 1) * gap_h) / rows
     fig = Figure(figsize=(w, h))
     axes = fig.subplots(rows, cols, squeeze=False, gridspec_kw=dict(
-        left=LEFT / w, right=1 - RIGHT / w, bottom=bottom / h, top=1 - (TOP + TITLE_H) / h,
+        left=left / w, right=1 - RIGHT / w, bottom=bottom / h, top=1 - (TOP + TITLE_H) / h,
         wspace=GAP_W / ax_w, hspace=gap_h / ax_h))
     return fig, np.atleast_2d(axes)
 
@@ -211,7 +212,39 @@ def count_figure(a: Analysis, setup: str) -> Figure | None:
     return fig
 
 
-FIGURES = {"asymmetry": asymmetry_figure, "metrics": metrics_figure, "width": width_figure, "counts": count_figure}
+def effects_figure(a: Analysis, setup: str) -> Figure | None:
+    """Hodges-Lehmann shift with its 95% CI per comparison (condition vs control): a panel per teacher
+    seed (rows) and functional metric (columns); ticked comparisons filled, the others hollow."""
+    t = a.tests[(a.tests["setup"] == setup) & a.tests["metric"].isin(TRANSFER_METRICS)]
+    if t.empty:
+        return None
+    seeds = sorted(set(t["teacher_seed"]))
+    metrics = [m for m in TRANSFER_METRICS if m in set(t["metric"])]
+    pairs = sorted({(r.condition, r.control) for r in t.itertuples()}, key=lambda k: (k[0].sort_key, k[1].sort_key))
+    fig, axes = _grid(len(seeds), len(metrics), left=1.4)    # comparison labels on the left
+    y = np.arange(len(pairs))
+    for i, ts in enumerate(seeds):
+        for j, m in enumerate(metrics):
+            ax = axes[i, j]
+            cell = {(r.condition, r.control): r for r in t[(t["teacher_seed"] == ts) & (t["metric"] == m)].itertuples()}
+            rs = [cell.get(k) for k in pairs]
+            hl = np.array([r.hl if r else np.nan for r in rs])
+            lo = np.array([r.ci_low if r else np.nan for r in rs])
+            hi = np.array([r.ci_high if r else np.nan for r in rs])
+            sig = np.array([bool(r and r.significant) for r in rs])
+            ax.errorbar(hl, y, xerr=np.nan_to_num([hl - lo, hi - hl]), fmt="none", ecolor="black", capsize=2, lw=0.8)
+            ax.scatter(hl[sig], y[sig], color="black", s=14, zorder=3)
+            ax.scatter(hl[~sig], y[~sig], facecolors="white", edgecolors="black", s=14, zorder=3)
+            ax.axvline(0, color="grey", lw=0.6)
+            ax.set_yticks(y, [f"{c.label} vs {k.label}" for c, k in pairs] if j == 0 else [], fontsize=6)
+            ax.xaxis.set_major_locator(MaxNLocator(4))
+            ax.set_title(f"{metric_header(m)}, teacher seed {ts}", fontsize=9)
+    fig.suptitle(f"{setup}: Hodges-Lehmann shift, condition - control, with 95% CI (filled: significant)",
+                 fontsize=10)
+    return fig
+
+
+FIGURES = {"effects": effects_figure, "asymmetry": asymmetry_figure, "metrics": metrics_figure, "width": width_figure, "counts": count_figure}
 
 
 def setup_figures(a: Analysis, setup: str, out_dir: Path) -> list[tuple[str, list[Path]]]:

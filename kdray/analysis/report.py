@@ -6,7 +6,7 @@ Layout of the output folder::
     summary.txt           what the terminal shows
     tables/<name>.md|csv|tex
     figures/<name>.png|svg
-    data/{runs,summary,tests,decisions,excluded}.csv   tidy, for scripts
+    data/{runs,summary,tests,decisions,excluded,power,pooled,statements}.csv   tidy, for scripts
 
 The folder is also logged as the artifacts of a ``kdray.kind=report`` run
 under the sweep's parent run, so the report travels with the runs.
@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import base64
 import html
+import math
 import multiprocessing as mp
 import os
 import sys
@@ -27,7 +28,7 @@ from typing import Iterator, Optional
 
 import pandas as pd
 
-from kdray.analysis import figures, tables
+from kdray.analysis import corrections, figures, power, tables
 from kdray.analysis.runs import ReportError, get_experiment, load_runs, resolve_experiment
 from kdray.analysis.stats import SUPPORT_MIN, Analysis, analyse
 from kdray.contracts import KIND_REPORT, KIND_SWEEP, TAG_KIND, TAG_PARENT
@@ -56,6 +57,11 @@ class ReportResult:
         for setup in sorted(set(a.students["setup"])):
             lines.append(f"{setup}: {_transfer_text(a.decisions[a.decisions['setup'] == setup])}"
                          f" | {_best_text(a.best_accuracy[a.best_accuracy['setup'] == setup])}")
+            lines += _pooled_lines(a.statements[a.statements["setup"] == setup],
+                                   a.decisions[a.decisions["setup"] == setup])
+        nulls = a.tests["null"].value_counts()
+        lines.append(f"statistics: {corrections.family_text(a.correction)}; level {a.level:g}; p-values "
+                     + ", ".join(f"{k} {v}" for k, v in nulls.items() if k) + " (null distribution used)")
         if len(a.excluded):
             lines.append(f"excluded ({len(a.excluded)}):")
             for r in a.excluded.head(SHOW_EXCLUDED).itertuples():
@@ -80,6 +86,22 @@ def _transfer_text(d: pd.DataFrame) -> str:
             seeds = " ".join(f"t{r.teacher_seed}" + ("(m)" if r.marginal else "") for r in sup)
             parts.append(f"{cond.label} [{seeds}; {_counted([r.asymmetry for r in sup])}]")
     return "transfer " + ", ".join(parts) if parts else "no supported transfer"
+
+
+def _pooled_lines(st: pd.DataFrame, d: pd.DataFrame) -> list[str]:
+    """The pooled statement and the power statement of one setup, a line each."""
+    if st.empty:
+        return []
+    pooled = ", ".join(f"{r.condition.label} {r.supported_seeds}/{r.teacher_seeds} "
+                       f"{tables.fmt_ci(r.pa_gain, r.ci_low, r.ci_high)}" for r in st.itertuples())
+    need = []
+    for cond in sorted(set(d["condition"]), key=lambda c: c.sort_key):
+        rs = d[[c == cond for c in d["condition"]]]
+        n = rs["seeds_for_power"]
+        most = tables.fmt_seeds(math.nan if n.isna().any() else n.max())
+        need.append(f"{cond.label} {most} (now {tables.fmt(rs['power'].min(), 2)})")
+    return [f"  pooled over teacher seeds: condition supported/seeds PA gain [95% CI]: {pooled}",
+            f"  seeds for {power.TARGET:.0%} power to support transfer (lowest power now): {', '.join(need)}"]
 
 
 def _best_text(b: pd.DataFrame) -> str:
@@ -126,13 +148,13 @@ def _html(title: str, summary: str, tabs: list[tables.Table], figs: list[tuple[s
 
 def build_report(df: pd.DataFrame, out_dir: str | Path, threshold: float = 0.01,
                  exclude_below: Optional[float] = None, title: str = "kdray report", pool=None,
-                 min_metrics: int = SUPPORT_MIN) -> ReportResult:
+                 correction: str = corrections.DEFAULT, min_metrics: int = SUPPORT_MIN) -> ReportResult:
     """Analyse the runs and write every table, figure and the HTML page into out_dir
     (setups analysed and their figures drawn by the process ``pool`` when given, see report_pool)."""
     out = Path(out_dir)
     clock = _Clock()
     a = analyse(df, threshold=threshold, exclude_below=exclude_below, map_=pool.map if pool else map,
-                min_metrics=min_metrics)
+                correction=correction, min_metrics=min_metrics)
     result = ReportResult(out, a, seconds=clock.seconds)
     clock.lap("analysis")
     files = result.files
@@ -143,7 +165,8 @@ def build_report(df: pd.DataFrame, out_dir: str | Path, threshold: float = 0.01,
                   _write(out / "tables" / f"{t.name}.csv", t.csv()),
                   _write(out / "tables" / f"{t.name}.tex", t.latex())]
     for name, frame in (("runs", a.runs), ("summary", a.summary), ("tests", a.tests),
-                        ("decisions", a.decisions), ("excluded", a.excluded)):
+                        ("decisions", a.decisions), ("excluded", a.excluded), ("power", a.power),
+                        ("pooled", a.pooled), ("statements", a.statements)):
         files.append(_write(out / "data" / f"{name}.csv", tables.tidy(frame).to_csv(index=False)))
     clock.lap("tables")
     figs = list(pending)
@@ -215,24 +238,32 @@ def report_pool(jobs: Optional[int] = None) -> Iterator[Optional[Executor]]:
         yield pool
 
 
+def load_target(target: str, tracking_uri: str | None, pool=None) -> tuple[pd.DataFrame, str, str, str, float]:
+    """(runs, tracking URI, experiment name, storage, seconds to load) of a sweep file or experiment name;
+    ReportError when there is nothing to analyse."""
+    uri, name, storage = resolve_experiment(tracking_uri, target)
+    t0 = time.perf_counter()
+    df = load_runs(uri, name, pool)
+    if df.empty:
+        raise ReportError(f"MLflow experiment {name!r} at {uri} has no trial runs yet; run `kdray sweep` first")
+    return df, uri, name, storage, time.perf_counter() - t0
+
+
 def run_report(target: str, out: str | None, tracking_uri: str | None, threshold: float = 0.01,
-               exclude_below: float | None = None, jobs: Optional[int] = None, min_metrics: int = SUPPORT_MIN) -> int:
+               exclude_below: float | None = None, jobs: Optional[int] = None,
+               correction: str = corrections.DEFAULT, min_metrics: int = SUPPORT_MIN) -> int:
     """What ``kdray report`` does: print the summary, return the exit code (2 on a user error)."""
     jobs = jobs or os.cpu_count() or 1
     with report_pool(jobs) as pool:
         try:
-            uri, name, storage = resolve_experiment(tracking_uri, target)
-            t0 = time.perf_counter()
-            df = load_runs(uri, name, pool)
-            loaded = time.perf_counter() - t0
-            if df.empty:
-                raise ReportError(f"MLflow experiment {name!r} at {uri} has no trial runs yet; run `kdray sweep` first")
+            df, uri, name, storage, loaded = load_target(target, tracking_uri, pool)
         except ReportError as e:
             print(f"kdray: error: {e}", file=sys.stderr)
             return 2
         out_dir = Path(out) if out else default_out(storage, name)
         result = build_report(df, out_dir, threshold=threshold, exclude_below=exclude_below,
-                              title=f"kdray report: {name}", pool=pool, min_metrics=min_metrics)
+                              title=f"kdray report: {name}", pool=pool, correction=correction,
+                              min_metrics=min_metrics)
     phases = ", ".join(f"{k} {v:.1f} s" for k, v in result.seconds.items())
     print(f"kdray report: {len(df)} runs loaded in {loaded:.1f} s; {phases} "
           f"({jobs} process{'es' if jobs > 1 else ''})", file=sys.stderr)

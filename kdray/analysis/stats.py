@@ -9,13 +9,19 @@ Choices the protocol leaves open, made here:
   excluded (and listed); a NaN metric drops that seed from that metric's
   tests only (and is listed).  Of several finished runs of one trial key, or
   of one condition and seed, the latest is used and the others listed.
-- "Significant" means p <= level (statsmodels' BH convention), BH adjusted
-  for the four functional metrics, uncorrected for accuracy and loss.
+- "Significant" means adjusted p <= level, the correction (BH by default,
+  BY or Holm, corrections.py) over the four functional metrics of each
+  comparison, uncorrected for accuracy and loss.
+- Differences are snapped at effects.TIE_RTOL before ranking, so equal rates
+  k/N tie exactly; each p records its null distribution: "exact" (no ties),
+  "exact-ties" (all sign patterns, ties and zeros; up to 50 pairs),
+  "normal" (above 50 pairs).
 - The prediction-agreement gain, Delta_correct and Delta_incorrect are means
   of per-seed paired differences against the best control.
 - Asymmetry labels: "negative" (supported, mean Delta_incorrect > mean
   Delta_correct), "positive" (supported, the reverse), "symmetric"
-  (supported, equal means), "none" (transfer not supported).
+  (supported, means equal to DECISION_RTOL), "none" (transfer not supported).
+  "Marginal" likewise needs the gain below the threshold by more than that.
 """
 from __future__ import annotations
 
@@ -28,6 +34,7 @@ import numpy as np
 import pandas as pd
 
 from kdray import conditions
+from kdray.analysis import corrections, effects
 from kdray.metric_names import METRIC_DIRECTIONS, TRANSFER_METRICS
 
 LEVEL = 0.05
@@ -37,6 +44,7 @@ TESTED_METRICS = tuple(TRANSFER_METRICS) + ACCURACY_METRICS
 ASYMMETRY_METRICS = ("correct_agreement", "incorrect_agreement")
 CHECKED_METRICS = TESTED_METRICS + ASYMMETRY_METRICS + ("prediction_agreement",)
 _OWN_DIRECTIONS = {"test_acc": "higher", "train_acc": "higher", "test_loss": "lower", "train_loss": "lower"}
+DECISION_RTOL = 1e-9                         # means this close count as equal (asymmetry, marginal)
 
 
 def direction(metric: str) -> Optional[str]:
@@ -150,36 +158,41 @@ def is_treatment(cond: Condition) -> bool:
 
 # ------------------------------------------------------------------ primitive statistics
 
-def _signed_rank(d: np.ndarray, alternative: str) -> float:
-    """scipy's Wilcoxon signed-rank p on differences d, as ``method="auto"`` computes it.
+def signed_rank_test(d, alternative: str, scale: Optional[float] = None) -> tuple[float, str]:
+    """Wilcoxon signed-rank p on differences d and the null distribution it used.
 
-    No ties and no zeros, n <= 50: the exact null distribution.  Ties or zeros
-    (zeros dropped, zero_method="wilcox"), n <= 13: the exhaustive sign-flip
-    permutation test scipy uses, run here with a vectorised statistic (scipy's
-    own loops over the 2^n flips one by one: 0.2 s a test).  Otherwise the
-    normal approximation.
+    d is snapped first (effects.snap_ties, at ``scale``: the paired values'
+    largest magnitude), so rate differences of equal k/N are ties.  No ties
+    and no zeros, n <= 50: the exact null ("exact", as scipy's
+    ``method="exact"``).  Ties or zeros (zeros dropped, zero_method="wilcox"),
+    n <= 50: the exact null of the tied ranks, every sign pattern counted
+    ("exact-ties"; scipy enumerates these only to n = 13).  Otherwise the
+    normal approximation with scipy's tie correction ("normal").
     """
-    from scipy.stats import permutation_test, rankdata, wilcoxon
+    from scipy.stats import wilcoxon
 
     d = np.asarray(d, float)
-    d = d[~np.isnan(d)]
+    d = effects.snap_ties(d[~np.isnan(d)], scale)
     if d.size < 1:
-        return math.nan
+        return math.nan, ""
     if np.all(d == 0):
-        return 1.0
+        return 1.0, "exact"
     ties = np.any(d == 0) or np.unique(np.abs(d)).size < d.size
-    if ties and d.size <= 13:
-        nz = d != 0
-        ranks = np.zeros(d.size)
-        ranks[nz] = rankdata(np.abs(d[nz]))
+    if d.size > effects.EXACT_MAX_N:
+        return float(wilcoxon(d, alternative=alternative, method="asymptotic").pvalue), "normal"
+    if ties:
+        return effects.exact_tied_p(d, alternative), "exact-ties"
+    return _exact_signed_rank(d, alternative), "exact"
 
-        def r_plus(x, axis):  # sign flips keep |d|, so the ranks are fixed
-            return np.sum(ranks * (x > 0), axis=axis)
-        return float(permutation_test((d,), r_plus, permutation_type="samples", vectorized=True,
-                                      n_resamples=9999, alternative=alternative).pvalue)
-    if not ties and d.size <= 50:
-        return _exact_signed_rank(d, alternative)
-    return float(wilcoxon(d, alternative=alternative, method="asymptotic").pvalue)
+
+def _signed_rank(d: np.ndarray, alternative: str, scale: Optional[float] = None) -> float:
+    return signed_rank_test(d, alternative, scale)[0]
+
+
+def _scale(*arrays) -> Optional[float]:
+    """The largest magnitude among paired values: the tie tolerance's scale (None when empty)."""
+    sizes = [np.asarray(a, float) for a in arrays if np.size(a)]
+    return float(max(np.nanmax(np.abs(a)) for a in sizes)) if sizes else None
 
 
 @functools.cache
@@ -215,24 +228,12 @@ def wilcoxon_one_sided(kd, control, direction: str) -> float:
     if kd.shape != control.shape:
         raise ValueError(f"paired samples differ in length: {kd.shape} vs {control.shape}")
     alternative = {"lower": "less", "higher": "greater"}[direction]
-    return _signed_rank(kd - control, alternative)
+    return _signed_rank(kd - control, alternative, _scale(kd, control))
 
 
-def wilcoxon_two_sided(d) -> float:
+def wilcoxon_two_sided(d, scale: Optional[float] = None) -> float:
     """Two-sided signed-rank p on per-seed differences d (1.0 when all are zero)."""
-    return _signed_rank(d, "two-sided")
-
-
-def bh_adjust(pvals, level: float = LEVEL) -> tuple[np.ndarray, np.ndarray]:
-    """Benjamini-Hochberg adjusted p-values and rejections; nan p-values stay out of the family."""
-    from statsmodels.stats.multitest import multipletests
-
-    p = np.asarray(pvals, float)
-    adj, rej = np.full(p.shape, np.nan), np.zeros(p.shape, bool)
-    ok = ~np.isnan(p)
-    if ok.any():
-        rej[ok], adj[ok], _, _ = multipletests(p[ok], alpha=level, method="fdr_bh")
-    return adj, rej
+    return _signed_rank(d, "two-sided", scale)
 
 
 def mean_sem(x) -> tuple[float, float, int]:
@@ -251,20 +252,30 @@ def min_wilcoxon_p(n: int) -> float:
     return 2.0 ** -n
 
 
-def significance_warning(n_pairs: int, level: float = LEVEL, n_tests: int = 4) -> Optional[str]:
+def significance_warning(n_pairs: int, level: float = LEVEL, n_tests: int = 4,
+                         correction: str = corrections.DEFAULT) -> Optional[str]:
     """A one-line warning when n_pairs paired seeds can never reach significance, else None.
 
-    BH across n_tests metrics cannot push an adjusted p below the smallest raw
-    one (all n_tests tie at 2**-n), so 2**-n <= level is the condition.
+    The best case is every test at 2**-n; the correction over n_tests metrics
+    then gives corrections.min_adjusted_p (BH: 2**-n itself, BY and Holm more).
     """
     if n_pairs < 1:
         return "no paired student seeds: no test can be run"
-    p = min_wilcoxon_p(n_pairs)
-    if p <= level:
+    p, adj = min_wilcoxon_p(n_pairs), corrections.min_adjusted_p(n_pairs, correction, n_tests)
+    if adj <= level:
         return None
-    need = math.ceil(math.log2(1 / level))
-    return (f"{n_pairs} paired student seeds: the smallest one-sided Wilcoxon p is 2^-{n_pairs} = {p:.4g} > {level:g}, "
-            f"so none of the {n_tests} metric tests can be significant; use at least {need} student seeds")
+    need = corrections.seeds_needed(level, correction, n_tests)
+    after = f" ({corrections.SHORT[correction]}-adjusted: {adj:.4g})" if adj != p else ""
+    return (f"{n_pairs} paired student seeds: the smallest one-sided Wilcoxon p is 2^-{n_pairs} = {p:.4g}{after} "
+            f"> {level:g}, so none of the {n_tests} metric tests can be significant; "
+            f"use at least {need} student seeds")
+
+
+def smallest_p_text(n_pairs: int, correction: str = corrections.DEFAULT, n_tests: int = 4) -> str:
+    """What ``kdray plan`` states: the smallest p attainable with n_pairs seeds, raw and corrected."""
+    return (f"{n_pairs} student seeds: smallest one-sided p 2^-{n_pairs} = {min_wilcoxon_p(n_pairs):.4g}, "
+            f"{corrections.SHORT[correction]}-adjusted over {n_tests} metrics "
+            f"{corrections.min_adjusted_p(n_pairs, correction, n_tests):.4g}")
 
 
 class Pairs(NamedTuple):
@@ -368,8 +379,22 @@ def summarize(students: pd.DataFrame) -> pd.DataFrame:
     return pd.DataFrame(rows, columns=["setup", "teacher_seed", "condition", "metric", "n", "mean", "sem"])
 
 
-def paired_tests(students: pd.DataFrame, level: float = LEVEL) -> pd.DataFrame:
-    """One row per (setup, teacher seed, treated condition, control, metric) with raw and adjusted p."""
+def _test_row(pr: Pairs, metric: str) -> dict:
+    """A comparison's p, its null distribution and effect sizes (on snapped differences)."""
+    d = effects.snap_ties(pr.d, _scale(pr.x, pr.y))
+    alternative = {"lower": "less", "higher": "greater"}[direction(metric)]
+    p, null = signed_rank_test(pr.d, alternative, _scale(pr.x, pr.y))
+    eff = effects.effect(d, direction(metric)) if d.size else effects.Effect(*[math.nan] * 6)
+    return dict(n=len(pr.seeds), mean_diff=mean_sem(pr.d)[0], p=p, null=null, **eff._asdict())
+
+
+EFFECT_COLUMNS = ["hl", "ci_low", "ci_high", "ci_level", "rank_biserial", "superiority"]
+
+
+def paired_tests(students: pd.DataFrame, level: float = LEVEL, correction: str = corrections.DEFAULT) -> pd.DataFrame:
+    """One row per (setup, teacher seed, treated condition, control, metric) with raw and adjusted p,
+    the p's null distribution and the effect sizes (Hodges-Lehmann shift with its CI, rank-biserial
+    correlation, probability of superiority; effects.py)."""
     rows = []
     for (setup, ts), grp in students.groupby(["setup", "teacher_seed"], sort=True):
         conds = by_condition(grp)
@@ -379,19 +404,18 @@ def paired_tests(students: pd.DataFrame, level: float = LEVEL) -> pd.DataFrame:
                     for m in TESTED_METRICS:
                         pr = paired(runs, conds[ctrl], m)
                         rows.append(dict(setup=setup, teacher_seed=int(ts), condition=cond, control=ctrl, metric=m,
-                                         n=len(pr.seeds), mean_diff=mean_sem(pr.d)[0],
-                                         p=wilcoxon_one_sided(pr.x, pr.y, direction(m)),
-                                         family="bh" if m in TRANSFER_METRICS else "none"))
-    cols = ["setup", "teacher_seed", "condition", "control", "metric", "n", "mean_diff", "p", "family"]
+                                         **_test_row(pr, m), family=correction if m in TRANSFER_METRICS else "none"))
+    cols = ["setup", "teacher_seed", "condition", "control", "metric", "n", "mean_diff", "p", "null",
+            *EFFECT_COLUMNS, "family"]
     tests = pd.DataFrame(rows, columns=cols)
     tests["p_adj"], tests["significant"] = tests["p"], tests["p"] <= level
-    families: dict[tuple, list] = {}   # BH per (setup, teacher seed, condition, control)
+    families: dict[tuple, list] = {}   # one family per (setup, teacher seed, condition, control)
     for i, r in zip(tests.index, tests.itertuples()):
-        if r.family == "bh":
+        if r.family != "none":
             families.setdefault((r.setup, r.teacher_seed, r.condition, r.control), []).append(i)
     for ix in families.values():
-        adj, rej = bh_adjust(tests.loc[ix, "p"], level)
-        tests.loc[ix, "p_adj"], tests.loc[ix, "significant"] = adj, rej
+        adj = corrections.adjust(tests.loc[ix, "p"].to_numpy(float), correction)
+        tests.loc[ix, "p_adj"], tests.loc[ix, "significant"] = adj, adj <= level
     return tests
 
 
@@ -452,10 +476,20 @@ def best_accuracy(students: pd.DataFrame) -> pd.DataFrame:
     return pd.DataFrame(rows, columns=["setup", "teacher_seed", "width", "condition", "test_acc", "is_rcd"])
 
 
+def _same(a: float, b: float) -> bool:
+    """Equal to DECISION_RTOL: means of k/N differences that are equal can differ in the last bits."""
+    return math.isclose(a, b, rel_tol=DECISION_RTOL, abs_tol=DECISION_RTOL * 1e-3)
+
+
 def _asymmetry(supported: bool, d_cor: float, d_inc: float) -> str:
     if not supported or math.isnan(d_cor) or math.isnan(d_inc):
         return "none"
-    return "negative" if d_inc > d_cor else "positive" if d_cor > d_inc else "symmetric"
+    return "symmetric" if _same(d_inc, d_cor) else "negative" if d_inc > d_cor else "positive"
+
+
+def _marginal(supported: bool, gain: float, threshold: float) -> bool:
+    """Supported, but the prediction-agreement gain is below the threshold (a gain equal to it is not)."""
+    return bool(supported and gain < threshold and not _same(gain, threshold))
 
 
 def decisions(students: pd.DataFrame, against: pd.DataFrame, threshold: float = 0.01,
@@ -478,17 +512,18 @@ def decisions(students: pd.DataFrame, against: pd.DataFrame, threshold: float = 
             di, di_sem, _ = mean_sem(inc.d)
             both, ic, ii = np.intersect1d(cor.seeds, inc.seeds, return_indices=True)
             gain = mean_sem(paired(runs, ref, "prediction_agreement").d)[0]
+            p_asym, asym_null = signed_rank_test(inc.d[ii] - cor.d[ic], "two-sided", _scale(inc.x, inc.y, cor.x, cor.y))
             rows.append(dict(
                 setup=setup, teacher_seed=ts, condition=cond, n_significant=n_sig, supported=supported,
-                marginal=bool(supported and gain < threshold), pa_gain=gain,
+                marginal=_marginal(supported, gain, threshold), pa_gain=gain,
                 delta_correct=dc, delta_correct_sem=dc_sem, delta_incorrect=di, delta_incorrect_sem=di_sem,
                 n_pairs=len(both), asymmetry=_asymmetry(supported, dc, di),
-                p_asymmetry=wilcoxon_two_sided(inc.d[ii] - cor.d[ic]),
+                p_asymmetry=p_asym, asymmetry_null=asym_null,
                 best_control=best))
     return pd.DataFrame(rows, columns=[
         "setup", "teacher_seed", "condition", "n_significant", "supported", "marginal", "pa_gain",
         "delta_correct", "delta_correct_sem", "delta_incorrect", "delta_incorrect_sem", "n_pairs",
-        "asymmetry", "p_asymmetry", "best_control"])
+        "asymmetry", "p_asymmetry", "asymmetry_null", "best_control"])
 
 
 @dataclass
@@ -508,6 +543,10 @@ class Analysis:
     level: float = LEVEL
     notes: list = field(default_factory=list)
     min_metrics: int = SUPPORT_MIN
+    correction: str = corrections.DEFAULT
+    power: pd.DataFrame = field(default_factory=pd.DataFrame)        # power.power_curves
+    pooled: pd.DataFrame = field(default_factory=pd.DataFrame)       # pooled.pooled_tests
+    statements: pd.DataFrame = field(default_factory=pd.DataFrame)   # pooled.statements
 
     def for_setup(self, setup: str) -> "Analysis":
         """The same analysis restricted to one setup (what a worker needs to draw its figures)."""
@@ -519,21 +558,24 @@ class Analysis:
 
 
 def analyse(df: pd.DataFrame, threshold: float = 0.01, exclude_below: Optional[float] = None,
+            correction: str = corrections.DEFAULT, power_draws: Optional[int] = None,
             level: float = LEVEL, map_=map, min_metrics: int = SUPPORT_MIN) -> Analysis:
-    """Run the statistics of docs/protocol.md on a sweep's runs.
+    """Run the statistics of docs/protocol.md §5 on a sweep's runs.
 
     Every test, decision and summary is within one setup, so each setup is
     analysed on its own and the parts are concatenated in setup order.
     ``map_`` may be a process pool's ``map`` (kdray report's workers).
+    ``correction`` is the multiple-comparison correction (corrections.py);
+    ``power_draws`` the simulated studies per power estimate (power.py; 0: none).
     """
     setup = df["setup"]
     groups = [df[setup == s] for s in sorted(setup.dropna().unique())] + ([df[setup.isna()]] if setup.isna().any() else [])
-    parts = list(map_(_analyse_part, [(g, threshold, exclude_below, level, min_metrics) for g in groups])) or [
-        _analyse_part((df, threshold, exclude_below, level, min_metrics))]
+    job = (threshold, exclude_below, level, correction, power_draws, min_metrics)
+    parts = list(map_(_analyse_part, [(g, *job) for g in groups])) or [_analyse_part((df, *job))]
     frames = {f.name: _concat([getattr(p, f.name) for p in parts]) for f in fields(Analysis)
               if isinstance(getattr(parts[0], f.name), pd.DataFrame) and f.name != "runs"}
     return Analysis(runs=df, **frames, threshold=threshold, exclude_below=exclude_below, level=level,
-                    notes=_notes(frames["tests"], level), min_metrics=min_metrics)
+                    notes=_notes(frames["tests"], level, correction), correction=correction, min_metrics=min_metrics)
 
 
 def _concat(frames: list[pd.DataFrame]) -> pd.DataFrame:
@@ -541,20 +583,41 @@ def _concat(frames: list[pd.DataFrame]) -> pd.DataFrame:
     return pd.concat(full, ignore_index=True) if full else frames[0].reset_index(drop=True)
 
 
-def _notes(tests: pd.DataFrame, level: float) -> list[str]:
+def _notes(tests: pd.DataFrame, level: float, correction: str = corrections.DEFAULT) -> list[str]:
     if not len(tests):
         return []
     n = int(tests.groupby(["setup", "teacher_seed"])["n"].max().min())
-    w = significance_warning(n, level)
+    w = significance_warning(n, level, correction=correction)
     return [w] if w else []
+
+
+def _with_power(dec: pd.DataFrame, curves: pd.DataFrame) -> pd.DataFrame:
+    """Decisions plus the power at their own seed count, the seeds needed for power.TARGET, and
+    ``under_powered``: not supported, with less than that power."""
+    from kdray.analysis import power
+
+    got = power.per_decision(curves) if len(curves) else {}
+    pw = [got.get((r.setup, r.teacher_seed, r.condition), (math.nan, math.nan)) for r in dec.itertuples()]
+    dec = dec.copy()
+    dec["power"] = [p for p, _ in pw]
+    dec["seeds_for_power"] = [n for _, n in pw]
+    dec["under_powered"] = ~dec["supported"].astype(bool) & (dec["power"] < power.TARGET)
+    return dec
 
 
 def _analyse_part(job: tuple) -> Analysis:
     """One setup's runs (or the runs without a setup) -> its analysis."""
-    df, threshold, exclude_below, level, min_metrics = job
+    from kdray.analysis import pooled, power
+
+    df, threshold, exclude_below, level, correction, draws, min_metrics = job
     students, teachers, excluded = prepare(df)
-    tests = paired_tests(students, level)
+    tests = paired_tests(students, level, correction)
     against = against_controls(tests)
-    return Analysis(df, students, teachers, excluded, summarize(students), tests, against,
-                    decisions(students, against, threshold, exclude_below, min_metrics), best_accuracy(students),
-                    threshold, exclude_below, level, min_metrics=min_metrics)
+    curves = power.power_curves(students, correction, level, draws=power.DRAWS if draws is None else draws,
+                                min_metrics=min_metrics) if draws != 0 else power.power_curves(students.iloc[0:0])
+    dec = _with_power(decisions(students, against, threshold, exclude_below, min_metrics), curves)
+    a = Analysis(df, students, teachers, excluded, summarize(students), tests, against, dec,
+                 best_accuracy(students), threshold, exclude_below, level, min_metrics=min_metrics,
+                 correction=correction, power=curves)
+    a.pooled, a.statements = pooled.pooled_tests(a), pooled.statements(a)
+    return a

@@ -13,6 +13,8 @@ from dataclasses import dataclass, field
 
 import pandas as pd
 
+from kdray.analysis import corrections, power
+from kdray.analysis.effects import CI_LEVEL
 from kdray.analysis.stats import TESTED_METRICS, Analysis, Condition, direction, metric_columns
 from kdray.metric_names import TRANSFER_METRICS
 
@@ -145,8 +147,83 @@ def tick_tables(a: Analysis) -> list[Table]:
                          f"(one mark per teacher seed {', '.join(map(str, seeds))})",
                          ["condition"] + [metric_header(m) for m in TESTED_METRICS], rows,
                          note=f"{TICK} significant against every control, {CROSS} not, {UNTESTED} not tested; "
-                              f"functional metrics BH-corrected, accuracy and loss uncorrected, level {a.level:g}."))
+                              f"{corrections.family_text(a.correction)}; level {a.level:g}. "
+                              f"Effect sizes in the table below."))
     return out
+
+
+def fmt_ci(est: float, low: float, high: float, level: float = CI_LEVEL) -> str:
+    """'est [low, high]', with * where the interval's actual confidence is below CI_LEVEL (too few pairs)."""
+    star = "*" if level == level and level < CI_LEVEL - 1e-9 else ""
+    return f"{fmt(est, 3)} [{fmt(low, 3)}, {fmt(high, 3)}]{star}"
+
+
+def effect_tables(a: Analysis) -> dict[str, Table]:
+    """Per setup: every paired comparison's effect sizes, one cell per tested metric (what the ticks rest on)."""
+    out = {}
+    for setup, t in a.tests.groupby("setup", sort=True):
+        cell = {(r.teacher_seed, r.condition, r.control, r.metric): r for r in t.itertuples()}
+        keys = sorted({k[:3] for k in cell}, key=lambda k: (k[0], k[1].sort_key, k[2].sort_key))
+        rows = [[str(ts), c.label, ctrl.label] + [
+            f"{fmt_ci(r.hl, r.ci_low, r.ci_high, r.ci_level)}; r={fmt(r.rank_biserial, 2)}; P={fmt(r.superiority, 2)}"
+            if (r := cell.get((ts, c, ctrl, m))) is not None else "" for m in TESTED_METRICS] for ts, c, ctrl in keys]
+        out[setup] = Table(slug("effects", setup), f"{setup}: effect sizes of every paired comparison",
+                           ["teacher seed", "condition", "control"] + [metric_header(m) for m in TESTED_METRICS], rows,
+                           note=f"Hodges-Lehmann shift (condition - control, the metric's units) with its "
+                                f"{CI_LEVEL:.0%} CI from the exact signed-rank test (* fewer pairs than a "
+                                f"{CI_LEVEL:.0%} interval needs: the widest one, its level in data/tests.csv); "
+                                f"r: matched-pairs rank-biserial correlation, P: probability the condition beats "
+                                f"the control on a random seed (both +1 / 1 when it is better on every seed).")
+    return out
+
+
+def pooled_tables(a: Analysis) -> dict[str, Table]:
+    """Per setup: each comparison's mean difference pooled over teacher seeds, with its bootstrap CI."""
+    out = {}
+    for setup, t in a.pooled.groupby("setup", sort=True):
+        cell = {(r.condition, r.control, r.metric): r for r in t.itertuples()}
+        keys = sorted({k[:2] for k in cell}, key=lambda k: (k[0].sort_key, k[1].sort_key))
+        rows = [[c.label, ctrl.label, str(max(r.teacher_seeds for k, r in cell.items() if k[:2] == (c, ctrl)))] + [
+            fmt_ci(r.estimate, r.ci_low, r.ci_high) if (r := cell.get((c, ctrl, m))) is not None else ""
+            for m in TESTED_METRICS] for c, ctrl in keys]
+        out[setup] = Table(slug("pooled", setup), f"{setup}: paired differences pooled over teacher seeds",
+                           ["condition", "control", "teacher seeds"] + [metric_header(m) for m in TESTED_METRICS],
+                           rows, note=f"Mean over teacher seeds of the mean paired difference (condition - control), "
+                                      f"{CI_LEVEL:.0%} CI by a bootstrap stratified by teacher seed.")
+    return out
+
+
+def statement_table(a: Analysis) -> Table:
+    """One line per setup and treated condition, over all its teacher seeds."""
+    rows = [[r.setup, r.condition.label, f"{r.supported_seeds}/{r.teacher_seeds}", fmt_ci(r.pa_gain, r.ci_low, r.ci_high)]
+            for r in a.statements.itertuples()]
+    return Table("pooled", "Pooled over teacher seeds", ["setup", "condition", "supported on teacher seeds",
+                                                          "PA gain over the best control"], rows,
+                 note=f"PA gain: mean over teacher seeds of the prediction-agreement gain over that seed's best "
+                      f"control, {CI_LEVEL:.0%} CI by a bootstrap stratified by teacher seed.")
+
+
+POWER_SHOWN = (5, 10, 15, 20, 25, 30)
+
+
+def fmt_seeds(n: float) -> str:
+    return f">{max(power.SEED_RANGE)}" if n != n else str(int(n))
+
+
+def power_table(a: Analysis) -> Table:
+    """Per decision: the power to support transfer at several student-seed counts, and the count needed."""
+    rows = []
+    for (setup, ts, _), g in a.power.groupby(["setup", "teacher_seed", a.power["condition"].map(repr)], sort=False):
+        at = dict(zip(g["n_seeds"], g["power"]))
+        pilot = g[g["pilot"]].iloc[0]
+        rows.append([setup, str(ts), g["condition"].iloc[0].label, f"{fmt(pilot.power, 2)} ({pilot.pilot_seeds})"]
+                    + [fmt(at.get(n, float("nan")), 2) for n in POWER_SHOWN] + [fmt_seeds(power.seeds_for(g))])
+    return Table("power", f"Power to support transfer ({corrections.SHORT[a.correction]})",
+                 ["setup", "teacher seed", "condition", "now (seeds)"] + [f"{n} seeds" for n in POWER_SHOWN]
+                 + [f"seeds for {power.TARGET:.0%}"], rows,
+                 note="Probability that a study of that many student seeds supports transfer (at least 3 of 4 "
+                      "functional metrics significant against every control), by a smoothed bootstrap of this "
+                      "sweep's per-seed differences (a planning estimate that takes the observed effect as true).")
 
 
 def decision_table(a: Analysis) -> Table:
@@ -159,11 +236,17 @@ def decision_table(a: Analysis) -> Table:
                      "yes" if r.marginal else "no", fmt(r.pa_gain, 3),
                      fmt_ms(r.delta_correct, r.delta_correct_sem), fmt_ms(r.delta_incorrect, r.delta_incorrect_sem),
                      r.asymmetry, fmt(r.p_asymmetry, 3), r.best_control.label if r.best_control else "none",
-                     b.condition.label if b is not None else ""])
+                     b.condition.label if b is not None else "",
+                     fmt(r.power, 2) + (" (under-powered)" if r.under_powered else ""), fmt_seeds(r.seeds_for_power)])
     return Table("decisions", "Transfer decisions",
                  ["setup", "teacher seed", "condition", "supported", "marginal", "PA gain", "Δcorrect", "Δincorrect",
-                  "asymmetry", "p(asym)", "best control", "best accuracy"], rows,
-                 note=f"Supported: at least {a.min_metrics} of {len(TRANSFER_METRICS)} functional metrics significant against every control. "
+                  "asymmetry", "p(asym)", "best control", "best accuracy", "power",
+                  f"seeds for {power.TARGET:.0%}"], rows,
+                 note=f"Supported: at least {a.min_metrics} of {len(TRANSFER_METRICS)} functional metrics significant "
+                      f"against every control ({corrections.family_text(a.correction)}). "
+                      f"Power: probability of support at this many seeds (power table); under-powered: "
+                      f"not supported, with less than {power.TARGET:.0%} power to support it at this "
+                      f"many seeds (not evidence of no transfer; see the power table). "
                       f"Marginal: supported but prediction-agreement gain over the best control < {a.threshold:g}. "
                       f"p(asym): two-sided paired Wilcoxon of Δincorrect - Δcorrect.")
 
@@ -183,7 +266,12 @@ def excluded_table(a: Analysis) -> Table:
 
 
 def all_tables(a: Analysis) -> list[Table]:
-    return [decision_table(a), *tick_tables(a), *metric_tables(a), teacher_table(a), excluded_table(a)]
+    effects, pooled = effect_tables(a), pooled_tables(a)
+    setups = sorted(set(a.decisions["setup"]))              # tick_tables' order: one table per setup
+    per_setup = [t for setup, tick in zip(setups, tick_tables(a))
+                 for t in (tick, effects.get(setup), pooled.get(setup)) if t is not None]
+    return [decision_table(a), statement_table(a), power_table(a), *per_setup, *metric_tables(a),
+            teacher_table(a), excluded_table(a)]
 
 
 def tidy(df: pd.DataFrame) -> pd.DataFrame:

@@ -1,0 +1,202 @@
+"""Ties, effect sizes and confidence intervals for paired per-seed differences.
+
+Rate metrics (prediction disagreement, agreements) are k/N, so two seeds'
+differences of the same k/N can differ in the last bits of a float.  Rank
+statistics only see signs and the order of |d|, so ``snap_ties`` decides
+ties once, at a documented tolerance, for every metric: two |d| closer than
+``TIE_RTOL`` times the scale of the paired values are one value, and a |d|
+within that of zero is zero.  Float rounding of x - y is ~1e-16 of max(|x|,
+|y|); real differences between seeds are many orders above 1e-9 of it.
+
+Everything else here is on snapped differences d = treated - control:
+
+- ``exact_tied_p``: the signed-rank test's exact null with ties and zeros, by
+  counting all 2^n sign patterns through a rank-sum recursion on doubled
+  mid-ranks (the same distribution as sign-flip enumeration, any n <= 50);
+- ``hodges_lehmann`` / ``hl_interval``: the median of the Walsh averages and
+  its confidence interval by inverting the exact signed-rank test (normal
+  critical value above 50 pairs);
+- ``rank_biserial`` and ``superiority``: matched-pairs effect sizes oriented
+  so that +1 / 1.0 mean "the treated condition is better on every seed";
+- ``pooled_interval``: a stratified bootstrap over teacher x student seeds
+  (scipy.stats.bootstrap resamples each teacher seed's pairs separately).
+"""
+from __future__ import annotations
+
+import math
+from typing import NamedTuple, Optional, Sequence
+
+import numpy as np
+
+TIE_RTOL = 1e-9          # |d| closer than this times the values' scale are tied (and that close to 0: zero)
+CI_LEVEL = 0.95
+EXACT_MAX_N = 50         # exact null distributions up to this many pairs, normal approximation above
+
+
+def snap_ties(d, scale: Optional[float] = None) -> np.ndarray:
+    """d with |d| values within TIE_RTOL * scale of each other made equal (and of 0 made 0).
+
+    scale defaults to max |d|; callers that know the paired values pass their
+    largest magnitude, so differences that are pure rounding become zeros.
+    """
+    d = np.asarray(d, float)
+    if d.size == 0:
+        return d.copy()
+    a = np.abs(d)
+    tol = TIE_RTOL * (float(np.max(a)) if scale is None else float(scale))
+    order = np.argsort(a, kind="stable")
+    s = a[order]
+    starts = np.ones(s.size, bool)
+    starts[1:] = np.diff(s) > tol          # a new value where the gap to the previous exceeds tol
+    rep = s[starts][np.cumsum(starts) - 1]  # every member takes its run's smallest |d|
+    rep[rep <= tol] = 0.0
+    out = np.empty_like(d)
+    out[order] = rep
+    return np.copysign(out, d) * (out != 0)
+
+
+def midranks2(a: np.ndarray) -> np.ndarray:
+    """Twice the mid-ranks of a (ties share the mean rank), as integers: sums stay exact."""
+    order = np.argsort(a, kind="stable")
+    s = a[order]
+    starts = np.flatnonzero(np.r_[True, s[1:] != s[:-1]])
+    ends = np.r_[starts[1:], s.size]                      # rank block [start+1, end]
+    r2 = np.repeat(starts + 1 + ends, ends - starts)      # 2 * mean(start+1 .. end)
+    out = np.empty(a.size, np.int64)
+    out[order] = r2
+    return out
+
+
+def rank_sum_counts(weights: np.ndarray) -> np.ndarray:
+    """How many of the 2^n sign patterns give each sum of the weights counted positive (float64,
+    exact below 2^53, i.e. n <= 52)."""
+    counts = np.zeros(int(np.sum(weights)) + 1)
+    counts[0] = 1
+    for w in weights:  # this weight either counts towards the sum or not
+        counts[w:] = counts[w:] + counts[:counts.size - w]
+    return counts
+
+
+def exact_tied_p(d: np.ndarray, alternative: str) -> float:
+    """Exact signed-rank p of snapped d with ties and/or zeros (zeros dropped, scipy's "wilcox")."""
+    d = d[d != 0]
+    r2 = midranks2(np.abs(d))
+    counts, total = rank_sum_counts(r2), 2.0 ** d.size
+    obs = int(np.sum(r2[d > 0]))
+    cdf, sf = counts[:obs + 1].sum() / total, counts[obs:].sum() / total
+    return float({"less": cdf, "greater": sf}.get(alternative, min(1.0, 2 * min(cdf, sf))))
+
+
+# ------------------------------------------------------------------ effect sizes
+
+def walsh_averages(d: np.ndarray) -> np.ndarray:
+    """(d_i + d_j) / 2 for all i <= j: n(n+1)/2 values."""
+    i, j = np.triu_indices(d.size)
+    return (d[i] + d[j]) / 2
+
+
+def hodges_lehmann(d) -> float:
+    """The Hodges-Lehmann estimate of the paired shift: the median Walsh average."""
+    d = np.asarray(d, float)
+    return float(np.median(walsh_averages(d))) if d.size else math.nan
+
+
+class Interval(NamedTuple):
+    low: float
+    high: float
+    level: float          # the interval's actual confidence (discrete: at least CI_LEVEL where attainable)
+
+
+def _lower_count(n: int, level: float) -> tuple[int, float]:
+    """(k, actual level): the interval is the (k+1)-th smallest to (k+1)-th largest Walsh average.
+
+    k is the largest count with P(T+ <= k) <= (1 - level) / 2 under the exact
+    null (normal with continuity correction above EXACT_MAX_N pairs).  With
+    too few pairs no k qualifies (n <= 5 at 95%): k = 0, the widest interval,
+    whose lower actual level is returned.
+    """
+    half = (1 - level) / 2
+    m = n * (n + 1) // 2
+    if n > EXACT_MAX_N:
+        from scipy.stats import norm
+
+        sd = math.sqrt(n * (n + 1) * (2 * n + 1) / 24)
+        k = max(0, math.floor(m / 2 - norm.isf(half) * sd - 0.5))
+        return k, float(1 - 2 * norm.cdf((k + 0.5 - m / 2) / sd))
+    cdf = np.cumsum(rank_sum_counts(np.arange(1, n + 1))) / 2.0 ** n
+    k = max(0, int(np.searchsorted(cdf, half, side="right")) - 1)
+    return k, float(1 - 2 * cdf[k])
+
+
+def hl_interval(d, level: float = CI_LEVEL) -> Interval:
+    """Confidence interval for the paired shift from the exact signed-rank test's inversion."""
+    d = np.asarray(d, float)
+    if d.size == 0:
+        return Interval(math.nan, math.nan, math.nan)
+    w = np.sort(walsh_averages(d))
+    k, actual = _lower_count(d.size, level)
+    return Interval(float(w[k]), float(w[w.size - 1 - k]), actual)
+
+
+def _better(d: np.ndarray, direction: str) -> np.ndarray:
+    """d oriented so that positive means the treated condition is better (more similar)."""
+    return -d if direction == "lower" else d
+
+
+def rank_biserial(d, direction: str) -> float:
+    """Matched-pairs rank-biserial correlation (R_better - R_worse) / (R_better + R_worse), zeros dropped:
+    +1 when every non-zero pair favours the treated condition, -1 when every one favours the control."""
+    b = _better(np.asarray(d, float), direction)
+    b = b[b != 0]
+    if b.size == 0:
+        return 0.0 if np.asarray(d).size else math.nan
+    r2 = midranks2(np.abs(b))
+    return float((r2[b > 0].sum() - r2[b < 0].sum()) / r2.sum())
+
+
+def superiority(d, direction: str) -> float:
+    """The probability that the treated condition beats the control on a random seed (ties count half)."""
+    b = _better(np.asarray(d, float), direction)
+    return float((np.sum(b > 0) + 0.5 * np.sum(b == 0)) / b.size) if b.size else math.nan
+
+
+class Effect(NamedTuple):
+    hl: float
+    ci_low: float
+    ci_high: float
+    ci_level: float
+    rank_biserial: float
+    superiority: float
+
+
+def effect(d, direction: str, level: float = CI_LEVEL) -> Effect:
+    """Every effect size of one paired comparison (d already snapped)."""
+    ci = hl_interval(d, level)
+    return Effect(hodges_lehmann(d), ci.low, ci.high, ci.level, rank_biserial(d, direction), superiority(d, direction))
+
+
+# ------------------------------------------------------------------ pooled over teacher seeds
+
+def pooled_interval(groups: Sequence[np.ndarray], level: float = CI_LEVEL, seed: int = 0,
+                    n_resamples: int = 4999) -> tuple[float, float, float]:
+    """(estimate, low, high): the mean over teacher seeds of each seed's mean paired difference, with
+    a stratified bootstrap CI (each teacher seed's pairs resampled within it; BCa, percentile if BCa
+    degenerates).  Groups with fewer than two pairs are left out; none left: nans."""
+    from scipy.stats import bootstrap
+
+    groups = [np.asarray(g, float) for g in groups if len(g) >= 2]
+    if not groups:
+        return math.nan, math.nan, math.nan
+
+    def stat(*samples, axis=-1):
+        return np.mean([np.mean(s, axis=axis) for s in samples], axis=0)
+
+    est = float(stat(*groups))
+    if all(np.all(g == g[0]) for g in groups):
+        return est, est, est          # no spread: every resample gives the estimate
+    for method in ("BCa", "percentile"):
+        ci = bootstrap(groups, stat, n_resamples=n_resamples, vectorized=True, confidence_level=level,
+                       method=method, rng=np.random.default_rng(seed)).confidence_interval
+        if np.isfinite(ci.low) and np.isfinite(ci.high):
+            break
+    return est, float(ci.low), float(ci.high)

@@ -1,0 +1,55 @@
+"""One statement per setup and treated condition, pooled over teacher seeds.
+
+The per-teacher-seed decisions answer "did this teacher's knowledge
+transfer"; a reader also wants one number with its uncertainty.  Here every
+comparison's paired differences are pooled over teacher seeds: the estimate
+is the mean over teacher seeds of each seed's mean difference (teacher seeds
+weigh equally), its 95% CI a stratified bootstrap (student seeds resampled
+within each teacher seed; effects.pooled_interval).
+"""
+from __future__ import annotations
+
+import pandas as pd
+
+from kdray.analysis.effects import pooled_interval
+from kdray.analysis.stats import Analysis, by_condition, paired
+
+COLUMNS = ["setup", "condition", "control", "metric", "teacher_seeds", "n", "estimate", "ci_low", "ci_high"]
+STATEMENT_COLUMNS = ["setup", "condition", "teacher_seeds", "supported_seeds", "pa_gain", "ci_low", "ci_high"]
+
+
+def _groups(a: Analysis) -> dict[str, dict]:
+    """setup -> teacher seed -> {condition: runs}."""
+    out: dict[str, dict] = {}
+    for (setup, ts), grp in a.students.groupby(["setup", "teacher_seed"], sort=True):
+        out.setdefault(setup, {})[int(ts)] = by_condition(grp)
+    return out
+
+
+def pooled_tests(a: Analysis) -> pd.DataFrame:
+    """Per (setup, condition, control, metric) of the paired tests: the difference pooled over teacher seeds."""
+    conds = _groups(a)
+    keys = dict.fromkeys((r.setup, r.condition, r.control, r.metric) for r in a.tests.itertuples())
+    rows = []
+    for setup, cond, ctrl, metric in keys:
+        per_seed = [paired(c[cond], c[ctrl], metric).d for c in conds[setup].values() if cond in c and ctrl in c]
+        est, lo, hi = pooled_interval(per_seed)
+        rows.append(dict(setup=setup, condition=cond, control=ctrl, metric=metric,
+                         teacher_seeds=sum(len(d) >= 2 for d in per_seed), n=sum(len(d) for d in per_seed),
+                         estimate=est, ci_low=lo, ci_high=hi))
+    return pd.DataFrame(rows, columns=COLUMNS)
+
+
+def statements(a: Analysis) -> pd.DataFrame:
+    """Per (setup, treated condition): on how many teacher seeds transfer is supported, and the
+    prediction-agreement gain over each seed's best control pooled over teacher seeds, with its CI."""
+    conds = _groups(a)
+    rows = []
+    for (setup, cond), d in a.decisions.groupby(["setup", a.decisions["condition"].map(repr)], sort=False):
+        cond = d["condition"].iloc[0]
+        gains = [paired(conds[setup][r.teacher_seed][cond], conds[setup][r.teacher_seed][r.best_control],
+                        "prediction_agreement").d for r in d.itertuples() if r.best_control is not None]
+        est, lo, hi = pooled_interval(gains)
+        rows.append(dict(setup=setup, condition=cond, teacher_seeds=len(d), supported_seeds=int(d["supported"].sum()),
+                         pa_gain=est, ci_low=lo, ci_high=hi))
+    return pd.DataFrame(rows, columns=STATEMENT_COLUMNS)
