@@ -20,6 +20,7 @@ import torch
 from torch import nn
 
 from kdray import conditions
+from kdray.contracts import EPOCH, FINAL
 from kdray.data import load_dataset
 from kdray.data.bundle import DataBundle
 from kdray.losses import Batch
@@ -217,7 +218,7 @@ def run_trial(spec: TrialSpec, store: Store, report: Optional[Report] = None,
         train_loss = float(loss_sum) / seen
         if not math.isfinite(train_loss):
             raise TrialDiverged(f"training loss is {train_loss} at epoch {epoch + 1} (trial {spec.label})")
-        metrics = {"epoch": epoch + 1, "train_loss": train_loss, "train_acc": int(correct) / seen,
+        metrics = {EPOCH: epoch + 1, "train_loss": train_loss, "train_acc": int(correct) / seen,
                    "lr": opt.param_groups[0]["lr"]}
         if r.eval_every and (epoch + 1) % r.eval_every == 0 and epoch + 1 < epochs:
             metrics["test_loss"], metrics["test_acc"] = loss_and_accuracy(*evaluate(model, bundle, device, r.eval_batch_size))
@@ -297,7 +298,7 @@ def finish_trial(spec: TrialSpec, store: Store, model: nn.Module, bundle: DataBu
 
     logits, y = evaluate(model, bundle, device, r.eval_batch_size)
     test_loss, test_acc = loss_and_accuracy(logits, y)
-    final = {"epoch": len(history), "test_loss": test_loss, "test_acc": test_acc, "train_seconds": seconds, "final": 1}
+    final = {EPOCH: len(history), "test_loss": test_loss, "test_acc": test_acc, "train_seconds": seconds, FINAL: 1}
     if history:
         final.update(train_loss=history[-1]["train_loss"], train_acc=history[-1]["train_acc"])
     if teacher_logits is not None:
@@ -306,7 +307,7 @@ def finish_trial(spec: TrialSpec, store: Store, model: nn.Module, bundle: DataBu
     for name in spec.evals:
         final.update(EVALS.get(name)(model.eval(), bundle, device))
     store.save_npz(spec.trial_key, "test_outputs.npz", logits=logits.numpy().astype(np.float16), labels=y.numpy())
-    store.save_json(spec.trial_key, "result.json", {"final": final, "history": history})
+    store.save_json(spec.trial_key, "result.json", {FINAL: final, "history": history})
     if spec.role == "teacher":
         buf = io.BytesIO()
         torch.save({k: v.cpu() for k, v in model.state_dict().items()}, buf)

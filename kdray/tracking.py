@@ -14,7 +14,8 @@ from pathlib import Path
 from typing import Callable, Iterable, Optional, TypeVar
 
 from kdray import __version__
-from kdray.contracts import KIND_SWEEP, KIND_TRIAL, TAG_FAILURE, TAG_KIND, TAG_TRIAL_KEY, TAG_VERSION, trial_tags
+from kdray.contracts import (EPOCH, FINAL, KIND_SWEEP, KIND_TRIAL, TAG_FAILURE, TAG_KIND, TAG_TRIAL_KEY, TAG_VERSION,
+                             trial_tags)
 from kdray.spec import TrialSpec
 
 log = logging.getLogger(__name__)
@@ -131,15 +132,15 @@ class Tracker:
         return run.info.run_id
 
     def log_metrics(self, run_id: str, metrics: dict, step: int) -> None:
-        self.log_epochs(run_id, [dict(metrics, epoch=step)])
+        self.log_epochs(run_id, [{**metrics, EPOCH: step}])
 
     def log_epochs(self, run_id: str, epochs: list[dict]) -> None:
         """Every numeric value of every record at step ``record["epoch"]``, in as few calls as MLflow allows."""
         from mlflow.entities import Metric
 
         now = int(time.time() * 1000)
-        ms = [Metric(k, float(v), now, int(m.get("epoch", 0))) for m in epochs for k, v in m.items()
-              if isinstance(v, (int, float)) and k not in ("epoch", "final")]
+        ms = [Metric(k, float(v), now, int(m.get(EPOCH, 0))) for m in epochs for k, v in m.items()
+              if isinstance(v, (int, float)) and k not in (EPOCH, FINAL)]
         for i in range(0, len(ms), 1000):  # MLflow's per-batch limit
             retry(lambda: self.client.log_batch(run_id, metrics=ms[i:i + 1000]), "log_metrics")
 
