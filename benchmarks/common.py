@@ -161,21 +161,20 @@ def register_synthetic_svhn() -> None:
     The same tensors as kdray's ``svhn`` loader produces (uint8 [N, 3, 32, 32],
     mean/std 0.5 normalisation), drawn at random, so benchmarks need no download.
     """
-    from kdray.data import DATASETS, DataBundle, register_dataset
+    from kdray.data import DATASETS, register_dataset
+    from kdray.data.bundle import DataBundle
     from kdray.data.images import image_preprocess
 
     if SYNTHETIC_SVHN in DATASETS:
         return
 
-    @register_dataset(SYNTHETIC_SVHN)
+    @register_dataset(SYNTHETIC_SVHN, classes=10, reads_files=False)
     def bench_svhn_synthetic(root=None, n_train: int = 20000, n_test: int = 2000, augment=None) -> DataBundle:
         xtr, ytr = svhn_like_arrays(n_train, 0)
         xte, yte = svhn_like_arrays(n_test, 1)
         return DataBundle("classification", 10, (3, 32, 32), torch.from_numpy(xtr), torch.from_numpy(ytr),
                           torch.from_numpy(xte), torch.from_numpy(yte),
                           preprocess=image_preprocess(0.5, 0.5, augment))
-
-    bench_svhn_synthetic.needs_root = False
 
 
 def fmt(v) -> str:

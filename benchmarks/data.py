@@ -87,7 +87,7 @@ def run(quick: bool = False, device: str = "cpu", n: Optional[int] = None, batch
         threads: Optional[tuple[int, ...]] = None) -> dict:
     from torch.utils.data import DataLoader
 
-    from kdray.data import DataBundle
+    from kdray.data.bundle import DataBundle
     from kdray.data.images import image_preprocess
 
     t0 = now()

@@ -65,7 +65,7 @@ def teacher_forward_epoch(spec, store, device: str) -> float:
 def no_train_cache():
     """Make every data set look augmented, so KD runs the teacher's forward on each batch (kdray's
     cache of the teacher's training-set logits is used only for inputs that are never augmented)."""
-    from kdray.data import DataBundle
+    from kdray.data.bundle import DataBundle
 
     orig = getattr(DataBundle, "train_inputs_are_fixed", None)
     DataBundle.train_inputs_are_fixed = lambda self: False

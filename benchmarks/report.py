@@ -63,7 +63,7 @@ def _metrics(spec, rng: np.random.Generator, base: dict) -> dict:
         m.update(test_acc=0.95 + rng.normal(0, 0.003), test_loss=0.38 + rng.normal(0, 0.01),
                  train_acc=0.9998, train_loss=0.0006)
         return m
-    gain = (spec.alpha if spec.method == "kd" else 0.0) * 0.02
+    gain = (spec.params["alpha"] if spec.method == "kd" else 0.0) * 0.02
     noise = lambda s=0.002: rng.normal(0, s)  # noqa: E731
     m.update(test_acc=base["acc"] + noise(), test_loss=base["loss"] + noise(0.01),
              train_acc=0.999 + noise(0.0003), train_loss=0.002 + noise(0.0003),
@@ -81,6 +81,7 @@ def create_experiment(uri: str, n_runs: int, artifact_root: str, seed: int = 0) 
     from mlflow.entities import Metric, Param
 
     from kdray import __version__
+    from kdray.contracts import KIND_SWEEP, TAG_KIND, TAG_VERSION, trial_tags
     from kdray.plan import build_plan
     from kdray.sweep import parse_sweep
 
@@ -93,7 +94,7 @@ def create_experiment(uri: str, n_runs: int, artifact_root: str, seed: int = 0) 
     client = MlflowClient(uri)
     exp = client.create_experiment(d["name"], artifact_location=Path(artifact_root).resolve().as_uri())
     parent = client.create_run(exp, run_name=f"sweep {d['name']}",
-                               tags={"kdray.kind": "sweep", "kdray.version": __version__}).info.run_id
+                               tags={TAG_KIND: KIND_SWEEP, TAG_VERSION: __version__}).info.run_id
     t_plan = now() - t0
     for spec in plan.all:
         key = (spec.setup, spec.teacher_seed, spec.student_seed)
@@ -103,10 +104,7 @@ def create_experiment(uri: str, n_runs: int, artifact_root: str, seed: int = 0) 
                               rank=0.30 + rng.normal(0, 0.005), pd=0.05 + rng.normal(0, 0.003),
                               ca=0.97 + rng.normal(0, 0.003), ia=0.30 + rng.normal(0, 0.01),
                               vi=0.30 + rng.normal(0, 0.01), pr=0.10 + rng.normal(0, 0.005))
-        tags = {"kdray.kind": "trial", "kdray.trial_key": spec.trial_key, "kdray.stage": spec.role,
-                "kdray.role": spec.role, "kdray.setup": spec.setup, "kdray.method": spec.method,
-                "kdray.teacher_key": str(spec.teacher_key), "kdray.version": __version__,
-                "kdray.git_sha": "benchmark", "mlflow.parentRunId": parent}
+        tags = trial_tags(spec, parent, __version__, "benchmark")
         run_id = client.create_run(exp, run_name=spec.label, tags=tags).info.run_id
         params = [Param(k, "None" if v is None else str(v)[:6000]) for k, v in spec.flat_params().items()]
         metrics = [Metric(k, float(v), 0, 100) for k, v in _metrics(spec, rng, bases[key]).items()

@@ -18,16 +18,23 @@ def _fail(msg: str) -> int:
     return EXIT_USAGE
 
 
-def _load(path: str):
+def _load(path: str, max_trials: int, overrides: Optional[dict] = None):
+    """The checked sweep (with command-line overrides) and its plan; the size is checked before the
+    plan is built, so an absurd grid is refused at once."""
+    from kdray.checks import check_destinations, check_size
     from kdray.plan import build_plan
     from kdray.sweep import load_sweep
 
     sweep = load_sweep(path)
+    if overrides:
+        sweep = sweep.model_copy(update={k: v for k, v in overrides.items() if v})
+    check_size(sweep, path, max_trials)
+    check_destinations(sweep, path)
     return sweep, build_plan(sweep)
 
 
 def cmd_validate(args) -> int:
-    sweep, plan = _load(args.sweep)
+    sweep, plan = _load(args.sweep, args.max_trials)
     print(f"{args.sweep}: ok ({len(sweep.setups)} setups, {len(plan.all)} trials)")
     return 0
 
@@ -42,7 +49,7 @@ def cmd_plan(args) -> int:
     keys: dict[str, str] = {}
     total = 0
     for path in args.sweep:
-        sweep, plan = _load(path)
+        sweep, plan = _load(path, args.max_trials)
         print(format_plan(plan))
         total += len(plan.all)
         for spec in plan.all:
@@ -67,12 +74,8 @@ def cmd_sweep(args) -> int:
     from kdray.engine import run_sweep
     from kdray.plan import format_plan
 
-    sweep, plan = _load(args.sweep)
-    if args.storage or args.tracking_uri:
-        sweep = sweep.model_copy(update={k: v for k, v in (("storage", args.storage),
-                                                           ("tracking_uri", args.tracking_uri)) if v})
-        plan = None
-    print(format_plan(plan) if plan else f"sweep {sweep.name}", flush=True)
+    sweep, plan = _load(args.sweep, args.max_trials, {"storage": args.storage, "tracking_uri": args.tracking_uri})
+    print(format_plan(plan), flush=True)
     summary = run_sweep(sweep, verbose=0 if args.quiet else 1)
     print("\n".join(summary.lines()))
     return 0 if summary.ok else 1
@@ -82,7 +85,7 @@ def cmd_report(args) -> int:
     from kdray.analysis.report import run_report
 
     return run_report(args.target, args.out, args.tracking_uri, args.threshold, args.exclude_below, args.jobs,
-                      args.correction)
+                      args.correction, args.min_metrics)
 
 
 def cmd_power(args) -> int:
@@ -140,16 +143,22 @@ def build_parser() -> argparse.ArgumentParser:
         commands[name] = fn
         return sp
 
+    def max_trials(sp: argparse.ArgumentParser) -> None:
+        from kdray.checks import MAX_TRIALS
+        sp.add_argument("--max-trials", type=_positive_int, default=MAX_TRIALS,
+                        help=f"refuse grids larger than this (default {MAX_TRIALS:,})")
+
     sp = add("validate", cmd_validate, "check a sweep file; one error line and exit 2 when it is wrong")
     sp.add_argument("sweep")
+    max_trials(sp)
     sp = add("plan", cmd_plan, "print the trials sweep files expand to, per setup and condition")
     sp.add_argument("sweep", nargs="+")
     sp.add_argument("--list", action="store_true", help="also list every trial key and label")
     _correction(sp)
-    sp = add("sweep", cmd_sweep, "run a sweep: teachers, then students and controls, on Ray Tune")
+    max_trials(sp)
+    sp = add("sweep", cmd_sweep, "run a sweep (re-running it resumes: finished trials are skipped)")
     sp.add_argument("sweep")
-    sp.add_argument("--resume", action="store_true",
-                    help="continue an interrupted sweep (the default behaviour: finished trials are always skipped)")
+    max_trials(sp)
     sp.add_argument("--storage", help="override the sweep file's storage")
     sp.add_argument("--tracking-uri", help="override the MLflow tracking URI")
     sp.add_argument("--quiet", action="store_true", help="no per-trial progress tables")
@@ -161,6 +170,9 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--exclude-below", type=float, default=None,
                     help="drop controls whose mean accuracy is this far below SIDDO's from best-control selection")
     _correction(sp)
+    sp.add_argument("--min-metrics", type=int, choices=range(1, 5), default=3, metavar="{1..4}",
+                    help="functional metrics that must be significant against every control for transfer "
+                         "to count as supported (default 3 of 4, the paper's rule)")
     sp.add_argument("--jobs", type=_positive_int, default=None,
                     help="worker processes for fetching runs and drawing figures (default: one per core; 1: none)")
     sp = add("data", cmd_data, "data tools: fetch NAME downloads a full data set (--list: the sources); "

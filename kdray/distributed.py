@@ -161,6 +161,7 @@ def _worker_loop(config: dict) -> None:
     import ray.train
     import ray.train.torch
 
+    from kdray.contracts import FINAL
     from kdray.data import load_dataset
     from kdray.recipe import run_trial
     from kdray.spec import TrialSpec
@@ -180,7 +181,7 @@ def _worker_loop(config: dict) -> None:
 
     def report(metrics: dict, st: Optional[dict] = None) -> None:
         if rank == 0:  # the final metrics also record how the trial ran
-            channel.put(({**metrics, "ddp_workers": world} if metrics.get("final") else metrics, st))
+            channel.put(({**metrics, "ddp_workers": world} if metrics.get(FINAL) else metrics, st))
 
     presharded = bool(getattr(load_dataset(spec.dataset, spec.data_root, **spec.dataset_args), "presharded", False))
     run_trial(spec, store, report, (lambda: state), device=device, shard=Shard(rank, world, device, presharded))

@@ -8,7 +8,6 @@ sweep skips every trial whose key already has a FINISHED MLflow run.
 """
 from __future__ import annotations
 
-import json
 import logging
 import os
 import sys
@@ -20,7 +19,10 @@ from pathlib import Path
 from typing import Optional
 
 import torch
+from ray.tune import Callback
+from ray.tune.search import Searcher
 
+from kdray.contracts import FAILURE, FINAL, RESULT_EPOCHS, RESULT_LAST, TAG_REUSED
 from kdray.plan import Plan, build_plan
 from kdray.recipe import TrialDiverged, run_trial
 from kdray.spec import TrialSpec
@@ -51,7 +53,7 @@ def trainable(config: dict) -> None:
     def send(state: Optional[dict] = None) -> None:
         # Every tune.report waits for the driver to take the result: batching epochs keeps
         # short trials from stalling on the driver (the metrics of docs/protocol.md §4 are unchanged).
-        result = {"kdray": pending[-1], "kdray_epochs": list(pending)}
+        result = {RESULT_LAST: pending[-1], RESULT_EPOCHS: list(pending)}
         pending.clear()
         last_sent[0] = time.monotonic()
         if state is None:
@@ -63,7 +65,7 @@ def trainable(config: dict) -> None:
 
     def report(metrics: dict, state: Optional[dict] = None) -> None:
         pending.append(metrics)
-        if state is not None or metrics.get("final") or time.monotonic() - last_sent[0] >= every:
+        if state is not None or metrics.get(FINAL) or time.monotonic() - last_sent[0] >= every:
             send(state)
 
     def restore() -> Optional[dict]:
@@ -82,7 +84,7 @@ def trainable(config: dict) -> None:
     except TrialDiverged as e:
         # Not a crash to retry: the same spec would diverge again. End the trial
         # normally with the reason (and the epochs before it); the callback marks its run FAILED.
-        pending.append({"failure": f"TrialDiverged: {e}"})
+        pending.append({FAILURE: f"TrialDiverged: {e}"})
         send()
 
 
@@ -99,59 +101,55 @@ def _resources(config: dict):
 
 # ------------------------------------------------------------------ driver-side logging
 
-def _make_callback(tracker: Tracker, store: Store):
-    from ray.tune import Callback
+class MlflowCallback(Callback):
+    """Turns Tune's trial events into MLflow runs (the driver is the only writer)."""
 
-    class MlflowCallback(Callback):
-        """Turns Tune's trial events into MLflow runs (the driver is the only writer)."""
+    def __init__(self, tracker: Tracker, store: Store):
+        self.tracker, self.store = tracker, store
+        self.runs: dict[str, str] = {}
+        self.finished: list[str] = []
+        self.failed: dict[str, str] = {}
 
-        def __init__(self):
-            self.runs: dict[str, str] = {}
-            self.finished: list[str] = []
-            self.failed: dict[str, str] = {}
+    def _run(self, trial) -> str:
+        if trial.trial_id not in self.runs:
+            self.runs[trial.trial_id] = self.tracker.start_trial(TrialSpec.from_dict(trial.config["spec"]))
+        return self.runs[trial.trial_id]
 
-        def _run(self, trial) -> str:
-            if trial.trial_id not in self.runs:
-                self.runs[trial.trial_id] = tracker.start_trial(TrialSpec.from_dict(trial.config["spec"]))
-            return self.runs[trial.trial_id]
+    def on_trial_start(self, iteration, trials, trial, **info):
+        self._run(trial)
 
-        def on_trial_start(self, iteration, trials, trial, **info):
-            self._run(trial)
+    def on_trial_result(self, iteration, trials, trial, result, **info):
+        epochs = result.get(RESULT_EPOCHS) or [result.get(RESULT_LAST) or {}]
+        self.tracker.log_epochs(self._run(trial), epochs)
 
-        def on_trial_result(self, iteration, trials, trial, result, **info):
-            epochs = result.get("kdray_epochs") or [result.get("kdray") or {}]
-            tracker.log_epochs(self._run(trial), epochs)
+    def on_trial_complete(self, iteration, trials, trial, **info):
+        spec = TrialSpec.from_dict(trial.config["spec"])
+        run_id = self._run(trial)
+        final = (trial.last_result or {}).get(RESULT_LAST) or {}
+        if not final.get(FINAL):
+            self.failed[spec.trial_key] = final.get(FAILURE) or "trial ended without its final evaluation"
+            self.tracker.end_trial(run_id, False, self.failed[spec.trial_key])
+            return
+        with tempfile.TemporaryDirectory() as tmp:
+            names = ["test_outputs.npz"] + (["model.pt"] if spec.role == "teacher" else [])
+            for name in names:
+                self.tracker.log_artifact(run_id, self.store.fetch_to(spec.trial_key, name, tmp))
+        self.tracker.end_trial(run_id, True)
+        self.finished.append(spec.trial_key)
 
-        def on_trial_complete(self, iteration, trials, trial, **info):
-            spec = TrialSpec.from_dict(trial.config["spec"])
-            run_id = self._run(trial)
-            final = (trial.last_result or {}).get("kdray") or {}
-            if not final.get("final"):
-                self.failed[spec.trial_key] = final.get("failure") or "trial ended without its final evaluation"
-                tracker.end_trial(run_id, False, self.failed[spec.trial_key])
-                return
-            with tempfile.TemporaryDirectory() as tmp:
-                names = ["test_outputs.npz"] + (["model.pt"] if spec.role == "teacher" else [])
-                for name in names:
-                    tracker.log_artifact(run_id, store.fetch_to(spec.trial_key, name, tmp))
-            tracker.end_trial(run_id, True)
-            self.finished.append(spec.trial_key)
-
-        def on_trial_error(self, iteration, trials, trial, **info):
-            spec = TrialSpec.from_dict(trial.config["spec"])
-            reason = _error_line(trial)
-            self.failed[spec.trial_key] = reason
-            tracker.end_trial(self._run(trial), False, reason)
-
-    return MlflowCallback()
+    def on_trial_error(self, iteration, trials, trial, **info):
+        spec = TrialSpec.from_dict(trial.config["spec"])
+        reason = _error_line(trial)
+        self.failed[spec.trial_key] = reason
+        self.tracker.end_trial(self._run(trial), False, reason)
 
 
 def log_reused_teacher(tracker: Tracker, store: Store, spec: TrialSpec) -> None:
     """A teacher already trained (same key) by another sweep: log its stored results, do not retrain."""
     run_id = tracker.start_trial(spec)
     result = store.load_json(spec.trial_key, "result.json")
-    tracker.log_epochs(run_id, result["history"] + [result["final"]])
-    tracker.client.set_tag(run_id, "kdray.reused", "true")
+    tracker.log_epochs(run_id, result["history"] + [result[FINAL]])
+    tracker.client.set_tag(run_id, TAG_REUSED, "true")
     tracker.end_trial(run_id, True)
 
 
@@ -223,51 +221,44 @@ def _concurrency(sweep: Sweep, specs: list[TrialSpec]) -> Optional[int]:
     return max_concurrent([s.to_dict() for s in specs])
 
 
-def _searcher(specs: list[TrialSpec], store: Store, trained: set[str]):
-    """``trained``: teacher keys whose model was in storage before this run."""
-    from ray.tune.search import Searcher
+class TeachersFirst(Searcher):
+    """Hands Tune every teacher first, then each student as soon as its own teacher's model is in
+    storage: one Tune run, and no slot waits for the slowest teacher of a stage.
 
-    class TeachersFirst(Searcher):
-        """Hands Tune every teacher first, then each student as soon as its own teacher's model is
-        in storage: one Tune run, and no slot waits for the slowest teacher of a stage."""
+    It keeps no state worth saving: kdray resumes from MLflow and storage, not from Tune's
+    experiment state (Tune's "save not implemented" notice is silenced in ``_tune_run``).
+    ``trained``: teacher keys whose model was in storage before this run.
+    """
 
-        def __init__(self):
-            super().__init__()
-            self.teachers = [s for s in specs if s.role == "teacher"]
-            self.students = [s for s in specs if s.role == "student"]
-            self.in_flight: dict[str, str] = {}   # Tune trial id -> teacher key
-            self.unsettled = {t.trial_key for t in self.teachers}   # teachers not yet ended
-            self.ready = set(trained)                              # teachers with a model
-            self.blocked = 0                      # students whose teacher has no model
+    def __init__(self, specs: list[TrialSpec], store: Store, trained: set[str]):
+        super().__init__()
+        self.store = store
+        self.teachers = [s for s in specs if s.role == "teacher"]
+        self.students = [s for s in specs if s.role == "student"]
+        self.in_flight: dict[str, str] = {}   # Tune trial id -> teacher key
+        self.unsettled = {t.trial_key for t in self.teachers}   # teachers not yet ended
+        self.ready = set(trained)                              # teachers with a model
+        self.blocked = 0                      # students whose teacher has no model
 
-        def suggest(self, trial_id: str):
-            if self.teachers:
-                t = self.teachers.pop(0)
-                self.in_flight[trial_id] = t.trial_key
-                return {"spec": t.to_dict()}
-            waiting = [s for s in self.students if s.teacher_key in self.ready or s.teacher_key in self.unsettled]
-            self.blocked += len(self.students) - len(waiting)
-            self.students = waiting
-            for i, s in enumerate(self.students):
-                if s.teacher_key in self.ready:
-                    return {"spec": self.students.pop(i).to_dict()}
-            return None if self.students else Searcher.FINISHED
+    def suggest(self, trial_id: str):
+        if self.teachers:
+            t = self.teachers.pop(0)
+            self.in_flight[trial_id] = t.trial_key
+            return {"spec": t.to_dict()}
+        waiting = [s for s in self.students if s.teacher_key in self.ready or s.teacher_key in self.unsettled]
+        self.blocked += len(self.students) - len(waiting)
+        self.students = waiting
+        for i, s in enumerate(self.students):
+            if s.teacher_key in self.ready:
+                return {"spec": self.students.pop(i).to_dict()}
+        return None if self.students else Searcher.FINISHED
 
-        def on_trial_complete(self, trial_id: str, result=None, error: bool = False):
-            key = self.in_flight.pop(trial_id, None)
-            if key is not None:
-                self.unsettled.discard(key)
-                if store.exists(key, "model.pt"):  # written last by a teacher that finished
-                    self.ready.add(key)
-
-        def save(self, checkpoint_path: str):  # Tune saves searchers with its experiment state
-            Path(checkpoint_path).write_text(json.dumps({"teachers": len(self.teachers),
-                                                         "students": len(self.students)}))
-
-        def restore(self, checkpoint_path: str):  # kdray resumes from MLflow, not from Tune's state
-            pass
-
-    return TeachersFirst()
+    def on_trial_complete(self, trial_id: str, result=None, error: bool = False):
+        key = self.in_flight.pop(trial_id, None)
+        if key is not None:
+            self.unsettled.discard(key)
+            if self.store.exists(key, "model.pt"):  # written last by a teacher that finished
+                self.ready.add(key)
 
 
 def _tune_run(specs: list[TrialSpec], sweep: Sweep, store: Store, tracker: Tracker, trained: set[str],
@@ -285,8 +276,9 @@ def _tune_run(specs: list[TrialSpec], sweep: Sweep, store: Store, tracker: Track
         # for a grid, so that free slots fill at once and an autoscaler sees the demand.
         "TUNE_MAX_PENDING_TRIALS_PG": str(max(200, int(ray.cluster_resources().get("CPU", 1) * 1.1))),
     }
-    callback = _make_callback(tracker, store)
-    searcher = _searcher(specs, store, trained)
+    callback = MlflowCallback(tracker, store)
+    searcher = TeachersFirst(specs, store, trained)
+    logging.getLogger("ray.tune.search.searcher").setLevel(logging.ERROR)   # see TeachersFirst
     reporter = tune.CLIReporter(
         metric_columns={"kdray/epoch": "epoch", "kdray/train_loss": "train loss", "kdray/test_acc": "test acc"},
         parameter_columns={"spec/role": "role", "spec/teacher_seed": "teacher"}, max_progress_rows=8,

@@ -7,8 +7,6 @@ from __future__ import annotations
 
 from typing import Callable
 
-import torch
-
 from kdray.registry import Registry
 
 EVALS: Registry[Callable[..., dict]] = Registry("eval")
@@ -16,8 +14,10 @@ register_eval = EVALS.register
 
 
 @register_eval("tha_count")
-def tha_count(model: torch.nn.Module, bundle, device: torch.device) -> dict[str, float]:
-    """docs/protocol.md §6.6: at each "the" of the clean test text, top-1 after "th": "a" or "e"?"""
+def tha_count(model, bundle, device) -> dict[str, float]:
+    """At each "the" of the clean test text (docs/protocol.md §6.6): top-1 after "th", "a" or "e"?"""
+    import torch
+
     from kdray.data.tinyshakespeare import the_contexts
 
     contexts, n = the_contexts(bundle.extras["test_text"], bundle.block_size, bundle.vocab,

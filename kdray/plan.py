@@ -12,8 +12,9 @@ from __future__ import annotations
 from collections import Counter
 from dataclasses import dataclass, field
 
+from kdray import conditions
 from kdray.spec import TrialSpec
-from kdray.sweep import Setup, Sweep
+from kdray.sweep import Setup, Sweep, enabled_conditions
 
 
 @dataclass
@@ -35,23 +36,12 @@ class Plan:
         return min(len(s.student_seeds) for s in self.sweep.setups)
 
 
-def _student_conditions(setup: Setup) -> list[dict]:
-    """The distinct (method, alpha, temperature, block) a student seed is trained under."""
-    c = setup.conditions
-    out: list[dict] = []
-    if c.siddo:
-        out.append(dict(method="siddo"))
-    for method, grid in (("kd", c.kd), ("rcd", c.rcd)):
-        if grid:
-            out += [dict(method=method, alpha=a, temperature=t) for a in grid.alphas for t in grid.temperatures]
-    if c.ls:
-        out += [dict(method="ls", alpha=e) for e in c.ls.epsilons]
-    if c.fm:
-        for a in c.fm.alphas:
-            for b in c.fm.blocks:
-                out.append(dict(method="fm", alpha=a, block=b))
-                if c.fm.control:
-                    out.append(dict(method="fm_rcd", alpha=a, block=b))
+def student_conditions(setup: Setup) -> list[dict]:
+    """The (method, params) a student seed is trained under, in the conditions' declared order."""
+    out = []
+    for cond, config in enabled_conditions(setup.conditions):
+        for method, params in cond.grid(config):
+            out.append(dict(method=method, params=conditions.get(method).full_params(params)))
     return out
 
 
@@ -81,7 +71,7 @@ def expand_setup(sweep: Sweep, setup: Setup) -> tuple[list[TrialSpec], list[Tria
             from_teacher = {"auto": _self_distillation(setup, width), "teacher": True,
                             "student_seed": False}[setup.student_init]
             for ss in setup.student_seeds:
-                for cond in _student_conditions(setup):
+                for cond in student_conditions(setup):
                     students.append(TrialSpec(
                         role="student", arch=setup.student_model.arch, arch_args=arch_args,
                         teacher_seed=ts, student_seed=ss, init_seed=ts if from_teacher else ss, data_seed=ss,
@@ -114,7 +104,7 @@ def format_plan(plan: Plan) -> str:
     for setup in plan.sweep.setups:
         per = {m: n for (s, m), n in counts.items() if s == setup.name}
         total = sum(per.values())
-        detail = ", ".join(f"{m} {n}" for m, n in sorted(per.items(), key=lambda kv: _ORDER.get(kv[0], 99)))
+        detail = ", ".join(f"{m} {n}" for m, n in sorted(per.items(), key=lambda kv: _order(kv[0])))
         lines.append(f"  {setup.name}: {total} models ({detail})")
         lines.append("    " + _estimate(setup, per))
     return "\n".join(lines)
@@ -139,4 +129,6 @@ def _estimate(setup, per: dict[str, int]) -> str:
     return "; ".join(parts)
 
 
-_ORDER = {"teacher": 0, "siddo": 1, "kd": 2, "rcd": 3, "ls": 4, "fm": 5, "fm_rcd": 6}
+def _order(method: str) -> int:
+    cond = conditions.find(method)
+    return 0 if cond is None else cond.order

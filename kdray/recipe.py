@@ -19,9 +19,12 @@ import numpy as np
 import torch
 from torch import nn
 
-from kdray.data import DataBundle, load_dataset
+from kdray import conditions
+from kdray.contracts import EPOCH, FINAL
+from kdray.data import load_dataset
+from kdray.data.bundle import DataBundle
+from kdray.losses import Batch
 from kdray.models import block_output, build_model
-from kdray.objectives import Batch, build_objective, fm_noise
 from kdray.spec import TrialSpec
 from kdray.storage import Store
 from kdray.sweep import Recipe
@@ -135,14 +138,15 @@ def run_trial(spec: TrialSpec, store: Store, report: Optional[Report] = None,
     if r.compile:
         net = torch.compile(net)
     autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=r.precision == "bf16")
-    objective = build_objective(spec.method, spec.alpha, spec.temperature)
+    cond = spec.condition   # None for a teacher: plain cross-entropy
+    objective = conditions.teacher_objective() if cond is None else cond.objective(spec.params)
     teacher = teacher_logits = None
     if spec.role == "student":
         teacher, teacher_logits = load_teacher(spec, store, bundle, device)
     # KD on inputs that are never augmented: the teacher's training-set outputs are
     # computed once (by the teacher trial) and looked up per batch, not recomputed.
     train_cache = None
-    if objective.needs_teacher_logits and shard is None and bundle.train_inputs_are_fixed():
+    if cond is not None and cond.teacher == "logits" and shard is None and bundle.train_inputs_are_fixed():
         train_cache = teacher_train_logits(spec.teacher, store, teacher, bundle, device, r.eval_batch_size)
 
     # Seeds: the data seed alone fixes batch order, augmentation and dropout, so
@@ -193,7 +197,7 @@ def run_trial(spec: TrialSpec, store: Store, report: Optional[Report] = None,
             if shard is not None:  # this rank's rows; scale makes DDP's gradient mean the global-batch mean
                 xb, yb, grad_scale = shard.split(xb, yb)
             with autocast:
-                batch = _forward(net, teacher, objective, spec, xb.contiguous(memory_format=fmt) if xb.dim() == 4 else xb,
+                batch = _forward(net, teacher, cond, spec.params, xb.contiguous(memory_format=fmt) if xb.dim() == 4 else xb,
                                  yb, noise_seed, step, cached)
                 loss = objective(batch)
             opt.zero_grad(set_to_none=True)
@@ -214,7 +218,7 @@ def run_trial(spec: TrialSpec, store: Store, report: Optional[Report] = None,
         train_loss = float(loss_sum) / seen
         if not math.isfinite(train_loss):
             raise TrialDiverged(f"training loss is {train_loss} at epoch {epoch + 1} (trial {spec.label})")
-        metrics = {"epoch": epoch + 1, "train_loss": train_loss, "train_acc": int(correct) / seen,
+        metrics = {EPOCH: epoch + 1, "train_loss": train_loss, "train_acc": int(correct) / seen,
                    "lr": opt.param_groups[0]["lr"]}
         if r.eval_every and (epoch + 1) % r.eval_every == 0 and epoch + 1 < epochs:
             metrics["test_loss"], metrics["test_acc"] = loss_and_accuracy(*evaluate(model, bundle, device, r.eval_batch_size))
@@ -262,25 +266,29 @@ def teacher_train_logits(teacher_spec: TrialSpec, store: Store, teacher: nn.Modu
     return logits
 
 
-def _forward(model, teacher, objective, spec: TrialSpec, xb, yb, noise_seed: int, step: int,
-             cached: Optional[torch.Tensor] = None) -> Batch:
-    if objective.needs_features:
-        with block_output(model, spec.block) as feats:
-            logits = model(xb)
-        if spec.method == "fm":
-            with torch.no_grad(), block_output(teacher, spec.block) as tfeats:
-                teacher(xb)
-            target = tfeats["out"]
+def _forward(model, teacher, cond: Optional[conditions.Condition], params: dict, xb, yb, noise_seed: int,
+             step: int, cached: Optional[torch.Tensor] = None) -> Batch:
+    """The student's forward pass and whatever the condition declared it needs from the teacher."""
+    batch = Batch(None, yb, seed=noise_seed, step=step)
+    block = params.get(cond.features) if cond is not None and cond.features else None
+    if block is None:
+        batch.logits = model(xb)
+    else:
+        with block_output(model, block) as feats:
+            batch.logits = model(xb)
+        batch.features = feats["out"]
+    needs = cond.teacher if cond is not None else None
+    if needs == "logits":
+        if cached is not None:
+            batch.teacher_logits = cached.to(xb.device, non_blocking=True)
         else:
-            target = fm_noise(feats["out"].shape, noise_seed, step, xb.device)
-        return Batch(logits, yb, features=feats["out"], teacher_features=target)
-    logits = model(xb)
-    if objective.needs_teacher_logits and cached is not None:
-        return Batch(logits, yb, teacher_logits=cached.to(xb.device, non_blocking=True))
-    if objective.needs_teacher_logits:
-        with torch.no_grad():
-            return Batch(logits, yb, teacher_logits=teacher(xb))
-    return Batch(logits, yb)
+            with torch.no_grad():
+                batch.teacher_logits = teacher(xb)
+    elif needs == "features":
+        with torch.no_grad(), block_output(teacher, block) as tfeats:
+            teacher(xb)
+        batch.teacher_features = tfeats["out"]
+    return batch
 
 
 def finish_trial(spec: TrialSpec, store: Store, model: nn.Module, bundle: DataBundle, device, r: Recipe,
@@ -290,7 +298,7 @@ def finish_trial(spec: TrialSpec, store: Store, model: nn.Module, bundle: DataBu
 
     logits, y = evaluate(model, bundle, device, r.eval_batch_size)
     test_loss, test_acc = loss_and_accuracy(logits, y)
-    final = {"epoch": len(history), "test_loss": test_loss, "test_acc": test_acc, "train_seconds": seconds, "final": 1}
+    final = {EPOCH: len(history), "test_loss": test_loss, "test_acc": test_acc, "train_seconds": seconds, FINAL: 1}
     if history:
         final.update(train_loss=history[-1]["train_loss"], train_acc=history[-1]["train_acc"])
     if teacher_logits is not None:
@@ -299,7 +307,7 @@ def finish_trial(spec: TrialSpec, store: Store, model: nn.Module, bundle: DataBu
     for name in spec.evals:
         final.update(EVALS.get(name)(model.eval(), bundle, device))
     store.save_npz(spec.trial_key, "test_outputs.npz", logits=logits.numpy().astype(np.float16), labels=y.numpy())
-    store.save_json(spec.trial_key, "result.json", {"final": final, "history": history})
+    store.save_json(spec.trial_key, "result.json", {FINAL: final, "history": history})
     if spec.role == "teacher":
         buf = io.BytesIO()
         torch.save({k: v.cpu() for k, v in model.state_dict().items()}, buf)

@@ -1,14 +1,22 @@
-"""Name -> builder registries, so adding a model, data set or objective touches one file.
+"""Name -> declaration registries, so adding a model, data set, eval or condition is one declaration.
 
-The pattern of timm's ``create_model``: a module registers a callable under a
-name with a decorator; the rest of kdray looks it up by the name a sweep file
-gives.  Unknown names raise ``UnknownNameError`` listing the valid ones.
+The pattern of timm's ``create_model``: the rest of kdray looks a component up
+by the name a sweep file gives.  Unknown names raise ``UnknownNameError``
+listing the valid ones.  A declaration may point at its implementation by
+import path (``"kdray.models.gpt:nano_gpt"``); ``builder_args`` reads that
+function's signature from its source file without importing it, so checking
+a sweep file never imports torch.
 """
 from __future__ import annotations
 
-from typing import Callable, Generic, Iterator, TypeVar
+import ast
+import importlib
+import importlib.util
+import inspect
+from typing import Any, Callable, Generic, Iterator, Optional, TypeVar, Union
 
-T = TypeVar("T", bound=Callable)
+T = TypeVar("T")
+Target = Union[str, Callable]   # "package.module:function", or the callable itself
 
 
 class UnknownNameError(KeyError):
@@ -19,21 +27,29 @@ class UnknownNameError(KeyError):
 
 
 class Registry(Generic[T]):
-    def __init__(self, kind: str):
+    """``load``: called once before the first look-up (imports the modules that register)."""
+
+    def __init__(self, kind: str, load: Optional[Callable[[], None]] = None):
         self.kind = kind
         self._items: dict[str, T] = {}
+        self._load = load
+
+    def _ready(self) -> None:
+        if self._load is not None:
+            load, self._load = self._load, None
+            load()
 
     def register(self, name: str) -> Callable[[T], T]:
-        def deco(fn: T) -> T:
+        def deco(item: T) -> T:
             if name in self._items:
                 raise ValueError(f"{self.kind} {name!r} registered twice")
-            self._items[name] = fn
-            return fn
+            self._items[name] = item
+            return item
 
         return deco
 
     def get(self, name: str) -> T:
-        _load_builtins()
+        self._ready()
         try:
             return self._items[name]
         except KeyError:
@@ -42,26 +58,79 @@ class Registry(Generic[T]):
             ) from None
 
     def names(self) -> list[str]:
-        _load_builtins()
+        self._ready()
         return sorted(self._items)
 
     def __contains__(self, name: str) -> bool:
-        _load_builtins()
+        self._ready()
         return name in self._items
 
     def __iter__(self) -> Iterator[str]:
         return iter(self.names())
 
 
-_loaded = False
+def resolve(target: Target) -> Callable:
+    """The callable a target names (imports its module)."""
+    if callable(target):
+        return target
+    module, _, attr = target.partition(":")
+    return getattr(importlib.import_module(module), attr)
 
 
-def _load_builtins() -> None:
-    """Import the packages whose modules register built-in names (once)."""
-    global _loaded
-    if _loaded:
-        return
-    _loaded = True
-    import kdray.data  # noqa: F401
-    import kdray.models  # noqa: F401
-    import kdray.objectives  # noqa: F401
+def builder_args(target: Target, skip: tuple[str, ...] = ()) -> dict[str, tuple[Optional[str], Any]]:
+    """{argument: (annotation as text or None, default or inspect.Parameter.empty)} of a builder.
+
+    For an import path the function is found in its module's source with ``ast``
+    (the module is not imported); defaults that are not literals read as None.
+    """
+    if callable(target):
+        sig = inspect.signature(target)
+        return {n: (None if p.annotation is p.empty else str(p.annotation), p.default)
+                for n, p in sig.parameters.items() if n not in skip and p.kind is not p.VAR_KEYWORD}
+    module, _, name = target.partition(":")
+    spec = importlib.util.find_spec(module)
+    tree = ast.parse(open(spec.origin, encoding="utf-8").read())
+    fn = next(n for n in tree.body if isinstance(n, ast.FunctionDef) and n.name == name)
+    a = fn.args
+    positional = a.posonlyargs + a.args
+    defaults = [inspect.Parameter.empty] * (len(positional) - len(a.defaults)) + list(a.defaults)
+    pairs = list(zip(positional, defaults)) + list(zip(a.kwonlyargs, a.kw_defaults))
+    out = {}
+    for arg, default in pairs:
+        if arg.arg in skip:
+            continue
+        if default is None:            # a keyword-only argument without default
+            default = inspect.Parameter.empty
+        elif isinstance(default, ast.AST):
+            try:
+                default = ast.literal_eval(default)
+            except ValueError:
+                default = None
+        out[arg.arg] = (ast.unparse(arg.annotation) if arg.annotation is not None else None, default)
+    return out
+
+
+_SIMPLE = {"int": (int,), "float": (int, float), "bool": (bool,), "str": (str,), "dict": (dict,),
+           "list": (list, tuple), "tuple": (list, tuple)}
+
+
+def check_value(annotation: Optional[str], value: Any) -> bool:
+    """Whether ``value`` fits a simple annotation ("int", "Optional[float]", "int | None", "Union[None, str,
+    dict]"); annotations it does not understand accept anything."""
+    if annotation is None:
+        return True
+    text = annotation.replace(" ", "")
+    if text.startswith("Optional[") and text.endswith("]"):
+        return value is None or check_value(text[9:-1], value)
+    if text.startswith("Union[") and text.endswith("]"):
+        return any(check_value(t, value) for t in text[6:-1].split(","))
+    if "|" in text:
+        return any(check_value(t, value) for t in text.split("|"))
+    if text == "None":
+        return value is None
+    base = text.split("[", 1)[0]
+    if base not in _SIMPLE:
+        return True
+    if isinstance(value, bool) and base != "bool":
+        return False
+    return isinstance(value, _SIMPLE[base])

@@ -3,32 +3,48 @@
 A trial is a pure function of its spec.  ``trial_key`` hashes the fields that
 change what a trial computes (resources and distribution do not), so the key
 identifies a result anywhere: Tune trial name, MLflow tag, storage path.
+
+Keys are stable as the schema grows: a field, recipe option or condition
+parameter added after key schema 1 is hashed only when it differs from its
+declared default, so adding one leaves every stored trial's key unchanged.
+The fields schema 1 started with (``V1_FIELDS``, ``V1_RECIPE``) are always
+hashed, as they were then; condition parameters that were TrialSpec fields
+then (alpha, temperature, block) are hashed under those names.  Change
+``KEY_SCHEMA`` on purpose, and only when a trial's meaning changes.
 """
 from __future__ import annotations
 
 import hashlib
 import json
-from dataclasses import asdict, dataclass, field, fields, replace
+from dataclasses import MISSING, asdict, dataclass, field, fields, replace
 from typing import Any, Optional
 
+from kdray import conditions
+
+KEY_SCHEMA = 1
 # Fields that do not change what a trial computes, so they stay out of its key.
-NON_KEY_FIELDS = ("resources", "distributed", "sweep")
+NON_KEY_FIELDS = ("resources", "distributed", "sweep", "data_root")
+V1_FIELDS = ("setup", "role", "method", "dataset", "arch", "teacher_seed", "init_seed", "data_seed",
+             "student_seed", "width", "dataset_args", "arch_args", "recipe", "evals", "teacher")
+V1_PARAMS = {"alpha": 0.0, "temperature": 1.0, "block": None}     # hashed by every schema-1 key
+V1_RECIPE = frozenset((
+    "optimizer", "lr", "momentum", "nesterov", "weight_decay", "batch_size", "epochs", "iterations", "log_every",
+    "schedule", "cosine_t_max", "step_size", "gamma", "warmup_epochs", "grad_clip", "eval_every",
+    "eval_batch_size", "checkpoint_every", "train", "precision", "channels_last", "compile"))
 
 
 @dataclass(frozen=True)
 class TrialSpec:
     setup: str                       # setup name from the sweep file
     role: str                        # "teacher" | "student"
-    method: str                      # teacher | siddo | kd | rcd | ls | fm | fm_rcd
+    method: str                      # "teacher", or a condition's name (kdray.conditions)
     dataset: str
     arch: str
     teacher_seed: int
     init_seed: int                   # seeds the model's initial weights
     data_seed: int                   # seeds data order, augmentation, dropout
     student_seed: Optional[int] = None
-    alpha: float = 0.0
-    temperature: float = 1.0
-    block: Optional[int] = None      # FM: 1-indexed block
+    params: dict = field(default_factory=dict)   # the condition's parameters, complete (declared order)
     width: float = 1.0               # student width as a fraction of the teacher's
     dataset_args: dict = field(default_factory=dict)
     arch_args: dict = field(default_factory=dict)
@@ -42,12 +58,31 @@ class TrialSpec:
 
     # --- identity -------------------------------------------------------
     def key_dict(self) -> dict:
-        d = {f.name: getattr(self, f.name) for f in fields(self) if f.name not in NON_KEY_FIELDS}
+        d: dict[str, Any] = dict(V1_PARAMS)
+        for f in fields(self):
+            v = getattr(self, f.name)
+            if f.name in V1_FIELDS:
+                d[f.name] = v
+            elif f.name not in NON_KEY_FIELDS and f.name != "params" and v != _default(f):
+                d[f.name] = v
         d["teacher"] = self.teacher.trial_key if self.teacher else None
         d["evals"] = list(self.evals)
-        d.pop("data_root")  # where the data lives does not change what it is
+        d["recipe"] = stable_recipe(self.recipe)
         if self.role == "teacher":
             d.pop("setup")  # one teacher serves every setup (and sweep) that plans it
+        extra = {}
+        cond = conditions.find(self.method)
+        declared = {p.name: p for p in cond.params} if cond is not None else {}
+        for name, value in self.params.items():
+            p = declared.get(name)
+            if p is not None and p.legacy:
+                d[p.legacy] = value
+            elif p is None or value != p.default:
+                extra[name] = value
+        if extra:
+            d["params"] = extra
+        if KEY_SCHEMA != 1:
+            d["key_schema"] = KEY_SCHEMA
         return d
 
     @property
@@ -60,15 +95,16 @@ class TrialSpec:
         return self.teacher.trial_key if self.teacher else None
 
     @property
+    def condition(self) -> Optional[conditions.Condition]:
+        """The declaration of this trial's condition (None for a teacher)."""
+        return None if self.role == "teacher" else conditions.get(self.method)
+
+    @property
     def label(self) -> str:
         """A short human name: setup, role/method, condition, seeds."""
         parts = [self.setup, self.method]
-        if self.method in ("kd", "rcd", "ls", "fm", "fm_rcd"):
-            parts.append(f"a{self.alpha:g}")
-        if self.method in ("kd", "rcd") and self.temperature != 1.0:
-            parts.append(f"T{self.temperature:g}")
-        if self.block is not None:
-            parts.append(f"b{self.block}")
+        if self.condition is not None:
+            parts += self.condition.label(self.params, short=True)
         if self.width != 1.0:
             parts.append(f"w{self.width:g}")
         parts.append(f"t{self.teacher_seed}")
@@ -116,3 +152,16 @@ class TrialSpec:
 
     def with_(self, **changes) -> "TrialSpec":
         return replace(self, **changes)
+
+
+def _default(f) -> Any:
+    return f.default_factory() if f.default_factory is not MISSING else f.default
+
+
+def stable_recipe(recipe: dict) -> dict:
+    """The recipe as keys hash it: schema-1 options always, later options only when not default."""
+    from kdray.sweep import Recipe
+
+    defaults = Recipe.model_fields
+    return {k: v for k, v in recipe.items()
+            if k in V1_RECIPE or k not in defaults or v != defaults[k].default}

@@ -12,9 +12,21 @@ from pathlib import Path
 from typing import Any, Literal, Optional
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, StrictBool, ValidationError, create_model, field_validator, model_validator
+
+from kdray.data import DATASETS
+from kdray.evals import EVALS
+from kdray.models import MODELS
 
 DEFAULT_STORAGE = "./results"
+# Sweep and setup names become folder names and MLflow names: letters, digits, "_", "-", single dots.
+NAME = r"^[A-Za-z0-9][A-Za-z0-9_.\-]*$"
+
+
+def _no_dots(v: str) -> str:
+    if ".." in v:
+        raise ValueError(f"a name must not contain '..' (it names folders), got {v!r}")
+    return v
 
 
 class SweepError(ValueError):
@@ -22,67 +34,36 @@ class SweepError(ValueError):
 
 
 class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    """Unknown keys are errors, and so are values of the wrong type ("10" for 10 is not coerced)."""
+    model_config = ConfigDict(extra="forbid", frozen=True, strict=True)
 
 
-Alpha = float
-Positive = float
+def _conditions_model() -> type[BaseModel]:
+    """The ``conditions:`` mapping, one optional key per condition that a sweep file can name,
+    built from the declarations in kdray/conditions (their defaults, grids and checks)."""
+    from kdray import conditions
+
+    fields: dict[str, Any] = {}
+    for cond in conditions.all_conditions():
+        if not cond.sweep_key:
+            continue
+        model = conditions.grid_model(cond)
+        if model is bool:
+            fields[cond.sweep_key] = (StrictBool, cond.enabled_by_default)
+        else:
+            fields[cond.sweep_key] = (Optional[model], model() if cond.enabled_by_default else None)
+    return create_model("Conditions", __base__=_Strict, **fields)
 
 
-def _check_alphas(v: list[float], what: str = "alpha") -> list[float]:
-    for a in v:
-        if not 0.0 <= a <= 1.0:
-            raise ValueError(f"{what} must be in [0, 1], got {a}")
-    return v
+Conditions = _conditions_model()
 
 
-def _check_temps(v: list[float]) -> list[float]:
-    for t in v:
-        if not t > 0:
-            raise ValueError(f"temperature must be > 0, got {t}")
-    return v
+def enabled_conditions(c: BaseModel) -> list[tuple[Any, Any]]:
+    """(declaration, sweep-file entry) of every condition a setup turns on, in declared order."""
+    from kdray import conditions
 
-
-class AlphaGrid(_Strict):
-    """A teacher-shaped condition over alphas and temperatures (KD, RCD)."""
-    alphas: list[float] = Field(default=[0.1, 0.5, 0.9], min_length=1)
-    temperatures: list[float] = Field(default=[1.0], min_length=1)
-
-    _a = field_validator("alphas")(_check_alphas)
-    _t = field_validator("temperatures")(_check_temps)
-
-
-class SmoothingGrid(_Strict):
-    epsilons: list[float] = Field(default=[0.1, 0.5, 0.9], min_length=1)
-
-    @field_validator("epsilons")
-    @classmethod
-    def _e(cls, v):
-        return _check_alphas(v, "epsilon")
-
-
-class FeatureGrid(_Strict):
-    """Feature-map matching on transformer blocks, with its uniform-noise control."""
-    alphas: list[float] = Field(default=[0.1, 0.5, 0.9], min_length=1)
-    blocks: list[int] = Field(min_length=1)
-    control: bool = True
-
-    _a = field_validator("alphas")(_check_alphas)
-
-    @field_validator("blocks")
-    @classmethod
-    def _b(cls, v):
-        if any(b < 1 for b in v):
-            raise ValueError("blocks are 1-indexed and must be >= 1")
-        return v
-
-
-class Conditions(_Strict):
-    siddo: bool = True
-    kd: Optional[AlphaGrid] = AlphaGrid()
-    rcd: Optional[AlphaGrid] = AlphaGrid()
-    ls: Optional[SmoothingGrid] = None
-    fm: Optional[FeatureGrid] = None
+    return [(cond, getattr(c, cond.sweep_key)) for cond in conditions.all_conditions()
+            if cond.sweep_key and getattr(c, cond.sweep_key) not in (None, False)]
 
 
 def _registered(registry, name: str) -> str:
@@ -91,45 +72,40 @@ def _registered(registry, name: str) -> str:
     return name
 
 
+def _known(field: str, registry):
+    """A validator for ``field``: the name must be one the registry holds."""
+    return field_validator(field)(lambda cls, v: _registered(registry, v))
+
+
 class ModelRef(_Strict):
     arch: str
     args: dict[str, Any] = {}
-
-    @field_validator("arch")
-    @classmethod
-    def _known(cls, v):
-        from kdray.models import MODELS
-        return _registered(MODELS, v)
+    _arch = _known("arch", MODELS)
 
 
 class DatasetRef(_Strict):
     name: str
     args: dict[str, Any] = {}
-
-    @field_validator("name")
-    @classmethod
-    def _known(cls, v):
-        from kdray.data import DATASETS
-        return _registered(DATASETS, v)
+    _name = _known("name", DATASETS)
 
 
 class Recipe(_Strict):
     """One training recipe; identical across a setup's conditions (docs/protocol.md §2)."""
     optimizer: Literal["adam", "adamw", "sgd"] = "adam"
-    lr: float = Field(1e-3, gt=0)
+    lr: float = Field(1e-3, gt=0, le=1000, allow_inf_nan=False)
     momentum: float = Field(0.9, ge=0, lt=1)
     nesterov: bool = False
-    weight_decay: float = Field(0.0, ge=0)
-    batch_size: int = Field(256, ge=1)
+    weight_decay: float = Field(0.0, ge=0, allow_inf_nan=False)
+    batch_size: int = Field(256, ge=1, le=1 << 20)
     epochs: Optional[int] = Field(None, ge=1)
     iterations: Optional[int] = Field(None, ge=1)   # language models count iterations
     log_every: int = Field(500, ge=1)                # lm: iterations per logged "epoch"
     schedule: Literal["none", "cosine", "step", "warmup_step"] = "none"
     cosine_t_max: Optional[int] = Field(None, ge=1)  # in epochs; default = epochs
     step_size: int = Field(30, ge=1)                 # step schedule: epochs per decay
-    gamma: float = Field(0.1, gt=0)
+    gamma: float = Field(0.1, gt=0, allow_inf_nan=False)
     warmup_epochs: float = Field(0, ge=0)
-    grad_clip: Optional[float] = Field(None, gt=0)
+    grad_clip: Optional[float] = Field(None, gt=0, allow_inf_nan=False)
     eval_every: int = Field(0, ge=0)                 # evaluate the test set every N epochs (0: at the end)
     eval_batch_size: int = Field(1024, ge=1)
     checkpoint_every: int = Field(0, ge=0)           # epochs between Tune checkpoints (0: never)
@@ -163,7 +139,8 @@ class Distributed(_Strict):
 
 
 class Setup(_Strict):
-    name: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.\-]*$")
+    name: str = Field(pattern=NAME)
+    _name = field_validator("name")(_no_dots)
     dataset: DatasetRef
     teacher: ModelRef
     student: Optional[ModelRef] = None            # default: the teacher's (self-distillation)
@@ -193,7 +170,6 @@ class Setup(_Strict):
     @field_validator("evals")
     @classmethod
     def _e(cls, v):
-        from kdray.evals import EVALS
         return [_registered(EVALS, name) for name in v]
 
     @model_validator(mode="after")
@@ -209,9 +185,9 @@ class Setup(_Strict):
                 Recipe(**{**self.recipe.model_dump(), **over})
             except ValidationError as e:
                 raise ValueError(f"{what}: {_first_error(e)}") from None
-        c = self.conditions
-        if not (c.siddo or c.kd or c.rcd or c.ls or c.fm):
-            raise ValueError("conditions: the grid is empty (enable at least one of siddo, kd, rcd, ls, fm)")
+        if not enabled_conditions(self.conditions):
+            names = ", ".join(Conditions.model_fields)
+            raise ValueError(f"conditions: the grid is empty (enable at least one of {names})")
         return self
 
     @property
@@ -220,7 +196,8 @@ class Setup(_Strict):
 
 
 class Sweep(_Strict):
-    name: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.\-]*$")
+    name: str = Field(pattern=NAME)
+    _name = field_validator("name")(_no_dots)
     description: str = ""
     storage: str = DEFAULT_STORAGE
     tracking_uri: Optional[str] = None            # default sqlite:///<storage>/mlflow.db
@@ -298,32 +275,41 @@ def parse_sweep(data: Any, source: str = "<sweep>") -> Sweep:
         sweep = Sweep(**data)
     except ValidationError as e:
         raise SweepError(f"{source}: {_first_error(e)}") from None
-    _check_data_roots(sweep, source)
+    from kdray.checks import check_sweep
+    check_sweep(sweep, source)
     return sweep
+
+
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """YAML where a key given twice in one mapping is an error (plain YAML keeps the last silently)."""
+
+    def construct_mapping(self, node, deep=False):
+        seen = set()
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=deep)
+            if key in seen:
+                raise yaml.constructor.ConstructorError(None, None, f"key {key!r} appears twice", key_node.start_mark)
+            seen.add(key)
+        return super().construct_mapping(node, deep)
+
+
+def read_yaml(p: Path):
+    """A sweep file's YAML, or one SweepError line (not a file, not UTF-8, bad YAML, duplicate keys)."""
+    if not p.is_file():
+        raise SweepError(f"{p}: no such sweep file" + (" (it is a folder)" if p.is_dir() else ""))
+    try:
+        text = p.read_text(encoding="utf-8")
+    except UnicodeDecodeError as e:
+        raise SweepError(f"{p}: not UTF-8 text (byte {e.object[e.start]:#04x} at offset {e.start}); "
+                         "save the file as UTF-8") from None
+    try:
+        return yaml.load(text, Loader=_UniqueKeyLoader)
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        where = f" line {mark.line + 1}" if mark else ""
+        raise SweepError(f"{p}:{where} not valid YAML ({getattr(e, 'problem', None) or e})") from None
 
 
 def load_sweep(path: str | Path) -> Sweep:
     p = Path(path)
-    if not p.is_file():
-        raise SweepError(f"{p}: no such sweep file")
-    try:
-        data = yaml.safe_load(p.read_text())
-    except yaml.YAMLError as e:
-        mark = getattr(e, "problem_mark", None)
-        where = f" line {mark.line + 1}" if mark else ""
-        raise SweepError(f"{p}:{where} not valid YAML ({getattr(e, 'problem', e)})") from None
-    return parse_sweep(data, str(p))
-
-
-def _check_data_roots(sweep: Sweep, source: str) -> None:
-    """Data sets that read files need a data root that exists (checked before anything starts)."""
-    from kdray.data import DATASETS, resolve_root
-    root = resolve_root(sweep.data_root)
-    for i, s in enumerate(sweep.setups):
-        loader = DATASETS.get(s.dataset.name)
-        if not getattr(loader, "needs_root", True):
-            continue
-        if root is None and not s.dataset.args.get("path"):
-            raise SweepError(f"{source}: setups[{i}].dataset: {s.dataset.name!r} reads files; set data_root or $KDRAY_DATA")
-        if root is not None and not root.is_dir():
-            raise SweepError(f"{source}: data_root: {root} is not a directory")
+    return parse_sweep(read_yaml(p), str(p))

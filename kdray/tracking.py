@@ -14,12 +14,12 @@ from pathlib import Path
 from typing import Callable, Iterable, Optional, TypeVar
 
 from kdray import __version__
+from kdray.contracts import (EPOCH, FINAL, KIND_SWEEP, KIND_TRIAL, TAG_FAILURE, TAG_KIND, TAG_TRIAL_KEY, TAG_VERSION,
+                             trial_tags)
 from kdray.spec import TrialSpec
 
 log = logging.getLogger(__name__)
 R = TypeVar("R")
-
-KIND, TRIAL_KEY, STAGE, FAILURE = "kdray.kind", "kdray.trial_key", "kdray.stage", "kdray.failure"
 
 
 class TrackingError(RuntimeError):
@@ -89,18 +89,18 @@ class Tracker:
         self.sha = git_sha()
 
     def _parent_run(self) -> str:
-        runs = self.client.search_runs([self.experiment_id], f"tags.`{KIND}` = 'sweep'", max_results=1)
+        runs = self.client.search_runs([self.experiment_id], f"tags.`{TAG_KIND}` = '{KIND_SWEEP}'", max_results=1)
         if runs:
             return runs[0].info.run_id
         run = self.client.create_run(self.experiment_id, run_name=f"sweep {self.experiment}",
-                                     tags={KIND: "sweep", "kdray.version": __version__})
+                                     tags={TAG_KIND: KIND_SWEEP, TAG_VERSION: __version__})
         return run.info.run_id
 
     # ----------------------------------------------------------- resume
     def trial_runs(self) -> list:
         out, token = [], None
         while True:
-            page = retry(lambda: self.client.search_runs([self.experiment_id], f"tags.`{KIND}` = 'trial'",
+            page = retry(lambda: self.client.search_runs([self.experiment_id], f"tags.`{TAG_KIND}` = '{KIND_TRIAL}'",
                                                          max_results=5000, page_token=token), "search")
             out += list(page)
             token = page.token
@@ -108,14 +108,14 @@ class Tracker:
                 return out
 
     def finished_keys(self) -> set[str]:
-        return {r.data.tags.get(TRIAL_KEY) for r in self.trial_runs() if r.info.status == "FINISHED"}
+        return {r.data.tags.get(TAG_TRIAL_KEY) for r in self.trial_runs() if r.info.status == "FINISHED"}
 
     def discard_unfinished(self, keys: Iterable[str]) -> int:
         """Delete non-finished runs of trials about to run again, so each trial has one run."""
         keys = set(keys)
         n = 0
         for r in self.trial_runs():
-            if r.info.status != "FINISHED" and r.data.tags.get(TRIAL_KEY) in keys:
+            if r.info.status != "FINISHED" and r.data.tags.get(TAG_TRIAL_KEY) in keys:
                 retry(lambda: self.client.delete_run(r.info.run_id), "delete")
                 n += 1
         return n
@@ -124,9 +124,7 @@ class Tracker:
     def start_trial(self, spec: TrialSpec) -> str:
         from mlflow.entities import Param
 
-        tags = {KIND: "trial", TRIAL_KEY: spec.trial_key, STAGE: spec.role, "kdray.role": spec.role,
-                "kdray.setup": spec.setup, "kdray.method": spec.method, "kdray.teacher_key": _fmt(spec.teacher_key),
-                "kdray.version": __version__, "kdray.git_sha": self.sha, "mlflow.parentRunId": self.parent_id}
+        tags = trial_tags(spec, self.parent_id, __version__, self.sha)
         run = retry(lambda: self.client.create_run(self.experiment_id, run_name=spec.label, tags=tags), "create_run")
         params = [Param(k, _fmt(v)[:6000]) for k, v in spec.flat_params().items()]
         for i in range(0, len(params), 100):
@@ -134,15 +132,15 @@ class Tracker:
         return run.info.run_id
 
     def log_metrics(self, run_id: str, metrics: dict, step: int) -> None:
-        self.log_epochs(run_id, [dict(metrics, epoch=step)])
+        self.log_epochs(run_id, [{**metrics, EPOCH: step}])
 
     def log_epochs(self, run_id: str, epochs: list[dict]) -> None:
         """Every numeric value of every record at step ``record["epoch"]``, in as few calls as MLflow allows."""
         from mlflow.entities import Metric
 
         now = int(time.time() * 1000)
-        ms = [Metric(k, float(v), now, int(m.get("epoch", 0))) for m in epochs for k, v in m.items()
-              if isinstance(v, (int, float)) and k not in ("epoch", "final")]
+        ms = [Metric(k, float(v), now, int(m.get(EPOCH, 0))) for m in epochs for k, v in m.items()
+              if isinstance(v, (int, float)) and k not in (EPOCH, FINAL)]
         for i in range(0, len(ms), 1000):  # MLflow's per-batch limit
             retry(lambda: self.client.log_batch(run_id, metrics=ms[i:i + 1000]), "log_metrics")
 
@@ -151,7 +149,7 @@ class Tracker:
 
     def end_trial(self, run_id: str, ok: bool, reason: str = "") -> None:
         if not ok:
-            retry(lambda: self.client.set_tag(run_id, FAILURE, reason[:5000] or "unknown"), "set_tag")
+            retry(lambda: self.client.set_tag(run_id, TAG_FAILURE, reason[:5000] or "unknown"), "set_tag")
         retry(lambda: self.client.set_terminated(run_id, "FINISHED" if ok else "FAILED"), "terminate")
 
     def end_sweep(self, summary: dict) -> None:

@@ -47,7 +47,10 @@ def test_sweep_logs_every_planned_trial_to_mlflow_and_resubmission_skips(local_r
     by_key = {s.trial_key: s for s in plan.all}
     for r in runs:
         spec = by_key[r.data.tags["kdray.trial_key"]]
-        assert r.data.params["method"] == spec.method and r.data.params["alpha"] == str(spec.alpha)
+        assert r.data.params["method"] == spec.method
+        assert all(r.data.params[f"params.{k}"] == str(v) for k, v in spec.params.items())
+        assert json.loads(r.data.tags["kdray.condition"]) == {"method": spec.method, "params": spec.params,
+                                                              "width": spec.width}
         assert r.data.params["recipe.lr"] == "0.01" and r.data.tags["kdray.setup"] == "digits-mlp"
         assert 0 <= r.data.metrics["test_acc"] <= 1 and "train_loss" in r.data.metrics
         curve = client.get_metric_history(r.info.run_id, "train_loss")

@@ -1,10 +1,12 @@
-"""Objectives of docs/protocol.md §3 against hand-computed values."""
+"""The conditions' objectives (docs/protocol.md §3) against hand-computed values."""
 import math
 
 import pytest
 import torch
 
-from kdray.objectives import Batch, build_objective, fm_noise
+from kdray.conditions import build_objective, teacher_objective
+from kdray.losses import Batch
+from kdray.losses import uniform_noise as fm_noise
 
 
 def softmax(v):
@@ -36,7 +38,7 @@ def test_kd_matches_hand_formula(alpha, T):
         p = softmax([v / T for v in zt])
         q = softmax([v / T for v in zs])
         want += (1 - alpha) * hand_ce(zs, y) + alpha * T * T * hand_kl(p, q)
-    got = build_objective("kd", alpha, T)(batch())
+    got = build_objective("kd", {"alpha": alpha, "temperature": T})(batch())
     assert float(got) == pytest.approx(want / 2, rel=1e-5)  # float32
 
 
@@ -46,13 +48,13 @@ def test_rcd_uses_uniform_target(alpha, T):
     for zs, y in zip(Z_S, Y):
         u = [1 / 3] * 3
         want += (1 - alpha) * hand_ce(zs, y) + alpha * T * T * hand_kl(u, softmax([v / T for v in zs]))
-    assert float(build_objective("rcd", alpha, T)(batch())) == pytest.approx(want / 2, rel=1e-6)
+    assert float(build_objective("rcd", {"alpha": alpha, "temperature": T})(batch())) == pytest.approx(want / 2, rel=1e-6)
 
 
 def test_siddo_and_teacher_are_plain_cross_entropy():
     want = sum(hand_ce(z, y) for z, y in zip(Z_S, Y)) / 2
     assert float(build_objective("siddo")(batch())) == pytest.approx(want, rel=1e-6)
-    assert float(build_objective("teacher")(batch())) == pytest.approx(want, rel=1e-6)
+    assert float(teacher_objective()(batch())) == pytest.approx(want, rel=1e-6)
 
 
 @pytest.mark.parametrize("eps", [0.1, 0.5, 0.9])
@@ -62,7 +64,7 @@ def test_ls_matches_hand_formula(eps):
         logq = [math.log(q) for q in softmax(z)]
         target = [eps / 3 + (1 - eps) * (k == y) for k in range(3)]
         want -= sum(t * lq for t, lq in zip(target, logq))
-    assert float(build_objective("ls", eps)(batch())) == pytest.approx(want / 2, rel=1e-6)
+    assert float(build_objective("ls", {"epsilon": eps})(batch())) == pytest.approx(want / 2, rel=1e-6)
 
 
 @pytest.mark.parametrize("eps", [0.1, 0.5, 0.9])
@@ -74,28 +76,28 @@ def test_rcd_and_ls_differ_by_a_constant(eps):
         z = torch.randn(16, 10, generator=g)
         y = torch.randint(10, (16,), generator=g)
         b = Batch(z, y)
-        diffs.append(float(build_objective("rcd", eps, 1.0)(b)) - float(build_objective("ls", eps)(b)))
+        diffs.append(float(build_objective("rcd", {"alpha": eps, "temperature": 1.0})(b)) - float(build_objective("ls", {"epsilon": eps})(b)))
     for d in diffs:
         assert d == pytest.approx(-eps * math.log(10), abs=1e-5)
     z = torch.randn(8, 10, generator=g, requires_grad=True)
     y = torch.randint(10, (8,), generator=g)
-    g1, = torch.autograd.grad(build_objective("rcd", eps, 1.0)(Batch(z, y)), z)
-    g2, = torch.autograd.grad(build_objective("ls", eps)(Batch(z, y)), z)
+    g1, = torch.autograd.grad(build_objective("rcd", {"alpha": eps, "temperature": 1.0})(Batch(z, y)), z)
+    g2, = torch.autograd.grad(build_objective("ls", {"epsilon": eps})(Batch(z, y)), z)
     torch.testing.assert_close(g1, g2, atol=1e-6, rtol=1e-5)
 
 
 def test_kd_with_teacher_equal_to_student_at_alpha_one_is_zero():
     z = torch.randn(4, 5)
     b = Batch(z, torch.zeros(4, dtype=torch.long), teacher_logits=z.clone())
-    assert float(build_objective("kd", 1.0, 2.0)(b)) == pytest.approx(0.0, abs=1e-6)
+    assert float(build_objective("kd", {"alpha": 1.0, "temperature": 2.0})(b)) == pytest.approx(0.0, abs=1e-6)
 
 
 def test_sequence_logits_are_flattened_per_position():
     z = torch.randn(2, 3, 4)
     zt = torch.randn(2, 3, 4)
     y = torch.randint(4, (2, 3))
-    flat = build_objective("kd", 0.5, 1.0)(Batch(z.reshape(6, 4), y.reshape(6), teacher_logits=zt.reshape(6, 4)))
-    seq = build_objective("kd", 0.5, 1.0)(Batch(z, y, teacher_logits=zt))
+    flat = build_objective("kd", {"alpha": 0.5, "temperature": 1.0})(Batch(z.reshape(6, 4), y.reshape(6), teacher_logits=zt.reshape(6, 4)))
+    seq = build_objective("kd", {"alpha": 0.5, "temperature": 1.0})(Batch(z, y, teacher_logits=zt))
     assert float(seq) == pytest.approx(float(flat), rel=1e-6)
 
 
@@ -104,7 +106,7 @@ def test_feature_matching_and_noise_control():
     f = torch.ones(2, 3, 4)
     tf = torch.zeros(2, 3, 4)
     ce = sum(hand_ce(zz, y) for zz, y in zip(Z_S, Y)) / 2
-    got = build_objective("fm", 0.5)(Batch(z, torch.tensor(Y), features=f, teacher_features=tf))
+    got = build_objective("fm", {"alpha": 0.5, "block": 1})(Batch(z, torch.tensor(Y), features=f, teacher_features=tf))
     assert float(got) == pytest.approx(0.5 * ce + 0.5 * 1.0, rel=1e-6)
     a, b = fm_noise(torch.Size([3, 4]), seed=7, step=2), fm_noise(torch.Size([3, 4]), seed=7, step=2)
     assert torch.equal(a, b) and 0 <= float(a.min()) and float(a.max()) < 1
@@ -113,4 +115,4 @@ def test_feature_matching_and_noise_control():
 
 def test_unknown_method_lists_valid_names():
     with pytest.raises(KeyError, match="valid: .*kd"):
-        build_objective("nope", 0.5)
+        build_objective("nope", {"alpha": 0.5})

@@ -5,7 +5,8 @@ import numpy as np
 import pytest
 import torch
 
-from kdray.data import DataBundle, load_dataset
+from kdray.data import load_dataset
+from kdray.data.bundle import DataBundle
 from kdray.plan import build_plan
 from kdray.recipe import TeacherArtifactError, TrialDiverged, init_model, run_trial
 from kdray.storage import Store
@@ -124,7 +125,9 @@ def test_corrupt_teacher_checkpoint_is_a_clear_error(trained):
 
 
 def test_nan_loss_stops_the_trial(tmp_path):
-    sw = sweep(tmp_path, teacher={"arch": "mlp"}, recipe={"epochs": 3, "lr": 1e12, "optimizer": "sgd", "momentum": 0.9})
+    # lr * weight_decay = 10: decay alone multiplies every weight by about -9 per SGD step, so the
+    # weights overflow within a few dozen steps whatever the gradients (no dead-ReLU escape).
+    sw = sweep(tmp_path, teacher={"arch": "mlp"}, recipe={"epochs": 3, "lr": 100, "optimizer": "sgd", "weight_decay": 0.1})
     with pytest.raises(TrialDiverged, match="training loss is nan|training loss is inf"):
         run_trial(build_plan(sw).teachers[0], Store(sw.storage, sw.name))
 

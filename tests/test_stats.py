@@ -13,8 +13,8 @@ from kdray.analysis.runs import load_runs
 from kdray.analysis.stats import Condition, _exact_signed_rank, analyse, significance_warning, wilcoxon_one_sided
 from synthetic_runs import SEEDS, as_frame, planted_runs, rate, run, write_experiment
 
-KD09, KD01, KD05 = Condition("kd", 0.9), Condition("kd", 0.1), Condition("kd", 0.5)
-SIDDO, RCD05 = Condition("siddo"), Condition("rcd", 0.5)
+KD09, KD01, KD05 = Condition.of("kd", alpha=0.9), Condition.of("kd", alpha=0.1), Condition.of("kd", alpha=0.5)
+SIDDO, RCD05 = Condition.of("siddo"), Condition.of("rcd", alpha=0.5)
 
 
 @pytest.fixture(scope="module")
@@ -56,14 +56,17 @@ def frame_pairs(students, setup, ts, cond, ctrl, metric):
 def test_load_runs_types_and_contents(planted):
     runs, df, _ = planted
     assert len(df) == len(runs)
-    assert df["alpha"].dtype == float and df["temperature"].dtype == float and df["width"].dtype == float
+    # Runs logged without the condition tag: params come back typed from their legacy string params.
+    kd = df[df["method"] == "kd"]
+    assert all(type(p["alpha"]) is float and type(p["temperature"]) is float for p in kd["params"])
+    assert all(p == {} for p in df.loc[df["method"].isin(["siddo", "teacher"]), "params"])
+    assert df["width"].dtype == float
     assert str(df["student_seed"].dtype) == "Int64" and str(df["teacher_seed"].dtype) == "Int64"
     assert df.loc[df["role"] == "teacher", "student_seed"].isna().all()
-    assert df["block"].isna().all()                                  # "None" params come back as missing
     failed = df[df["status"] == "FAILED"]
     assert list(failed["failure"]) == ["RuntimeError: CUDA out of memory"]
     assert {"tha_count_a", "activation_distance", "test_acc"} <= set(df.columns)
-    r = df[(df["setup"] == "errors") & (df["method"] == "kd") & (df["alpha"] == 0.9)
+    r = df[(df["setup"] == "errors") & (df["method"] == "kd") & np.array([p.get("alpha") == 0.9 for p in df["params"]])
            & (df["teacher_seed"] == 1) & (df["student_seed"] == 13)].iloc[0]
     planted_run = next(x for x in runs if x["trial_key"] == r["trial_key"])
     assert r["incorrect_agreement"] == pytest.approx(planted_run["metrics"]["incorrect_agreement"])
@@ -191,7 +194,7 @@ def test_a_copying_errors_is_supported_and_negatively_asymmetric(planted):
     for ts in (0, 1, 2):
         r = decision(a, "errors", ts, KD09)
         assert r.supported and r.asymmetry == "negative"
-        assert r.best_control == Condition("rcd", 0.1)                # highest mean test accuracy
+        assert r.best_control == Condition.of("rcd", alpha=0.1)                # highest mean test accuracy
         assert r.delta_correct == 0.0 and r.delta_incorrect == pytest.approx(0.15, abs=0.005)
         assert r.p_asymmetry == pytest.approx(2 ** -9)                 # 10 positive differences, two-sided
         assert r.marginal == (ts == 1)                                 # PA gain 0.005 < 0.01 only at t1
@@ -200,7 +203,7 @@ def test_a_copying_errors_is_supported_and_negatively_asymmetric(planted):
     ad = ag[(ag["setup"] == "errors") & (ag["metric"] == "activation_distance") & of(ag, KD09)]
     assert list(ad.sort_values("teacher_seed")["significant"]) == [True, True, False]
     best = a.best_accuracy[a.best_accuracy["setup"] == "errors"]
-    assert list(best["condition"]) == [Condition("rcd", 0.1)] * 3 and best["is_rcd"].all()
+    assert list(best["condition"]) == [Condition.of("rcd", alpha=0.1)] * 3 and best["is_rcd"].all()
 
 
 def test_b_kd_like_the_controls_is_not_supported(planted):
@@ -255,8 +258,8 @@ def test_fm_is_tested_against_siddo_and_its_own_random_control():
             + _cond_runs("g", "fm_rcd", worse, alpha=0.9, block=4) + _cond_runs("g", "rcd", worse, alpha=0.5))
     a = analyse(as_frame(runs))
     controls = set(a.tests["control"])
-    assert set(a.tests["condition"]) == {Condition("fm", 0.5, block=4)}
-    assert controls == {SIDDO, Condition("fm_rcd", 0.5, block=4)}
+    assert set(a.tests["condition"]) == {Condition.of("fm", alpha=0.5, block=4)}
+    assert controls == {SIDDO, Condition.of("fm_rcd", alpha=0.5, block=4)}
     assert a.decisions.iloc[0].supported
 
 
@@ -266,21 +269,21 @@ def test_rcd_at_the_kd_temperature_else_at_t1():
             + _cond_runs("t", "kd", m, alpha=0.5, temperature=4.0) + _cond_runs("t", "rcd", m, alpha=0.5)
             + _cond_runs("t", "rcd", m, alpha=0.5, temperature=4.0))
     tests = analyse(as_frame(runs)).tests
-    pairs = {(r.condition.temperature, r.control) for r in tests.itertuples() if r.control.method == "rcd"}
-    assert pairs == {(2.0, Condition("rcd", 0.5, 1.0)), (4.0, Condition("rcd", 0.5, 4.0))}
+    pairs = {(r.condition.get("temperature"), r.control) for r in tests.itertuples() if r.control.method == "rcd"}
+    assert pairs == {(2.0, Condition.of("rcd", alpha=0.5, temperature=1.0)), (4.0, Condition.of("rcd", alpha=0.5, temperature=4.0))}
 
 
 def test_best_control_and_exclude_below():
     def conds(siddo, rcd01, rcd09):
         return {SIDDO: as_frame(_cond_runs("x", "siddo", lambda s: {"test_acc": siddo})),
-                Condition("rcd", 0.1): as_frame(_cond_runs("x", "rcd", lambda s: {"test_acc": rcd01}, alpha=0.1)),
-                Condition("rcd", 0.9): as_frame(_cond_runs("x", "rcd", lambda s: {"test_acc": rcd09}, alpha=0.9)),
+                Condition.of("rcd", alpha=0.1): as_frame(_cond_runs("x", "rcd", lambda s: {"test_acc": rcd01}, alpha=0.1)),
+                Condition.of("rcd", alpha=0.9): as_frame(_cond_runs("x", "rcd", lambda s: {"test_acc": rcd09}, alpha=0.9)),
                 KD05: as_frame(_cond_runs("x", "kd", lambda s: {"test_acc": 0.99}, alpha=0.5))}
-    assert stats.best_control(KD05, conds(0.80, 0.78, 0.90)) == Condition("rcd", 0.9)   # KD itself never
+    assert stats.best_control(KD05, conds(0.80, 0.78, 0.90)) == Condition.of("rcd", alpha=0.9)   # KD itself never
     assert stats.best_control(KD05, conds(0.80, 0.78, 0.70)) == SIDDO
     c = conds(0.80, 0.76, 0.70)
-    assert set(stats.control_pool(KD05, c)) == {SIDDO, Condition("rcd", 0.1), Condition("rcd", 0.9)}
-    assert set(stats.control_pool(KD05, c, exclude_below=0.05)) == {SIDDO, Condition("rcd", 0.1)}
+    assert set(stats.control_pool(KD05, c)) == {SIDDO, Condition.of("rcd", alpha=0.1), Condition.of("rcd", alpha=0.9)}
+    assert set(stats.control_pool(KD05, c, exclude_below=0.05)) == {SIDDO, Condition.of("rcd", alpha=0.1)}
     assert set(stats.control_pool(KD05, c, exclude_below=0.01)) == {SIDDO}
 
 
@@ -294,11 +297,11 @@ def test_duplicate_runs_of_a_trial_keep_the_latest_finished():
 
 
 def test_labels_sort_in_paper_order():
-    conds = [Condition("rcd", 0.5), Condition("kd", 0.9), Condition("siddo"), Condition("kd", 0.1, 2.0),
-             Condition("ls", 0.1), Condition("fm", 0.5, block=4), Condition("kd", 0.1)]
+    conds = [Condition.of("rcd", alpha=0.5), Condition.of("kd", alpha=0.9), Condition.of("siddo"), Condition.of("kd", alpha=0.1, temperature=2.0),
+             Condition.of("ls", epsilon=0.1), Condition.of("fm", alpha=0.5, block=4), Condition.of("kd", alpha=0.1)]
     labels = [c.label for c in sorted(conds, key=lambda c: c.sort_key)]
     assert labels == ["SIDDO", "KD α=0.1", "KD α=0.9", "KD α=0.1 T=2", "RCD α=0.5", "LS ε=0.1", "FM α=0.5 b4"]
-    assert Condition("kd", 0.5, width=0.5).label == "KD α=0.5 w=0.5"
+    assert Condition.of("kd", alpha=0.5, width=0.5).label == "KD α=0.5 w=0.5"
     assert isinstance(pd.DataFrame({"c": conds})["c"].iloc[0], Condition)
 
 

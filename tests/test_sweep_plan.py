@@ -59,7 +59,7 @@ def test_bad_input_is_one_line_naming_file_and_field(tmp_path, mutate, expected,
 
 def test_missing_data_root_is_rejected(tmp_path, monkeypatch):
     monkeypatch.delenv("KDRAY_DATA", raising=False)
-    d = base(dataset={"name": "tinyshakespeare"}, teacher={"arch": "mlp"})
+    d = base(dataset={"name": "tinyshakespeare"}, teacher={"arch": "nano_gpt"}, recipe={"iterations": 1})
     with pytest.raises(SweepError, match=r"setups\[0\].dataset: 'tinyshakespeare' reads files; set data_root"):
         load_sweep(write(tmp_path, d))
     d["data_root"] = str(tmp_path / "nowhere")
@@ -123,10 +123,10 @@ def test_standard_kd_and_width_students_init_from_student_seed():
 
 
 def test_resources_do_not_change_the_key():
-    a = build_plan(parse_sweep(base())).students[0]
+    a = next(s for s in build_plan(parse_sweep(base())).students if s.method == "kd")
     b = a.with_(resources={"cpu": 4, "gpu": 0.25})
     assert a.trial_key == b.trial_key
-    assert a.trial_key != a.with_(alpha=0.3).trial_key
+    assert a.trial_key != a.with_(params={**a.params, "alpha": 0.3}).trial_key
 
 
 def test_spec_round_trips_through_dict():

@@ -52,7 +52,7 @@ def test_temperature_changes_the_kd_student(tmp_path):
 def test_label_smoothing_condition(tmp_path):
     setup = digits_setup(conditions={"siddo": False, "kd": None, "rcd": None, "ls": {"epsilons": [0.5]}})
     _, out = run_setup(tmp_path, setup)
-    assert "activation_distance" in out["v-ls-a0.5-t0-s10"]
+    assert "activation_distance" in out["v-ls-e0.5-t0-s10"]
 
 
 def test_width_scaled_gpt_student(tmp_path, real_data):

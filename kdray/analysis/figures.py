@@ -6,14 +6,14 @@ a global backend or leaks open figures in a long-lived process.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Iterator
+from typing import Iterator, Optional
 
 import numpy as np
 from matplotlib import rc_context
 from matplotlib.figure import Figure
 from matplotlib.ticker import MaxNLocator
 
-from kdray.analysis.stats import TRANSFER_METRICS, Analysis, by_condition, mean_sem
+from kdray.analysis.stats import TRANSFER_METRICS, Analysis, Condition, by_condition, sortable, mean_sem
 from kdray.analysis.tables import metric_header, slug
 
 PANEL = (4.2, 3.2)                   # inches per panel
@@ -61,36 +61,47 @@ def _full_width(d):
 
 
 def asymmetry_figure(a: Analysis, setup: str) -> Figure | None:
-    """Δcorrect vs Δincorrect agreement bars per condition; a panel per teacher seed (rows: temperatures)."""
+    """Δcorrect vs Δincorrect agreement bars per condition; a panel per teacher seed (rows: the
+    conditions' facet values, e.g. temperatures)."""
     d = a.decisions[a.decisions["setup"] == setup]
     if d.empty:
         return None
     d = _full_width(d)
     seeds = sorted(set(d["teacher_seed"]))
-    temps = sorted({c.temperature for c in d["condition"]})
-    fig, axes = _grid(len(temps), len(seeds), bottom=0.75)   # two-line tick labels
-    for i, t in enumerate(temps):
+    facets = sorted({c.facets() for c in d["condition"]}, key=lambda f: [sortable(v) for _, v in f])
+    fig, axes = _grid(len(facets), len(seeds), bottom=0.75)   # two-line tick labels
+    for i, facet in enumerate(facets):
         for j, ts in enumerate(seeds):
             ax = axes[i, j]
-            rows = d[(d["teacher_seed"] == ts).to_numpy() & np.array([c.temperature == t for c in d["condition"]])]
+            rows = d[(d["teacher_seed"] == ts).to_numpy() & np.array([c.facets() == facet for c in d["condition"]])]
             x = np.arange(len(rows))
             ax.bar(x - 0.2, rows["delta_correct"], 0.4, yerr=rows["delta_correct_sem"].fillna(0), capsize=3,
                    color=COLORS["correct"], label="Δ correct agreement")
             ax.bar(x + 0.2, rows["delta_incorrect"], 0.4, yerr=rows["delta_incorrect_sem"].fillna(0), capsize=3,
                    color=COLORS["incorrect"], label="Δ incorrect agreement")
             ax.axhline(0, color="black", lw=0.6)
-            labels = [c.label.replace(f" T={t:g}", "") + ("\n" + asym if asym != "none" else "")
+            labels = [" ".join(c.label_parts(facets=False)) + ("\n" + asym if asym != "none" else "")
                       for c, asym in zip(rows["condition"], rows["asymmetry"])]
             ax.set_xticks(x, labels, fontsize=8)
-            ax.set_title(f"teacher seed {ts}" + (f", T={t:g}" if len(temps) > 1 else ""), fontsize=9)
+            shown = ", ".join(f"{k}={v:g}" if isinstance(v, float) else f"{k}={v}" for k, v in facet)
+            ax.set_title(f"teacher seed {ts}" + (f", {shown}" if len(facets) > 1 and shown else ""), fontsize=9)
             ax.set_ylabel("vs best control")
     axes[0, 0].legend(fontsize=7)
     fig.suptitle(f"{setup}: agreement gained over the best control (mean ± SEM)", fontsize=10)
     return fig
 
 
+def _curve(c: Condition) -> tuple[str, Optional[str], tuple]:
+    """(method, the param on the x axis, the other params): conditions with the same method and other
+    params lie on one line against the x param; a condition without one is drawn as a band."""
+    decl = c.decl
+    x = decl.x_param() if decl is not None else None
+    return c.method, (x.name if x else None), tuple((k, v) for k, v in c.params if x is None or k != x.name)
+
+
 def metrics_figure(a: Analysis, setup: str) -> Figure | None:
-    """Accuracy and the functional metrics against alpha: a line per method (and T, block), SIDDO as a band."""
+    """Accuracy and the functional metrics against each condition's x param (alpha, epsilon): a line
+    per condition and its other params, conditions without such a param (SIDDO) as a band."""
     s = a.students[a.students["setup"] == setup]
     metrics = [m for m in ("test_acc", *TRANSFER_METRICS) if m in s and s[m].notna().any()]
     if s.empty or not metrics:
@@ -102,27 +113,48 @@ def metrics_figure(a: Analysis, setup: str) -> Figure | None:
         conds = by_condition(s[s["teacher_seed"] == ts])
         lines: dict[tuple, list] = {}
         for c in conds:
-            if c.method != "siddo":
-                lines.setdefault((c.method, c.temperature, c.block), []).append(c)
+            lines.setdefault(_curve(c), []).append(c)
+        bands = [cs[0] for (_, x, _), cs in lines.items() if x is None]
+        curves = {k: cs for k, cs in lines.items() if k[1] is not None}
+        xs = sorted({c.get(k[1]) for k, cs in curves.items() for c in cs})
         for j, m in enumerate(metrics):
             ax = axes[i, j]
-            for c in (c for c in conds if c.method == "siddo"):
+            for c in bands:
                 mu, se, _ = mean_sem(conds[c][m])
                 ax.axhspan(mu - (se if se == se else 0), mu + (se if se == se else 0), color="grey", alpha=0.3)
-                ax.axhline(mu, color="grey", lw=1, label="SIDDO")
-            for (method, t, b), cs in sorted(lines.items(), key=lambda kv: kv[1][0].sort_key):
-                cs = sorted(cs, key=lambda c: c.alpha)
+                ax.axhline(mu, color="grey", lw=1, label=c.label)
+            for (method, x, rest), cs in sorted(curves.items(), key=lambda kv: kv[1][0].sort_key):
+                cs = sorted(cs, key=lambda c: c.get(x))
                 ms = [mean_sem(conds[c][m]) for c in cs]
-                label = cs[0].label.split(" ")[0] + (f" T={t:g}" if t != 1 else "") + (f" b{b}" if b is not None else "")
-                ax.errorbar([c.alpha for c in cs], [x[0] for x in ms], yerr=[0 if x[1] != x[1] else x[1] for x in ms],
-                            marker="o", ms=3, capsize=2, label=label)
-            ax.set_xticks(sorted({c.alpha for c in conds if c.method != "siddo"}))
+                ax.errorbar([c.get(x) for c in cs], [v[0] for v in ms], yerr=[0 if v[1] != v[1] else v[1] for v in ms],
+                            marker="o", ms=3, capsize=2, label=" ".join(_line_label(cs[0], x)))
+            if xs:
+                ax.set_xticks(xs)
             ax.yaxis.set_major_locator(MaxNLocator(4))  # few ticks: each costs matplotlib a deep copy
-            ax.set_xlabel("α (ε for LS)")
+            ax.set_xlabel(_x_label(curves))
             ax.set_title(f"{metric_header(m)}, teacher seed {ts}", fontsize=9)
     axes[0, 0].legend(fontsize=7)
-    fig.suptitle(f"{setup}: metrics against α (mean ± SEM)", fontsize=10)
+    fig.suptitle(f"{setup}: metrics against each condition's parameter (mean ± SEM)", fontsize=10)
     return fig
+
+
+def _line_label(c: Condition, x: str) -> list[str]:
+    """A line's legend: the condition's label without the x param's value."""
+    decl = c.decl
+    return [decl.title] + decl.label({k: v for k, v in c.params if k != x})
+
+
+def _x_label(curves: dict) -> str:
+    """The x axis names every param it carries, e.g. "α (ε for LS)"."""
+    by_param: dict[str, list[str]] = {}
+    for (method, x, _), cs in curves.items():
+        decl = cs[0].decl
+        by_param.setdefault(decl.param(x).symbol or x, []).append(decl.title)
+    if not by_param:
+        return ""
+    (main, _), *others = sorted(by_param.items(), key=lambda kv: -len(kv[1]))
+    extra = "; ".join(f"{sym} for {', '.join(sorted(set(t)))}" for sym, t in others)
+    return main + (f" ({extra})" if extra else "")
 
 
 def width_figure(a: Analysis, setup: str) -> Figure | None:
@@ -136,7 +168,7 @@ def width_figure(a: Analysis, setup: str) -> Figure | None:
         ax = axes[0, j]
         groups: dict = {}
         for r in d[d["teacher_seed"] == ts].itertuples():
-            groups.setdefault(r.condition._replace(width=1.0), []).append(r)
+            groups.setdefault(r.condition.replace(width=1.0), []).append(r)
         for k, (base, rs) in enumerate(sorted(groups.items(), key=lambda kv: kv[0].sort_key)):
             rs = sorted(rs, key=lambda r: r.condition.width)
             w = [r.condition.width for r in rs]

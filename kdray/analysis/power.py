@@ -9,7 +9,7 @@ per metric and control (so simulated differences are continuous and the
 exact no-ties signed-rank null applies, as in ``stats._exact_signed_rank``).
 Each simulated study is then decided as the report decides: one-sided exact
 test per metric and control, the chosen correction over each comparison's
-metrics, significant against every control, at least SUPPORT_MIN metrics.
+metrics, significant against every control, at least ``min_metrics`` metrics (3, the paper's rule).
 The power is the fraction of simulated studies that support transfer.
 
 This is a planning estimate from the pilot's own effect (it treats the
@@ -26,7 +26,9 @@ import pandas as pd
 
 from kdray.analysis import corrections
 from kdray.analysis.effects import EXACT_MAX_N, rank_sum_counts
-from kdray.analysis.stats import CONTROL_RULES, LEVEL, SUPPORT_MIN, TRANSFER_METRICS, by_condition, direction, paired
+from kdray import conditions
+from kdray.analysis.stats import (LEVEL, SUPPORT_MIN, TRANSFER_METRICS, by_condition, direction, find_controls,
+                                  paired)
 
 TARGET = 0.8
 SEED_RANGE = tuple(range(5, 31))
@@ -59,7 +61,7 @@ def bandwidth(d: np.ndarray) -> np.ndarray:
 
 
 def power_at(pilot: np.ndarray, n: int, correction: str = corrections.DEFAULT, level: float = LEVEL,
-             draws: int = DRAWS, seed: int = SEED) -> float:
+             draws: int = DRAWS, seed: int = SEED, min_metrics: int = SUPPORT_MIN) -> float:
     """The probability that a study of n seeds supports transfer, pilot shaped (controls, metrics, seeds)
     with differences oriented so that positive favours the treated condition."""
     rng = np.random.default_rng([seed, n])
@@ -68,7 +70,7 @@ def power_at(pilot: np.ndarray, n: int, correction: str = corrections.DEFAULT, l
     x = pilot[:, :, idx] + rng.standard_normal((c, m, draws, n)) * bandwidth(pilot)[:, :, None, None]
     p = np.moveaxis(exact_greater_p(x), 1, -1)                 # (controls, draws, metrics)
     sig = (corrections.adjust(p, correction) <= level).all(axis=0)
-    return float(np.mean(sig.sum(axis=-1) >= SUPPORT_MIN))
+    return float(np.mean(sig.sum(axis=-1) >= min_metrics))
 
 
 def pilot_differences(runs: pd.DataFrame, controls: dict) -> Optional[np.ndarray]:
@@ -94,22 +96,23 @@ def pilot_differences(runs: pd.DataFrame, controls: dict) -> Optional[np.ndarray
 
 
 def power_curves(students: pd.DataFrame, correction: str = corrections.DEFAULT, level: float = LEVEL,
-                 seeds=SEED_RANGE, draws: int = DRAWS) -> pd.DataFrame:
+                 seeds=SEED_RANGE, draws: int = DRAWS, min_metrics: int = SUPPORT_MIN) -> pd.DataFrame:
     """Per (setup, teacher seed, treated condition): the power at each student-seed count in ``seeds``
     and at the pilot's own count (``pilot`` True on that row)."""
     rows = []
     for (setup, ts), grp in students.groupby(["setup", "teacher_seed"], sort=True):
         conds = by_condition(grp)
         for cond, runs in conds.items():
-            controls = {ctrl: conds[ctrl] for rule in CONTROL_RULES.get(cond.method, ())
-                        for ctrl in rule.find(cond, conds)}
+            controls = {ctrl: conds[ctrl] for rule in conditions.controls_of(cond.method)
+                        for ctrl in find_controls(rule, cond, conds)}
             d = pilot_differences(runs, controls)
             if d is None:
                 continue
             n0 = d.shape[-1]
             for n in sorted(set(seeds) | {n0}):
                 rows.append(dict(setup=setup, teacher_seed=int(ts), condition=cond, n_seeds=n, pilot=n == n0,
-                                 pilot_seeds=n0, power=power_at(d, n, correction, level, draws)))
+                                 pilot_seeds=n0, power=power_at(d, n, correction, level, draws,
+                                                                min_metrics=min_metrics)))
     return pd.DataFrame(rows, columns=["setup", "teacher_seed", "condition", "n_seeds", "pilot", "pilot_seeds", "power"])
 
 

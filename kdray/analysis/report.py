@@ -30,7 +30,8 @@ import pandas as pd
 
 from kdray.analysis import corrections, figures, power, tables
 from kdray.analysis.runs import ReportError, get_experiment, load_runs, resolve_experiment
-from kdray.analysis.stats import Analysis, analyse
+from kdray.analysis.stats import SUPPORT_MIN, Analysis, analyse
+from kdray.contracts import KIND_REPORT, KIND_SWEEP, TAG_KIND, TAG_PARENT
 
 SHOW_EXCLUDED = 8                    # excluded runs listed in the terminal summary
 
@@ -147,13 +148,13 @@ def _html(title: str, summary: str, tabs: list[tables.Table], figs: list[tuple[s
 
 def build_report(df: pd.DataFrame, out_dir: str | Path, threshold: float = 0.01,
                  exclude_below: Optional[float] = None, title: str = "kdray report", pool=None,
-                 correction: str = corrections.DEFAULT) -> ReportResult:
+                 correction: str = corrections.DEFAULT, min_metrics: int = SUPPORT_MIN) -> ReportResult:
     """Analyse the runs and write every table, figure and the HTML page into out_dir
     (setups analysed and their figures drawn by the process ``pool`` when given, see report_pool)."""
     out = Path(out_dir)
     clock = _Clock()
     a = analyse(df, threshold=threshold, exclude_below=exclude_below, map_=pool.map if pool else map,
-                correction=correction)
+                correction=correction, min_metrics=min_metrics)
     result = ReportResult(out, a, seconds=clock.seconds)
     clock.lap("analysis")
     files = result.files
@@ -199,10 +200,10 @@ def log_report_to_mlflow(tracking_uri: str, experiment: str, out_dir: str | Path
 
     client = MlflowClient(tracking_uri)
     exp = get_experiment(tracking_uri, experiment)
-    parents = client.search_runs([exp.experiment_id], "tags.`kdray.kind` = 'sweep'", max_results=1)
-    tags = {"kdray.kind": "report"}
+    parents = client.search_runs([exp.experiment_id], f"tags.`{TAG_KIND}` = '{KIND_SWEEP}'", max_results=1)
+    tags = {TAG_KIND: KIND_REPORT}
     if parents:
-        tags["mlflow.parentRunId"] = parents[0].info.run_id
+        tags[TAG_PARENT] = parents[0].info.run_id
     run = client.create_run(exp.experiment_id, tags=tags, run_name="report")
     try:
         client.log_artifacts(run.info.run_id, str(out_dir))
@@ -250,7 +251,7 @@ def load_target(target: str, tracking_uri: str | None, pool=None) -> tuple[pd.Da
 
 def run_report(target: str, out: str | None, tracking_uri: str | None, threshold: float = 0.01,
                exclude_below: float | None = None, jobs: Optional[int] = None,
-               correction: str = corrections.DEFAULT) -> int:
+               correction: str = corrections.DEFAULT, min_metrics: int = SUPPORT_MIN) -> int:
     """What ``kdray report`` does: print the summary, return the exit code (2 on a user error)."""
     jobs = jobs or os.cpu_count() or 1
     with report_pool(jobs) as pool:
@@ -261,7 +262,8 @@ def run_report(target: str, out: str | None, tracking_uri: str | None, threshold
             return 2
         out_dir = Path(out) if out else default_out(storage, name)
         result = build_report(df, out_dir, threshold=threshold, exclude_below=exclude_below,
-                              title=f"kdray report: {name}", pool=pool, correction=correction)
+                              title=f"kdray report: {name}", pool=pool, correction=correction,
+                              min_metrics=min_metrics)
     phases = ", ".join(f"{k} {v:.1f} s" for k, v in result.seconds.items())
     print(f"kdray report: {len(df)} runs loaded in {loaded:.1f} s; {phases} "
           f"({jobs} process{'es' if jobs > 1 else ''})", file=sys.stderr)

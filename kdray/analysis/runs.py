@@ -13,11 +13,17 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
+from kdray import conditions
+from kdray.contracts import (KIND_TRIAL, TAG_CONDITION, TAG_FAILURE, TAG_KIND, TAG_METHOD, TAG_ROLE, TAG_SETUP,
+                             TAG_TEACHER_KEY, TAG_TRIAL_KEY, parse_condition)
 from kdray.sweep import DEFAULT_STORAGE, SweepError, default_tracking_uri
 
-# Columns every frame from load_runs has, in this order; metric columns follow.
+# Columns every frame from load_runs has, in this order; metric columns follow.  ``params`` holds
+# each run's condition parameters as a dict of typed values.
 ID_COLUMNS = ("run_id", "status", "failure", "start_time", "trial_key", "teacher_key", "setup", "role",
-              "method", "alpha", "temperature", "block", "width", "teacher_seed", "student_seed")
+              "method", "params", "width", "teacher_seed", "student_seed")
+# Where runs logged before the condition tag existed kept their condition's parameters.
+LEGACY_PARAM_COLUMNS = ("alpha", "temperature", "block")
 
 
 class ReportError(RuntimeError):
@@ -83,16 +89,28 @@ def _none(v):
     return None if v in (None, "None", "") else v
 
 
+def legacy_params(method: str, values: dict) -> dict:
+    """A condition's params from the fields older runs stored them in (alpha, temperature, block),
+    typed by the condition's declaration; {} for a method no installed module declares."""
+    decl = conditions.find(method)
+    out = {}
+    for p in decl.params if decl is not None else ():
+        v = _num(values.get(p.legacy)) if p.legacy else np.nan
+        out[p.name] = p.default if np.isnan(v) else p.type(v)
+    return out
+
+
 def _row(run) -> dict:
     p, t = run.data.params, run.data.tags
+    method = t.get(TAG_METHOD, p.get("method"))
+    cond = parse_condition(t.get(TAG_CONDITION))
     row = dict(
-        run_id=run.info.run_id, status=run.info.status, failure=t.get("kdray.failure"),
-        start_time=run.info.start_time, trial_key=t.get("kdray.trial_key", p.get("trial_key")),
-        teacher_key=_none(t.get("kdray.teacher_key", p.get("teacher_key"))),
-        setup=t.get("kdray.setup", p.get("setup")), role=t.get("kdray.role", p.get("role")),
-        method=t.get("kdray.method", p.get("method")),
-        alpha=_num(p.get("alpha")), temperature=_num(p.get("temperature")), block=_num(p.get("block")),
-        width=_num(p.get("width")), teacher_seed=_num(p.get("teacher_seed")),
+        run_id=run.info.run_id, status=run.info.status, failure=t.get(TAG_FAILURE),
+        start_time=run.info.start_time, trial_key=t.get(TAG_TRIAL_KEY, p.get("trial_key")),
+        teacher_key=_none(t.get(TAG_TEACHER_KEY, p.get("teacher_key"))),
+        setup=t.get(TAG_SETUP, p.get("setup")), role=t.get(TAG_ROLE, p.get("role")), method=method,
+        params=cond["params"] if cond else legacy_params(method, p),
+        width=cond["width"] if cond else _num(p.get("width")), teacher_seed=_num(p.get("teacher_seed")),
         student_seed=_num(p.get("student_seed")),
     )
     row.update(run.data.metrics)  # latest value per metric = the final one
@@ -104,7 +122,7 @@ def search_trial_runs(client, experiment_id: str, where: str = "") -> list:
     paper's 4,189 models)."""
     runs, token = [], None
     while True:
-        page = client.search_runs([experiment_id], "tags.`kdray.kind` = 'trial'" + where,
+        page = client.search_runs([experiment_id], f"tags.`{TAG_KIND}` = '{KIND_TRIAL}'" + where,
                                   max_results=50000, page_token=token)
         runs += list(page)
         token = page.token
@@ -113,16 +131,20 @@ def search_trial_runs(client, experiment_id: str, where: str = "") -> list:
 
 
 def runs_frame(rows: list[dict]) -> pd.DataFrame:
-    """Typed frame from row dicts (also used by tests to skip MLflow)."""
+    """Typed frame from row dicts (also used by tests to skip MLflow); rows may give a condition's
+    params in the legacy columns instead of ``params``."""
+    rows = [r if "params" in r else {**{k: v for k, v in r.items() if k not in LEGACY_PARAM_COLUMNS},
+                                     "params": legacy_params(r.get("method"), r)} for r in rows]
     df = pd.DataFrame(rows)
     for col in ID_COLUMNS:
         if col not in df:
             df[col] = np.nan
     metrics = sorted(c for c in df.columns if c not in ID_COLUMNS)
     df = df[list(ID_COLUMNS) + metrics]
-    for col in ("alpha", "temperature", "width", *metrics):
+    df["params"] = [v if isinstance(v, dict) else {} for v in df["params"]]
+    for col in ("width", *metrics):
         df[col] = pd.to_numeric(df[col], errors="coerce").astype(float)
-    for col in ("block", "teacher_seed", "student_seed"):
+    for col in ("teacher_seed", "student_seed"):
         df[col] = pd.to_numeric(df[col], errors="coerce").astype("Int64")
     df["failure"] = df["failure"].where(df["failure"].notna(), None)
     return df.reset_index(drop=True)
@@ -170,7 +192,8 @@ def _time_span(tracking_uri: str, experiment: str) -> tuple[str, int | None, int
 
     exp = get_experiment(tracking_uri, experiment)
     client = MlflowClient(tracking_uri)
-    ends = [client.search_runs([exp.experiment_id], "tags.`kdray.kind` = 'trial'", max_results=1, order_by=[f"attributes.start_time {o}"])
+    ends = [client.search_runs([exp.experiment_id], f"tags.`{TAG_KIND}` = '{KIND_TRIAL}'", max_results=1,
+                               order_by=[f"attributes.start_time {o}"])
             for o in ("ASC", "DESC")]
     if not ends[0]:
         return exp.experiment_id, None, None

@@ -33,18 +33,17 @@ from typing import NamedTuple, Optional
 import numpy as np
 import pandas as pd
 
+from kdray import conditions
 from kdray.analysis import corrections, effects
 from kdray.metric_names import METRIC_DIRECTIONS, TRANSFER_METRICS
 
 LEVEL = 0.05
-SUPPORT_MIN = 3                      # functional metrics that must be significant (of 4)
+SUPPORT_MIN = 3                      # the paper's rule: functional metrics that must be significant (of 4)
 ACCURACY_METRICS = ("test_acc", "test_loss")
 TESTED_METRICS = tuple(TRANSFER_METRICS) + ACCURACY_METRICS
 ASYMMETRY_METRICS = ("correct_agreement", "incorrect_agreement")
 CHECKED_METRICS = TESTED_METRICS + ASYMMETRY_METRICS + ("prediction_agreement",)
 _OWN_DIRECTIONS = {"test_acc": "higher", "train_acc": "higher", "test_loss": "lower", "train_loss": "lower"}
-METHOD_ORDER = {"teacher": 0, "siddo": 1, "kd": 2, "rcd": 3, "ls": 4, "fm": 5, "fm_rcd": 6}
-RANDOM_CONTROLS = ("rcd", "fm_rcd")         # the paper's "RCD is often best" check
 DECISION_RTOL = 1e-9                         # means this close count as equal (asymmetry, marginal)
 
 
@@ -55,44 +54,80 @@ def direction(metric: str) -> Optional[str]:
 
 # ------------------------------------------------------------------ conditions
 
+def sortable(v) -> tuple:
+    return (0, -1.0) if v is None else (1, v) if isinstance(v, (int, float)) else (2, str(v))
+
+
 class Condition(NamedTuple):
-    """What a student was trained under; runs of one condition differ only by seed."""
+    """What a student was trained under; runs of one condition differ only by seed.
+
+    ``params`` are the condition's parameters as (name, value) pairs in declared
+    order (kdray/conditions); what they mean, and how they are labelled and
+    sorted, comes from the condition's declaration.
+    """
     method: str
-    alpha: float = 0.0
-    temperature: float = 1.0
-    block: Optional[int] = None
+    params: tuple = ()
     width: float = 1.0
+
+    @classmethod
+    def of(cls, method: str, width: float = 1.0, **params) -> "Condition":
+        """A condition with its declared defaults filled in (``Condition.of("kd", alpha=0.5)``)."""
+        decl = conditions.find(method)
+        full = decl.full_params(params) if decl is not None else dict(sorted(params.items()))
+        return cls(method, tuple(full.items()), float(width))
+
+    @property
+    def decl(self) -> Optional[conditions.Condition]:
+        return conditions.find(self.method)
+
+    def get(self, name: str, default=None):
+        """A param's value, or the width ("width")."""
+        if name == "width":
+            return self.width
+        return dict(self.params).get(name, default)
+
+    def replace(self, **changes) -> "Condition":
+        width = changes.pop("width", self.width)
+        return Condition(self.method, tuple((k, changes.get(k, v)) for k, v in self.params), width)
+
+    def facets(self) -> tuple:
+        """The values figures draw in separate panel rows (e.g. the temperature)."""
+        d = self.decl
+        return tuple((p.name, self.get(p.name)) for p in (d.params if d else ()) if p.facet)
+
+    def label_parts(self, facets: bool = True) -> list[str]:
+        d = self.decl
+        if d is None:   # a plug-in condition that is not installed where the report runs
+            return [self.method.upper()] + [f"{k}={v}" for k, v in self.params]
+        params = {k: v for k, v in self.params if facets or not d.param(k).facet}
+        return [d.title] + d.label(params)
 
     @property
     def label(self) -> str:
-        name = {"siddo": "SIDDO", "fm_rcd": "FM-RCD"}.get(self.method, self.method.upper())
-        parts = [name]
-        if self.method in ("kd", "rcd", "fm", "fm_rcd"):
-            parts.append(f"α={self.alpha:g}")
-        if self.method == "ls":
-            parts.append(f"ε={self.alpha:g}")
-        if self.method in ("kd", "rcd") and self.temperature != 1.0:
-            parts.append(f"T={self.temperature:g}")
-        if self.block is not None:
-            parts.append(f"b{self.block}")
+        parts = self.label_parts()
         if self.width != 1.0:
             parts.append(f"w={self.width:g}")
         return " ".join(parts)
 
     @property
+    def is_random_control(self) -> bool:
+        return bool(self.decl and self.decl.random_control)
+
+    @property
     def sort_key(self) -> tuple:
-        return (METHOD_ORDER.get(self.method, 99), self.method, -self.width, self.temperature,
-                -1 if self.block is None else self.block, self.alpha)
-
-
-def _f(v, default: float) -> float:
-    return default if pd.isna(v) else float(v)
+        d = self.decl
+        decl_params = list(d.params) if d else []
+        facets = [p.name for p in decl_params if p.facet]
+        rest = [p.name for p in reversed(decl_params) if not p.facet] or [k for k, _ in self.params]
+        return ((d.order if d else 99), self.method, -self.width,
+                *(sortable(self.get(n)) for n in facets + rest))
 
 
 def condition_of(row) -> Condition:
-    """A run's condition; missing params take TrialSpec's defaults (alpha 0, T 1, width 1)."""
-    block = None if pd.isna(row.block) else int(row.block)
-    return Condition(row.method, _f(row.alpha, 0.0), _f(row.temperature, 1.0), block, _f(row.width, 1.0))
+    """A run's condition, from its method, params and width columns."""
+    params = row.params if isinstance(row.params, dict) else {}
+    width = 1.0 if pd.isna(row.width) else float(row.width)
+    return Condition.of(row.method, width, **params)
 
 
 def by_condition(frame: pd.DataFrame) -> dict[Condition, pd.DataFrame]:
@@ -105,38 +140,20 @@ def by_condition(frame: pd.DataFrame) -> dict[Condition, pd.DataFrame]:
 
 # ------------------------------------------------------------------ controls
 
-@dataclass(frozen=True)
-class ControlRule:
-    """Conditions of ``method`` that equal the treated condition on the fields in ``match``.
-
-    ``fallback`` relaxes fields when nothing matches exactly (RCD at T=1 when
-    the sweep has no RCD at the KD student's temperature).
-    """
-    method: str
-    match: tuple[str, ...]
-    fallback: tuple[tuple[str, object], ...] = ()
-
-    def find(self, treated: Condition, available) -> list[Condition]:
-        def hits(target: Condition) -> list[Condition]:
-            return [c for c in available if c.method == self.method
-                    and all(getattr(c, f) == getattr(target, f) for f in self.match)]
-        found = hits(treated)
-        if not found and self.fallback:
-            found = hits(treated._replace(**dict(self.fallback)))
-        return sorted(found, key=lambda c: c.sort_key)
+def find_controls(rule: conditions.ControlRule, treated: Condition, available) -> list[Condition]:
+    """The conditions of ``rule.method`` that equal ``treated`` on the rule's fields, relaxing its
+    fallback fields when nothing matches exactly."""
+    def hits(target: Condition) -> list[Condition]:
+        return [c for c in available if c.method == rule.method
+                and all(c.get(f) == target.get(f) for f in rule.match)]
+    found = hits(treated)
+    if not found and rule.fallback:
+        found = hits(treated.replace(**dict(rule.fallback)))
+    return sorted(found, key=lambda c: c.sort_key)
 
 
-_SIDDO = ControlRule("siddo", ("width",))
-# The paired controls each treated method is tested against (docs/protocol.md §5.2; FM's control: §3).
-CONTROL_RULES: dict[str, tuple[ControlRule, ...]] = {
-    "kd": (_SIDDO, ControlRule("rcd", ("alpha", "temperature", "width"), (("temperature", 1.0),))),
-    "fm": (_SIDDO, ControlRule("fm_rcd", ("alpha", "block", "width"))),
-}
-# The candidates for the "best control" (highest mean test accuracy, docs/protocol.md §5.7).
-BEST_CONTROL_POOL: dict[str, tuple[ControlRule, ...]] = {
-    "kd": (_SIDDO, ControlRule("rcd", ("temperature", "width"), (("temperature", 1.0),))),
-    "fm": (_SIDDO, ControlRule("fm_rcd", ("block", "width"))),
-}
+def is_treatment(cond: Condition) -> bool:
+    return bool(cond.decl and cond.decl.role == conditions.TREATMENT)
 
 
 # ------------------------------------------------------------------ primitive statistics
@@ -382,8 +399,8 @@ def paired_tests(students: pd.DataFrame, level: float = LEVEL, correction: str =
     for (setup, ts), grp in students.groupby(["setup", "teacher_seed"], sort=True):
         conds = by_condition(grp)
         for cond, runs in conds.items():
-            for rule in CONTROL_RULES.get(cond.method, ()):
-                for ctrl in rule.find(cond, conds):
+            for rule in conditions.controls_of(cond.method):
+                for ctrl in find_controls(rule, cond, conds):
                     for m in TESTED_METRICS:
                         pr = paired(runs, conds[ctrl], m)
                         rows.append(dict(setup=setup, teacher_seed=int(ts), condition=cond, control=ctrl, metric=m,
@@ -427,7 +444,7 @@ def control_pool(treated: Condition, conds: dict[Condition, pd.DataFrame],
     With best = highest accuracy the drop cannot change the choice; it shows in
     the pool (and would matter to any other choice of "best").
     """
-    pool = [c for rule in BEST_CONTROL_POOL.get(treated.method, ()) for c in rule.find(treated, conds)]
+    pool = [c for rule in conditions.best_pool_of(treated.method) for c in find_controls(rule, treated, conds)]
     acc = {c: _mean_test_acc(conds[c]) for c in pool}
     siddo = [a for c, a in acc.items() if c.method == "siddo"]
     if exclude_below is not None and siddo:
@@ -455,7 +472,7 @@ def best_accuracy(students: pd.DataFrame) -> pd.DataFrame:
             if acc:
                 best = max(acc, key=acc.get)
                 rows.append(dict(setup=setup, teacher_seed=int(ts), width=w, condition=best, test_acc=acc[best],
-                                 is_rcd=best.method in RANDOM_CONTROLS))
+                                 is_rcd=best.is_random_control))
     return pd.DataFrame(rows, columns=["setup", "teacher_seed", "width", "condition", "test_acc", "is_rcd"])
 
 
@@ -476,7 +493,7 @@ def _marginal(supported: bool, gain: float, threshold: float) -> bool:
 
 
 def decisions(students: pd.DataFrame, against: pd.DataFrame, threshold: float = 0.01,
-              exclude_below: Optional[float] = None) -> pd.DataFrame:
+              exclude_below: Optional[float] = None, min_metrics: int = SUPPORT_MIN) -> pd.DataFrame:
     """Transfer support, marginality and asymmetry per (setup, teacher seed, treated condition)."""
     rows = []
     sig = {(r.setup, r.teacher_seed, r.condition, r.metric): r.significant for r in against.itertuples()}
@@ -484,10 +501,10 @@ def decisions(students: pd.DataFrame, against: pd.DataFrame, threshold: float = 
         ts = int(ts)
         conds = by_condition(grp)
         for cond, runs in conds.items():
-            if cond.method not in CONTROL_RULES:
+            if not is_treatment(cond):
                 continue
             n_sig = sum(bool(sig.get((setup, ts, cond, m), False)) for m in TRANSFER_METRICS)
-            supported = n_sig >= SUPPORT_MIN
+            supported = n_sig >= min_metrics
             best = best_control(cond, conds, exclude_below)
             ref = conds[best] if best is not None else runs.iloc[0:0]
             cor, inc = paired(runs, ref, "correct_agreement"), paired(runs, ref, "incorrect_agreement")
@@ -525,6 +542,7 @@ class Analysis:
     exclude_below: Optional[float] = None
     level: float = LEVEL
     notes: list = field(default_factory=list)
+    min_metrics: int = SUPPORT_MIN
     correction: str = corrections.DEFAULT
     power: pd.DataFrame = field(default_factory=pd.DataFrame)        # power.power_curves
     pooled: pd.DataFrame = field(default_factory=pd.DataFrame)       # pooled.pooled_tests
@@ -541,8 +559,8 @@ class Analysis:
 
 def analyse(df: pd.DataFrame, threshold: float = 0.01, exclude_below: Optional[float] = None,
             correction: str = corrections.DEFAULT, power_draws: Optional[int] = None,
-            level: float = LEVEL, map_=map) -> Analysis:
-    """Run the whole of docs/protocol.md §5 on a sweep's runs.
+            level: float = LEVEL, map_=map, min_metrics: int = SUPPORT_MIN) -> Analysis:
+    """Run the statistics of docs/protocol.md §5 on a sweep's runs.
 
     Every test, decision and summary is within one setup, so each setup is
     analysed on its own and the parts are concatenated in setup order.
@@ -552,12 +570,12 @@ def analyse(df: pd.DataFrame, threshold: float = 0.01, exclude_below: Optional[f
     """
     setup = df["setup"]
     groups = [df[setup == s] for s in sorted(setup.dropna().unique())] + ([df[setup.isna()]] if setup.isna().any() else [])
-    job = (threshold, exclude_below, level, correction, power_draws)
+    job = (threshold, exclude_below, level, correction, power_draws, min_metrics)
     parts = list(map_(_analyse_part, [(g, *job) for g in groups])) or [_analyse_part((df, *job))]
     frames = {f.name: _concat([getattr(p, f.name) for p in parts]) for f in fields(Analysis)
               if isinstance(getattr(parts[0], f.name), pd.DataFrame) and f.name != "runs"}
     return Analysis(runs=df, **frames, threshold=threshold, exclude_below=exclude_below, level=level,
-                    notes=_notes(frames["tests"], level, correction), correction=correction)
+                    notes=_notes(frames["tests"], level, correction), correction=correction, min_metrics=min_metrics)
 
 
 def _concat(frames: list[pd.DataFrame]) -> pd.DataFrame:
@@ -591,14 +609,15 @@ def _analyse_part(job: tuple) -> Analysis:
     """One setup's runs (or the runs without a setup) -> its analysis."""
     from kdray.analysis import pooled, power
 
-    df, threshold, exclude_below, level, correction, draws = job
+    df, threshold, exclude_below, level, correction, draws, min_metrics = job
     students, teachers, excluded = prepare(df)
     tests = paired_tests(students, level, correction)
     against = against_controls(tests)
-    curves = power.power_curves(students, correction, level, draws=power.DRAWS if draws is None else draws) \
-        if draws != 0 else power.power_curves(students.iloc[0:0])
-    dec = _with_power(decisions(students, against, threshold, exclude_below), curves)
+    curves = power.power_curves(students, correction, level, draws=power.DRAWS if draws is None else draws,
+                                min_metrics=min_metrics) if draws != 0 else power.power_curves(students.iloc[0:0])
+    dec = _with_power(decisions(students, against, threshold, exclude_below, min_metrics), curves)
     a = Analysis(df, students, teachers, excluded, summarize(students), tests, against, dec,
-                 best_accuracy(students), threshold, exclude_below, level, correction=correction, power=curves)
+                 best_accuracy(students), threshold, exclude_below, level, min_metrics=min_metrics,
+                 correction=correction, power=curves)
     a.pooled, a.statements = pooled.pooled_tests(a), pooled.statements(a)
     return a

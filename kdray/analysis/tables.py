@@ -16,6 +16,7 @@ import pandas as pd
 from kdray.analysis import corrections, power
 from kdray.analysis.effects import CI_LEVEL
 from kdray.analysis.stats import TESTED_METRICS, Analysis, Condition, direction, metric_columns
+from kdray.metric_names import TRANSFER_METRICS
 
 TICK, CROSS, UNTESTED = "✓", "–", "·"
 ARROWS = {"lower": "↓", "higher": "↑"}
@@ -241,8 +242,8 @@ def decision_table(a: Analysis) -> Table:
                  ["setup", "teacher seed", "condition", "supported", "marginal", "PA gain", "Δcorrect", "Δincorrect",
                   "asymmetry", "p(asym)", "best control", "best accuracy", "power",
                   f"seeds for {power.TARGET:.0%}"], rows,
-                 note=f"Supported: at least 3 of 4 functional metrics significant against every control "
-                      f"({corrections.family_text(a.correction)}). "
+                 note=f"Supported: at least {a.min_metrics} of {len(TRANSFER_METRICS)} functional metrics significant "
+                      f"against every control ({corrections.family_text(a.correction)}). "
                       f"Power: probability of support at this many seeds (power table); under-powered: "
                       f"not supported, with less than {power.TARGET:.0%} power to support it at this "
                       f"many seeds (not evidence of no transfer; see the power table). "

@@ -28,7 +28,7 @@ from typing import Optional, Sequence
 import numpy as np
 import torch
 
-from kdray.data import disk_cached, files_signature
+from kdray.data.bundle import disk_cached, files_signature
 
 SAMPLE_RATE = 16000
 N_FFT = 512

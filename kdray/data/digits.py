@@ -7,10 +7,9 @@ from typing import Optional
 import numpy as np
 import torch
 
-from kdray.data import DataBundle, register_dataset
+from kdray.data.bundle import DataBundle
 
 
-@register_dataset("digits")
 def digits(root: Optional[Path] = None, test_size: float = 0.2, split_seed: int = 0,
            flatten: bool = False) -> DataBundle:
     """A stratified train/test split fixed by ``split_seed`` (not by any trial seed)."""
@@ -33,4 +32,3 @@ def digits(root: Optional[Path] = None, test_size: float = 0.2, split_seed: int 
                       t(xte, torch.uint8), t(yte, torch.int64), preprocess=preprocess)
 
 
-digits.needs_root = False  # ships inside scikit-learn

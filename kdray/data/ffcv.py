@@ -46,7 +46,8 @@ from typing import Iterator, Optional, Sequence
 import numpy as np
 import torch
 
-from kdray.data import DataBundle, DataNotFoundError, register_dataset, require_root
+from kdray.data import DataNotFoundError, require_root
+from kdray.data.bundle import DataBundle
 from kdray.data.images import IMAGENET_MEAN, IMAGENET_STD, image_preprocess
 
 DEFAULT_CROP_RATIO = 224 / 256
@@ -97,19 +98,11 @@ def _write_here(src: str, dst: str, max_resolution: int, jpeg_quality: int, writ
     from ffcv.fields import IntField, RGBImageField
     from ffcv.writer import DatasetWriter
     from torch.utils.data import Subset
-    from torchvision.datasets import ImageFolder
+
+    from kdray.data.ffcv_ops import ClassListFolder
 
     classes = _class_list(Path(classes_from or src))
-
-    class Folder(ImageFolder):  # class indices from the training split, as imagenet_folder does
-        def find_classes(self, directory):
-            here = _class_list(Path(directory))
-            extra = sorted(set(here) - set(classes))
-            if extra:
-                raise ValueError(f"{directory}: classes {extra[:5]} have no folder in {classes_from}")
-            return classes, {c: i for i, c in enumerate(classes)}
-
-    ds = Folder(src)
+    ds = ClassListFolder(src, classes, classes_from)
     if max_per_class is not None:
         keep, count = [], {}
         for i, (_, y) in enumerate(ds.samples):
@@ -207,123 +200,6 @@ def rank_order(perm: np.ndarray, global_batch: int, rank: int, world_size: int, 
     return np.concatenate([full, rest])
 
 
-def _mix(base: int, index):  # a per-sample 32-bit seed; used inside numba
-    return np.uint32((np.uint64(base) + np.uint64(index) * np.uint64(2654435761)) % np.uint64(4294967291))
-
-
-def _make_ops():
-    """The seeded FFCV operations (defined lazily: they subclass ffcv classes)."""
-    from dataclasses import replace
-
-    from ffcv.fields.rgb_image import (IMAGE_MODES, ResizedCropRGBImageDecoder, get_center_crop, get_random_crop,
-                                       imdecode, resize_crop)
-    from ffcv.pipeline.allocation_query import AllocationQuery
-    from ffcv.pipeline.compiler import Compiler
-    from ffcv.pipeline.operation import Operation
-    from ffcv.traversal_order.base import TraversalOrder
-
-
-    class CropDecoder(ResizedCropRGBImageDecoder):
-        """FFCV's RandomResizedCrop decoder with numba's generator reseeded per sample, or
-        (``center_ratio``) its centre-crop decoder."""
-
-        def __init__(self, output_size, seed: int = 0, scale=(0.08, 1.0), ratio=(3 / 4, 4 / 3),
-                     center_ratio: Optional[float] = None):
-            super().__init__(output_size)
-            self.seed, self.scale, self.ratio, self.center_ratio = seed, scale, ratio, center_ratio
-
-        @property
-        def get_crop_generator(self):
-            return get_random_crop if self.center_ratio is None else get_center_crop
-
-        def generate_code(self):
-            jpg = IMAGE_MODES["jpg"]
-            mem_read = self.memory_read
-            my_range = Compiler.get_iterator()
-            # Fresh dispatchers per compilation, as FFCV's own decoders do: re-using one across
-            # recompilations hit a KeyError in numba 0.68's dispatcher bookkeeping (the same
-            # inconsistency shows as an ignored KeyError when such dispatchers are finalised).
-            imdecode_c = Compiler.compile(imdecode)
-            resize_crop_c = Compiler.compile(resize_crop)
-            get_crop_c = Compiler.compile(self.get_crop_generator)
-            mix = Compiler.compile(_mix)
-            seeded = self.center_ratio is None
-            scale = np.array(self.scale, dtype=np.float64)
-            ratio = np.array(self.ratio, dtype=np.float64) if seeded else float(self.center_ratio)
-            base = int(self.seed) % 4294967291
-
-            def decode(batch_indices, my_storage, metadata, storage_state):
-                destination, temp_storage = my_storage
-                for dst_ix in my_range(len(batch_indices)):
-                    source_ix = batch_indices[dst_ix]
-                    field = metadata[source_ix]
-                    image_data = mem_read(field["data_ptr"], storage_state)
-                    height = np.uint32(field["height"])
-                    width = np.uint32(field["width"])
-                    if field["mode"] == jpg:
-                        temp_buffer = temp_storage[dst_ix]
-                        imdecode_c(image_data, temp_buffer, height, width, height, width, 0, 0, 1, 1, False, False)
-                        selected_size = 3 * height * width
-                        temp_buffer = temp_buffer.reshape(-1)[:selected_size]
-                        temp_buffer = temp_buffer.reshape(height, width, 3)
-                    else:
-                        temp_buffer = image_data.reshape(height, width, 3)
-                    if seeded:
-                        np.random.seed(mix(base, source_ix))
-                    i, j, h, w = get_crop_c(height, width, scale, ratio)
-                    resize_crop_c(temp_buffer, i, i + h, j, j + w, destination[dst_ix])
-                return destination[:len(batch_indices)]
-
-            decode.is_parallel = True
-            return decode
-
-    class SeededHorizontalFlip(Operation):
-        """Flip with probability ``flip_prob``, the coin reseeded per sample (FFCV's flip is unseeded)."""
-
-        def __init__(self, seed: int = 0, flip_prob: float = 0.5):
-            super().__init__()
-            self.seed, self.flip_prob = seed, flip_prob
-
-        def generate_code(self):
-            my_range = Compiler.get_iterator()
-            p = self.flip_prob
-            base = int(self.seed) % 4294967291
-            mix = Compiler.compile(_mix)
-
-            def flip(images, dst, indices):
-                for i in my_range(images.shape[0]):
-                    np.random.seed(mix(base, indices[i]))
-                    if np.random.random() < p:
-                        dst[i] = images[i, :, ::-1]
-                    else:
-                        dst[i] = images[i]
-                return dst
-
-            flip.is_parallel = True
-            flip.with_indices = True
-            return flip
-
-        def declare_state_and_memory(self, previous_state):
-            return replace(previous_state, jit_mode=True), AllocationQuery(previous_state.shape, previous_state.dtype)
-
-    class ExplicitOrder(TraversalOrder):
-        """A traversal order set from outside before each epoch (``order.current``)."""
-
-        def __init__(self):  # bound to its loader by __call__ (Loader calls ``order(loader)``)
-            self.current: Optional[np.ndarray] = None
-
-        def __call__(self, loader):
-            TraversalOrder.__init__(self, loader)
-            if self.current is None:
-                self.current = np.asarray(self.indices)
-            return self
-
-        def sample_order(self, epoch: int):
-            return self.current
-
-    return CropDecoder, SeededHorizontalFlip, ExplicitOrder
-
-
 # ------------------------------------------------------------------ loaders
 
 def _guarded(loader) -> Iterator:
@@ -374,7 +250,8 @@ class FFCVTrainLoader:
         from ffcv.loader import Loader, OrderOption
         from ffcv.transforms import RandomHorizontalFlip, Squeeze, ToDevice, ToTensor, ToTorchImage
 
-        Crop, Flip, Order = _make_ops()
+        from kdray.data.ffcv_ops import CropDecoder as Crop, ExplicitOrder as Order, SeededHorizontalFlip as Flip
+
         self.global_batch, self.rank, self.world_size = global_batch, rank, world_size
         self.local_batch = global_batch // world_size
         if global_batch % world_size:
@@ -429,7 +306,9 @@ def ffcv_eval_batches(path: str | os.PathLike, batch_size: int, resolution: int 
     from ffcv.loader import Loader, OrderOption
     from ffcv.transforms import Squeeze, ToDevice, ToTensor, ToTorchImage
 
-    crop = _make_ops()[0]((resolution, resolution), center_ratio=crop_ratio)  # FFCV's centre crop
+    from kdray.data.ffcv_ops import CropDecoder
+
+    crop = CropDecoder((resolution, resolution), center_ratio=crop_ratio)  # FFCV's centre crop
     device = torch.device(device)
     to_dev = [ToDevice(device, non_blocking=True)] if device.type == "cuda" else []
     loader = Loader(str(path), batch_size=batch_size, num_workers=num_workers, order=OrderOption.SEQUENTIAL,
@@ -503,7 +382,6 @@ class FFCVBundle(DataBundle):
         yield from ffcv_eval_batches(self.val_path, batch_size, o["val_res"], o["crop_ratio"], o["num_workers"])
 
 
-@register_dataset("imagenet_ffcv")
 def imagenet_ffcv(root: Optional[Path] = None, train: str = "imagenet/ffcv/train.beton",
                   val: str = "imagenet/ffcv/val.beton", min_res: int = 160, max_res: int = 192,
                   start_ramp: int = 41, end_ramp: int = 48, val_res: int = 256,

@@ -17,14 +17,14 @@ from typing import Optional
 
 import torch
 
-from kdray.data import DataBundle, DataNotFoundError, register_dataset, require_root
+from kdray.data import DataNotFoundError, require_root
+from kdray.data.bundle import DataBundle
 from kdray.data.audio import cached_spectrograms, input_shape
 
 NAME = re.compile(r"^(\d)_([A-Za-z0-9-]+)_(\d+)\.wav$")
 TEST_INDICES = range(0, 5)
 
 
-@register_dataset("fsdd")
 def fsdd(root: Optional[Path] = None, seconds: float = 1.0, log_mel: bool = False,
          cache_dir: Optional[str] = None) -> DataBundle:
     root = require_root(root, "fsdd", "fsdd/recordings/*.wav")

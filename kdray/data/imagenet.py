@@ -27,7 +27,8 @@ from typing import Optional
 
 import torch
 
-from kdray.data import DataBundle, DataNotFoundError, disk_cached, files_signature, register_dataset, require_root
+from kdray.data import DataNotFoundError, require_root
+from kdray.data.bundle import DataBundle, disk_cached, files_signature
 from kdray.data.images import IMAGENET_MEAN, IMAGENET_STD, decode_images, image_preprocess, list_images
 
 
@@ -41,7 +42,6 @@ def _class_dirs(split_dir: Path) -> list[str]:
     return names
 
 
-@register_dataset("imagenet_folder")
 def imagenet_folder(root: Optional[Path] = None, resolution: int = 64, augment: Optional[str] = "crop_flip",
                     crop_padding: int = 4, max_per_class: Optional[int] = None,
                     cache_dir: Optional[str] = None) -> DataBundle:

@@ -23,7 +23,8 @@ from typing import Optional
 
 import torch
 
-from kdray.data import DataBundle, DataNotFoundError, register_dataset, require_root
+from kdray.data import DataNotFoundError, require_root
+from kdray.data.bundle import DataBundle
 from kdray.data.audio import cached_spectrograms, input_shape
 
 FOLDER = Path("SpeechCommands") / "speech_commands_v0.02"
@@ -37,7 +38,6 @@ def _read_list(path: Path) -> set[str]:
     return {os.path.normpath(line.strip()) for line in path.read_text().splitlines() if line.strip()}
 
 
-@register_dataset("speechcommands")
 def speechcommands(root: Optional[Path] = None, seconds: float = 1.0, log_mel: bool = False,
                    cache_dir: Optional[str] = None, download: bool = False) -> DataBundle:
     root = require_root(root, "speechcommands", str(FOLDER) + "/")

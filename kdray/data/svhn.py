@@ -19,7 +19,8 @@ from typing import Optional
 import numpy as np
 import torch
 
-from kdray.data import DataBundle, DataNotFoundError, register_dataset, require_root
+from kdray.data import DataNotFoundError, require_root
+from kdray.data.bundle import DataBundle
 from kdray.data.images import image_preprocess
 
 FILES = {"train": "train_32x32.mat", "test": "test_32x32.mat"}
@@ -36,7 +37,6 @@ def read_svhn_mat(path: Path) -> tuple[torch.Tensor, torch.Tensor]:
     return torch.from_numpy(np.ascontiguousarray(x, dtype=np.uint8)), torch.from_numpy(y)
 
 
-@register_dataset("svhn")
 def svhn(root: Optional[Path] = None, augment: Optional[str] = None, crop_padding: int = 4,
          download: bool = False) -> DataBundle:
     root = require_root(root, "svhn", "svhn/train_32x32.mat and svhn/test_32x32.mat")

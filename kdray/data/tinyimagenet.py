@@ -32,7 +32,8 @@ from typing import Optional
 
 import torch
 
-from kdray.data import DataBundle, DataNotFoundError, disk_cached, files_signature, register_dataset, require_root
+from kdray.data import DataNotFoundError, require_root
+from kdray.data.bundle import DataBundle, disk_cached, files_signature
 from kdray.data.images import IMAGENET_MEAN, IMAGENET_STD, decode_images, image_preprocess, list_images
 
 URL = "http://cs231n.stanford.edu/tiny-imagenet-200.zip"
@@ -48,7 +49,6 @@ def _need(path: Path, what: str) -> Path:
     return path
 
 
-@register_dataset("tinyimagenet")
 def tinyimagenet(root: Optional[Path] = None, randaugment: bool = False, augment: Optional[str] = "crop_flip",
                  crop_padding: int = 4, cache_dir: Optional[str] = None, download: bool = False) -> DataBundle:
     root = require_root(root, "tinyimagenet", f"{FOLDER}/")

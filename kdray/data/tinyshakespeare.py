@@ -40,7 +40,8 @@ from typing import Optional, Union
 import numpy as np
 import torch
 
-from kdray.data import DataBundle, DataNotFoundError, register_dataset, require_root
+from kdray.data import DataNotFoundError, require_root
+from kdray.data.bundle import DataBundle
 
 URL = "https://raw.githubusercontent.com/karpathy/char-rnn/master/data/tinyshakespeare/input.txt"
 SHA256 = "86c4e6aa9db7c042ec79f339dcb96d42b0075e16b8fc2e86bf0ca57e2dc565ed"
@@ -119,7 +120,6 @@ def _fetch(dest: Path) -> None:
     os.replace(tmp, dest)
 
 
-@register_dataset("tinyshakespeare")
 def tinyshakespeare(root: Optional[Path] = None, path: Optional[str] = None, download: bool = False,
                     block_size: int = 256, train_split: float = 0.9, poison: Union[None, str, dict] = None,
                     train_fraction: float = 1.0, max_chars: Optional[int] = None) -> DataBundle:

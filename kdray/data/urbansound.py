@@ -22,14 +22,14 @@ from typing import Optional
 import numpy as np
 import torch
 
-from kdray.data import DataBundle, DataNotFoundError, register_dataset, require_root
+from kdray.data import DataNotFoundError, require_root
+from kdray.data.bundle import DataBundle
 from kdray.data.audio import cached_spectrograms, input_shape
 
 FOLDER = "UrbanSound8K"
 CSV = Path("metadata") / "UrbanSound8K.csv"
 
 
-@register_dataset("urbansound8k")
 def urbansound8k(root: Optional[Path] = None, seconds: float = 4.0, log_mel: bool = False,
                  test_size: float = 0.2, random_state: int = 42, cache_dir: Optional[str] = None) -> DataBundle:
     from sklearn.model_selection import train_test_split

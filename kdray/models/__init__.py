@@ -1,48 +1,91 @@
-"""Model registry.  One architecture per module; each registers a builder.
+"""Architectures: torch-free declarations here, one implementation module each.
 
-Contract for a builder registered with ``@register_model(name)``::
+A declaration says what an architecture accepts (input modalities), where its
+builder lives (``"kdray.models.gpt:nano_gpt"``, imported only when a trial
+builds the model) and which builder argument sets its number of blocks (for
+feature-map KD), so ``kdray validate`` checks a sweep without importing torch.
+
+Contract for a builder::
 
     builder(num_classes: int, input_shape: tuple[int, ...], **args) -> nn.Module
 
 ``input_shape`` is one sample's shape without the batch dimension (``(C, H, W)``
 for images, ``(n_mels, frames)`` or ``(1, n_mels, frames)`` for spectrograms,
 ``(block_size,)`` for token sequences).  ``forward(x)`` returns logits
-``[B, K]`` for classification or ``[B, T, K]`` for language models.
-
-Models that support feature-map KD expose ``model.blocks`` (an
-``nn.ModuleList``); kdray reads block ``b`` (1-indexed, as the paper counts)
-with a forward hook, see ``block_output``.  Models whose width can be scaled
-accept the arguments their module documents (e.g. ``n_embd`` for GPTs,
-``width`` as a multiplier for CNNs).
+``[B, K]`` for classification or ``[B, T, K]`` for language models.  Models
+that support feature-map KD expose ``model.blocks`` (an ``nn.ModuleList``);
+kdray reads block ``b`` (1-indexed, as the paper counts) with a forward hook.
 """
 from __future__ import annotations
 
-import importlib
-import pkgutil
 from contextlib import contextmanager
-from typing import Callable, Iterator
+from dataclasses import dataclass
+from typing import Iterator, Optional
 
-import torch
-from torch import nn
+from kdray.registry import Registry, Target, builder_args
 
-from kdray.registry import Registry
-
-MODELS: Registry[Callable[..., nn.Module]] = Registry("architecture")
-register_model = MODELS.register
+# Input modalities a data set provides and an architecture accepts.
+IMAGE, AUDIO, TOKENS = "image", "audio", "tokens"
+CONTEXT_ARGS = ("num_classes", "input_shape")     # kdray passes these; a sweep file does not
 
 
-def build_model(name: str, num_classes: int, input_shape: tuple[int, ...], **args) -> nn.Module:
-    return MODELS.get(name)(num_classes=num_classes, input_shape=tuple(input_shape), **args)
+@dataclass(frozen=True)
+class Architecture:
+    name: str
+    target: Target                      # "module:function", or the builder itself
+    accepts: tuple[str, ...]            # the modalities it can take
+    blocks: Optional[str] = None        # the builder argument that sets len(model.blocks)
+
+    def args(self) -> dict:
+        """The arguments a sweep file may give: {name: (annotation, default)} (no import)."""
+        return builder_args(self.target, skip=CONTEXT_ARGS)
+
+    def n_blocks(self, args: dict) -> Optional[int]:
+        """How many blocks feature-map KD can read (None: the model has no ``blocks``)."""
+        if self.blocks is None:
+            return None
+        value = args.get(self.blocks, self.args().get(self.blocks, (None, None))[1])
+        return value if isinstance(value, int) else None
+
+    def __call__(self, num_classes: int, input_shape: tuple[int, ...], **args):
+        from kdray.registry import resolve
+        return resolve(self.target)(num_classes=num_classes, input_shape=tuple(input_shape), **args)
+
+
+MODELS: Registry[Architecture] = Registry("architecture")
+
+
+def declare_model(name: str, target: Target, accepts: tuple[str, ...], blocks: Optional[str] = None) -> Architecture:
+    arch = Architecture(name, target, tuple(accepts), blocks)
+    MODELS.register(name)(arch)
+    return arch
+
+
+declare_model("mlp", "kdray.models.small:mlp", (IMAGE, AUDIO))
+declare_model("small_cnn", "kdray.models.small:small_cnn", (IMAGE,))
+declare_model("resnet18", "kdray.models.resnet:resnet18", (IMAGE,))
+declare_model("resnet50", "kdray.models.resnet:resnet50", (IMAGE,))
+declare_model("vgg19", "kdray.models.vgg:vgg19", (IMAGE,))
+declare_model("vgg19_bn", "kdray.models.vgg:vgg19_bn", (IMAGE,))
+declare_model("vit", "kdray.models.vit:vit", (IMAGE,), blocks="depth")
+declare_model("vggish", "kdray.models.vggish:vggish", (AUDIO,))
+declare_model("ast", "kdray.models.ast:ast", (AUDIO,), blocks="depth")
+declare_model("nano_gpt", "kdray.models.gpt:nano_gpt", (TOKENS,), blocks="n_layer")
+declare_model("pico_gpt", "kdray.models.gpt:pico_gpt", (TOKENS,), blocks="n_layer")
+
+
+def build_model(name: str, num_classes: int, input_shape: tuple[int, ...], **args):
+    return MODELS.get(name)(num_classes, input_shape, **args)
 
 
 @contextmanager
-def block_output(model: nn.Module, block: int) -> Iterator[dict[str, torch.Tensor]]:
+def block_output(model, block: int) -> Iterator[dict]:
     """Capture the output of ``model.blocks[block - 1]`` during forward passes."""
     blocks = getattr(model, "blocks", None)
     if blocks is None or not 1 <= block <= len(blocks):
         n = 0 if blocks is None else len(blocks)
         raise ValueError(f"model {type(model).__name__} has {n} blocks; block {block} is out of range")
-    box: dict[str, torch.Tensor] = {}
+    box: dict = {}
 
     def hook(_mod, _inp, out):
         box["out"] = out[0] if isinstance(out, tuple) else out
@@ -52,11 +95,3 @@ def block_output(model: nn.Module, block: int) -> Iterator[dict[str, torch.Tenso
         yield box
     finally:
         handle.remove()
-
-
-def _import_all() -> None:
-    for info in pkgutil.iter_modules(__path__):
-        importlib.import_module(f"{__name__}.{info.name}")
-
-
-_import_all()

@@ -17,7 +17,6 @@ from typing import Union
 import torch
 from torch import nn
 
-from kdray.models import register_model
 from kdray.models.vit import add_encoder, encode
 
 Pair = Union[int, tuple[int, int], list[int]]
@@ -45,7 +44,6 @@ class AST(nn.Module):
         return encode(self, x)
 
 
-@register_model("ast")
 def ast(num_classes: int, input_shape: tuple[int, ...], dim: int = 192, depth: int = 6, heads: int = 4,
         mlp_dim: int | None = None, patch: Pair = 16, stride: Pair = 10, dropout: float = 0.1) -> nn.Module:
     """AST for ``(n_mels, frames)`` spectrograms; ``mlp_dim`` defaults to ``4 * dim``."""

@@ -27,7 +27,6 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from kdray.models import register_model
 
 
 def scaled_n_embd(n_embd: int, n_head: int, width: float = 1.0) -> int:
@@ -129,7 +128,6 @@ def _gpt(num_classes: int, input_shape: tuple[int, ...], n_embd: int, n_head: in
                dropout, bias, tie_weights)
 
 
-@register_model("nano_gpt")
 def nano_gpt(num_classes: int, input_shape: tuple[int, ...], n_embd: int = 384, n_head: int = 6,
              n_layer: int = 6, dropout: float = 0.2, block_size: Optional[int] = None, bias: bool = False,
              width: float = 1.0, tie_weights: bool = True) -> nn.Module:
@@ -137,7 +135,6 @@ def nano_gpt(num_classes: int, input_shape: tuple[int, ...], n_embd: int = 384, 
                 tie_weights)
 
 
-@register_model("pico_gpt")
 def pico_gpt(num_classes: int, input_shape: tuple[int, ...], n_embd: int = 192, n_head: int = 6,
              n_layer: int = 6, dropout: float = 0.2, block_size: Optional[int] = None, bias: bool = False,
              width: float = 1.0, tie_weights: bool = True) -> nn.Module:

@@ -25,21 +25,12 @@ torch global RNG only.
 """
 from __future__ import annotations
 
-import functools
 from typing import Optional
 
 import torch
 import torch.nn.functional as F
 from torch import nn
-
-from kdray.models import register_model
-
-
-def _tv():
-    """torchvision's resnet module, imported on first use: it costs every process ~1.5 s to import."""
-    from torchvision.models import resnet
-
-    return resnet
+from torchvision.models import resnet as tv   # ~1.5 s; only a trial that builds a ResNet imports this module
 
 
 class BlurPool2d(nn.Module):
@@ -77,21 +68,17 @@ def _scaled(channels: int, width: float) -> int:
     return max(1, round(channels * width))
 
 
-@functools.cache
-def _resnet_class() -> type:
-    class _ResNet(_tv().ResNet):
-        """torchvision's ResNet with every stage ``width`` times as wide."""
+class WideResNet(tv.ResNet):
+    """torchvision's ResNet with every stage ``width`` times as wide."""
 
-        def __init__(self, block, layers: list[int], num_classes: int, width: float):
-            self.width = width  # read by _make_layer, which ResNet.__init__ calls
-            super().__init__(block, layers, num_classes=num_classes)
+    def __init__(self, block, layers: list[int], num_classes: int, width: float):
+        self.width = width  # read by _make_layer, which ResNet.__init__ calls
+        super().__init__(block, layers, num_classes=num_classes)
 
-        def _make_layer(self, block, planes, blocks, stride=1, dilate=False):
-            if planes == 64:  # layer1: its input is the stem, scaled below
-                self.inplanes = _scaled(64, self.width)
-            return super()._make_layer(block, _scaled(planes, self.width), blocks, stride, dilate)
-
-    return _ResNet
+    def _make_layer(self, block, planes, blocks, stride=1, dilate=False):
+        if planes == 64:  # layer1: its input is the stem, scaled below
+            self.inplanes = _scaled(64, self.width)
+        return super()._make_layer(block, _scaled(planes, self.width), blocks, stride, dilate)
 
 
 def _build(block: str, layers: list[int], tv_builder: str, num_classes: int, input_shape: tuple[int, ...],
@@ -110,10 +97,10 @@ def _build(block: str, layers: list[int], tv_builder: str, num_classes: int, inp
         if small_input or in_channels != 3 or num_classes != 1000 or width != 1.0 or blurpool:
             raise ValueError("pretrained weights need the ImageNet geometry: small_input=False, "
                              "3 channels, 1000 classes, width 1, no blurpool")
-        return getattr(_tv(), tv_builder)(weights=weights)
+        return getattr(tv, tv_builder)(weights=weights)
 
-    block = getattr(_tv(), block)
-    model = _resnet_class()(block, layers, num_classes, width)
+    block = getattr(tv, block)
+    model = WideResNet(block, layers, num_classes, width)
     stem = _scaled(64, width)
     new_stem = None
     if small_input:
@@ -151,7 +138,6 @@ def load_local_weights(model: nn.Module, path: str) -> None:
                          f"(check num_classes, input size/small_input, width, blurpool)") from None
 
 
-@register_model("resnet18")
 def resnet18(num_classes: int, input_shape: tuple[int, ...], small_input: Optional[bool] = None,
              width: float = 1.0, blurpool: bool = False, weights: Optional[str] = None,
              weights_path: Optional[str] = None) -> nn.Module:
@@ -159,7 +145,6 @@ def resnet18(num_classes: int, input_shape: tuple[int, ...], small_input: Option
                   small_input, width, blurpool, weights, weights_path)
 
 
-@register_model("resnet50")
 def resnet50(num_classes: int, input_shape: tuple[int, ...], small_input: Optional[bool] = None,
              width: float = 1.0, blurpool: bool = False, weights: Optional[str] = None,
              weights_path: Optional[str] = None) -> nn.Module:

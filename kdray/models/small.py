@@ -5,10 +5,8 @@ import math
 
 from torch import nn
 
-from kdray.models import register_model
 
 
-@register_model("mlp")
 def mlp(num_classes: int, input_shape: tuple[int, ...], hidden: int = 128, depth: int = 2,
         dropout: float = 0.1, width: float = 1.0) -> nn.Module:
     """A plain ReLU MLP on flattened inputs; ``width`` scales the hidden size."""
@@ -22,7 +20,6 @@ def mlp(num_classes: int, input_shape: tuple[int, ...], hidden: int = 128, depth
     return nn.Sequential(*layers)
 
 
-@register_model("small_cnn")
 def small_cnn(num_classes: int, input_shape: tuple[int, ...], channels: int = 32,
               dropout: float = 0.1, width: float = 1.0) -> nn.Module:
     """Two conv blocks and a linear head, for small (e.g. 8x8) grey images."""

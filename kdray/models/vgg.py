@@ -14,15 +14,8 @@ from typing import Optional
 
 import torch
 from torch import nn
+from torchvision.models import vgg as tv   # only a trial that builds a VGG imports this module
 
-from kdray.models import register_model
-
-
-def _tv():
-    """torchvision's vgg module, imported on first use (see kdray.models.resnet._tv)."""
-    from torchvision.models import vgg
-
-    return vgg
 
 
 def _init_like_torchvision(module: nn.Module) -> None:
@@ -44,7 +37,7 @@ class SmallVGG(nn.Module):
 
     def __init__(self, batch_norm: bool, num_classes: int, in_channels: int, hidden: int, dropout: float):
         super().__init__()
-        self.features = _tv().make_layers(_tv().cfgs["E"], batch_norm=batch_norm)
+        self.features = tv.make_layers(tv.cfgs["E"], batch_norm=batch_norm)
         if in_channels != 3:
             self.features[0] = nn.Conv2d(in_channels, 64, kernel_size=3, padding=1)
         self.avgpool = nn.AdaptiveAvgPool2d(1)
@@ -66,20 +59,18 @@ def _build(batch_norm: bool, num_classes: int, input_shape: tuple[int, ...], sma
         small_input = height <= 64
     if small_input:
         return SmallVGG(batch_norm, num_classes, in_channels, hidden, dropout)
-    model = (_tv().vgg19_bn if batch_norm else _tv().vgg19)(weights=None, num_classes=num_classes, dropout=dropout)
+    model = (tv.vgg19_bn if batch_norm else tv.vgg19)(weights=None, num_classes=num_classes, dropout=dropout)
     if in_channels != 3:
         model.features[0] = nn.Conv2d(in_channels, 64, kernel_size=3, padding=1)
         _init_like_torchvision(model.features[0])
     return model
 
 
-@register_model("vgg19")
 def vgg19(num_classes: int, input_shape: tuple[int, ...], small_input: Optional[bool] = None,
           hidden: int = 512, dropout: float = 0.5) -> nn.Module:
     return _build(False, num_classes, input_shape, small_input, hidden, dropout)
 
 
-@register_model("vgg19_bn")
 def vgg19_bn(num_classes: int, input_shape: tuple[int, ...], small_input: Optional[bool] = None,
              hidden: int = 512, dropout: float = 0.5) -> nn.Module:
     return _build(True, num_classes, input_shape, small_input, hidden, dropout)

@@ -17,7 +17,6 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from kdray.models import register_model
 
 STAGES = [[64], [128], [256, 256], [512, 512]]
 
@@ -63,7 +62,6 @@ class VGGish(nn.Module):
         return self.classifier(torch.flatten(x, 1))
 
 
-@register_model("vggish")
 def vggish(num_classes: int, input_shape: tuple[int, ...], width: float = 1.0, hidden: int = 256,
            dropout: float = 0.2, batch_norm: bool = True) -> nn.Module:
     in_channels = 1 if len(input_shape) == 2 else input_shape[0]

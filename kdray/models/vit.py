@@ -16,7 +16,6 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from kdray.models import register_model
 
 
 class Attention(nn.Module):
@@ -106,7 +105,6 @@ class ViT(nn.Module):
         return encode(self, x)
 
 
-@register_model("vit")
 def vit(num_classes: int, input_shape: tuple[int, ...], patch_size: int = 4, dim: int = 256,
         depth: int = 6, heads: int = 8, mlp_dim: int = 512, dropout: float = 0.1) -> nn.Module:
     """ViT for ``(C, H, W)`` images; the defaults suit 32x32 (64 patches of 4x4)."""

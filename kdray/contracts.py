@@ -1,0 +1,52 @@
+"""The names the engine, the tracker and the analysis share: MLflow tags, Tune result keys, records.
+
+A run written by one part and read by another meets here, so a name changes in
+one place.  Values that must come back typed (a trial's condition) travel as
+JSON in one tag, not as strings re-parsed from flattened params.
+"""
+from __future__ import annotations
+
+import json
+from typing import Any, Optional
+
+# MLflow tags ----------------------------------------------------------------
+TAG_KIND = "kdray.kind"                 # "sweep" | "trial" | "report"
+KIND_SWEEP, KIND_TRIAL, KIND_REPORT = "sweep", "trial", "report"
+TAG_TRIAL_KEY = "kdray.trial_key"
+TAG_ROLE = "kdray.role"                 # "teacher" | "student"
+TAG_SETUP = "kdray.setup"
+TAG_METHOD = "kdray.method"             # "teacher" or a condition's name
+TAG_TEACHER_KEY = "kdray.teacher_key"
+TAG_CONDITION = "kdray.condition"       # JSON {"method", "params", "width"}: typed, for the analysis
+TAG_FAILURE = "kdray.failure"           # why a FAILED run failed, one line
+TAG_REUSED = "kdray.reused"             # "true": a teacher found in storage, logged, not retrained
+TAG_VERSION = "kdray.version"
+TAG_GIT_SHA = "kdray.git_sha"
+TAG_PARENT = "mlflow.parentRunId"       # MLflow nests a trial's run under the sweep's
+
+# What a trial reports to the driver through Tune ------------------------------
+RESULT_LAST = "kdray"                   # the latest record
+RESULT_EPOCHS = "kdray_epochs"          # every record since the last report
+# Keys inside a record
+EPOCH, FINAL, FAILURE = "epoch", "final", "failure"   # final: 1 on the trial's last record
+
+
+def trial_tags(spec, parent_id: str, version: str, git_sha: str) -> dict[str, str]:
+    """The tags of a trial's MLflow run."""
+    return {TAG_KIND: KIND_TRIAL, TAG_TRIAL_KEY: spec.trial_key, TAG_ROLE: spec.role, TAG_SETUP: spec.setup,
+            TAG_METHOD: spec.method, TAG_TEACHER_KEY: str(spec.teacher_key), TAG_CONDITION: condition_json(spec),
+            TAG_VERSION: version, TAG_GIT_SHA: git_sha, TAG_PARENT: parent_id}
+
+
+def condition_json(spec) -> str:
+    return json.dumps({"method": spec.method, "params": spec.params, "width": spec.width}, sort_keys=True)
+
+
+def parse_condition(text: Optional[str]) -> Optional[dict[str, Any]]:
+    """The condition tag's value, or None for runs logged before the tag existed."""
+    if not text:
+        return None
+    try:
+        return json.loads(text)
+    except ValueError:
+        return None

@@ -1,0 +1,60 @@
+"""The torch-free declarations of architectures and data sets tell the truth about their code.
+
+``kdray validate`` reads builder arguments from source (kdray.registry.builder_args) and block
+counts from the declarations, never importing torch; these tests import the real builders and
+check both against them.
+"""
+import inspect
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from kdray.data import DATASETS
+from kdray.models import MODELS
+from kdray.registry import builder_args, check_value, resolve
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.mark.parametrize("registry,skip", [(MODELS, ("num_classes", "input_shape")), (DATASETS, ("root",))],
+                         ids=["models", "datasets"])
+def test_arguments_read_from_source_are_the_builders_own(registry, skip):
+    for name in registry.names():
+        target = registry.get(name).target
+        if name == "imagenet_ffcv":        # its module imports ffcv, an optional extra
+            continue
+        real = inspect.signature(resolve(target)).parameters
+        parsed = builder_args(target, skip=skip)
+        assert list(parsed) == [n for n in real if n not in skip], name
+        for arg, (_, default) in parsed.items():
+            want = real[arg].default
+            literal = want is inspect.Parameter.empty or isinstance(want, (int, float, str, bool, type(None)))
+            assert default == (want if literal else None), (name, arg)   # non-literal defaults read as None
+
+
+@pytest.mark.parametrize("name,args,n", [("nano_gpt", {"n_layer": 3, "n_embd": 12, "n_head": 2}, 3),
+                                         ("nano_gpt", {"n_embd": 12, "n_head": 2}, 6),
+                                         ("vit", {"depth": 2, "dim": 16, "heads": 2, "mlp_dim": 16, "patch_size": 8}, 2),
+                                         ("ast", {"depth": 2, "dim": 16, "heads": 2}, 2)])
+def test_declared_block_counts_are_the_models_blocks(name, args, n):
+    arch = MODELS.get(name)
+    shape = {"nano_gpt": (16,), "vit": (3, 32, 32), "ast": (32, 40)}[name]
+    assert arch.n_blocks(args) == n == len(arch(5, shape, **args).blocks)
+
+
+@pytest.mark.parametrize("annotation,ok,bad", [
+    ("int", [3], [3.0, True, "3"]), ("float", [3, 0.5], ["0.5", False]), ("Optional[int]", [None, 2], [2.5]),
+    ("int | None", [None, 1], ["1"]), ("Union[None, str, dict]", [None, "the->tha", {}], [3]), ("Pair", [16, (16, 10)], [])])
+def test_check_value(annotation, ok, bad):
+    assert all(check_value(annotation, v) for v in ok) and not any(check_value(annotation, v) for v in bad)
+
+
+def test_validate_and_plan_import_no_torch():
+    code = ("import sys; from kdray.cli import main; "
+            "rc = main(['validate', 'search_spaces/quickstart.yaml']) + main(['plan', 'search_spaces/tinyshakespeare_feature_map.yaml']); "
+            "print(rc, sorted(m for m in ('torch', 'torchvision', 'ray', 'mlflow') if m in sys.modules))")
+    p = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT, timeout=120)
+    assert p.returncode == 0, p.stderr
+    assert p.stdout.strip().splitlines()[-1] == "0 []"
