@@ -21,6 +21,7 @@ from typing import Optional
 
 import torch
 
+from kdray import testhook
 from kdray.plan import Plan, build_plan
 from kdray.recipe import TrialDiverged, run_trial
 from kdray.spec import TrialSpec
@@ -65,6 +66,7 @@ def trainable(config: dict) -> None:
         pending.append(metrics)
         if state is not None or metrics.get("final") or time.monotonic() - last_sent[0] >= every:
             send(state)
+        testhook.maybe_exit("worker", spec.label, metrics.get("epoch"))
 
     def restore() -> Optional[dict]:
         ckpt = tune.get_checkpoint()
@@ -136,6 +138,7 @@ def _make_callback(tracker: Tracker, store: Store):
                     tracker.log_artifact(run_id, store.fetch_to(spec.trial_key, name, tmp))
             tracker.end_trial(run_id, True)
             self.finished.append(spec.trial_key)
+            testhook.maybe_exit("driver", spec.label, final.get("epoch"))
 
         def on_trial_error(self, iteration, trials, trial, **info):
             spec = TrialSpec.from_dict(trial.config["spec"])
