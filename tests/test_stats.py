@@ -11,20 +11,17 @@ from statsmodels.stats.multitest import multipletests
 from kdray.analysis import stats
 from kdray.analysis.runs import load_runs
 from kdray.analysis.stats import Condition, _exact_signed_rank, analyse, significance_warning, wilcoxon_one_sided
-from synthetic_runs import SEEDS, as_frame, planted_runs, run, write_experiment
+from synthetic_runs import SEEDS, as_frame, planted_runs, run
 
 KD09, KD01, KD05 = Condition("kd", 0.9), Condition("kd", 0.1), Condition("kd", 0.5)
 SIDDO, RCD05 = Condition("siddo"), Condition("rcd", 0.5)
 
 
 @pytest.fixture(scope="module")
-def planted(tmp_path_factory):
-    d = tmp_path_factory.mktemp("mlflow")
-    uri = f"sqlite:///{d / 'mlflow.db'}"
-    runs = planted_runs()
-    write_experiment(uri, "planted", runs, d / "artifacts")
+def planted(planted_mlflow):
+    _, uri = planted_mlflow
     df = load_runs(uri, "planted")
-    return runs, df, analyse(df)
+    return planted_runs(), df, analyse(df)
 
 
 def of(frame, cond, col="condition"):
