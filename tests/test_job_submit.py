@@ -29,8 +29,12 @@ def start_head(temp_dir: str, gcs: int, dash: int, env: dict) -> subprocess.Pope
     """A Ray head in the foreground (`ray start --block`): every Ray process it starts is its
     descendant, so the test can stop exactly its own cluster.  Returns once the dashboard listens."""
     log = open(Path(temp_dir) / "head.log", "w")   # a file, not a pipe: a full pipe would stall the head
+    # Free ports for every listener, not Ray's fixed defaults: another cluster on the machine
+    # (another test run, another user) would otherwise leave this head without a job agent.
+    ports = [f"--{name}={free_port()}" for name in ("dashboard-agent-listen-port", "dashboard-agent-grpc-port",
+                                                   "metrics-export-port", "runtime-env-agent-port")]
     head = subprocess.Popen([str(BIN / "ray"), "start", "--head", "--block", "--node-ip-address=127.0.0.1",
-                             f"--port={gcs}", "--dashboard-host=127.0.0.1", f"--dashboard-port={dash}",
+                             f"--port={gcs}", "--dashboard-host=127.0.0.1", f"--dashboard-port={dash}", *ports,
                              "--num-cpus=2", f"--temp-dir={temp_dir}", "--disable-usage-stats"],
                             env=env, stdout=log, stderr=subprocess.STDOUT)
     deadline = time.time() + 120
