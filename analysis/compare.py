@@ -190,6 +190,8 @@ def _tha(summary: pd.DataFrame, paper: pd.DataFrame, runs: pd.DataFrame, setup: 
                 for a in (("",) if cond == "siddo" else ("0.1", "0.5", "0.9")):
                     k = mine.get((_label(cond, a or 0), km), float("nan"))
                     pp = pv.get((cond, a, word), float("nan"))
+                    if pd.isna(k):          # a condition this run did not train
+                        continue
                     ks, ps_ = _sign(k - k_sid), _sign(pp - p_sid)
                     sym = {1: "more", -1: "fewer", 0: "="}
                     flag = "**DISAGREE**" if cond == "kd" and ks != ps_ and ps_ != 0 else ""
