@@ -330,6 +330,7 @@ def test_fsdd_fixture(tmp_path, monkeypatch):
     assert DATASETS.get("fsdd")(tmp_path, log_mel=True).extras["cache_hit"]
 
 
+@pytest.mark.slow      # decodes and resamples 3,000 recordings: ~10 s
 def test_fsdd_real(shared_data, tmp_path):
     b = load_dataset("fsdd", shared_data, cache_dir=str(tmp_path))
     assert (len(b.train_x), len(b.test_x)) == (2700, 300)

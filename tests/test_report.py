@@ -21,6 +21,7 @@ def report(sweep):
     return build_report(load_runs(uri, "planted"), d / "out")
 
 
+@pytest.mark.slow      # starts a process pool: ~6 s
 def test_worker_processes_load_and_draw_what_one_process_does(sweep, report, tmp_path):
     """kdray report's process pool: runs fetched in start-time slices and figures drawn per setup
     by workers give the same frame and the same figure files as the serial path."""

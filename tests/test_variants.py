@@ -153,6 +153,7 @@ def test_gpu_speed_features_run_on_cpu(tmp_path, monkeypatch):
         assert seen and set(seen) == ({(True, torch.bfloat16)} if fast else {(False, torch.float32)}), set(seen)
 
 
+@pytest.mark.slow      # inductor compiles the model: ~4 s
 def test_torch_compile_trains_the_same_model_as_eager(tmp_path):
     """recipe.compile wraps the trained module in torch.compile (inductor, CPU here).  Without
     dropout, whose random stream inductor draws differently, it must train the same teacher."""
