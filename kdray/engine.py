@@ -22,7 +22,8 @@ import torch
 from ray.tune import Callback
 from ray.tune.search import Searcher
 
-from kdray.contracts import FAILURE, FINAL, RESULT_EPOCHS, RESULT_LAST, TAG_REUSED
+from kdray import testhook
+from kdray.contracts import EPOCH, FAILURE, FINAL, RESULT_EPOCHS, RESULT_LAST, TAG_REUSED
 from kdray.plan import Plan, build_plan
 from kdray.recipe import TrialDiverged, run_trial
 from kdray.spec import TrialSpec
@@ -67,6 +68,7 @@ def trainable(config: dict) -> None:
         pending.append(metrics)
         if state is not None or metrics.get(FINAL) or time.monotonic() - last_sent[0] >= every:
             send(state)
+        testhook.maybe_exit("worker", spec.label, metrics.get("epoch"))
 
     def restore() -> Optional[dict]:
         ckpt = tune.get_checkpoint()
@@ -136,6 +138,7 @@ class MlflowCallback(Callback):
                 self.tracker.log_artifact(run_id, self.store.fetch_to(spec.trial_key, name, tmp))
         self.tracker.end_trial(run_id, True)
         self.finished.append(spec.trial_key)
+        testhook.maybe_exit("driver", spec.label, final.get(EPOCH))
 
     def on_trial_error(self, iteration, trials, trial, **info):
         spec = TrialSpec.from_dict(trial.config["spec"])

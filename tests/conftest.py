@@ -50,3 +50,31 @@ def real_fsdd() -> Path:
     root = Path(os.environ["KDRAY_DATA"])
     require_data(root / "fsdd" / "recordings", "the Free Spoken Digit recordings")
     return root
+
+
+def pytest_collection_modifyitems(items):
+    """A test that starts Ray (through the ``local_ray`` fixture) is slow: ``-m "not slow"`` skips it."""
+    for item in items:
+        if "local_ray" in getattr(item, "fixturenames", ()):
+            item.add_marker(pytest.mark.slow)
+
+
+@pytest.fixture(scope="session")
+def local_ray():
+    """One in-process local Ray cluster for every test that runs trials through ``run_sweep``."""
+    import ray
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    yield
+    ray.shutdown()
+
+
+@pytest.fixture(scope="session")
+def planted_mlflow(tmp_path_factory):
+    """The planted sweep (tests/synthetic_runs.py) in a temporary sqlite MLflow, written once:
+    experiment "planted" (the full grid) and "small" (a broken setup, for the CLI paths)."""
+    from synthetic_runs import broken_setup, planted_runs, write_experiment
+    d = tmp_path_factory.mktemp("planted")
+    uri = f"sqlite:///{d / 'mlflow.db'}"
+    write_experiment(uri, "planted", planted_runs(), d / "artifacts")
+    write_experiment(uri, "small", broken_setup(), d / "artifacts-small")
+    return d, uri

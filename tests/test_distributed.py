@@ -50,13 +50,6 @@ def test_key_ignores_distribution_and_resources_are_per_worker():
     assert max_concurrent([s.with_(distributed={}).to_dict()], {"CPU": 16}) is None
 
 
-@pytest.fixture(scope="module")
-def local_ray():
-    import ray
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
-    yield
-    ray.shutdown()
-
 
 def test_ddp_trial_through_tune_equals_the_single_process_trial(local_ray, tmp_path):
     from ray import tune

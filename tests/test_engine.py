@@ -3,29 +3,18 @@ import json
 from pathlib import Path
 
 import pytest
-import ray
 from mlflow.tracking import MlflowClient
 
 from kdray.engine import run_sweep
 from kdray.plan import build_plan
 from kdray.sweep import ModelRef, parse_sweep
-
-
-@pytest.fixture(scope="module")
-def local_ray():
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
-    yield
-    ray.shutdown()
+from sweeps import SMALL_GRID, make_sweep
 
 
 def tiny_sweep(tmp_path, name="e2e"):
-    return parse_sweep({
-        "name": name, "storage": str(tmp_path / "results"),
-        "setups": [{"name": "digits-mlp", "dataset": {"name": "digits"},
-                    "teacher": {"arch": "mlp", "args": {"hidden": 32}},
-                    "recipe": {"epochs": 2, "batch_size": 128, "lr": 0.01},
-                    "teacher_seeds": [0, 1], "student_seeds": [10, 11],
-                    "conditions": {"siddo": True, "kd": {"alphas": [0.5]}, "rcd": {"alphas": [0.5]}}}]})
+    return make_sweep(name, tmp_path / "results", **{**SMALL_GRID, "teacher_seeds": [0, 1]}, name="digits-mlp",
+                      teacher={"arch": "mlp", "args": {"hidden": 32}},
+                      recipe={"epochs": 2, "batch_size": 128, "lr": 0.01})
 
 
 def test_sweep_logs_every_planned_trial_to_mlflow_and_resubmission_skips(local_ray, tmp_path):

@@ -13,7 +13,13 @@ HAS_FFCV = importlib.util.find_spec("ffcv") is not None
 # numba 0.68 (pulled in by ffcv 1.0.2) prints an ignored KeyError when it finalises the
 # dispatchers of FFCV's image decoder (its own bookkeeping; harmless): keep it out of the report.
 pytestmark = pytest.mark.filterwarnings("ignore::pytest.PytestUnraisableExceptionWarning")
-needs_ffcv = pytest.mark.skipif(not HAS_FFCV, reason="ffcv is not installed (optional extra: pip install 'kdray[ffcv]')")
+_skip_without_ffcv = pytest.mark.skipif(not HAS_FFCV,
+                                        reason="ffcv is not installed (optional extra: pip install 'kdray[ffcv]')")
+
+
+def needs_ffcv(test):
+    """FFCV's own tests: skipped without the extra, slow with it (numba compiles FFCV's pipeline)."""
+    return pytest.mark.slow(_skip_without_ffcv(test))
 
 
 def test_progressive_resolution_is_ffcvs_160_to_192_ramp():

@@ -2,7 +2,6 @@
 import json
 import os
 import shutil
-import signal
 import socket
 import subprocess
 import sys
@@ -10,12 +9,14 @@ import tempfile
 import time
 from pathlib import Path
 
-import psutil
-import yaml
+import pytest
 from mlflow.tracking import MlflowClient
+from procs import stop_tree
+from sweeps import SMALL_GRID, sweep_dict, write_sweep
 
 ROOT = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
+pytestmark = pytest.mark.slow     # a Ray head and a job: ~1 min
 
 
 def free_port() -> int:
@@ -24,17 +25,32 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def stop_head(temp_dir: str) -> None:
-    """Stop only this test's Ray processes (found by their session folder), never `ray stop`."""
-    procs = [p for p in psutil.process_iter(["cmdline"]) if temp_dir in " ".join(p.info["cmdline"] or [])]
-    for p in procs:
-        try:
-            p.send_signal(signal.SIGTERM)
-        except psutil.NoSuchProcess:
-            pass
-    _, alive = psutil.wait_procs(procs, timeout=15)
-    for p in alive:
-        p.kill()
+def start_head(temp_dir: str, gcs: int, dash: int, env: dict) -> subprocess.Popen:
+    """A Ray head in the foreground (`ray start --block`): every Ray process it starts is its
+    descendant, so the test can stop exactly its own cluster.  Returns once the dashboard listens."""
+    log = open(Path(temp_dir) / "head.log", "w")   # a file, not a pipe: a full pipe would stall the head
+    # Free ports for every listener, not Ray's fixed defaults: another cluster on the machine
+    # (another test run, another user) would otherwise leave this head without a job agent.
+    ports = [f"--{name}={free_port()}" for name in ("dashboard-agent-listen-port", "dashboard-agent-grpc-port",
+                                                   "metrics-export-port", "runtime-env-agent-port")]
+    head = subprocess.Popen([str(BIN / "ray"), "start", "--head", "--block", "--node-ip-address=127.0.0.1",
+                             f"--port={gcs}", "--dashboard-host=127.0.0.1", f"--dashboard-port={dash}", *ports,
+                             "--num-cpus=2", f"--temp-dir={temp_dir}", "--disable-usage-stats"],
+                            env=env, stdout=log, stderr=subprocess.STDOUT)
+    deadline = time.time() + 120
+    while time.time() < deadline and head.poll() is None:
+        with socket.socket() as s:
+            if s.connect_ex(("127.0.0.1", dash)) == 0:
+                return head
+        time.sleep(0.5)
+    stop_head(head)
+    raise AssertionError(f"the Ray head did not come up: {(Path(temp_dir) / 'head.log').read_text()[-2000:]}")
+
+
+def stop_head(head: subprocess.Popen) -> None:
+    """Stop this test's own Ray processes: the head and its descendants, never `ray stop`."""
+    stop_tree(head.pid)
+    head.wait(timeout=30)
 
 
 def test_ray_job_submit_runs_a_sweep_on_a_running_cluster(tmp_path):
@@ -43,20 +59,12 @@ def test_ray_job_submit_runs_a_sweep_on_a_running_cluster(tmp_path):
     # Token authentication on, as a real cluster should have it: head and client share the token.
     env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
     env.update(RAY_AUTH_MODE="token", RAY_AUTH_TOKEN=os.urandom(16).hex())
-    start = subprocess.run([str(BIN / "ray"), "start", "--head", "--node-ip-address=127.0.0.1", f"--port={gcs}",
-                            "--dashboard-host=127.0.0.1", f"--dashboard-port={dash}", "--num-cpus=2",
-                            f"--temp-dir={temp_dir}", "--disable-usage-stats"],
-                           capture_output=True, text=True, timeout=120, env=env)
-    assert start.returncode == 0, start.stderr[-2000:]
+    head = start_head(temp_dir, gcs, dash, env)
     try:
-        sweep = {"name": "jobsweep", "storage": str(tmp_path / "results"),
-                 "setups": [{"name": "digits-mlp", "dataset": {"name": "digits"},
-                             "teacher": {"arch": "mlp", "args": {"hidden": 32}},
-                             "recipe": {"epochs": 2, "batch_size": 128, "lr": 0.01},
-                             "teacher_seeds": [0], "student_seeds": [10, 11],
-                             "conditions": {"siddo": True, "kd": {"alphas": [0.5]}, "rcd": {"alphas": [0.5]}}}]}
-        sweep_file = tmp_path / "jobsweep.yaml"
-        sweep_file.write_text(yaml.safe_dump(sweep))
+        sweep = sweep_dict("jobsweep", tmp_path / "results", **SMALL_GRID, name="digits-mlp",
+                           teacher={"arch": "mlp", "args": {"hidden": 32}},
+                           recipe={"epochs": 2, "batch_size": 128, "lr": 0.01})
+        sweep_file = write_sweep(tmp_path / "jobsweep.yaml", sweep)
         runtime_env = {"excludes": ["/.git", "/results", "/.venv", "/data"]}
         cmd = [str(BIN / "ray"), "job", "submit", "--address", f"http://127.0.0.1:{dash}", "--working-dir", str(ROOT),
                "--runtime-env-json", json.dumps(runtime_env), "--",
@@ -77,5 +85,5 @@ def test_ray_job_submit_runs_a_sweep_on_a_running_cluster(tmp_path):
         runs = client.search_runs([exp.experiment_id], "tags.`kdray.kind` = 'trial'")
         assert len(runs) == 7 and all(r.info.status == "FINISHED" for r in runs)
     finally:
-        stop_head(temp_dir)
+        stop_head(head)
         shutil.rmtree(temp_dir, ignore_errors=True)

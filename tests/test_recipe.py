@@ -10,15 +10,13 @@ from kdray.data.bundle import DataBundle
 from kdray.plan import build_plan
 from kdray.recipe import TeacherArtifactError, TrialDiverged, init_model, run_trial
 from kdray.storage import Store
-from kdray.sweep import parse_sweep
+from sweeps import SMALL_GRID, make_sweep
 
 
 def sweep(tmp_path, **over):
-    setup = {"name": "d", "dataset": {"name": "digits"}, "teacher": {"arch": "small_cnn", "args": {"channels": 4}},
-             "recipe": {"epochs": 2, "batch_size": 128, "lr": 0.01}, "teacher_seeds": [0], "student_seeds": [10, 11],
-             "conditions": {"siddo": True, "kd": {"alphas": [0.5]}, "rcd": {"alphas": [0.5]}}}
-    setup.update(over)
-    return parse_sweep({"name": "r", "storage": str(tmp_path), "setups": [setup]})
+    setup = {**SMALL_GRID, "name": "d", "teacher": {"arch": "small_cnn", "args": {"channels": 4}},
+             "recipe": {"epochs": 2, "batch_size": 128, "lr": 0.01}}
+    return make_sweep("r", tmp_path, **{**setup, **over})
 
 
 @pytest.fixture()
@@ -107,7 +105,9 @@ def test_student_metrics_and_teacher_artefacts(trained):
     for k in ("activation_distance", "js_divergence", "rank_disagreement", "prediction_disagreement",
               "prediction_agreement", "correct_agreement", "incorrect_agreement", "variation_of_information",
               "procrustes_distance", "test_acc", "train_acc"):
-        assert k in r and np.isfinite(r[k]) or k == "incorrect_agreement"
+        assert k in r and np.isfinite(r[k]), k
+    for k in ("prediction_agreement", "correct_agreement", "incorrect_agreement"):
+        assert 0 <= r[k] <= 1, k
     assert r["prediction_agreement"] == pytest.approx(1 - r["prediction_disagreement"])
 
 

@@ -1,46 +1,50 @@
-"""Faults injected for real: a killed driver, a killed trial worker, a diverging trial."""
+"""Faults injected for real: a killed driver, a killed trial worker, a diverging trial.
+
+The crashes happen at a fixed point through kdray's test-only hook (kdray/testhook.py:
+``KDRAY_TEST_EXIT_AT``), so nothing races; the only processes signalled are the ones this
+test started (its sweep's own process group).
+"""
 import io
 import os
 import signal
-import sqlite3
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import numpy as np
-import psutil
 import pytest
-import yaml
 from mlflow.tracking import MlflowClient
 
 from kdray.plan import build_plan
 from kdray.recipe import run_trial
 from kdray.storage import Store
 from kdray.sweep import load_sweep
+from kdray.testhook import ENV as EXIT_AT, EXIT_STATUS
+from sweeps import SMALL_GRID, sweep_dict, write_sweep
 
 KDRAY = [sys.executable, "-m", "kdray.cli"]
+pytestmark = pytest.mark.slow     # each test runs whole sweeps in a subprocess (its own Ray cluster)
 
 
-def write_sweep(tmp_path, name, setup_over=None, **top) -> Path:
-    setup = {"name": "d", "dataset": {"name": "digits"}, "teacher": {"arch": "small_cnn", "args": {"channels": 8}},
-             "recipe": {"epochs": 3, "batch_size": 128, "lr": 0.01}, "teacher_seeds": [0], "student_seeds": [10, 11, 12],
+def sweep_file(tmp_path, name, setup_over=None, **top) -> Path:
+    setup = {**SMALL_GRID, "name": "d", "teacher": {"arch": "small_cnn", "args": {"channels": 8}},
+             "recipe": {"epochs": 3, "batch_size": 128, "lr": 0.01}, "student_seeds": [10, 11, 12],
              "conditions": {"siddo": True, "kd": {"alphas": [0.5, 0.9]}, "rcd": {"alphas": [0.5]}}}
-    setup.update(setup_over or {})
-    path = tmp_path / f"{name}.yaml"
-    path.write_text(yaml.safe_dump({"name": name, "storage": str(tmp_path / "results"), **top, "setups": [setup]}))
-    return path
+    data = sweep_dict(name, tmp_path / "results", top=top, **{**setup, **(setup_over or {})})
+    return write_sweep(tmp_path / f"{name}.yaml", data)
 
 
-def finished_runs(db: Path) -> int:
-    if not db.exists():
-        return 0
+def exit_at(where: str, label: str, epoch, marker: Path | None = None) -> dict:
+    """The environment that makes ``where`` crash at ``epoch`` of the trial labelled ``label``."""
+    return {**os.environ, EXIT_AT: ":".join([where, label, str(epoch)] + ([str(marker)] if marker else []))}
+
+
+def kill_own_group(p: subprocess.Popen) -> None:
+    """Whatever is left of the sweep this test started in its own session (its local Ray cluster)."""
     try:
-        with sqlite3.connect(db) as c:
-            return c.execute("select count(*) from runs r join tags t on r.run_uuid = t.run_uuid "
-                             "where t.key = 'kdray.kind' and t.value = 'trial' and r.status = 'FINISHED'").fetchone()[0]
-    except sqlite3.Error:
-        return 0
+        os.killpg(p.pid, signal.SIGKILL)
+    except ProcessLookupError:
+        pass
 
 
 def trial_runs(sweep_path: Path):
@@ -51,19 +55,18 @@ def trial_runs(sweep_path: Path):
 
 
 def test_killed_driver_resumes_to_exactly_the_planned_runs(tmp_path):
-    path = write_sweep(tmp_path, "crash")
+    path = sweep_file(tmp_path, "crash")
     plan = build_plan(load_sweep(path))
-    db = tmp_path / "results" / "mlflow.db"
+    crash = next(s for s in plan.students if s.method == "kd")   # the driver dies once this one is logged
     p = subprocess.Popen(KDRAY + ["sweep", str(path), "--quiet"], start_new_session=True,
-                         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    deadline = time.time() + 240
-    while finished_runs(db) < 4 and time.time() < deadline and p.poll() is None:
-        time.sleep(0.2)
-    assert p.poll() is None, "the sweep ended before it could be killed"
-    os.killpg(p.pid, signal.SIGKILL)  # the driver and the local Ray cluster it started
-    p.wait()
+                         env=exit_at("driver", crash.label, 3), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        assert p.wait(timeout=300) == EXIT_STATUS, "the driver did not crash at the planned point"
+    finally:
+        kill_own_group(p)  # the local Ray cluster the dead driver had started
     before = {r.data.tags["kdray.trial_key"]: r.info.run_id for r in trial_runs(path) if r.info.status == "FINISHED"}
-    assert 4 <= len(before) < len(plan.all)
+    assert crash.trial_key in before and plan.teachers[0].trial_key in before
+    assert len(before) < len(plan.all)
 
     done = subprocess.run(KDRAY + ["sweep", str(path), "--quiet"], capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr[-2000:]
@@ -77,44 +80,34 @@ def test_killed_driver_resumes_to_exactly_the_planned_runs(tmp_path):
     assert all(after[k] == run_id for k, run_id in before.items())  # nothing finished was retrained
 
 
-def _worker_pids():
-    return [p.pid for p in psutil.process_iter(["cmdline"]) if "ImplicitFunc" in " ".join(p.info["cmdline"] or [])]
-
-
 def test_killed_trial_worker_resumes_from_its_checkpoint_bit_identically(tmp_path):
-    path = write_sweep(tmp_path, "workerkill",
-                       {"recipe": {"epochs": 40, "batch_size": 64, "lr": 0.005, "checkpoint_every": 2},
-                        "teacher": {"arch": "small_cnn", "args": {"channels": 24}},
-                        "conditions": {"siddo": False, "kd": None, "rcd": None, "ls": {"epsilons": [0.1]}},
-                        "student_seeds": [10]}, max_failures=2)
-    db = tmp_path / "results" / "mlflow.db"
-    p = subprocess.Popen(KDRAY + ["sweep", str(path), "--quiet"], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-
-    def epochs_logged() -> int:
-        try:
-            with sqlite3.connect(db) as c:
-                row = c.execute("select max(step) from metrics where key = 'train_loss'").fetchone()
-                return row[0] or 0
-        except sqlite3.Error:
-            return 0
-
-    deadline = time.time() + 240
-    while epochs_logged() < 7 and time.time() < deadline and p.poll() is None:
-        time.sleep(0.1)
-    pids = _worker_pids()
-    assert pids and p.poll() is None, "no running trial worker to kill"
-    for pid in pids:
-        os.kill(pid, signal.SIGKILL)
-    out, _ = p.communicate(timeout=600)
-    assert p.returncode == 0, out[-3000:]
-
+    # report_every_s 0: epoch 7 reaches MLflow before the worker dies, so the re-run epoch shows twice
+    path = sweep_file(tmp_path, "workerkill",
+                      {"recipe": {"epochs": 12, "batch_size": 64, "lr": 0.005, "checkpoint_every": 2},
+                       "teacher": {"arch": "small_cnn", "args": {"channels": 24}},
+                       "conditions": {"siddo": False, "kd": None, "rcd": None, "ls": {"epsilons": [0.1]}},
+                       "student_seeds": [10]}, max_failures=2, report_every_s=0)
     sweep = load_sweep(path)
     teacher = build_plan(sweep).teachers[0]
+    fired = tmp_path / "worker-exited"       # the hook fires once: the restarted worker carries on
+    p = subprocess.Popen(KDRAY + ["sweep", str(path), "--quiet"], start_new_session=True,
+                         env=exit_at("worker", teacher.label, 7, fired), stdout=subprocess.PIPE,
+                         stderr=subprocess.STDOUT, text=True)
+    try:
+        out, _ = p.communicate(timeout=600)
+    finally:
+        kill_own_group(p)
+    assert p.returncode == 0, out[-3000:]
+    assert fired.exists(), "the worker never reached the planned crash"
+
     run = next(r for r in trial_runs(path) if r.data.tags["kdray.trial_key"] == teacher.trial_key)
     client = MlflowClient(sweep.resolved_tracking_uri())
-    steps = [m.step for m in client.get_metric_history(run.info.run_id, "train_loss")]
+    steps = sorted(m.step for m in client.get_metric_history(run.info.run_id, "train_loss"))
     assert steps.count(1) == 1, f"restarted from scratch: {steps}"
-    assert len(steps) > len(set(steps)), f"no epoch was repeated after the restore: {steps}"
+    # epoch 7 trained twice (crash, then from epoch 6's checkpoint); nothing before the checkpoint
+    # re-trained (Tune may replay the checkpoint's own report: epoch 6 may show twice)
+    assert set(steps) == set(range(1, 13)) and steps.count(7) == 2, f"not resumed from epoch 6: {steps}"
+    assert all(steps.count(e) == 1 for e in range(1, 6)), f"re-trained epochs before the checkpoint: {steps}"
 
     store = Store(sweep.storage, sweep.name)
     recovered = np.load(io.BytesIO(store.read_bytes(teacher.trial_key, "test_outputs.npz")))["logits"]
@@ -125,7 +118,7 @@ def test_killed_trial_worker_resumes_from_its_checkpoint_bit_identically(tmp_pat
 
 
 def test_diverging_trial_is_failed_with_its_reason_and_reported_as_excluded(tmp_path):
-    path = write_sweep(tmp_path, "nan", {"teacher": {"arch": "mlp"},
+    path = sweep_file(tmp_path, "nan", {"teacher": {"arch": "mlp"},
                                          # lr * weight_decay = 10: the weights overflow within a few dozen steps
                                          "student_recipe": {"lr": 100, "optimizer": "sgd", "weight_decay": 0.1},
                                          "conditions": {"siddo": True, "kd": {"alphas": [0.5]}, "rcd": None},

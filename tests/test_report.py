@@ -5,16 +5,12 @@ import pytest
 from kdray.analysis import figures
 from kdray.analysis.report import build_report, log_report_to_mlflow, run_report
 from kdray.analysis.stats import analyse
-from synthetic_runs import SEEDS, as_frame, broken_setup, planted_runs, run, write_experiment
+from synthetic_runs import SEEDS, as_frame, run
 
 
 @pytest.fixture(scope="module")
-def sweep(tmp_path_factory):
-    d = tmp_path_factory.mktemp("report")
-    uri = f"sqlite:///{d / 'mlflow.db'}"
-    write_experiment(uri, "planted", planted_runs(), d / "artifacts")
-    write_experiment(uri, "small", broken_setup(), d / "artifacts-small")    # for the CLI path
-    return d, uri
+def sweep(planted_mlflow):
+    return planted_mlflow
 
 
 @pytest.fixture(scope="module")
@@ -25,6 +21,7 @@ def report(sweep):
     return build_report(load_runs(uri, "planted"), d / "out")
 
 
+@pytest.mark.slow      # starts a process pool: ~6 s
 def test_worker_processes_load_and_draw_what_one_process_does(sweep, report, tmp_path):
     """kdray report's process pool: runs fetched in start-time slices and figures drawn per setup
     by workers give the same frame and the same figure files as the serial path."""

@@ -18,13 +18,10 @@ SIDDO, RCD05 = Condition.of("siddo"), Condition.of("rcd", alpha=0.5)
 
 
 @pytest.fixture(scope="module")
-def planted(tmp_path_factory):
-    d = tmp_path_factory.mktemp("mlflow")
-    uri = f"sqlite:///{d / 'mlflow.db'}"
-    runs = planted_runs()
-    write_experiment(uri, "planted", runs, d / "artifacts")
+def planted(planted_mlflow):
+    _, uri = planted_mlflow
     df = load_runs(uri, "planted")
-    return runs, df, analyse(df)
+    return planted_runs(), df, analyse(df)
 
 
 def of(frame, cond, col="condition"):

@@ -4,25 +4,21 @@ import sys
 from pathlib import Path
 
 import pytest
-import yaml
 
 from kdray.cli import main
 from kdray.plan import build_plan
 from kdray.sweep import SweepError, load_sweep, parse_sweep
+from sweeps import sweep_dict, write_sweep
 
 ROOT = Path(__file__).resolve().parents[1]
 
 
 def base(**setup_over):
-    setup = {"name": "s", "dataset": {"name": "digits"}, "teacher": {"arch": "mlp"}, "recipe": {"epochs": 1}}
-    setup.update(setup_over)
-    return {"name": "t", "setups": [setup]}
+    return sweep_dict("t", **setup_over)
 
 
 def write(tmp_path, data) -> str:
-    p = tmp_path / "sweep.yaml"
-    p.write_text(yaml.safe_dump(data) if not isinstance(data, str) else data)
-    return str(p)
+    return str(write_sweep(tmp_path / "sweep.yaml", data))
 
 
 BAD = [
@@ -75,11 +71,12 @@ def test_yaml_syntax_error_and_missing_file(tmp_path):
 
 
 def test_cli_error_has_no_traceback_and_exit_2(tmp_path):
-    path = write(tmp_path, {**base(), "bogus": 1})
+    storage = tmp_path / "results"           # where this sweep would write, were it valid
+    path = write(tmp_path, {**base(), "storage": str(storage), "bogus": 1})
     p = subprocess.run([sys.executable, "-m", "kdray.cli", "sweep", path], capture_output=True, text=True)
     assert p.returncode == 2
     assert p.stderr.strip().splitlines() == [f"kdray: error: {path}: bogus: unknown key"]
-    assert not (tmp_path / "results").exists()  # nothing started
+    assert not storage.exists()  # nothing started
 
 
 def test_self_distillation_counts_213():

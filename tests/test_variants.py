@@ -1,4 +1,7 @@
 """A tiny real run of every protocol variant, straight through run_trial on CPU."""
+import io
+
+import numpy as np
 import pytest
 import torch
 
@@ -50,9 +53,18 @@ def test_temperature_changes_the_kd_student(tmp_path):
 
 
 def test_label_smoothing_condition(tmp_path):
-    setup = digits_setup(conditions={"siddo": False, "kd": None, "rcd": None, "ls": {"epsilons": [0.5]}})
-    _, out = run_setup(tmp_path, setup)
-    assert "activation_distance" in out["v-ls-e0.5-t0-s10"]
+    """The LS student trains on smoothed targets: same init and batches as SIDDO of its seed, yet a
+    different, softer function (higher mean predictive entropy, the textbook effect of LS)."""
+    setup = digits_setup(conditions={"siddo": True, "kd": None, "rcd": None, "ls": {"epsilons": [0.5]}})
+    plan, out = run_setup(tmp_path, setup)
+    ls, siddo = out["v-ls-e0.5-t0-s10"], out["v-siddo-t0-s10"]
+    assert "activation_distance" in ls and ls["test_loss"] != siddo["test_loss"]
+    store = Store(str(tmp_path), "v")
+    logits = {s.method: torch.from_numpy(np.load(io.BytesIO(store.read_bytes(s.trial_key, "test_outputs.npz")))
+                                         ["logits"].astype(np.float32)) for s in plan.students}
+    entropy = {m: float(-(z.log_softmax(-1).exp() * z.log_softmax(-1)).sum(-1).mean()) for m, z in logits.items()}
+    assert not torch.equal(logits["ls"], logits["siddo"])
+    assert entropy["ls"] > entropy["siddo"] + 0.1, entropy
 
 
 def test_width_scaled_gpt_student(tmp_path, real_data):
@@ -78,6 +90,7 @@ def test_feature_map_kd_and_its_noise_control(tmp_path, real_data):
     assert fm["activation_distance"] < control["activation_distance"]
 
 
+@pytest.mark.slow
 def test_adversarial_teacher_plants_tha_and_counts_are_logged(tmp_path, real_data):
     """A teacher trained on text where every "the" is "tha" predicts "a" after "th" far more often."""
     args = {"block_size": 32, "max_chars": 200000}
@@ -109,15 +122,38 @@ def test_a_pretrained_teacher_is_evaluated_not_trained(tmp_path):
     assert out["v-siddo-t0-s10"]["epoch"] == 2
 
 
-def test_gpu_speed_features_run_on_cpu(tmp_path):
-    """bf16 autocast, channels_last and torch.compile are recipe switches; they train on CPU too."""
-    setup = digits_setup(teacher={"arch": "small_cnn", "args": {"channels": 4}},
-                         recipe={"epochs": 4, "batch_size": 128, "lr": 0.01, "precision": "bf16", "channels_last": True},
-                         conditions={"siddo": True, "kd": {"alphas": [0.5]}, "rcd": None})
-    _, out = run_setup(tmp_path, setup)
-    assert out["teacher"]["test_acc"] > 0.3 and "activation_distance" in out["v-kd-a0.5-t0-s10"]
+def test_gpu_speed_features_run_on_cpu(tmp_path, monkeypatch):
+    """bf16 autocast and channels_last are recipe switches that train on CPU too, and take effect:
+    the second conv's weights are NHWC and it computes in bfloat16 while training (and not without them)."""
+    import kdray.recipe as recipe
+
+    seen: list[tuple] = []
+    build = recipe.init_model
+
+    def look(conv, inputs, out) -> None:
+        if conv.training:
+            w = conv.weight
+            seen.append((w.is_contiguous(memory_format=torch.channels_last) and not w.is_contiguous(), out.dtype))
+
+    def spied(spec, bundle):
+        model = build(spec, bundle)
+        convs = [m for m in model.modules() if isinstance(m, torch.nn.Conv2d)]
+        convs[1].register_forward_hook(look)       # 4 input channels: NHWC and NCHW strides differ
+        return model
+
+    monkeypatch.setattr(recipe, "init_model", spied)
+    for fast in (True, False):
+        seen.clear()
+        switches = {"precision": "bf16", "channels_last": True} if fast else {}
+        setup = digits_setup(teacher={"arch": "small_cnn", "args": {"channels": 4}},
+                             recipe={"epochs": 4, "batch_size": 128, "lr": 0.01, **switches},
+                             conditions={"siddo": True, "kd": {"alphas": [0.5]}, "rcd": None})
+        _, out = run_setup(tmp_path / str(fast), setup)
+        assert out["teacher"]["test_acc"] > 0.3 and "activation_distance" in out["v-kd-a0.5-t0-s10"]
+        assert seen and set(seen) == ({(True, torch.bfloat16)} if fast else {(False, torch.float32)}), set(seen)
 
 
+@pytest.mark.slow      # inductor compiles the model: ~4 s
 def test_torch_compile_trains_the_same_model_as_eager(tmp_path):
     """recipe.compile wraps the trained module in torch.compile (inductor, CPU here).  Without
     dropout, whose random stream inductor draws differently, it must train the same teacher."""

@@ -1,0 +1,30 @@
+"""Test-only fault injection, so the reliability tests kill a process at a known point.
+
+``KDRAY_TEST_EXIT_AT="<where>:<label substring>:<epoch>[:<marker file>]"`` makes the
+process ``where`` ("worker": the trial's Ray worker, after it reported that epoch;
+"driver": the sweep driver, once that trial's run is logged FINISHED with that many
+epochs) hard-exit with status 87, like a crash.  With a marker file it fires only
+once (the file is created first), so a restarted worker carries on.  Unset (always,
+outside tests) it costs one environment lookup.
+"""
+from __future__ import annotations
+
+import os
+
+ENV = "KDRAY_TEST_EXIT_AT"
+EXIT_STATUS = 87
+
+
+def maybe_exit(where: str, label: str, epoch) -> None:
+    value = os.environ.get(ENV)
+    if not value:
+        return
+    w, sub, at, *marker = value.split(":", 3)
+    if w != where or sub not in label or str(epoch) != at:
+        return
+    if marker:
+        try:
+            os.close(os.open(marker[0], os.O_CREAT | os.O_EXCL | os.O_WRONLY))
+        except FileExistsError:
+            return
+    os._exit(EXIT_STATUS)
