@@ -78,7 +78,7 @@ def cmd_sweep(args) -> int:
     print(format_plan(plan), flush=True)
     summary = run_sweep(sweep, verbose=0 if args.quiet else 1)
     print("\n".join(summary.lines()))
-    return 0 if summary.ok else 1
+    return summary.exit_code
 
 
 def cmd_report(args) -> int:

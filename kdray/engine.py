@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import logging
 import os
+import signal
 import sys
 import tempfile
 import time
@@ -101,18 +102,54 @@ def _resources(config: dict):
 
 # ------------------------------------------------------------------ driver-side logging
 
+class Flag:
+    """Set once, read anywhere; unlike threading.Event it pickles (Tune saves its callbacks)."""
+
+    def __init__(self):
+        self.value = False
+
+    def set(self) -> None:
+        self.value = True
+
+    def is_set(self) -> bool:
+        return self.value
+
+
 class MlflowCallback(Callback):
     """Turns Tune's trial events into MLflow runs (the driver is the only writer)."""
 
-    def __init__(self, tracker: Tracker, store: Store):
+    def __init__(self, tracker: Tracker, store: Store, stopping: Optional[Flag] = None):
         self.tracker, self.store = tracker, store
-        self.runs: dict[str, str] = {}
+        self.stopping = stopping or Flag()   # set on Ctrl-C: what ends now was interrupted
+        self.runs: dict[str, str] = {}       # Tune trial id -> MLflow run id
+        self.keys: dict[str, str] = {}       # Tune trial id -> trial key
         self.finished: list[str] = []
         self.failed: dict[str, str] = {}
+        self.interrupted: list[str] = []
+
+    def _end_unfinished(self, trial, reason: str) -> None:
+        """A trial that ended without its final record: interrupted if Ctrl-C came first, else failed."""
+        key, run_id = TrialSpec.from_dict(trial.config["spec"]).trial_key, self._run(trial)
+        if self.stopping.is_set():
+            self.interrupted.append(key)
+            self.tracker.end_trial(run_id, False, "interrupted", status="KILLED")
+        else:
+            self.failed[key] = reason
+            self.tracker.end_trial(run_id, False, reason)
+
+    def end_in_flight(self) -> None:
+        """After an interrupted run: every trial that started and did not end is interrupted."""
+        ended = set(self.finished) | set(self.failed) | set(self.interrupted)
+        for trial_id, run_id in self.runs.items():
+            if self.keys[trial_id] not in ended:
+                self.interrupted.append(self.keys[trial_id])
+                self.tracker.end_trial(run_id, False, "interrupted", status="KILLED")
 
     def _run(self, trial) -> str:
         if trial.trial_id not in self.runs:
-            self.runs[trial.trial_id] = self.tracker.start_trial(TrialSpec.from_dict(trial.config["spec"]))
+            spec = TrialSpec.from_dict(trial.config["spec"])
+            self.runs[trial.trial_id] = self.tracker.start_trial(spec)
+            self.keys[trial.trial_id] = spec.trial_key
         return self.runs[trial.trial_id]
 
     def on_trial_start(self, iteration, trials, trial, **info):
@@ -127,8 +164,7 @@ class MlflowCallback(Callback):
         run_id = self._run(trial)
         final = (trial.last_result or {}).get(RESULT_LAST) or {}
         if not final.get(FINAL):
-            self.failed[spec.trial_key] = final.get(FAILURE) or "trial ended without its final evaluation"
-            self.tracker.end_trial(run_id, False, self.failed[spec.trial_key])
+            self._end_unfinished(trial, final.get(FAILURE) or "trial ended without its final evaluation")
             return
         with tempfile.TemporaryDirectory() as tmp:
             names = ["test_outputs.npz"] + (["model.pt"] if spec.role == "teacher" else [])
@@ -138,10 +174,7 @@ class MlflowCallback(Callback):
         self.finished.append(spec.trial_key)
 
     def on_trial_error(self, iteration, trials, trial, **info):
-        spec = TrialSpec.from_dict(trial.config["spec"])
-        reason = _error_line(trial)
-        self.failed[spec.trial_key] = reason
-        self.tracker.end_trial(self._run(trial), False, reason)
+        self._end_unfinished(trial, _error_line(trial))
 
 
 def log_reused_teacher(tracker: Tracker, store: Store, spec: TrialSpec) -> None:
@@ -166,15 +199,22 @@ def _error_line(trial) -> str:
 
 # ------------------------------------------------------------------ the sweep
 
+EXIT_FAILED, EXIT_INTERRUPTED = 1, 130
+
+
 @dataclass
 class SweepSummary:
+    """Where every planned trial stands after a run: the counts add up to ``planned``."""
     name: str
     planned: int
     skipped: int = 0           # already FINISHED in MLflow before this run
     reused: int = 0            # teachers whose artefacts another sweep (or run) left in storage
     finished: int = 0
     failed: dict = field(default_factory=dict)
-    blocked: int = 0           # students whose teacher failed
+    blocked: int = 0           # students whose teacher failed (now or before)
+    interrupted: int = 0       # running when Ctrl-C came (their runs are KILLED, rerun on resume)
+    not_started: int = 0       # still waiting when the sweep stopped
+    stopped: bool = False      # Ctrl-C (SIGINT) ended the run
     seconds: float = 0.0
     tracking_uri: str = ""
     storage: str = ""
@@ -182,11 +222,14 @@ class SweepSummary:
 
     def lines(self) -> list[str]:
         out = [f"sweep {self.name}: {self.finished} trials finished now, {self.skipped} already done, "
-               f"{self.reused} teachers reused from storage, "
-               f"{len(self.failed)} failed, {self.blocked} not run (teacher missing); {self.planned} planned; "
-               f"{self.seconds:.0f} s"]
+               f"{self.reused} teachers reused from storage, {len(self.failed)} failed, "
+               f"{self.blocked} blocked by a failed teacher, {self.interrupted} interrupted, "
+               f"{self.not_started} not started; {self.planned} planned; {self.seconds:.0f} s"]
         for key, reason in list(self.failed.items())[:10]:
             out.append(f"  failed {key}: {reason}")
+        if self.stopped:
+            out.append(f"INTERRUPTED: {self.interrupted + self.not_started} of {self.planned} trials did not run "
+                       f"to the end; run the same command again to resume (finished trials are kept)")
         out.append(f"runs:      MLflow experiment '{self.name}' at {self.tracking_uri}")
         out.append(f"artefacts: {self.storage}")
         out.append(f"browse:    kdray ui --tracking-uri '{self.tracking_uri}'   (or: mlflow ui --backend-store-uri '{self.tracking_uri}')")
@@ -195,7 +238,19 @@ class SweepSummary:
 
     @property
     def ok(self) -> bool:
-        return not self.failed and not self.blocked
+        return self.exit_code == 0
+
+    @property
+    def exit_code(self) -> int:
+        """0 only when every planned trial is done; 130 when interrupted; 1 for failures."""
+        if self.stopped:
+            return EXIT_INTERRUPTED
+        return EXIT_FAILED if self.failed or self.blocked or self.not_started else 0
+
+    @property
+    def status(self) -> str:
+        """The sweep's MLflow run status."""
+        return {0: "FINISHED", EXIT_FAILED: "FAILED"}.get(self.exit_code, "KILLED")
 
 
 def connect_ray(num_cpus: Optional[int] = None) -> None:
@@ -261,6 +316,37 @@ class TeachersFirst(Searcher):
                 self.ready.add(key)
 
 
+class _TuneNotices(logging.Filter):
+    """Drops Tune's interrupt notices: its resume advice (``Tuner.restore``) is not how kdray resumes."""
+    DROP = ("Tuner.restore", "Stop signal received", "Trials did not complete", "Experiment has been interrupted")
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not any(d in record.getMessage() for d in self.DROP)
+
+
+@contextmanager
+def _graceful_interrupt(stopping: Flag):
+    """The first Ctrl-C ends the Tune run through Tune's own stop path (SIGUSR1: running trials are
+    stopped, the loop returns) and is remembered in ``stopping``; a second one stops at once."""
+    def handler(signum, frame):
+        if stopping.is_set():
+            raise KeyboardInterrupt
+        stopping.set()
+        print("kdray: interrupted: stopping the running trials (Ctrl-C again to stop at once)",
+              file=sys.stderr, flush=True)
+        os.kill(os.getpid(), signal.SIGUSR1)
+
+    tune_log = logging.getLogger("ray.tune.tune")
+    notices = _TuneNotices()
+    previous = signal.signal(signal.SIGINT, handler)
+    tune_log.addFilter(notices)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, previous)
+        tune_log.removeFilter(notices)
+
+
 def _tune_run(specs: list[TrialSpec], sweep: Sweep, store: Store, tracker: Tracker, trained: set[str],
               verbose: int):
     """One Tune run over teachers and students; returns (callback, searcher) for the summary."""
@@ -275,8 +361,11 @@ def _tune_run(specs: list[TrialSpec], sweep: Sweep, store: Store, tracker: Track
         # Tune queues one pending trial at a time for a custom searcher; queue as many as it does
         # for a grid, so that free slots fill at once and an autoscaler sees the demand.
         "TUNE_MAX_PENDING_TRIALS_PG": str(max(200, int(ray.cluster_resources().get("CPU", 1) * 1.1))),
+        # Ctrl-C is kdray's (see _graceful_interrupt): it must be counted, and resuming is kdray's.
+        "TUNE_DISABLE_SIGINT_HANDLER": "1",
     }
-    callback = MlflowCallback(tracker, store)
+    stopping = Flag()
+    callback = MlflowCallback(tracker, store, stopping)
     searcher = TeachersFirst(specs, store, trained)
     logging.getLogger("ray.tune.search.searcher").setLevel(logging.ERROR)   # see TeachersFirst
     reporter = tune.CLIReporter(
@@ -298,8 +387,10 @@ def _tune_run(specs: list[TrialSpec], sweep: Sweep, store: Store, tracker: Track
                                   progress_reporter=reporter, verbose=verbose,
                                   checkpoint_config=tune.CheckpointConfig(num_to_keep=1)),
     )
-    with _environ(tune_env):
+    with _environ(tune_env), _graceful_interrupt(stopping):
         tuner.fit()
+    if stopping.is_set():
+        callback.end_in_flight()
     return callback, searcher
 
 
@@ -328,9 +419,12 @@ def _tracker_and_ray(uri: str, sweep: Sweep, artifact_root: Optional[str]) -> tu
         t0 = time.time()
         try:
             connect_ray()  # in the main thread: Ray installs signal handlers
-        finally:
-            seconds = time.time() - t0
-            tracker = opening.result()
+        except BaseException:   # Ctrl-C or a failed start: the sweep's run must not stay RUNNING
+            if opening.exception() is None:
+                opening.result().end_sweep({}, "KILLED")
+            raise
+        seconds = time.time() - t0
+        tracker = opening.result()
     return tracker, seconds
 
 
@@ -342,6 +436,20 @@ def run_sweep(sweep: Sweep, plan: Optional[Plan] = None, verbose: int = 1) -> Sw
     artifact_root = str(sweep.local_storage() / "mlartifacts" / sweep.name) if uri.startswith("sqlite") else None
     tracker, ray_seconds = _tracker_and_ray(uri, sweep, artifact_root)
     summary = SweepSummary(sweep.name, len(plan.all), tracking_uri=uri, storage=store.uri, ray_start_seconds=ray_seconds)
+    try:
+        _run_todo(summary, plan, sweep, store, tracker, verbose)
+    except BaseException:    # a second Ctrl-C, or an error: the sweep's run must not stay RUNNING
+        tracker.end_sweep({}, "KILLED")
+        raise
+    summary.seconds = time.time() - t0
+    tracker.end_sweep({"trials_finished": summary.finished, "trials_failed": len(summary.failed),
+                       "trials_interrupted": summary.interrupted + summary.not_started,
+                       "trials_planned": summary.planned, "sweep_seconds": summary.seconds}, summary.status)
+    return summary
+
+
+def _run_todo(summary: SweepSummary, plan: Plan, sweep: Sweep, store: Store, tracker: Tracker, verbose: int) -> None:
+    """Skip what MLflow has, log teachers storage has, and run the rest on Tune."""
     done = tracker.finished_keys()
     todo = [s for s in plan.all if s.trial_key not in done]
     summary.skipped = len(plan.all) - len(todo)
@@ -362,12 +470,18 @@ def run_sweep(sweep: Sweep, plan: Optional[Plan] = None, verbose: int = 1) -> Sw
         n_teachers = sum(s.role == "teacher" for s in todo)
         print(f"kdray: {len(todo)} trials on Ray Tune: {n_teachers} teachers first, each teacher's "
               f"{len(todo) - n_teachers} students as soon as it is done", file=sys.stderr, flush=True)
-        cb, searcher = _tune_run(todo, sweep, store, tracker, trained, verbose)
-        summary.finished = len(cb.finished)
-        summary.failed.update(cb.failed)
-        summary.blocked += searcher.blocked + len(searcher.students)
-    summary.seconds = time.time() - t0
-    tracker.end_sweep({"trials_finished": summary.finished, "trials_failed": len(summary.failed),
-                       "trials_planned": summary.planned, "sweep_seconds": summary.seconds})
-    return summary
+        cb, _ = _tune_run(todo, sweep, store, tracker, trained, verbose)
+        _account(summary, todo, cb)
 
+
+def _account(summary: SweepSummary, todo: list[TrialSpec], cb: MlflowCallback) -> None:
+    """Each trial handed to Tune is finished, failed, interrupted, blocked (its teacher failed) or not started."""
+    summary.finished = len(cb.finished)
+    summary.failed.update(cb.failed)
+    summary.interrupted = len(cb.interrupted)
+    summary.stopped = cb.stopping.is_set()
+    ended = set(cb.finished) | set(cb.failed) | set(cb.interrupted)
+    left = [s for s in todo if s.trial_key not in ended]
+    blocked = sum(s.role == "student" and s.teacher_key in cb.failed for s in left)
+    summary.blocked += blocked
+    summary.not_started = len(left) - blocked

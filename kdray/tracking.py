@@ -147,11 +147,14 @@ class Tracker:
     def log_artifact(self, run_id: str, path: Path) -> None:
         retry(lambda: self.client.log_artifact(run_id, str(path)), "log_artifact")
 
-    def end_trial(self, run_id: str, ok: bool, reason: str = "") -> None:
+    def end_trial(self, run_id: str, ok: bool, reason: str = "", status: str = "FAILED") -> None:
+        """FINISHED when ``ok``; else ``status`` (FAILED, or KILLED for an interrupted trial) and why."""
         if not ok:
             retry(lambda: self.client.set_tag(run_id, TAG_FAILURE, reason[:5000] or "unknown"), "set_tag")
-        retry(lambda: self.client.set_terminated(run_id, "FINISHED" if ok else "FAILED"), "terminate")
+        retry(lambda: self.client.set_terminated(run_id, "FINISHED" if ok else status), "terminate")
 
-    def end_sweep(self, summary: dict) -> None:
-        self.log_metrics(self.parent_id, summary, 0)
-        retry(lambda: self.client.set_terminated(self.parent_id, "FINISHED"), "terminate")
+    def end_sweep(self, summary: dict, status: str = "FINISHED") -> None:
+        """The sweep's run ends FINISHED only when every planned trial did; FAILED or KILLED otherwise."""
+        if summary:
+            self.log_metrics(self.parent_id, summary, 0)
+        retry(lambda: self.client.set_terminated(self.parent_id, status), "terminate")
