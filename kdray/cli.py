@@ -103,6 +103,8 @@ def cmd_data(args) -> int:
 
 
 def cmd_ui(args) -> int:
+    from kdray.tracking import check_sqlite_store, sqlite_path
+
     uri = args.tracking_uri
     if not uri:
         from kdray.sweep import default_tracking_uri, load_sweep
@@ -111,10 +113,30 @@ def cmd_ui(args) -> int:
     if uri.startswith(("http://", "https://")):
         print(f"runs are on a tracking server: open {uri} in a browser")
         return 0
+    db = sqlite_path(uri)
+    if db is not None and not db.exists():   # MLflow would create an empty database here
+        return _fail(f"nothing to show: no MLflow database at {db}; run `kdray sweep` first")
+    check_sqlite_store(uri)
+    taken = _port_taken(args.host, args.port)
+    if taken:
+        return _fail(f"port {args.port} on {args.host} is taken ({taken}); pass --port with a free one")
     cmd = [sys.executable, "-m", "mlflow", "ui", "--backend-store-uri", uri, "--host", args.host, "--port", str(args.port)]
     print(" ".join(cmd), flush=True)
     os.execvp(cmd[0], cmd)
     return 0  # not reached
+
+
+def _port_taken(host: str, port: int) -> str:
+    """Why the UI could not listen on host:port ('' when it can): uvicorn's own error is buried in its log."""
+    import socket
+
+    with socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)   # as uvicorn does
+        try:
+            s.bind((host, port))
+        except OSError as e:
+            return e.strerror or str(e)
+    return ""
 
 
 def _positive_int(text: str) -> int:
@@ -193,7 +215,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Optional[list[str]] = None) -> int:
-    from kdray.errors import DataNotFoundError
+    from kdray.errors import ClusterError, DataNotFoundError
     from kdray.registry import UnknownNameError
     from kdray.sweep import SweepError
     from kdray.tracking import TrackingError
@@ -201,7 +223,7 @@ def main(argv: Optional[list[str]] = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return args.func(args)
-    except (SweepError, TrackingError, DataNotFoundError, UnknownNameError) as e:
+    except (SweepError, TrackingError, DataNotFoundError, UnknownNameError, ClusterError) as e:
         return _fail(str(e))
     except KeyboardInterrupt:
         print("kdray: interrupted; run the same command again to resume", file=sys.stderr)

@@ -261,7 +261,12 @@ def connect_ray(num_cpus: Optional[int] = None) -> None:
         return
     os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")
     if os.environ.get("RAY_ADDRESS"):
-        ray.init(address=os.environ["RAY_ADDRESS"], log_to_driver=False)
+        try:
+            ray.init(address=os.environ["RAY_ADDRESS"], log_to_driver=False)
+        except (ConnectionError, RuntimeError) as e:
+            from kdray.errors import ClusterError
+            raise ClusterError(f"cannot join the Ray cluster at RAY_ADDRESS={os.environ['RAY_ADDRESS']}: "
+                               f"{str(e).strip().splitlines()[0][:200] if str(e).strip() else type(e).__name__}") from None
     else:
         ray.init(num_cpus=num_cpus, include_dashboard=False, log_to_driver=False, configure_logging=False)
 

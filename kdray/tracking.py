@@ -8,6 +8,7 @@ is retried with back-off, so a tracking server that blips does not end a sweep.
 from __future__ import annotations
 
 import logging
+import sqlite3
 import subprocess
 import time
 from pathlib import Path
@@ -48,6 +49,48 @@ def probe(uri: str, timeout: float = 5.0) -> None:
         requests.get(uri.rstrip("/") + "/health", timeout=timeout)
     except requests.RequestException as e:
         raise TrackingError(f"MLflow tracking at {uri} is unreachable: {type(e).__name__}") from None
+
+
+SQLITE_HEADER = b"SQLite format 3\x00"
+MLFLOW_TABLES = {"alembic_version", "experiments", "runs"}
+
+
+def sqlite_path(uri: str) -> Optional[Path]:
+    """The file of a ``sqlite:///`` tracking URI (None for a server or another database)."""
+    return Path(uri.removeprefix("sqlite:///")).expanduser() if uri.startswith("sqlite:///") else None
+
+
+def check_sqlite_store(uri: str) -> None:
+    """A sqlite tracking file that exists must be an intact MLflow database.
+
+    Checked read-only before MLflow opens it: MLflow would write its schema into an
+    empty file, or fail deep inside SQLAlchemy (after Ray has started) on a damaged one.
+    """
+    path = sqlite_path(uri)
+    if path is None or not path.exists():
+        return
+    fix = "restore it from a backup, or move it away and point --tracking-uri elsewhere"
+    if path.is_dir():
+        raise TrackingError(f"{path}: the MLflow database is a folder, not a file; {fix}")
+    if path.stat().st_size == 0:
+        raise TrackingError(f"{path}: the MLflow database is an empty file (0 bytes); delete it to start afresh, or {fix}")
+    with open(path, "rb") as f:
+        if f.read(len(SQLITE_HEADER)) != SQLITE_HEADER:
+            raise TrackingError(f"{path}: not a SQLite database (the MLflow database is damaged or another file); {fix}")
+    try:
+        con = sqlite3.connect(f"{path.resolve().as_uri()}?mode=ro", uri=True)
+        try:
+            check = con.execute("PRAGMA quick_check").fetchone()[0]
+            tables = {r[0] for r in con.execute("select name from sqlite_master where type = 'table'")}
+        finally:
+            con.close()
+    except sqlite3.Error as e:
+        raise TrackingError(f"{path}: the MLflow database is damaged ({e}); {fix}") from None
+    if check != "ok":
+        raise TrackingError(f"{path}: the MLflow database is damaged (integrity check: {check[:200]}); {fix}")
+    if not MLFLOW_TABLES <= tables:
+        raise TrackingError(f"{path}: a SQLite database, but not MLflow's (no {', '.join(sorted(MLFLOW_TABLES - tables))} "
+                            f"table); {fix}")
 
 
 def git_sha() -> str:
