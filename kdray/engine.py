@@ -472,6 +472,8 @@ def _run_todo(summary: SweepSummary, plan: Plan, sweep: Sweep, store: Store, tra
     summary.blocked = len(todo) - len(runnable)   # their teacher is neither trained nor training
     todo = runnable
     if todo:
+        from kdray.cluster import check_resources
+        check_resources(todo, autoscaling=bool(os.environ.get("RAY_ADDRESS")))   # a local cluster cannot grow
         n_teachers = sum(s.role == "teacher" for s in todo)
         print(f"kdray: {len(todo)} trials on Ray Tune: {n_teachers} teachers first, each teacher's "
               f"{len(todo) - n_teachers} students as soon as it is done", file=sys.stderr, flush=True)
