@@ -23,9 +23,11 @@ import torch
 from ray.tune import Callback
 from ray.tune.search import Searcher
 
-from kdray.contracts import FAILURE, FINAL, RESULT_EPOCHS, RESULT_LAST, TAG_REUSED
+from kdray.errors import DataNotFoundError
+from kdray.contracts import FAILURE, FINAL, RESULT_EPOCHS, RESULT_LAST, TAG_RETRIES, TAG_REUSED, TAG_SUSPECT
 from kdray.plan import Plan, build_plan
 from kdray.recipe import TrialDiverged, run_trial
+from kdray.sanity import sanity_lines, suspicion
 from kdray.spec import TrialSpec
 from kdray.storage import Store
 from kdray.sweep import Sweep
@@ -82,11 +84,28 @@ def trainable(config: dict) -> None:
             run_distributed_trial(config["spec"], config["storage"], report, restore)  # re-raises TrialDiverged
         else:
             run_trial(spec, store, report, restore, device=_device(spec))
-    except TrialDiverged as e:
-        # Not a crash to retry: the same spec would diverge again. End the trial
-        # normally with the reason (and the epochs before it); the callback marks its run FAILED.
-        pending.append({FAILURE: f"TrialDiverged: {e}"})
+    except Exception as e:
+        if not deterministic(e):
+            raise          # a lost worker or node, or a transient fault: Tune retries (max_failures)
+        # Not a crash to retry: the same spec would fail again. End the trial normally
+        # with the reason (and the epochs before it); the callback marks its run FAILED.
+        pending.append({FAILURE: f"{type(e).__name__}: {str(e).strip()[:2000]}"})
         send()
+
+
+# Errors the same spec raises again on every attempt: retrying them (max_failures) only wastes the
+# slot.  RuntimeError is deterministic only for a shape mismatch (torch's wording); CUDA out of
+# memory, NCCL and other RuntimeErrors may pass on another node and are retried.
+DETERMINISTIC = (TrialDiverged, ValueError, TypeError, KeyError, IndexError, AttributeError, NotImplementedError,
+                 ZeroDivisionError, AssertionError, DataNotFoundError)
+SHAPE_WORDS = ("shape", "size mismatch", "must match the size", "mat1 and mat2", "dimension")
+
+
+def deterministic(e: BaseException) -> bool:
+    if isinstance(e, DETERMINISTIC):
+        return True
+    oom = type(e).__name__ == "OutOfMemoryError" or "out of memory" in str(e)
+    return type(e) is RuntimeError and not oom and any(w in str(e) for w in SHAPE_WORDS)
 
 
 def _resources(config: dict):
@@ -126,6 +145,8 @@ class MlflowCallback(Callback):
         self.finished: list[str] = []
         self.failed: dict[str, str] = {}
         self.interrupted: list[str] = []
+        self.suspect: list[tuple[str, str, str]] = []    # (role, label, reason) of nonsense results
+        self.retries: dict[str, int] = {}                # Tune trial id -> restarts
 
     def _end_unfinished(self, trial, reason: str) -> None:
         """A trial that ended without its final record: interrupted if Ctrl-C came first, else failed."""
@@ -170,8 +191,17 @@ class MlflowCallback(Callback):
             names = ["test_outputs.npz"] + (["model.pt"] if spec.role == "teacher" else [])
             for name in names:
                 self.tracker.log_artifact(run_id, self.store.fetch_to(spec.trial_key, name, tmp))
+        reason = suspicion(final)
+        if reason:
+            self.suspect.append((spec.role, spec.label, reason))
+            self.tracker.client.set_tag(run_id, TAG_SUSPECT, reason)
         self.tracker.end_trial(run_id, True)
         self.finished.append(spec.trial_key)
+
+    def on_trial_recover(self, iteration, trials, trial, **info):
+        """Tune restarts the trial (max_failures): kept on its run, so retries are visible."""
+        self.retries[trial.trial_id] = self.retries.get(trial.trial_id, 0) + 1
+        self.tracker.client.set_tag(self._run(trial), TAG_RETRIES, str(self.retries[trial.trial_id]))
 
     def on_trial_error(self, iteration, trials, trial, **info):
         self._end_unfinished(trial, _error_line(trial))
@@ -215,6 +245,7 @@ class SweepSummary:
     interrupted: int = 0       # running when Ctrl-C came (their runs are KILLED, rerun on resume)
     not_started: int = 0       # still waiting when the sweep stopped
     stopped: bool = False      # Ctrl-C (SIGINT) ended the run
+    suspect: list = field(default_factory=list)   # (role, label, reason): finished, but at chance or diverging
     seconds: float = 0.0
     tracking_uri: str = ""
     storage: str = ""
@@ -227,6 +258,7 @@ class SweepSummary:
                f"{self.not_started} not started; {self.planned} planned; {self.seconds:.0f} s"]
         for key, reason in list(self.failed.items())[:10]:
             out.append(f"  failed {key}: {reason}")
+        out += sanity_lines(self.suspect, self.finished)
         if self.stopped:
             out.append(f"INTERRUPTED: {self.interrupted + self.not_started} of {self.planned} trials did not run "
                        f"to the end; run the same command again to resume (finished trials are kept)")
@@ -242,10 +274,12 @@ class SweepSummary:
 
     @property
     def exit_code(self) -> int:
-        """0 only when every planned trial is done; 130 when interrupted; 1 for failures."""
+        """0 only when every planned trial is done; 130 when interrupted; 1 for failures, or when every
+        trial finished now looks like nonsense (kdray/sanity.py)."""
         if self.stopped:
             return EXIT_INTERRUPTED
-        return EXIT_FAILED if self.failed or self.blocked or self.not_started else 0
+        nonsense = self.finished and len(self.suspect) == self.finished
+        return EXIT_FAILED if self.failed or self.blocked or self.not_started or nonsense else 0
 
     @property
     def status(self) -> str:
@@ -486,6 +520,7 @@ def _account(summary: SweepSummary, todo: list[TrialSpec], cb: MlflowCallback) -
     summary.finished = len(cb.finished)
     summary.failed.update(cb.failed)
     summary.interrupted = len(cb.interrupted)
+    summary.suspect = list(cb.suspect)
     summary.stopped = cb.stopping.is_set()
     ended = set(cb.finished) | set(cb.failed) | set(cb.interrupted)
     left = [s for s in todo if s.trial_key not in ended]
