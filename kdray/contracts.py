@@ -25,6 +25,9 @@ TAG_REUSED = "kdray.reused"             # "true": a teacher found in storage, lo
 TAG_VERSION = "kdray.version"
 TAG_GIT_SHA = "kdray.git_sha"
 TAG_PARENT = "mlflow.parentRunId"       # MLflow nests a trial's run under the sweep's
+# An experiment tag: MLflow 3's UI opens the experiment in its model-training view (runs, metrics,
+# charts) instead of the GenAI "Overview / Traces" page.
+TAG_EXPERIMENT_KIND, EXPERIMENT_KIND = "mlflow.experimentKind", "custom_model_development"
 
 # What a trial reports to the driver through Tune ------------------------------
 RESULT_LAST = "kdray"                   # the latest record

@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Callable, Iterable, Optional, TypeVar
 
 from kdray import __version__
-from kdray.contracts import (EPOCH, FINAL, KIND_SWEEP, KIND_TRIAL, TAG_FAILURE, TAG_KIND, TAG_TRIAL_KEY, TAG_VERSION,
+from kdray.contracts import (EPOCH, EXPERIMENT_KIND, FINAL, KIND_SWEEP, TAG_EXPERIMENT_KIND, KIND_TRIAL, TAG_FAILURE, TAG_KIND, TAG_TRIAL_KEY, TAG_VERSION,
                              trial_tags)
 from kdray.spec import TrialSpec
 
@@ -120,12 +120,14 @@ class Tracker:
             raise TrackingError(f"MLflow tracking at {uri} is unreachable: {type(e).__name__}: {str(e).splitlines()[0][:200]}") from None
         if exp is None:
             loc = artifact_root and f"{Path(artifact_root).resolve().as_uri()}"
-            exp_id = self.client.create_experiment(experiment, artifact_location=loc,
-                                                   tags={"mlflow.note.content": description} if description else None)
+            tags = {TAG_EXPERIMENT_KIND: EXPERIMENT_KIND, **({"mlflow.note.content": description} if description else {})}
+            exp_id = self.client.create_experiment(experiment, artifact_location=loc, tags=tags)
         else:
             if exp.lifecycle_stage == "deleted":
                 self.client.restore_experiment(exp.experiment_id)
             exp_id = exp.experiment_id
+            if TAG_EXPERIMENT_KIND not in exp.tags:   # experiments made before kdray set it
+                self.client.set_experiment_tag(exp_id, TAG_EXPERIMENT_KIND, EXPERIMENT_KIND)
         self.experiment_id = exp_id
         self.experiment = experiment
         self.parent_id = self._parent_run()
