@@ -1,4 +1,4 @@
-"""The ``kdray`` command: validate, plan, sweep, report, ui.
+"""The ``kdray`` command: validate, plan, sweep, status, report, ui.
 
 User mistakes (a bad sweep file, missing data, unreachable MLflow) print one
 ``kdray: error: ...`` line and exit 2; nothing is started.
@@ -76,9 +76,16 @@ def cmd_sweep(args) -> int:
 
     sweep, plan = _load(args.sweep, args.max_trials, {"storage": args.storage, "tracking_uri": args.tracking_uri})
     print(format_plan(plan), flush=True)
-    summary = run_sweep(sweep, verbose=0 if args.quiet else 1)
+    summary = run_sweep(sweep, verbose=1 if args.verbose else 0, progress=not (args.quiet or args.verbose))
     print("\n".join(summary.lines()))
     return summary.exit_code
+
+
+def cmd_status(args) -> int:
+    from kdray.progress import status_lines
+
+    print("\n".join(status_lines(args.target, args.tracking_uri)))
+    return 0
 
 
 def cmd_report(args) -> int:
@@ -183,7 +190,11 @@ def build_parser() -> argparse.ArgumentParser:
     max_trials(sp)
     sp.add_argument("--storage", help="override the sweep file's storage")
     sp.add_argument("--tracking-uri", help="override the MLflow tracking URI")
-    sp.add_argument("--quiet", action="store_true", help="no per-trial progress tables")
+    sp.add_argument("--quiet", action="store_true", help="no progress lines, only the summary")
+    sp.add_argument("--verbose", action="store_true", help="Ray Tune's own status tables instead of kdray's progress lines")
+    sp = add("status", cmd_status, "a sweep's trials per stage (done, running, pending, failed) from MLflow and storage")
+    sp.add_argument("target", help="a sweep file or an MLflow experiment name")
+    sp.add_argument("--tracking-uri", help="MLflow tracking URI (default: the sweep's)")
     sp = add("report", cmd_report, "paired tests, transfer decisions, tables and figures from a sweep's MLflow runs")
     sp.add_argument("target", help="a sweep file or an MLflow experiment name")
     sp.add_argument("--out", help="output folder (default <storage>/<sweep>/report)")

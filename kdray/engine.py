@@ -387,8 +387,9 @@ def _graceful_interrupt(stopping: Flag):
 
 
 def _tune_run(specs: list[TrialSpec], sweep: Sweep, store: Store, tracker: Tracker, trained: set[str],
-              verbose: int):
-    """One Tune run over teachers and students; returns (callback, searcher) for the summary."""
+              verbose: int, progress: Optional[dict[str, int]] = None):
+    """One Tune run over teachers and students; returns (callback, searcher) for the summary.
+    ``verbose``: Tune's own tables; ``progress``: kdray's lines, given the trials done before, per role."""
     import ray
     from ray import tune
     from ray.tune.logger import JsonLoggerCallback
@@ -406,6 +407,10 @@ def _tune_run(specs: list[TrialSpec], sweep: Sweep, store: Store, tracker: Track
     stopping = Flag()
     callback = MlflowCallback(tracker, store, stopping)
     searcher = TeachersFirst(specs, store, trained)
+    callbacks = [callback, JsonLoggerCallback()]
+    if progress is not None:
+        from kdray.progress import Progress
+        callbacks.append(Progress({s.trial_key: s.role for s in specs}, progress, callback, sweep.progress_every_s))
     logging.getLogger("ray.tune.search.searcher").setLevel(logging.ERROR)   # see TeachersFirst
     reporter = tune.CLIReporter(
         metric_columns={"kdray/epoch": "epoch", "kdray/train_loss": "train loss", "kdray/test_acc": "test acc"},
@@ -421,7 +426,7 @@ def _tune_run(specs: list[TrialSpec], sweep: Sweep, store: Store, tracker: Track
                                     max_concurrent_trials=_concurrency(sweep, specs), reuse_actors=True,
                                     trial_name_creator=lambda t: TrialSpec.from_dict(t.config["spec"]).label,
                                     trial_dirname_creator=lambda t: TrialSpec.from_dict(t.config["spec"]).trial_key),
-        run_config=tune.RunConfig(name="trials", storage_path=store.tune_path(), callbacks=[callback, JsonLoggerCallback()],
+        run_config=tune.RunConfig(name="trials", storage_path=store.tune_path(), callbacks=callbacks,
                                   failure_config=tune.FailureConfig(max_failures=sweep.max_failures),
                                   progress_reporter=reporter, verbose=verbose,
                                   checkpoint_config=tune.CheckpointConfig(num_to_keep=1)),
@@ -467,7 +472,8 @@ def _tracker_and_ray(uri: str, sweep: Sweep, artifact_root: Optional[str]) -> tu
     return tracker, seconds
 
 
-def run_sweep(sweep: Sweep, plan: Optional[Plan] = None, verbose: int = 1) -> SweepSummary:
+def run_sweep(sweep: Sweep, plan: Optional[Plan] = None, verbose: int = 0, progress: bool = False) -> SweepSummary:
+    """Run what the plan still needs; ``verbose``: Tune's tables, ``progress``: kdray's stage lines."""
     t0 = time.time()
     plan = plan or build_plan(sweep)
     store = Store(sweep.storage, sweep.name)
@@ -476,7 +482,7 @@ def run_sweep(sweep: Sweep, plan: Optional[Plan] = None, verbose: int = 1) -> Sw
     tracker, ray_seconds = _tracker_and_ray(uri, sweep, artifact_root)
     summary = SweepSummary(sweep.name, len(plan.all), tracking_uri=uri, storage=store.uri, ray_start_seconds=ray_seconds)
     try:
-        _run_todo(summary, plan, sweep, store, tracker, verbose)
+        _run_todo(summary, plan, sweep, store, tracker, verbose, progress)
     except BaseException:    # a second Ctrl-C, or an error: the sweep's run must not stay RUNNING
         tracker.end_sweep({}, "KILLED")
         raise
@@ -487,7 +493,8 @@ def run_sweep(sweep: Sweep, plan: Optional[Plan] = None, verbose: int = 1) -> Sw
     return summary
 
 
-def _run_todo(summary: SweepSummary, plan: Plan, sweep: Sweep, store: Store, tracker: Tracker, verbose: int) -> None:
+def _run_todo(summary: SweepSummary, plan: Plan, sweep: Sweep, store: Store, tracker: Tracker, verbose: int,
+              progress: bool) -> None:
     """Skip what MLflow has, log teachers storage has, and run the rest on Tune."""
     done = tracker.finished_keys()
     todo = [s for s in plan.all if s.trial_key not in done]
@@ -511,7 +518,9 @@ def _run_todo(summary: SweepSummary, plan: Plan, sweep: Sweep, store: Store, tra
         n_teachers = sum(s.role == "teacher" for s in todo)
         print(f"kdray: {len(todo)} trials on Ray Tune: {n_teachers} teachers first, each teacher's "
               f"{len(todo) - n_teachers} students as soon as it is done", file=sys.stderr, flush=True)
-        cb, _ = _tune_run(todo, sweep, store, tracker, trained, verbose)
+        had = done | {s.trial_key for s in reused}
+        done_before = {role: sum(s.role == role and s.trial_key in had for s in plan.all) for role in ("teacher", "student")}
+        cb, _ = _tune_run(todo, sweep, store, tracker, trained, verbose, done_before if progress else None)
         _account(summary, todo, cb)
 
 

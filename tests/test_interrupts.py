@@ -18,7 +18,8 @@ COUNTS = re.compile(r"(\d+) trials finished now, (\d+) already done, (\d+) teach
 
 def _sweep(tmp_path, teacher_epochs=60):
     path = tmp_path / "intr.yaml"
-    path.write_text(yaml.safe_dump({"name": "intr", "storage": str(tmp_path / "results"), "setups": [{
+    path.write_text(yaml.safe_dump({"name": "intr", "storage": str(tmp_path / "results"), "progress_every_s": 0,
+                                    "setups": [{
         "name": "d", "dataset": {"name": "digits"}, "teacher": {"arch": "small_cnn", "args": {"channels": 8}},
         "recipe": {"epochs": 2, "batch_size": 128, "lr": 0.01}, "teacher_recipe": {"epochs": teacher_epochs},
         "teacher_seeds": [0], "student_seeds": [10, 11],
@@ -45,7 +46,7 @@ def _counts(stdout):
 def test_sigint_exits_130_and_accounts_for_every_planned_trial(tmp_path, target):
     path = _sweep(tmp_path)
     db = tmp_path / "results" / "mlflow.db"
-    p = subprocess.Popen(KDRAY + ["sweep", str(path), "--quiet"], start_new_session=True, text=True,
+    p = subprocess.Popen(KDRAY + ["sweep", str(path)], start_new_session=True, text=True,
                          stdout=subprocess.PIPE, stderr=subprocess.PIPE)
     try:
         deadline = time.time() + 180
@@ -71,9 +72,23 @@ def test_sigint_exits_130_and_accounts_for_every_planned_trial(tmp_path, target)
     assert _runs_with_status(db, "RUNNING") == 0        # no trial run and no sweep run left RUNNING
     assert _runs_with_status(db, "KILLED") == 2         # the teacher and the sweep
 
-    if target == "driver":   # resuming finishes exactly the plan
-        done = subprocess.run(KDRAY + ["sweep", str(path), "--quiet"], capture_output=True, text=True, timeout=600)
+    # kdray's progress lines (not Tune's tables), and `kdray status` counts the same from MLflow and storage
+    assert "kdray: teachers  0/1 done, 1 running, 0 pending, 0 failed" in err, err[-3000:]
+    assert "kdray: students  0/4 done, 0 running, 4 pending, 0 failed" in err and "== Status ==" not in out + err
+    status = subprocess.run(KDRAY + ["status", str(path)], capture_output=True, text=True, timeout=120)
+    assert status.returncode == 0, status.stderr[-2000:]
+    lines = status.stdout.splitlines()
+    teacher_done = int((tmp_path / "results" / "trials").exists() and any(
+        (d / "model.pt").exists() for d in (tmp_path / "results" / "trials").iterdir()))
+    assert lines[0].startswith(f"sweep intr: {teacher_done}/5 trials done"), status.stdout
+    assert lines[1] == (f"teachers  {teacher_done}/1 done, 0 running, 0 pending, 0 failed"
+                        + ("" if teacher_done else ", 1 interrupted")), status.stdout
+    assert lines[2] == "students  0/4 done, 0 running, 4 pending, 0 failed", status.stdout
+
+    if target == "driver":   # resuming finishes exactly the plan (with Tune's own tables: --verbose)
+        done = subprocess.run(KDRAY + ["sweep", str(path), "--verbose"], capture_output=True, text=True, timeout=600)
         assert done.returncode == 0, done.stderr[-3000:]
+        assert "== Status ==" in done.stdout + done.stderr and "kdray: students " not in done.stderr
         finished, skipped, reused = _counts(done.stdout)[:3]
         assert skipped == 0 and finished + reused == 5, done.stdout   # a teacher whose model was written is reused
         client = MlflowClient(f"sqlite:///{db}")
