@@ -95,3 +95,17 @@ def test_a_deterministic_error_is_not_retried(tmp_path):
     failures = _tags(db, "kdray.failure")
     assert list(failures) == ["d-teacher-t0"] and failures["d-teacher-t0"].startswith("DataNotFoundError: ")
     assert _tags(db, "kdray.retries") == {}        # max_failures 3, but the same error would recur
+
+
+def test_progress_lines_and_status_counts_add_up():
+    from kdray.progress import StageCounts, eta, status_counts
+
+    c = StageCounts("student", 10, done=4, running=2, failed=1)
+    assert c.pending == 3
+    assert eta(c, 40.0) == 50.0                       # 5 left at 10 s per finished trial
+    assert eta(StageCounts("teacher", 2), 5.0) is None  # nothing finished yet: no pace
+    assert c.line(50.0) == "students  4/10 done, 2 running, 3 pending, 1 failed; ETA 0:00:50"
+    roles = {"t": "teacher", "u": "teacher", "a": "student", "b": "student", "c": "student"}
+    counts = status_counts(roles, {"t": "KILLED", "a": "FINISHED", "b": "RUNNING"}, stored={"t"})
+    assert [c.line() for c in counts] == ["teachers  1/2 done, 0 running, 1 pending, 0 failed",
+                                          "students  1/3 done, 1 running, 1 pending, 0 failed"]
