@@ -21,8 +21,11 @@ from kdray.data import DATASETS, resolve_root
 from kdray.models import MODELS
 from kdray.registry import check_value
 from kdray.sweep import Setup, Sweep, SweepError, enabled_conditions
+from kdray.tracking import TrackingError, check_sqlite_store
 
 MAX_TRIALS = 100_000          # above this a sweep needs an explicit --max-trials
+# Names of what storage itself holds: a sweep so named would collide with it.
+RESERVED_NAMES = ("mlflow.db", "trials", "mlartifacts")
 TRACKING_SCHEMES = ("sqlite", "http", "https", "file", "postgresql", "mysql", "mssql", "databricks")
 
 
@@ -129,12 +132,23 @@ def check_size(sweep: Sweep, source: str, max_trials: int = MAX_TRIALS) -> int:
 # ------------------------------------------------------------------ where results go
 
 def check_destinations(sweep: Sweep, source: str) -> None:
-    """Storage that can be written and a tracking URI MLflow can use, checked before Ray starts."""
+    """Storage that can be written, a sweep name that is free in it, and a tracking URI MLflow can use
+    (an existing sqlite file must be an intact MLflow database), checked before Ray starts."""
+    if sweep.name in RESERVED_NAMES:
+        raise SweepError(f"{source}: name: {sweep.name!r} is the name of storage's own "
+                         f"{'file' if '.' in sweep.name else 'folder'} ({', '.join(RESERVED_NAMES)} are taken); rename the sweep")
     if "://" not in sweep.storage or sweep.storage.startswith("file://"):
         _check_writable(sweep.local_storage(), f"{source}: storage")
+        own = sweep.local_storage() / sweep.name
+        if own.exists() and not own.is_dir():
+            raise SweepError(f"{source}: name: {sweep.name!r} collides with the file {own} in storage; rename the sweep")
     uri = sweep.tracking_uri or os.environ.get("MLFLOW_TRACKING_URI")
     if uri:
         _check_tracking_uri(uri, f"{source}: tracking_uri" if sweep.tracking_uri else "$MLFLOW_TRACKING_URI")
+    try:
+        check_sqlite_store(sweep.resolved_tracking_uri())
+    except TrackingError as e:
+        raise SweepError(f"{source}: {e}") from None
 
 
 def _check_writable(path: Path, where: str) -> None:

@@ -1,4 +1,4 @@
-"""The ``kdray`` command: validate, plan, sweep, report, ui.
+"""The ``kdray`` command: validate, plan, sweep, status, report, ui.
 
 User mistakes (a bad sweep file, missing data, unreachable MLflow) print one
 ``kdray: error: ...`` line and exit 2; nothing is started.
@@ -76,9 +76,16 @@ def cmd_sweep(args) -> int:
 
     sweep, plan = _load(args.sweep, args.max_trials, {"storage": args.storage, "tracking_uri": args.tracking_uri})
     print(format_plan(plan), flush=True)
-    summary = run_sweep(sweep, verbose=0 if args.quiet else 1)
+    summary = run_sweep(sweep, verbose=1 if args.verbose else 0, progress=not (args.quiet or args.verbose))
     print("\n".join(summary.lines()))
-    return 0 if summary.ok else 1
+    return summary.exit_code
+
+
+def cmd_status(args) -> int:
+    from kdray.progress import status_lines
+
+    print("\n".join(status_lines(args.target, args.tracking_uri)))
+    return 0
 
 
 def cmd_report(args) -> int:
@@ -103,6 +110,8 @@ def cmd_data(args) -> int:
 
 
 def cmd_ui(args) -> int:
+    from kdray.tracking import check_sqlite_store, sqlite_path
+
     uri = args.tracking_uri
     if not uri:
         from kdray.sweep import default_tracking_uri, load_sweep
@@ -111,10 +120,30 @@ def cmd_ui(args) -> int:
     if uri.startswith(("http://", "https://")):
         print(f"runs are on a tracking server: open {uri} in a browser")
         return 0
+    db = sqlite_path(uri)
+    if db is not None and not db.exists():   # MLflow would create an empty database here
+        return _fail(f"nothing to show: no MLflow database at {db}; run `kdray sweep` first")
+    check_sqlite_store(uri)
+    taken = _port_taken(args.host, args.port)
+    if taken:
+        return _fail(f"port {args.port} on {args.host} is taken ({taken}); pass --port with a free one")
     cmd = [sys.executable, "-m", "mlflow", "ui", "--backend-store-uri", uri, "--host", args.host, "--port", str(args.port)]
     print(" ".join(cmd), flush=True)
     os.execvp(cmd[0], cmd)
     return 0  # not reached
+
+
+def _port_taken(host: str, port: int) -> str:
+    """Why the UI could not listen on host:port ('' when it can): uvicorn's own error is buried in its log."""
+    import socket
+
+    with socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)   # as uvicorn does
+        try:
+            s.bind((host, port))
+        except OSError as e:
+            return e.strerror or str(e)
+    return ""
 
 
 def _positive_int(text: str) -> int:
@@ -161,7 +190,11 @@ def build_parser() -> argparse.ArgumentParser:
     max_trials(sp)
     sp.add_argument("--storage", help="override the sweep file's storage")
     sp.add_argument("--tracking-uri", help="override the MLflow tracking URI")
-    sp.add_argument("--quiet", action="store_true", help="no per-trial progress tables")
+    sp.add_argument("--quiet", action="store_true", help="no progress lines, only the summary")
+    sp.add_argument("--verbose", action="store_true", help="Ray Tune's own status tables instead of kdray's progress lines")
+    sp = add("status", cmd_status, "a sweep's trials per stage (done, running, pending, failed) from MLflow and storage")
+    sp.add_argument("target", help="a sweep file or an MLflow experiment name")
+    sp.add_argument("--tracking-uri", help="MLflow tracking URI (default: the sweep's)")
     sp = add("report", cmd_report, "paired tests, transfer decisions, tables and figures from a sweep's MLflow runs")
     sp.add_argument("target", help="a sweep file or an MLflow experiment name")
     sp.add_argument("--out", help="output folder (default <storage>/<sweep>/report)")
@@ -193,7 +226,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Optional[list[str]] = None) -> int:
-    from kdray.errors import DataNotFoundError
+    from kdray.errors import ClusterError, DataNotFoundError
     from kdray.registry import UnknownNameError
     from kdray.sweep import SweepError
     from kdray.tracking import TrackingError
@@ -201,7 +234,7 @@ def main(argv: Optional[list[str]] = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return args.func(args)
-    except (SweepError, TrackingError, DataNotFoundError, UnknownNameError) as e:
+    except (SweepError, TrackingError, DataNotFoundError, UnknownNameError, ClusterError) as e:
         return _fail(str(e))
     except KeyboardInterrupt:
         print("kdray: interrupted; run the same command again to resume", file=sys.stderr)

@@ -19,10 +19,15 @@ TAG_METHOD = "kdray.method"             # "teacher" or a condition's name
 TAG_TEACHER_KEY = "kdray.teacher_key"
 TAG_CONDITION = "kdray.condition"       # JSON {"method", "params", "width"}: typed, for the analysis
 TAG_FAILURE = "kdray.failure"           # why a FAILED run failed, one line
+TAG_SUSPECT = "kdray.suspect"           # why a FINISHED run's results look like nonsense (kdray/sanity.py)
+TAG_RETRIES = "kdray.retries"           # how often Tune restarted the trial (lost worker or node)
 TAG_REUSED = "kdray.reused"             # "true": a teacher found in storage, logged, not retrained
 TAG_VERSION = "kdray.version"
 TAG_GIT_SHA = "kdray.git_sha"
 TAG_PARENT = "mlflow.parentRunId"       # MLflow nests a trial's run under the sweep's
+# An experiment tag: MLflow 3's UI opens the experiment in its model-training view (runs, metrics,
+# charts) instead of the GenAI "Overview / Traces" page.
+TAG_EXPERIMENT_KIND, EXPERIMENT_KIND = "mlflow.experimentKind", "custom_model_development"
 
 # What a trial reports to the driver through Tune ------------------------------
 RESULT_LAST = "kdray"                   # the latest record

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import logging
 import os
+import signal
 import sys
 import tempfile
 import time
@@ -23,9 +24,11 @@ from ray.tune import Callback
 from ray.tune.search import Searcher
 
 from kdray import testhook
-from kdray.contracts import EPOCH, FAILURE, FINAL, RESULT_EPOCHS, RESULT_LAST, TAG_REUSED
+from kdray.contracts import EPOCH, FAILURE, FINAL, RESULT_EPOCHS, RESULT_LAST, TAG_RETRIES, TAG_REUSED, TAG_SUSPECT
+from kdray.errors import DataNotFoundError
 from kdray.plan import Plan, build_plan
 from kdray.recipe import TrialDiverged, run_trial
+from kdray.sanity import sanity_lines, suspicion
 from kdray.spec import TrialSpec
 from kdray.storage import Store
 from kdray.sweep import Sweep
@@ -83,11 +86,28 @@ def trainable(config: dict) -> None:
             run_distributed_trial(config["spec"], config["storage"], report, restore)  # re-raises TrialDiverged
         else:
             run_trial(spec, store, report, restore, device=_device(spec))
-    except TrialDiverged as e:
-        # Not a crash to retry: the same spec would diverge again. End the trial
-        # normally with the reason (and the epochs before it); the callback marks its run FAILED.
-        pending.append({FAILURE: f"TrialDiverged: {e}"})
+    except Exception as e:
+        if not deterministic(e):
+            raise          # a lost worker or node, or a transient fault: Tune retries (max_failures)
+        # Not a crash to retry: the same spec would fail again. End the trial normally
+        # with the reason (and the epochs before it); the callback marks its run FAILED.
+        pending.append({FAILURE: f"{type(e).__name__}: {str(e).strip()[:2000]}"})
         send()
+
+
+# Errors the same spec raises again on every attempt: retrying them (max_failures) only wastes the
+# slot.  RuntimeError is deterministic only for a shape mismatch (torch's wording); CUDA out of
+# memory, NCCL and other RuntimeErrors may pass on another node and are retried.
+DETERMINISTIC = (TrialDiverged, ValueError, TypeError, KeyError, IndexError, AttributeError, NotImplementedError,
+                 ZeroDivisionError, AssertionError, DataNotFoundError)
+SHAPE_WORDS = ("shape", "size mismatch", "must match the size", "mat1 and mat2", "dimension")
+
+
+def deterministic(e: BaseException) -> bool:
+    if isinstance(e, DETERMINISTIC):
+        return True
+    oom = type(e).__name__ == "OutOfMemoryError" or "out of memory" in str(e)
+    return type(e) is RuntimeError and not oom and any(w in str(e) for w in SHAPE_WORDS)
 
 
 def _resources(config: dict):
@@ -103,18 +123,56 @@ def _resources(config: dict):
 
 # ------------------------------------------------------------------ driver-side logging
 
+class Flag:
+    """Set once, read anywhere; unlike threading.Event it pickles (Tune saves its callbacks)."""
+
+    def __init__(self):
+        self.value = False
+
+    def set(self) -> None:
+        self.value = True
+
+    def is_set(self) -> bool:
+        return self.value
+
+
 class MlflowCallback(Callback):
     """Turns Tune's trial events into MLflow runs (the driver is the only writer)."""
 
-    def __init__(self, tracker: Tracker, store: Store):
+    def __init__(self, tracker: Tracker, store: Store, stopping: Optional[Flag] = None):
         self.tracker, self.store = tracker, store
-        self.runs: dict[str, str] = {}
+        self.stopping = stopping or Flag()   # set on Ctrl-C: what ends now was interrupted
+        self.runs: dict[str, str] = {}       # Tune trial id -> MLflow run id
+        self.keys: dict[str, str] = {}       # Tune trial id -> trial key
         self.finished: list[str] = []
         self.failed: dict[str, str] = {}
+        self.interrupted: list[str] = []
+        self.suspect: list[tuple[str, str, str]] = []    # (role, label, reason) of nonsense results
+        self.retries: dict[str, int] = {}                # Tune trial id -> restarts
+
+    def _end_unfinished(self, trial, reason: str) -> None:
+        """A trial that ended without its final record: interrupted if Ctrl-C came first, else failed."""
+        key, run_id = TrialSpec.from_dict(trial.config["spec"]).trial_key, self._run(trial)
+        if self.stopping.is_set():
+            self.interrupted.append(key)
+            self.tracker.end_trial(run_id, False, "interrupted", status="KILLED")
+        else:
+            self.failed[key] = reason
+            self.tracker.end_trial(run_id, False, reason)
+
+    def end_in_flight(self) -> None:
+        """After an interrupted run: every trial that started and did not end is interrupted."""
+        ended = set(self.finished) | set(self.failed) | set(self.interrupted)
+        for trial_id, run_id in self.runs.items():
+            if self.keys[trial_id] not in ended:
+                self.interrupted.append(self.keys[trial_id])
+                self.tracker.end_trial(run_id, False, "interrupted", status="KILLED")
 
     def _run(self, trial) -> str:
         if trial.trial_id not in self.runs:
-            self.runs[trial.trial_id] = self.tracker.start_trial(TrialSpec.from_dict(trial.config["spec"]))
+            spec = TrialSpec.from_dict(trial.config["spec"])
+            self.runs[trial.trial_id] = self.tracker.start_trial(spec)
+            self.keys[trial.trial_id] = spec.trial_key
         return self.runs[trial.trial_id]
 
     def on_trial_start(self, iteration, trials, trial, **info):
@@ -129,22 +187,27 @@ class MlflowCallback(Callback):
         run_id = self._run(trial)
         final = (trial.last_result or {}).get(RESULT_LAST) or {}
         if not final.get(FINAL):
-            self.failed[spec.trial_key] = final.get(FAILURE) or "trial ended without its final evaluation"
-            self.tracker.end_trial(run_id, False, self.failed[spec.trial_key])
+            self._end_unfinished(trial, final.get(FAILURE) or "trial ended without its final evaluation")
             return
         with tempfile.TemporaryDirectory() as tmp:
             names = ["test_outputs.npz"] + (["model.pt"] if spec.role == "teacher" else [])
             for name in names:
                 self.tracker.log_artifact(run_id, self.store.fetch_to(spec.trial_key, name, tmp))
+        reason = suspicion(final)
+        if reason:
+            self.suspect.append((spec.role, spec.label, reason))
+            self.tracker.client.set_tag(run_id, TAG_SUSPECT, reason)
         self.tracker.end_trial(run_id, True)
         self.finished.append(spec.trial_key)
         testhook.maybe_exit("driver", spec.label, final.get(EPOCH))
 
+    def on_trial_recover(self, iteration, trials, trial, **info):
+        """Tune restarts the trial (max_failures): kept on its run, so retries are visible."""
+        self.retries[trial.trial_id] = self.retries.get(trial.trial_id, 0) + 1
+        self.tracker.client.set_tag(self._run(trial), TAG_RETRIES, str(self.retries[trial.trial_id]))
+
     def on_trial_error(self, iteration, trials, trial, **info):
-        spec = TrialSpec.from_dict(trial.config["spec"])
-        reason = _error_line(trial)
-        self.failed[spec.trial_key] = reason
-        self.tracker.end_trial(self._run(trial), False, reason)
+        self._end_unfinished(trial, _error_line(trial))
 
 
 def log_reused_teacher(tracker: Tracker, store: Store, spec: TrialSpec) -> None:
@@ -169,15 +232,23 @@ def _error_line(trial) -> str:
 
 # ------------------------------------------------------------------ the sweep
 
+EXIT_FAILED, EXIT_INTERRUPTED = 1, 130
+
+
 @dataclass
 class SweepSummary:
+    """Where every planned trial stands after a run: the counts add up to ``planned``."""
     name: str
     planned: int
     skipped: int = 0           # already FINISHED in MLflow before this run
     reused: int = 0            # teachers whose artefacts another sweep (or run) left in storage
     finished: int = 0
     failed: dict = field(default_factory=dict)
-    blocked: int = 0           # students whose teacher failed
+    blocked: int = 0           # students whose teacher failed (now or before)
+    interrupted: int = 0       # running when Ctrl-C came (their runs are KILLED, rerun on resume)
+    not_started: int = 0       # still waiting when the sweep stopped
+    stopped: bool = False      # Ctrl-C (SIGINT) ended the run
+    suspect: list = field(default_factory=list)   # (role, label, reason): finished, but at chance or diverging
     seconds: float = 0.0
     tracking_uri: str = ""
     storage: str = ""
@@ -185,11 +256,15 @@ class SweepSummary:
 
     def lines(self) -> list[str]:
         out = [f"sweep {self.name}: {self.finished} trials finished now, {self.skipped} already done, "
-               f"{self.reused} teachers reused from storage, "
-               f"{len(self.failed)} failed, {self.blocked} not run (teacher missing); {self.planned} planned; "
-               f"{self.seconds:.0f} s"]
+               f"{self.reused} teachers reused from storage, {len(self.failed)} failed, "
+               f"{self.blocked} blocked by a failed teacher, {self.interrupted} interrupted, "
+               f"{self.not_started} not started; {self.planned} planned; {self.seconds:.0f} s"]
         for key, reason in list(self.failed.items())[:10]:
             out.append(f"  failed {key}: {reason}")
+        out += sanity_lines(self.suspect, self.finished)
+        if self.stopped:
+            out.append(f"INTERRUPTED: {self.interrupted + self.not_started} of {self.planned} trials did not run "
+                       f"to the end; run the same command again to resume (finished trials are kept)")
         out.append(f"runs:      MLflow experiment '{self.name}' at {self.tracking_uri}")
         out.append(f"artefacts: {self.storage}")
         out.append(f"browse:    kdray ui --tracking-uri '{self.tracking_uri}'   (or: mlflow ui --backend-store-uri '{self.tracking_uri}')")
@@ -198,7 +273,21 @@ class SweepSummary:
 
     @property
     def ok(self) -> bool:
-        return not self.failed and not self.blocked
+        return self.exit_code == 0
+
+    @property
+    def exit_code(self) -> int:
+        """0 only when every planned trial is done; 130 when interrupted; 1 for failures, or when every
+        trial finished now looks like nonsense (kdray/sanity.py)."""
+        if self.stopped:
+            return EXIT_INTERRUPTED
+        nonsense = self.finished and len(self.suspect) == self.finished
+        return EXIT_FAILED if self.failed or self.blocked or self.not_started or nonsense else 0
+
+    @property
+    def status(self) -> str:
+        """The sweep's MLflow run status."""
+        return {0: "FINISHED", EXIT_FAILED: "FAILED"}.get(self.exit_code, "KILLED")
 
 
 def connect_ray(num_cpus: Optional[int] = None) -> None:
@@ -209,7 +298,12 @@ def connect_ray(num_cpus: Optional[int] = None) -> None:
         return
     os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")
     if os.environ.get("RAY_ADDRESS"):
-        ray.init(address=os.environ["RAY_ADDRESS"], log_to_driver=False)
+        try:
+            ray.init(address=os.environ["RAY_ADDRESS"], log_to_driver=False)
+        except (ConnectionError, RuntimeError) as e:
+            from kdray.errors import ClusterError
+            raise ClusterError(f"cannot join the Ray cluster at RAY_ADDRESS={os.environ['RAY_ADDRESS']}: "
+                               f"{str(e).strip().splitlines()[0][:200] if str(e).strip() else type(e).__name__}") from None
     else:
         ray.init(num_cpus=num_cpus, include_dashboard=False, log_to_driver=False, configure_logging=False)
 
@@ -264,9 +358,41 @@ class TeachersFirst(Searcher):
                 self.ready.add(key)
 
 
+class _TuneNotices(logging.Filter):
+    """Drops Tune's interrupt notices: its resume advice (``Tuner.restore``) is not how kdray resumes."""
+    DROP = ("Tuner.restore", "Stop signal received", "Trials did not complete", "Experiment has been interrupted")
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not any(d in record.getMessage() for d in self.DROP)
+
+
+@contextmanager
+def _graceful_interrupt(stopping: Flag):
+    """The first Ctrl-C ends the Tune run through Tune's own stop path (SIGUSR1: running trials are
+    stopped, the loop returns) and is remembered in ``stopping``; a second one stops at once."""
+    def handler(signum, frame):
+        if stopping.is_set():
+            raise KeyboardInterrupt
+        stopping.set()
+        print("kdray: interrupted: stopping the running trials (Ctrl-C again to stop at once)",
+              file=sys.stderr, flush=True)
+        os.kill(os.getpid(), signal.SIGUSR1)
+
+    tune_log = logging.getLogger("ray.tune.tune")
+    notices = _TuneNotices()
+    previous = signal.signal(signal.SIGINT, handler)
+    tune_log.addFilter(notices)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, previous)
+        tune_log.removeFilter(notices)
+
+
 def _tune_run(specs: list[TrialSpec], sweep: Sweep, store: Store, tracker: Tracker, trained: set[str],
-              verbose: int):
-    """One Tune run over teachers and students; returns (callback, searcher) for the summary."""
+              verbose: int, progress: Optional[dict[str, int]] = None):
+    """One Tune run over teachers and students; returns (callback, searcher) for the summary.
+    ``verbose``: Tune's own tables; ``progress``: kdray's lines, given the trials done before, per role."""
     import ray
     from ray import tune
     from ray.tune.logger import JsonLoggerCallback
@@ -278,9 +404,16 @@ def _tune_run(specs: list[TrialSpec], sweep: Sweep, store: Store, tracker: Track
         # Tune queues one pending trial at a time for a custom searcher; queue as many as it does
         # for a grid, so that free slots fill at once and an autoscaler sees the demand.
         "TUNE_MAX_PENDING_TRIALS_PG": str(max(200, int(ray.cluster_resources().get("CPU", 1) * 1.1))),
+        # Ctrl-C is kdray's (see _graceful_interrupt): it must be counted, and resuming is kdray's.
+        "TUNE_DISABLE_SIGINT_HANDLER": "1",
     }
-    callback = MlflowCallback(tracker, store)
+    stopping = Flag()
+    callback = MlflowCallback(tracker, store, stopping)
     searcher = TeachersFirst(specs, store, trained)
+    callbacks = [callback, JsonLoggerCallback()]
+    if progress is not None:
+        from kdray.progress import Progress
+        callbacks.append(Progress({s.trial_key: s.role for s in specs}, progress, callback, sweep.progress_every_s))
     logging.getLogger("ray.tune.search.searcher").setLevel(logging.ERROR)   # see TeachersFirst
     reporter = tune.CLIReporter(
         metric_columns={"kdray/epoch": "epoch", "kdray/train_loss": "train loss", "kdray/test_acc": "test acc"},
@@ -296,13 +429,15 @@ def _tune_run(specs: list[TrialSpec], sweep: Sweep, store: Store, tracker: Track
                                     max_concurrent_trials=_concurrency(sweep, specs), reuse_actors=True,
                                     trial_name_creator=lambda t: TrialSpec.from_dict(t.config["spec"]).label,
                                     trial_dirname_creator=lambda t: TrialSpec.from_dict(t.config["spec"]).trial_key),
-        run_config=tune.RunConfig(name="trials", storage_path=store.tune_path(), callbacks=[callback, JsonLoggerCallback()],
+        run_config=tune.RunConfig(name="trials", storage_path=store.tune_path(), callbacks=callbacks,
                                   failure_config=tune.FailureConfig(max_failures=sweep.max_failures),
                                   progress_reporter=reporter, verbose=verbose,
                                   checkpoint_config=tune.CheckpointConfig(num_to_keep=1)),
     )
-    with _environ(tune_env):
+    with _environ(tune_env), _graceful_interrupt(stopping):
         tuner.fit()
+    if stopping.is_set():
+        callback.end_in_flight()
     return callback, searcher
 
 
@@ -331,13 +466,17 @@ def _tracker_and_ray(uri: str, sweep: Sweep, artifact_root: Optional[str]) -> tu
         t0 = time.time()
         try:
             connect_ray()  # in the main thread: Ray installs signal handlers
-        finally:
-            seconds = time.time() - t0
-            tracker = opening.result()
+        except BaseException:   # Ctrl-C or a failed start: the sweep's run must not stay RUNNING
+            if opening.exception() is None:
+                opening.result().end_sweep({}, "KILLED")
+            raise
+        seconds = time.time() - t0
+        tracker = opening.result()
     return tracker, seconds
 
 
-def run_sweep(sweep: Sweep, plan: Optional[Plan] = None, verbose: int = 1) -> SweepSummary:
+def run_sweep(sweep: Sweep, plan: Optional[Plan] = None, verbose: int = 0, progress: bool = False) -> SweepSummary:
+    """Run what the plan still needs; ``verbose``: Tune's tables, ``progress``: kdray's stage lines."""
     t0 = time.time()
     plan = plan or build_plan(sweep)
     store = Store(sweep.storage, sweep.name)
@@ -345,6 +484,21 @@ def run_sweep(sweep: Sweep, plan: Optional[Plan] = None, verbose: int = 1) -> Sw
     artifact_root = str(sweep.local_storage() / "mlartifacts" / sweep.name) if uri.startswith("sqlite") else None
     tracker, ray_seconds = _tracker_and_ray(uri, sweep, artifact_root)
     summary = SweepSummary(sweep.name, len(plan.all), tracking_uri=uri, storage=store.uri, ray_start_seconds=ray_seconds)
+    try:
+        _run_todo(summary, plan, sweep, store, tracker, verbose, progress)
+    except BaseException:    # a second Ctrl-C, or an error: the sweep's run must not stay RUNNING
+        tracker.end_sweep({}, "KILLED")
+        raise
+    summary.seconds = time.time() - t0
+    tracker.end_sweep({"trials_finished": summary.finished, "trials_failed": len(summary.failed),
+                       "trials_interrupted": summary.interrupted + summary.not_started,
+                       "trials_planned": summary.planned, "sweep_seconds": summary.seconds}, summary.status)
+    return summary
+
+
+def _run_todo(summary: SweepSummary, plan: Plan, sweep: Sweep, store: Store, tracker: Tracker, verbose: int,
+              progress: bool) -> None:
+    """Skip what MLflow has, log teachers storage has, and run the rest on Tune."""
     done = tracker.finished_keys()
     todo = [s for s in plan.all if s.trial_key not in done]
     summary.skipped = len(plan.all) - len(todo)
@@ -362,15 +516,26 @@ def run_sweep(sweep: Sweep, plan: Optional[Plan] = None, verbose: int = 1) -> Sw
     summary.blocked = len(todo) - len(runnable)   # their teacher is neither trained nor training
     todo = runnable
     if todo:
+        from kdray.cluster import check_resources
+        check_resources(todo, autoscaling=bool(os.environ.get("RAY_ADDRESS")))   # a local cluster cannot grow
         n_teachers = sum(s.role == "teacher" for s in todo)
         print(f"kdray: {len(todo)} trials on Ray Tune: {n_teachers} teachers first, each teacher's "
               f"{len(todo) - n_teachers} students as soon as it is done", file=sys.stderr, flush=True)
-        cb, searcher = _tune_run(todo, sweep, store, tracker, trained, verbose)
-        summary.finished = len(cb.finished)
-        summary.failed.update(cb.failed)
-        summary.blocked += searcher.blocked + len(searcher.students)
-    summary.seconds = time.time() - t0
-    tracker.end_sweep({"trials_finished": summary.finished, "trials_failed": len(summary.failed),
-                       "trials_planned": summary.planned, "sweep_seconds": summary.seconds})
-    return summary
+        had = done | {s.trial_key for s in reused}
+        done_before = {role: sum(s.role == role and s.trial_key in had for s in plan.all) for role in ("teacher", "student")}
+        cb, _ = _tune_run(todo, sweep, store, tracker, trained, verbose, done_before if progress else None)
+        _account(summary, todo, cb)
 
+
+def _account(summary: SweepSummary, todo: list[TrialSpec], cb: MlflowCallback) -> None:
+    """Each trial handed to Tune is finished, failed, interrupted, blocked (its teacher failed) or not started."""
+    summary.finished = len(cb.finished)
+    summary.failed.update(cb.failed)
+    summary.interrupted = len(cb.interrupted)
+    summary.suspect = list(cb.suspect)
+    summary.stopped = cb.stopping.is_set()
+    ended = set(cb.finished) | set(cb.failed) | set(cb.interrupted)
+    left = [s for s in todo if s.trial_key not in ended]
+    blocked = sum(s.role == "student" and s.teacher_key in cb.failed for s in left)
+    summary.blocked += blocked
+    summary.not_started = len(left) - blocked

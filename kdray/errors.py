@@ -12,3 +12,7 @@ class DataNotFoundError(FileNotFoundError):
 
 class FetchError(RuntimeError):
     """A data set download that failed (unreachable, checksum differs); the message says which."""
+
+
+class ClusterError(RuntimeError):
+    """The Ray cluster cannot be joined or cannot run the sweep (resources it does not have)."""

@@ -299,8 +299,10 @@ def finish_trial(spec: TrialSpec, store: Store, model: nn.Module, bundle: DataBu
     logits, y = evaluate(model, bundle, device, r.eval_batch_size)
     test_loss, test_acc = loss_and_accuracy(logits, y)
     final = {EPOCH: len(history), "test_loss": test_loss, "test_acc": test_acc, "train_seconds": seconds, FINAL: 1}
+    final["chance_acc"] = 1.0 / bundle.num_classes       # for the sanity check (kdray/sanity.py)
     if history:
-        final.update(train_loss=history[-1]["train_loss"], train_acc=history[-1]["train_acc"])
+        final.update(train_loss=history[-1]["train_loss"], train_acc=history[-1]["train_acc"],
+                     train_loss_first=history[0]["train_loss"])
     if teacher_logits is not None:
         from kdray.functional import functional_metrics
         final.update(functional_metrics(torch.from_numpy(teacher_logits), logits, y))

@@ -207,6 +207,8 @@ class Sweep(_Strict):
     # A trial sends its epochs' metrics to the driver (and so to MLflow) at most this often, and at
     # its end and checkpoints: every report is a round trip that stalls the trial. 0: every epoch.
     report_every_s: float = Field(10.0, ge=0)
+    # Off a terminal (a log file, `ray job logs`), the progress lines are printed at most this often.
+    progress_every_s: float = Field(30.0, ge=0)
     setups: list[Setup] = Field(min_length=1)
 
     @model_validator(mode="after")

@@ -8,13 +8,14 @@ is retried with back-off, so a tracking server that blips does not end a sweep.
 from __future__ import annotations
 
 import logging
+import sqlite3
 import subprocess
 import time
 from pathlib import Path
 from typing import Callable, Iterable, Optional, TypeVar
 
 from kdray import __version__
-from kdray.contracts import (EPOCH, FINAL, KIND_SWEEP, KIND_TRIAL, TAG_FAILURE, TAG_KIND, TAG_TRIAL_KEY, TAG_VERSION,
+from kdray.contracts import (EPOCH, EXPERIMENT_KIND, FINAL, KIND_SWEEP, TAG_EXPERIMENT_KIND, KIND_TRIAL, TAG_FAILURE, TAG_KIND, TAG_TRIAL_KEY, TAG_VERSION,
                              trial_tags)
 from kdray.spec import TrialSpec
 
@@ -50,6 +51,48 @@ def probe(uri: str, timeout: float = 5.0) -> None:
         raise TrackingError(f"MLflow tracking at {uri} is unreachable: {type(e).__name__}") from None
 
 
+SQLITE_HEADER = b"SQLite format 3\x00"
+MLFLOW_TABLES = {"alembic_version", "experiments", "runs"}
+
+
+def sqlite_path(uri: str) -> Optional[Path]:
+    """The file of a ``sqlite:///`` tracking URI (None for a server or another database)."""
+    return Path(uri.removeprefix("sqlite:///")).expanduser() if uri.startswith("sqlite:///") else None
+
+
+def check_sqlite_store(uri: str) -> None:
+    """A sqlite tracking file that exists must be an intact MLflow database.
+
+    Checked read-only before MLflow opens it: MLflow would write its schema into an
+    empty file, or fail deep inside SQLAlchemy (after Ray has started) on a damaged one.
+    """
+    path = sqlite_path(uri)
+    if path is None or not path.exists():
+        return
+    fix = "restore it from a backup, or move it away and point --tracking-uri elsewhere"
+    if path.is_dir():
+        raise TrackingError(f"{path}: the MLflow database is a folder, not a file; {fix}")
+    if path.stat().st_size == 0:
+        raise TrackingError(f"{path}: the MLflow database is an empty file (0 bytes); delete it to start afresh, or {fix}")
+    with open(path, "rb") as f:
+        if f.read(len(SQLITE_HEADER)) != SQLITE_HEADER:
+            raise TrackingError(f"{path}: not a SQLite database (the MLflow database is damaged or another file); {fix}")
+    try:
+        con = sqlite3.connect(f"{path.resolve().as_uri()}?mode=ro", uri=True)
+        try:
+            check = con.execute("PRAGMA quick_check").fetchone()[0]
+            tables = {r[0] for r in con.execute("select name from sqlite_master where type = 'table'")}
+        finally:
+            con.close()
+    except sqlite3.Error as e:
+        raise TrackingError(f"{path}: the MLflow database is damaged ({e}); {fix}") from None
+    if check != "ok":
+        raise TrackingError(f"{path}: the MLflow database is damaged (integrity check: {check[:200]}); {fix}")
+    if not MLFLOW_TABLES <= tables:
+        raise TrackingError(f"{path}: a SQLite database, but not MLflow's (no {', '.join(sorted(MLFLOW_TABLES - tables))} "
+                            f"table); {fix}")
+
+
 def git_sha() -> str:
     try:
         return subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
@@ -77,12 +120,14 @@ class Tracker:
             raise TrackingError(f"MLflow tracking at {uri} is unreachable: {type(e).__name__}: {str(e).splitlines()[0][:200]}") from None
         if exp is None:
             loc = artifact_root and f"{Path(artifact_root).resolve().as_uri()}"
-            exp_id = self.client.create_experiment(experiment, artifact_location=loc,
-                                                   tags={"mlflow.note.content": description} if description else None)
+            tags = {TAG_EXPERIMENT_KIND: EXPERIMENT_KIND, **({"mlflow.note.content": description} if description else {})}
+            exp_id = self.client.create_experiment(experiment, artifact_location=loc, tags=tags)
         else:
             if exp.lifecycle_stage == "deleted":
                 self.client.restore_experiment(exp.experiment_id)
             exp_id = exp.experiment_id
+            if TAG_EXPERIMENT_KIND not in exp.tags:   # experiments made before kdray set it
+                self.client.set_experiment_tag(exp_id, TAG_EXPERIMENT_KIND, EXPERIMENT_KIND)
         self.experiment_id = exp_id
         self.experiment = experiment
         self.parent_id = self._parent_run()
@@ -147,11 +192,14 @@ class Tracker:
     def log_artifact(self, run_id: str, path: Path) -> None:
         retry(lambda: self.client.log_artifact(run_id, str(path)), "log_artifact")
 
-    def end_trial(self, run_id: str, ok: bool, reason: str = "") -> None:
+    def end_trial(self, run_id: str, ok: bool, reason: str = "", status: str = "FAILED") -> None:
+        """FINISHED when ``ok``; else ``status`` (FAILED, or KILLED for an interrupted trial) and why."""
         if not ok:
             retry(lambda: self.client.set_tag(run_id, TAG_FAILURE, reason[:5000] or "unknown"), "set_tag")
-        retry(lambda: self.client.set_terminated(run_id, "FINISHED" if ok else "FAILED"), "terminate")
+        retry(lambda: self.client.set_terminated(run_id, "FINISHED" if ok else status), "terminate")
 
-    def end_sweep(self, summary: dict) -> None:
-        self.log_metrics(self.parent_id, summary, 0)
-        retry(lambda: self.client.set_terminated(self.parent_id, "FINISHED"), "terminate")
+    def end_sweep(self, summary: dict, status: str = "FINISHED") -> None:
+        """The sweep's run ends FINISHED only when every planned trial did; FAILED or KILLED otherwise."""
+        if summary:
+            self.log_metrics(self.parent_id, summary, 0)
+        retry(lambda: self.client.set_terminated(self.parent_id, status), "terminate")

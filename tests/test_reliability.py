@@ -101,6 +101,7 @@ def test_killed_trial_worker_resumes_from_its_checkpoint_bit_identically(tmp_pat
     assert fired.exists(), "the worker never reached the planned crash"
 
     run = next(r for r in trial_runs(path) if r.data.tags["kdray.trial_key"] == teacher.trial_key)
+    assert run.data.tags.get("kdray.retries") == "1"   # a lost worker is retried (max_failures), and it shows
     client = MlflowClient(sweep.resolved_tracking_uri())
     steps = sorted(m.step for m in client.get_metric_history(run.info.run_id, "train_loss"))
     assert steps.count(1) == 1, f"restarted from scratch: {steps}"

@@ -32,6 +32,7 @@ from kdray.analysis import corrections, figures, power, tables
 from kdray.analysis.runs import ReportError, get_experiment, load_runs, resolve_experiment
 from kdray.analysis.stats import SUPPORT_MIN, Analysis, analyse
 from kdray.contracts import KIND_REPORT, KIND_SWEEP, TAG_KIND, TAG_PARENT
+from kdray.sanity import report_lines
 
 SHOW_EXCLUDED = 8                    # excluded runs listed in the terminal summary
 
@@ -42,6 +43,7 @@ class ReportResult:
     analysis: Analysis
     files: list[Path] = field(default_factory=list)
     seconds: dict = field(default_factory=dict)     # per phase
+    sanity: list = field(default_factory=list)      # teachers vs chance, suspect trials (kdray/sanity.py)
 
     @property
     def index(self) -> Path:
@@ -69,6 +71,7 @@ class ReportResult:
             if len(a.excluded) > SHOW_EXCLUDED:
                 lines.append(f"  ... and {len(a.excluded) - SHOW_EXCLUDED} more (tables/excluded.md)")
         lines += [f"warning: {n}" for n in a.notes]
+        lines += self.sanity
         lines.append(f"report: {self.index}")
         return "\n".join(lines)
 
@@ -155,7 +158,7 @@ def build_report(df: pd.DataFrame, out_dir: str | Path, threshold: float = 0.01,
     clock = _Clock()
     a = analyse(df, threshold=threshold, exclude_below=exclude_below, map_=pool.map if pool else map,
                 correction=correction, min_metrics=min_metrics)
-    result = ReportResult(out, a, seconds=clock.seconds)
+    result = ReportResult(out, a, seconds=clock.seconds, sanity=report_lines(df.to_dict("records")))
     clock.lap("analysis")
     files = result.files
     pending = figures.all_figures(a, out / "figures", pool)   # drawn by the workers meanwhile

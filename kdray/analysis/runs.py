@@ -16,7 +16,8 @@ import pandas as pd
 from kdray import conditions
 from kdray.contracts import (KIND_TRIAL, TAG_CONDITION, TAG_FAILURE, TAG_KIND, TAG_METHOD, TAG_ROLE, TAG_SETUP,
                              TAG_TEACHER_KEY, TAG_TRIAL_KEY, parse_condition)
-from kdray.sweep import DEFAULT_STORAGE, SweepError, default_tracking_uri
+from kdray.sweep import DEFAULT_STORAGE, SweepError, default_tracking_uri, read_yaml
+from kdray.tracking import TrackingError, check_sqlite_store
 
 # Columns every frame from load_runs has, in this order; metric columns follow.  ``params`` holds
 # each run's condition parameters as a dict of typed values.
@@ -44,10 +45,10 @@ def resolve_experiment(tracking_uri: str | None, name_or_path: str) -> tuple[str
     storage, uri_in_file, name = DEFAULT_STORAGE, None, name_or_path
     path = Path(name_or_path)
     if path.suffix in (".yaml", ".yml") or path.is_file():
-        if not path.is_file():
-            raise ReportError(f"{path}: no such sweep file")
-        import yaml
-        data = yaml.safe_load(path.read_text()) or {}
+        try:
+            data = read_yaml(path) or {}
+        except SweepError as e:   # not a file, not UTF-8, bad YAML: one line
+            raise ReportError(str(e)) from None
         if not isinstance(data, dict) or not data.get("name"):
             raise ReportError(f"{path}: the sweep file has no name")
         name = str(data["name"])
@@ -70,6 +71,10 @@ def get_experiment(tracking_uri: str, experiment: str):
     missing = ReportError(f"no MLflow experiment {experiment!r} at {tracking_uri}; run `kdray sweep` first")
     if tracking_uri.startswith("sqlite:///") and not Path(tracking_uri.removeprefix("sqlite:///")).is_file():
         raise missing
+    try:
+        check_sqlite_store(tracking_uri)   # read-only: a damaged or empty file is reported, not written
+    except TrackingError as e:
+        raise ReportError(str(e)) from None
     exp = MlflowClient(tracking_uri).get_experiment_by_name(experiment)
     if exp is None or exp.lifecycle_stage == "deleted":
         raise missing
