@@ -22,6 +22,7 @@ TAG_FAILURE = "kdray.failure"           # why a FAILED run failed, one line
 TAG_REUSED = "kdray.reused"             # "true": a teacher found in storage, logged, not retrained
 TAG_VERSION = "kdray.version"
 TAG_GIT_SHA = "kdray.git_sha"
+TAG_PLUGINS = "kdray.plugins"           # on the sweep run: the plug-in modules its trials imported
 TAG_PARENT = "mlflow.parentRunId"       # MLflow nests a trial's run under the sweep's
 
 # What a trial reports to the driver through Tune ------------------------------
