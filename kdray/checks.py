@@ -18,7 +18,7 @@ from urllib.parse import urlparse
 
 from kdray import conditions
 from kdray.data import DATASETS, resolve_root
-from kdray.models import MODELS
+from kdray.models import ANY, MODELS
 from kdray.registry import check_value
 from kdray.sweep import Setup, Sweep, SweepError, enabled_conditions
 from kdray.tracking import TrackingError, check_sqlite_store
@@ -52,7 +52,7 @@ def _check_setup(s: Setup, where: str) -> None:
     for role, ref in models:
         arch = MODELS.get(ref.arch)
         _check_args(f"{where}.{role}", ref.args, arch.args(), f"architecture {arch.name!r}")
-        if data.modality not in arch.accepts:
+        if data.modality != ANY and data.modality not in arch.accepts:
             raise SweepError(f"{where}.{role}.arch: {arch.name!r} takes {' or '.join(arch.accepts)} inputs, but dataset "
                              f"{data.name!r} provides {data.modality}; pick an architecture for {data.modality}: "
                              + ", ".join(n for n in MODELS.names() if data.modality in MODELS.get(n).accepts))

@@ -24,6 +24,7 @@ TAG_RETRIES = "kdray.retries"           # how often Tune restarted the trial (lo
 TAG_REUSED = "kdray.reused"             # "true": a teacher found in storage, logged, not retrained
 TAG_VERSION = "kdray.version"
 TAG_GIT_SHA = "kdray.git_sha"
+TAG_PLUGINS = "kdray.plugins"           # on the sweep run: the plug-in modules its trials imported
 TAG_PARENT = "mlflow.parentRunId"       # MLflow nests a trial's run under the sweep's
 # An experiment tag: MLflow 3's UI opens the experiment in its model-training view (runs, metrics,
 # charts) instead of the GenAI "Overview / Traces" page.

@@ -462,7 +462,7 @@ def _tracker_and_ray(uri: str, sweep: Sweep, artifact_root: Optional[str]) -> tu
 
     probe(uri)  # an unreachable server fails now, before Ray starts
     with ThreadPoolExecutor(1, thread_name_prefix="kdray-mlflow") as pool:
-        opening = pool.submit(Tracker, uri, sweep.name, artifact_root, sweep.description)
+        opening = pool.submit(Tracker, uri, sweep.name, artifact_root, sweep.description, tuple(sweep.plugins))
         t0 = time.time()
         try:
             connect_ray()  # in the main thread: Ray installs signal handlers

@@ -7,9 +7,17 @@ from __future__ import annotations
 
 from typing import Callable
 
-from kdray.registry import Registry
+from kdray.registry import PluginError, Registry, resolve, takes
 
-EVALS: Registry[Callable[..., dict]] = Registry("eval")
+
+def adopt_eval(path: str) -> Callable[..., dict]:
+    fn = resolve(path)
+    if callable(fn) and takes(fn, "model", "bundle", "device"):
+        return fn
+    raise PluginError(f"{path} is not an eval: give fn(model, bundle, device) -> dict[str, float]")
+
+
+EVALS: Registry[Callable[..., dict]] = Registry("eval", adopt=adopt_eval)
 register_eval = EVALS.register
 
 

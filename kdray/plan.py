@@ -52,6 +52,7 @@ def _self_distillation(setup: Setup, width: float) -> bool:
 
 def expand_setup(sweep: Sweep, setup: Setup) -> tuple[list[TrialSpec], list[TrialSpec]]:
     common = dict(setup=setup.name, dataset=setup.dataset.name, data_root=sweep.data_root, sweep=sweep.name,
+                  plugins=tuple(sweep.plugins),
                   evals=tuple(setup.evals),
                   distributed=setup.distributed.model_dump() if setup.distributed else {})
     recipe = setup.recipe.model_dump()

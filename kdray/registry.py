@@ -27,12 +27,18 @@ class UnknownNameError(KeyError):
 
 
 class Registry(Generic[T]):
-    """``load``: called once before the first look-up (imports the modules that register)."""
+    """``load``: called once before the first look-up (imports the modules that register).
 
-    def __init__(self, kind: str, load: Optional[Callable[[], None]] = None):
+    ``adopt(path)``: for a name that is an import path (``"my_pkg.models:Net"``), the item to
+    register under that name, built from the object there (kdray/plugins.py); None: names only.
+    """
+
+    def __init__(self, kind: str, load: Optional[Callable[[], None]] = None,
+                 adopt: Optional[Callable[[str], T]] = None):
         self.kind = kind
         self._items: dict[str, T] = {}
         self._load = load
+        self._adopt = adopt
 
     def _ready(self) -> None:
         if self._load is not None:
@@ -48,8 +54,16 @@ class Registry(Generic[T]):
 
         return deco
 
+    def _adopted(self, name: str) -> bool:
+        """Registers the object at an import path the first time it is named."""
+        if name in self._items or self._adopt is None or not is_import_path(name):
+            return name in self._items
+        self._items[name] = self._adopt(name)
+        return True
+
     def get(self, name: str) -> T:
         self._ready()
+        self._adopted(name)
         try:
             return self._items[name]
         except KeyError:
@@ -63,18 +77,52 @@ class Registry(Generic[T]):
 
     def __contains__(self, name: str) -> bool:
         self._ready()
-        return name in self._items
+        return self._adopted(name)
 
     def __iter__(self) -> Iterator[str]:
         return iter(self.names())
 
 
+class PluginError(ValueError):
+    """A plug-in that cannot be used: its module does not import, or the object is of the wrong kind.
+    A ValueError, so the sweep schema reports it at the field that named it."""
+
+
+def is_import_path(name: str) -> bool:
+    module, sep, attr = name.partition(":")
+    return bool(sep and module and attr.isidentifier())
+
+
+def import_module(module: str):
+    """A user's module, or one PluginError line (not found, or it raised while importing)."""
+    try:
+        return importlib.import_module(module)
+    except ModuleNotFoundError as e:
+        raise PluginError(f"cannot import {module!r}: {e}; install its package or put it on PYTHONPATH") from None
+    except Exception as e:  # the user's module raised
+        raise PluginError(f"importing {module!r} raised {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
+                          ) from None
+
+
 def resolve(target: Target) -> Callable:
-    """The callable a target names (imports its module)."""
+    """The object a target names (imports its module)."""
     if callable(target):
         return target
     module, _, attr = target.partition(":")
-    return getattr(importlib.import_module(module), attr)
+    try:
+        return getattr(import_module(module), attr)
+    except AttributeError:
+        raise PluginError(f"module {module!r} has no {attr!r}") from None
+
+
+def takes(fn: Callable, *names: str) -> bool:
+    """Whether ``fn`` can be called with these keyword arguments (its signature, not a call)."""
+    try:
+        sig = inspect.signature(fn)
+    except (TypeError, ValueError):
+        return False
+    params = sig.parameters
+    return all(n in params for n in names) or any(p.kind is p.VAR_KEYWORD for p in params.values())
 
 
 def builder_args(target: Target, skip: tuple[str, ...] = ()) -> dict[str, tuple[Optional[str], Any]]:

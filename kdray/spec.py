@@ -23,7 +23,7 @@ from kdray import conditions
 
 KEY_SCHEMA = 1
 # Fields that do not change what a trial computes, so they stay out of its key.
-NON_KEY_FIELDS = ("resources", "distributed", "sweep", "data_root")
+NON_KEY_FIELDS = ("resources", "distributed", "sweep", "data_root", "plugins")
 V1_FIELDS = ("setup", "role", "method", "dataset", "arch", "teacher_seed", "init_seed", "data_seed",
              "student_seed", "width", "dataset_args", "arch_args", "recipe", "evals", "teacher")
 V1_PARAMS = {"alpha": 0.0, "temperature": 1.0, "block": None}     # hashed by every schema-1 key
@@ -55,6 +55,7 @@ class TrialSpec:
     resources: dict = field(default_factory=dict)
     distributed: dict = field(default_factory=dict)
     sweep: str = ""
+    plugins: tuple = ()              # modules a worker imports before it runs the trial (kdray/plugins.py)
 
     # --- identity -------------------------------------------------------
     def key_dict(self) -> dict:
@@ -115,15 +116,21 @@ class TrialSpec:
     # --- (de)serialisation ------------------------------------------------
     def to_dict(self) -> dict:
         d = asdict(self)
-        d["evals"] = list(self.evals)
+        d["evals"], d["plugins"] = list(self.evals), list(self.plugins)
         return d
 
     @classmethod
     def from_dict(cls, d: dict) -> "TrialSpec":
+        """The spec back from ``to_dict``; in a worker process this also imports its plug-ins, so the
+        condition, model and data set it names are registered there."""
+        from kdray import plugins
+
         d = dict(d)
+        plugins.load(d.get("plugins", ()))
         if d.get("teacher") is not None:
             d["teacher"] = cls.from_dict(d["teacher"])
         d["evals"] = tuple(d.get("evals", ()))
+        d["plugins"] = tuple(d.get("plugins", ()))
         return cls(**d)
 
     def flat_params(self) -> dict[str, Any]:
@@ -143,8 +150,8 @@ class TrialSpec:
                 out["teacher_key"] = self.teacher_key
                 if self.teacher is not None:
                     out["teacher_arch"] = self.teacher.arch
-            elif f.name == "evals":
-                out["evals"] = ",".join(self.evals)
+            elif f.name in ("evals", "plugins"):
+                out[f.name] = ",".join(v)
             else:
                 put(f.name, v)
         out["trial_key"] = self.trial_key

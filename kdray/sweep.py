@@ -7,6 +7,7 @@ turns every failure into one ``SweepError`` line naming the file and field.
 """
 from __future__ import annotations
 
+import functools
 import re
 from pathlib import Path
 from typing import Any, Literal, Optional
@@ -14,9 +15,11 @@ from typing import Any, Literal, Optional
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, StrictBool, ValidationError, create_model, field_validator, model_validator
 
+from kdray import conditions
 from kdray.data import DATASETS
 from kdray.evals import EVALS
 from kdray.models import MODELS
+from kdray.registry import PluginError
 
 DEFAULT_STORAGE = "./results"
 # Sweep and setup names become folder names and MLflow names: letters, digits, "_", "-", single dots.
@@ -41,8 +44,6 @@ class _Strict(BaseModel):
 def _conditions_model() -> type[BaseModel]:
     """The ``conditions:`` mapping, one optional key per condition that a sweep file can name,
     built from the declarations in kdray/conditions (their defaults, grids and checks)."""
-    from kdray import conditions
-
     fields: dict[str, Any] = {}
     for cond in conditions.all_conditions():
         if not cond.sweep_key:
@@ -60,8 +61,6 @@ Conditions = _conditions_model()
 
 def enabled_conditions(c: BaseModel) -> list[tuple[Any, Any]]:
     """(declaration, sweep-file entry) of every condition a setup turns on, in declared order."""
-    from kdray import conditions
-
     return [(cond, getattr(c, cond.sweep_key)) for cond in conditions.all_conditions()
             if cond.sweep_key and getattr(c, cond.sweep_key) not in (None, False)]
 
@@ -209,6 +208,7 @@ class Sweep(_Strict):
     report_every_s: float = Field(10.0, ge=0)
     # Off a terminal (a log file, `ray job logs`), the progress lines are printed at most this often.
     progress_every_s: float = Field(30.0, ge=0)
+    plugins: list[str] = []                       # modules that register conditions, models, data (docs/plugins.md)
     setups: list[Setup] = Field(min_length=1)
 
     @model_validator(mode="after")
@@ -270,11 +270,45 @@ def _first_error(e: ValidationError) -> str:
     return f"{where}: {msg}" + (f" (+{more} more)" if more else "")
 
 
+def _load_plugins(data: dict, source: str) -> None:
+    """The plug-in modules a sweep names are imported before it is validated: they register the
+    names (and condition keys) the file uses."""
+    from kdray import plugins
+
+    names = data.get("plugins", [])
+    if not isinstance(names, list) or not all(isinstance(n, str) for n in names):
+        raise SweepError(f"{source}: plugins: expected a list of module names (my_pkg.kdray_plugin), got {names!r}")
+    try:
+        plugins.load_entry_points()
+    except PluginError as e:
+        raise SweepError(f"{source}: {e}") from None
+    for i, name in enumerate(names):
+        try:
+            plugins.load([name])
+        except PluginError as e:
+            raise SweepError(f"{source}: plugins[{i}]: {e}") from None
+
+
+def sweep_model() -> type[Sweep]:
+    """The schema for the conditions registered now: ``Sweep`` for the built-ins; with plug-in
+    conditions, a Sweep whose setups' ``conditions:`` also take their keys."""
+    keys = tuple(c.sweep_key for c in conditions.all_conditions() if c.sweep_key)
+    return Sweep if keys == tuple(Conditions.model_fields) else _sweep_model_for(keys)
+
+
+@functools.cache
+def _sweep_model_for(keys: tuple[str, ...]) -> type[Sweep]:
+    conds = _conditions_model()
+    setup = create_model("Setup", __base__=Setup, conditions=(conds, conds()))
+    return create_model("Sweep", __base__=Sweep, setups=(list[setup], Field(min_length=1)))
+
+
 def parse_sweep(data: Any, source: str = "<sweep>") -> Sweep:
     if not isinstance(data, dict):
         raise SweepError(f"{source}: the file must hold a mapping with name and setups")
+    _load_plugins(data, source)
     try:
-        sweep = Sweep(**data)
+        sweep = sweep_model()(**data)
     except ValidationError as e:
         raise SweepError(f"{source}: {_first_error(e)}") from None
     from kdray.checks import check_sweep

@@ -15,8 +15,8 @@ from pathlib import Path
 from typing import Callable, Iterable, Optional, TypeVar
 
 from kdray import __version__
-from kdray.contracts import (EPOCH, EXPERIMENT_KIND, FINAL, KIND_SWEEP, TAG_EXPERIMENT_KIND, KIND_TRIAL, TAG_FAILURE, TAG_KIND, TAG_TRIAL_KEY, TAG_VERSION,
-                             trial_tags)
+from kdray.contracts import (EPOCH, EXPERIMENT_KIND, FINAL, KIND_SWEEP, KIND_TRIAL, TAG_EXPERIMENT_KIND, TAG_FAILURE,
+                             TAG_KIND, TAG_PLUGINS, TAG_TRIAL_KEY, TAG_VERSION, trial_tags)
 from kdray.spec import TrialSpec
 
 log = logging.getLogger(__name__)
@@ -108,7 +108,8 @@ def _fmt(v) -> str:
 class Tracker:
     """One MLflow experiment per sweep, a parent run for the sweep, a child run per trial."""
 
-    def __init__(self, uri: str, experiment: str, artifact_root: Optional[str] = None, description: str = ""):
+    def __init__(self, uri: str, experiment: str, artifact_root: Optional[str] = None, description: str = "",
+                 plugins: tuple = ()):
         from mlflow.tracking import MlflowClient
 
         self.uri = uri
@@ -131,6 +132,8 @@ class Tracker:
         self.experiment_id = exp_id
         self.experiment = experiment
         self.parent_id = self._parent_run()
+        if plugins:   # the report imports them too, to label and test plug-in conditions
+            retry(lambda: self.client.set_tag(self.parent_id, TAG_PLUGINS, ",".join(plugins)), "set_tag")
         self.sha = git_sha()
 
     def _parent_run(self) -> str:

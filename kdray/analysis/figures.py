@@ -259,6 +259,9 @@ def setup_figures(a: Analysis, setup: str, out_dir: Path) -> list[tuple[str, lis
 
 
 def _draw_setup(job: tuple[Analysis, str, Path]) -> list[tuple[str, list[Path]]]:
+    from kdray import plugins
+
+    plugins.load(job[0].plugins)   # a worker process: the sweep's plug-in conditions label themselves
     return setup_figures(*job)
 
 

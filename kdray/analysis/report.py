@@ -29,7 +29,9 @@ from typing import Iterator, Optional
 import pandas as pd
 
 from kdray.analysis import corrections, figures, power, tables
-from kdray.analysis.runs import ReportError, get_experiment, load_runs, resolve_experiment
+from kdray import plugins
+from kdray.analysis.runs import ReportError, get_experiment, load_runs, resolve_experiment, sweep_plugins
+from kdray.registry import PluginError
 from kdray.analysis.stats import SUPPORT_MIN, Analysis, analyse
 from kdray.contracts import KIND_REPORT, KIND_SWEEP, TAG_KIND, TAG_PARENT
 from kdray.sanity import report_lines
@@ -243,12 +245,20 @@ def report_pool(jobs: Optional[int] = None) -> Iterator[Optional[Executor]]:
 
 def load_target(target: str, tracking_uri: str | None, pool=None) -> tuple[pd.DataFrame, str, str, str, float]:
     """(runs, tracking URI, experiment name, storage, seconds to load) of a sweep file or experiment name;
-    ReportError when there is nothing to analyse."""
+    ReportError when there is nothing to analyse.  The sweep's plug-ins are imported here (and
+    ``df.attrs["plugins"]`` names them for the worker processes)."""
     uri, name, storage = resolve_experiment(tracking_uri, target)
     t0 = time.perf_counter()
+    mods = pool.submit(sweep_plugins, uri, name).result() if pool else sweep_plugins(uri, name)
+    try:
+        plugins.load(mods)
+    except PluginError as e:
+        print(f"kdray report: warning: {e}; its conditions are shown by name only", file=sys.stderr)
+        mods = ()
     df = load_runs(uri, name, pool)
     if df.empty:
         raise ReportError(f"MLflow experiment {name!r} at {uri} has no trial runs yet; run `kdray sweep` first")
+    df.attrs["plugins"] = tuple(mods)
     return df, uri, name, storage, time.perf_counter() - t0
 
 

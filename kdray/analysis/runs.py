@@ -14,8 +14,8 @@ import numpy as np
 import pandas as pd
 
 from kdray import conditions
-from kdray.contracts import (KIND_TRIAL, TAG_CONDITION, TAG_FAILURE, TAG_KIND, TAG_METHOD, TAG_ROLE, TAG_SETUP,
-                             TAG_TEACHER_KEY, TAG_TRIAL_KEY, parse_condition)
+from kdray.contracts import (KIND_SWEEP, KIND_TRIAL, TAG_CONDITION, TAG_FAILURE, TAG_KIND, TAG_METHOD, TAG_PLUGINS,
+                             TAG_ROLE, TAG_SETUP, TAG_TEACHER_KEY, TAG_TRIAL_KEY, parse_condition)
 from kdray.sweep import DEFAULT_STORAGE, SweepError, default_tracking_uri, read_yaml
 from kdray.tracking import TrackingError, check_sqlite_store
 
@@ -79,6 +79,18 @@ def get_experiment(tracking_uri: str, experiment: str):
     if exp is None or exp.lifecycle_stage == "deleted":
         raise missing
     return exp
+
+
+def sweep_plugins(tracking_uri: str, experiment: str) -> tuple[str, ...]:
+    """The plug-in modules the sweep's trials imported (its sweep run's tag), so a report can label
+    and test plug-in conditions as the sweep declared them."""
+    from mlflow import MlflowClient
+
+    exp = get_experiment(tracking_uri, experiment)
+    runs = MlflowClient(tracking_uri).search_runs([exp.experiment_id], f"tags.`{TAG_KIND}` = '{KIND_SWEEP}'",
+                                                  max_results=1)
+    text = runs[0].data.tags.get(TAG_PLUGINS, "") if runs else ""
+    return tuple(m for m in text.split(",") if m)
 
 
 # ------------------------------------------------------------------ loading

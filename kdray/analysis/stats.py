@@ -547,6 +547,7 @@ class Analysis:
     power: pd.DataFrame = field(default_factory=pd.DataFrame)        # power.power_curves
     pooled: pd.DataFrame = field(default_factory=pd.DataFrame)       # pooled.pooled_tests
     statements: pd.DataFrame = field(default_factory=pd.DataFrame)   # pooled.statements
+    plugins: tuple = ()                                               # modules declaring plug-in conditions
 
     def for_setup(self, setup: str) -> "Analysis":
         """The same analysis restricted to one setup (what a worker needs to draw its figures)."""
@@ -570,12 +571,14 @@ def analyse(df: pd.DataFrame, threshold: float = 0.01, exclude_below: Optional[f
     """
     setup = df["setup"]
     groups = [df[setup == s] for s in sorted(setup.dropna().unique())] + ([df[setup.isna()]] if setup.isna().any() else [])
-    job = (threshold, exclude_below, level, correction, power_draws, min_metrics)
+    mods = tuple(df.attrs.get("plugins", ()))   # the sweep's plug-ins, imported by each worker (report.load_target)
+    job = (threshold, exclude_below, level, correction, power_draws, min_metrics, mods)
     parts = list(map_(_analyse_part, [(g, *job) for g in groups])) or [_analyse_part((df, *job))]
     frames = {f.name: _concat([getattr(p, f.name) for p in parts]) for f in fields(Analysis)
               if isinstance(getattr(parts[0], f.name), pd.DataFrame) and f.name != "runs"}
     return Analysis(runs=df, **frames, threshold=threshold, exclude_below=exclude_below, level=level,
-                    notes=_notes(frames["tests"], level, correction), correction=correction, min_metrics=min_metrics)
+                    notes=_notes(frames["tests"], level, correction), correction=correction, min_metrics=min_metrics,
+                    plugins=mods)
 
 
 def _concat(frames: list[pd.DataFrame]) -> pd.DataFrame:
@@ -607,9 +610,11 @@ def _with_power(dec: pd.DataFrame, curves: pd.DataFrame) -> pd.DataFrame:
 
 def _analyse_part(job: tuple) -> Analysis:
     """One setup's runs (or the runs without a setup) -> its analysis."""
+    from kdray import plugins
     from kdray.analysis import pooled, power
 
-    df, threshold, exclude_below, level, correction, draws, min_metrics = job
+    df, threshold, exclude_below, level, correction, draws, min_metrics, mods = job
+    plugins.load(mods)
     students, teachers, excluded = prepare(df)
     tests = paired_tests(students, level, correction)
     against = against_controls(tests)
@@ -618,6 +623,6 @@ def _analyse_part(job: tuple) -> Analysis:
     dec = _with_power(decisions(students, against, threshold, exclude_below, min_metrics), curves)
     a = Analysis(df, students, teachers, excluded, summarize(students), tests, against, dec,
                  best_accuracy(students), threshold, exclude_below, level, min_metrics=min_metrics,
-                 correction=correction, power=curves)
+                 correction=correction, power=curves, plugins=mods)
     a.pooled, a.statements = pooled.pooled_tests(a), pooled.statements(a)
     return a

@@ -22,8 +22,8 @@ from pathlib import Path
 from typing import Optional
 
 from kdray.errors import DataNotFoundError  # noqa: F401 - raised by every loader, re-exported
-from kdray.models import AUDIO, IMAGE, TOKENS
-from kdray.registry import Registry, Target, builder_args, resolve
+from kdray.models import ANY, AUDIO, IMAGE, TOKENS
+from kdray.registry import PluginError, Registry, Target, builder_args, resolve, takes
 
 DATA_ROOT_ENV = "KDRAY_DATA"
 CLASSIFICATION, LM = "classification", "lm"
@@ -34,7 +34,7 @@ BUDGET = {CLASSIFICATION: "epochs", LM: "iterations"}     # how a recipe counts 
 class Dataset:
     name: str
     target: Target                      # "module:function", or the loader itself
-    modality: str                       # what the inputs are: image, audio, tokens
+    modality: str                       # what the inputs are: image, audio, tokens (any: not declared)
     task: str = CLASSIFICATION          # classification, or lm (next-token prediction)
     classes: Optional[int] = None       # None: depends on the files (or args)
     reads_files: bool = True            # False: ships inside a package (digits)
@@ -54,7 +54,18 @@ class Dataset:
         return resolve(self.target)(root, **args)
 
 
-DATASETS: Registry[Dataset] = Registry("dataset")
+def adopt_dataset(path: str) -> Dataset:
+    """The data set at an import path: a declaration, or a bare loader ``fn(root, **args)`` (a
+    classification set whose modality is not declared, so any architecture may take it)."""
+    obj = resolve(path)
+    if isinstance(obj, Dataset):
+        return obj
+    if callable(obj) and takes(obj, "root"):
+        return Dataset(path, obj, ANY)
+    raise PluginError(f"{path} is not a data set: give a kdray.data.Dataset or a loader fn(root, **args) -> DataBundle")
+
+
+DATASETS: Registry[Dataset] = Registry("dataset", adopt=adopt_dataset)
 
 
 def declare_dataset(name: str, target: Target, modality: str, **info) -> Dataset:

@@ -22,10 +22,11 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Iterator, Optional
 
-from kdray.registry import Registry, Target, builder_args
+from kdray.registry import PluginError, Registry, Target, builder_args, resolve, takes
 
 # Input modalities a data set provides and an architecture accepts.
 IMAGE, AUDIO, TOKENS = "image", "audio", "tokens"
+ANY = "any"                                        # a plug-in data set that does not say
 CONTEXT_ARGS = ("num_classes", "input_shape")     # kdray passes these; a sweep file does not
 
 
@@ -48,11 +49,22 @@ class Architecture:
         return value if isinstance(value, int) else None
 
     def __call__(self, num_classes: int, input_shape: tuple[int, ...], **args):
-        from kdray.registry import resolve
         return resolve(self.target)(num_classes=num_classes, input_shape=tuple(input_shape), **args)
 
 
-MODELS: Registry[Architecture] = Registry("architecture")
+def adopt_model(path: str) -> Architecture:
+    """The architecture at an import path: a declaration, or a bare builder (then it is taken to
+    accept every modality, and to have no blocks unless declared)."""
+    obj = resolve(path)
+    if isinstance(obj, Architecture):
+        return obj
+    if callable(obj) and takes(obj, *CONTEXT_ARGS):
+        return Architecture(path, obj, (IMAGE, AUDIO, TOKENS))
+    raise PluginError(f"{path} is not an architecture: give a kdray.models.Architecture or a builder "
+                      f"fn(num_classes, input_shape, **args) -> nn.Module")
+
+
+MODELS: Registry[Architecture] = Registry("architecture", adopt=adopt_model)
 
 
 def declare_model(name: str, target: Target, accepts: tuple[str, ...], blocks: Optional[str] = None) -> Architecture:

@@ -1,0 +1,36 @@
+"""A user's own plug-ins, as the tests import them (tests/test_plugins.py): a distillation method that
+matches logits by MSE, registered as a kdray condition, and a model builder named by import path."""
+from kdray.conditions import TREATMENT, Alpha, Condition, ControlRule, register
+
+NOT_A_BUILDER = 42
+
+
+def _objective(params: dict):
+    import torch.nn.functional as F
+
+    from kdray.losses import cross_entropy, flat, mix
+    alpha = params["alpha"]
+
+    def loss(b):
+        logits, target = flat(b.logits).float(), flat(b.teacher_logits).float()
+        return mix(alpha, cross_entropy(b.logits, b.y), F.mse_loss(logits, target))
+    return loss
+
+
+register(Condition(
+    name="logit_mse", title="LogitMSE", params=(Alpha(legacy=None),), objective=_objective, teacher="logits",
+    role=TREATMENT, sweep_key="logit_mse", order=50,
+    controls=(ControlRule("siddo", ("width",)), ControlRule("rcd", ("alpha", "width"))),
+    best_pool=(ControlRule("siddo", ("width",)), ControlRule("rcd", ("width",))),
+    description="(1-alpha) CE + alpha MSE(student logits, teacher logits)"))
+
+
+def tiny_net(num_classes: int, input_shape: tuple, hidden: int = 16):
+    import math
+
+    from torch import nn
+    return nn.Sequential(nn.Flatten(), nn.Linear(math.prod(input_shape), hidden), nn.ReLU(), nn.Linear(hidden, num_classes))
+
+
+def wrong_signature(x, y):
+    return x

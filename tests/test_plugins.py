@@ -1,0 +1,93 @@
+"""Plug-ins from the user's own code: conditions, architectures and data sets by import path, by a
+sweep file's ``plugins:`` list and by the ``kdray.plugins`` entry-point group.
+
+Each case runs the CLI in a fresh process (registries are per process) with tests/plugin_demo on
+PYTHONPATH, as a user's installed package would be.
+"""
+import csv
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+ROOT = Path(__file__).resolve().parents[1]
+DEMO = Path(__file__).parent / "plugin_demo"
+
+
+def sweep_file(tmp_path, plugins=("kdray_plugin_demo",), **setup_over) -> Path:
+    setup = {"name": "p", "dataset": {"name": "digits"}, "teacher": {"arch": "kdray_plugin_demo:tiny_net"},
+             "recipe": {"epochs": 2, "batch_size": 128, "lr": 0.01}, "teacher_seeds": [0],
+             "student_seeds": [10, 11, 12, 13, 14, 15],
+             "conditions": {"siddo": True, "kd": None, "rcd": {"alphas": [0.5]}, "logit_mse": {"alphas": [0.5]}}}
+    setup.update(setup_over)
+    d = {"name": "plugins", "storage": str(tmp_path / "results"), "setups": [setup]}
+    if plugins is not None:
+        d["plugins"] = plugins if isinstance(plugins, str) else list(plugins)
+    path = tmp_path / "sweep.yaml"
+    path.write_text(yaml.safe_dump(d))
+    return path
+
+
+def kdray(*args, path_extra=(), timeout=120):
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([*map(str, path_extra), str(DEMO), str(ROOT)])}
+    return subprocess.run([sys.executable, "-m", "kdray.cli", *map(str, args)], capture_output=True, text=True,
+                          env=env, timeout=timeout, cwd=ROOT)
+
+
+def test_a_plugin_condition_and_model_plan_like_built_ins(tmp_path):
+    p = kdray("plan", sweep_file(tmp_path), "--list")
+    assert p.returncode == 0, p.stderr
+    assert "p-logit_mse-a0.5-t0-s10" in p.stdout and "logit_mse 6" in p.stdout
+    bad = sweep_file(tmp_path, conditions={"siddo": True, "logit_mse": {"alphas": [1.5]}})
+    p = kdray("validate", bad)
+    assert p.returncode == 2 and "setups[0].conditions.logit_mse.alphas: alpha must be in [0, 1], got 1.5" in p.stderr
+
+
+@pytest.mark.parametrize("over,expected", [
+    (dict(plugins=["no_such_module"]), "plugins[0]: cannot import 'no_such_module'"),
+    (dict(plugins=["kdray_plugin_boom"]), "plugins[0]: importing 'kdray_plugin_boom' raised RuntimeError: kaboom"),
+    (dict(plugins="kdray_plugin_demo"), "plugins: expected a list of module names"),
+    (dict(teacher={"arch": "kdray_plugin_demo:nope"}), "setups[0].teacher.arch: module 'kdray_plugin_demo' has no 'nope'"),
+    (dict(teacher={"arch": "kdray_plugin_demo:NOT_A_BUILDER"}), "setups[0].teacher.arch: kdray_plugin_demo:NOT_A_BUILDER is not an architecture"),
+    (dict(teacher={"arch": "kdray_plugin_demo:wrong_signature"}), "is not an architecture: give a kdray.models.Architecture or a builder"),
+    (dict(dataset={"name": "kdray_plugin_demo:tiny_net"}), "setups[0].dataset.name: kdray_plugin_demo:tiny_net is not a data set"),
+    (dict(teacher={"arch": "kdray_plugin_demo:tiny_net", "args": {"hiden": 3}}),
+     "setups[0].teacher.args.hiden: unknown argument of architecture 'kdray_plugin_demo:tiny_net'; valid: hidden"),
+    (dict(plugins=[]), "setups[0].conditions.logit_mse: unknown key"),
+])
+def test_bad_plugins_are_one_line_naming_the_field(tmp_path, over, expected):
+    plugins = over.pop("plugins", ("kdray_plugin_demo",))
+    p = kdray("validate", sweep_file(tmp_path, plugins=plugins, **over))
+    err = p.stderr.strip()
+    assert p.returncode == 2 and len(err.splitlines()) == 1 and "Traceback" not in err, err
+    assert err.startswith("kdray: error: ") and expected in err, err
+
+
+def test_an_installed_packages_entry_point_registers_its_plugins(tmp_path):
+    dist = tmp_path / "site" / "kdray_plugin_demo-0.1.dist-info"
+    dist.mkdir(parents=True)
+    (dist / "METADATA").write_text("Metadata-Version: 2.1\nName: kdray-plugin-demo\nVersion: 0.1\n")
+    (dist / "entry_points.txt").write_text("[kdray.plugins]\ndemo = kdray_plugin_demo\n")
+    p = kdray("validate", sweep_file(tmp_path, plugins=None), path_extra=[tmp_path / "site"])
+    assert p.returncode == 0, p.stderr
+    assert "ok (1 setups, 19 trials)" in p.stdout
+
+
+@pytest.mark.slow
+def test_a_plugin_condition_runs_and_is_reported_like_a_built_in(tmp_path):
+    path = sweep_file(tmp_path)
+    p = kdray("sweep", path, "--quiet", timeout=600)
+    assert p.returncode == 0, p.stderr[-2000:]
+    assert "19 trials finished now" in p.stdout
+    out = tmp_path / "report"
+    p = kdray("report", path, "--out", out, timeout=300)
+    assert p.returncode == 0, p.stderr[-2000:]
+    with open(out / "data" / "tests.csv") as f:
+        pairs = {(r["condition"], r["control"]) for r in csv.DictReader(f)}
+    assert ("LogitMSE α=0.5", "SIDDO") in pairs and ("LogitMSE α=0.5", "RCD α=0.5") in pairs
+    ticks = (out / "tables" / "ticks_p.md").read_text()
+    assert "| LogitMSE α=0.5 |" in ticks
+    assert "LogitMSE" in (out / "figures" / "asymmetry_p.svg").read_text()
