@@ -145,10 +145,12 @@ def check_destinations(sweep: Sweep, source: str) -> None:
     uri = sweep.tracking_uri or os.environ.get("MLFLOW_TRACKING_URI")
     if uri:
         _check_tracking_uri(uri, f"{source}: tracking_uri" if sweep.tracking_uri else "$MLFLOW_TRACKING_URI")
-    try:
-        check_sqlite_store(sweep.resolved_tracking_uri())
-    except TrackingError as e:
-        raise SweepError(f"{source}: {e}") from None
+    if uri or "://" not in sweep.storage or sweep.storage.startswith("file://"):
+        # (object storage without a tracking server: the sweep names its server at run time)
+        try:
+            check_sqlite_store(sweep.resolved_tracking_uri())
+        except TrackingError as e:
+            raise SweepError(f"{source}: {e}") from None
 
 
 def _check_writable(path: Path, where: str) -> None:

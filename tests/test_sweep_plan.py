@@ -158,6 +158,9 @@ def test_ui_runs_this_pythons_mlflow_on_the_sweeps_store(monkeypatch, tmp_path):
     monkeypatch.setattr("os.execvp", lambda prog, cmd: seen.update(cmd=cmd))
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
     path = write(tmp_path, {**base(), "storage": str(tmp_path / "res")})
+    from mlflow.tracking import MlflowClient
+    (tmp_path / "res").mkdir()
+    MlflowClient(f"sqlite:///{tmp_path / 'res' / 'mlflow.db'}").create_experiment("t")   # a sweep's store exists
     assert main(["ui", path, "--port", "5123"]) == 0
     assert seen["cmd"][:4] == [sys.executable, "-m", "mlflow", "ui"]
     assert seen["cmd"][seen["cmd"].index("--backend-store-uri") + 1] == f"sqlite:///{tmp_path / 'res' / 'mlflow.db'}"
