@@ -30,6 +30,8 @@ def _load(path: str, max_trials: int, overrides: Optional[dict] = None):
         sweep = sweep.model_copy(update={k: v for k, v in overrides.items() if v})
     check_size(sweep, path, max_trials)
     check_destinations(sweep, path)
+    from kdray.preflight import preflight
+    preflight(sweep, path)
     return sweep, build_plan(sweep)
 
 
