@@ -33,7 +33,21 @@ def check_sweep(sweep: Sweep, source: str) -> None:
     """Every model/data/condition check of every setup, then the data roots."""
     for i, setup in enumerate(sweep.setups):
         _check_setup(setup, f"{source}: setups[{i}]")
+        _check_checkpoint(setup, f"{source}: setups[{i}].teacher.checkpoint")
     _check_data_roots(sweep, source)
+
+
+def _check_checkpoint(s: Setup, where: str) -> None:
+    """A checkpoint teacher's file must exist (whether it fits its architecture: kdray/preflight.py)."""
+    if s.teacher.checkpoint is None:
+        return
+    from kdray import checkpoints
+    try:
+        if not checkpoints.exists(s.teacher.checkpoint):
+            raise checkpoints.CheckpointError(f"{checkpoints.locate(s.teacher.checkpoint)} does not exist; give the "
+                                              "file torch.save(model.state_dict(), PATH) wrote")
+    except checkpoints.CheckpointError as e:
+        raise SweepError(f"{where}: {str(e).removeprefix('checkpoint ')}") from None
 
 
 def _check_args(where: str, args: dict, declared: dict, what: str) -> None:

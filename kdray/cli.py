@@ -1,4 +1,4 @@
-"""The ``kdray`` command: validate, plan, sweep, status, report, ui.
+"""The ``kdray`` command: validate, plan, sweep, audit, status, report, ui.
 
 User mistakes (a bad sweep file, missing data, unreachable MLflow) print one
 ``kdray: error: ...`` line and exit 2; nothing is started.
@@ -30,6 +30,8 @@ def _load(path: str, max_trials: int, overrides: Optional[dict] = None):
         sweep = sweep.model_copy(update={k: v for k, v in overrides.items() if v})
     check_size(sweep, path, max_trials)
     check_destinations(sweep, path)
+    from kdray.preflight import preflight
+    preflight(sweep, path)
     return sweep, build_plan(sweep)
 
 
@@ -79,6 +81,14 @@ def cmd_sweep(args) -> int:
     summary = run_sweep(sweep, verbose=1 if args.verbose else 0, progress=not (args.quiet or args.verbose))
     print("\n".join(summary.lines()))
     return summary.exit_code
+
+
+def cmd_audit(args) -> int:
+    from kdray.audit import run_audit
+
+    if args.seeds < 1:
+        return _fail(f"--seeds: expected at least 1 student seed, got {args.seeds}")
+    return run_audit(args)
 
 
 def cmd_status(args) -> int:
@@ -192,6 +202,11 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--tracking-uri", help="override the MLflow tracking URI")
     sp.add_argument("--quiet", action="store_true", help="no progress lines, only the summary")
     sp.add_argument("--verbose", action="store_true", help="Ray Tune's own status tables instead of kdray's progress lines")
+    sp = add("audit", cmd_audit, "what did a distillation transfer? writes and runs the paired study (SIDDO, "
+                                 "the method, RCD) for your teacher, student and method, then answers in plain words")
+    from kdray.audit import add_arguments
+    add_arguments(sp)
+    _correction(sp)
     sp = add("status", cmd_status, "a sweep's trials per stage (done, running, pending, failed) from MLflow and storage")
     sp.add_argument("target", help="a sweep file or an MLflow experiment name")
     sp.add_argument("--tracking-uri", help="MLflow tracking URI (default: the sweep's)")

@@ -24,6 +24,7 @@ TAG_RETRIES = "kdray.retries"           # how often Tune restarted the trial (lo
 TAG_REUSED = "kdray.reused"             # "true": a teacher found in storage, logged, not retrained
 TAG_VERSION = "kdray.version"
 TAG_GIT_SHA = "kdray.git_sha"
+TAG_CHECKPOINT = "kdray.checkpoint_sha256"  # a pretrained teacher's run: the SHA-256 of its state dict
 TAG_PLUGINS = "kdray.plugins"           # on the sweep run: the plug-in modules its trials imported
 TAG_PARENT = "mlflow.parentRunId"       # MLflow nests a trial's run under the sweep's
 # An experiment tag: MLflow 3's UI opens the experiment in its model-training view (runs, metrics,
@@ -39,9 +40,12 @@ EPOCH, FINAL, FAILURE = "epoch", "final", "failure"   # final: 1 on the trial's 
 
 def trial_tags(spec, parent_id: str, version: str, git_sha: str) -> dict[str, str]:
     """The tags of a trial's MLflow run."""
-    return {TAG_KIND: KIND_TRIAL, TAG_TRIAL_KEY: spec.trial_key, TAG_ROLE: spec.role, TAG_SETUP: spec.setup,
+    tags = {TAG_KIND: KIND_TRIAL, TAG_TRIAL_KEY: spec.trial_key, TAG_ROLE: spec.role, TAG_SETUP: spec.setup,
             TAG_METHOD: spec.method, TAG_TEACHER_KEY: str(spec.teacher_key), TAG_CONDITION: condition_json(spec),
             TAG_VERSION: version, TAG_GIT_SHA: git_sha, TAG_PARENT: parent_id}
+    if getattr(spec, "checkpoint_sha256", None):
+        tags[TAG_CHECKPOINT] = spec.checkpoint_sha256
+    return tags
 
 
 def condition_json(spec) -> str:

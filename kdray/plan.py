@@ -46,8 +46,19 @@ def student_conditions(setup: Setup) -> list[dict]:
 
 
 def _self_distillation(setup: Setup, width: float) -> bool:
-    same = setup.student is None or setup.student == setup.teacher
+    if setup.teacher.checkpoint is not None:   # its initial weights are not known
+        return False
+    same = setup.student is None or (setup.student.arch, setup.student.args) == (setup.teacher.arch, setup.teacher.args)
     return same and width == 1.0
+
+
+def _pretrained(setup: Setup) -> dict:
+    """A checkpoint teacher's fields: where the weights are, their SHA-256, and no training."""
+    ckpt = setup.teacher.checkpoint
+    if ckpt is None:
+        return {}
+    from kdray import checkpoints
+    return dict(checkpoint=checkpoints.locate(ckpt), checkpoint_sha256=checkpoints.sha256(ckpt))
 
 
 def expand_setup(sweep: Sweep, setup: Setup) -> tuple[list[TrialSpec], list[TrialSpec]]:
@@ -58,12 +69,14 @@ def expand_setup(sweep: Sweep, setup: Setup) -> tuple[list[TrialSpec], list[Tria
     recipe = setup.recipe.model_dump()
     student_recipe = {**recipe, **setup.student_recipe}
     teachers, students = [], []
+    pretrained = _pretrained(setup)
+    teacher_recipe = {**recipe, **setup.teacher_recipe, **({"train": False} if pretrained else {})}
     for ts in setup.teacher_seeds:
         teacher = TrialSpec(role="teacher", method="teacher", arch=setup.teacher.arch,
                             arch_args=dict(setup.teacher.args), teacher_seed=ts, init_seed=ts, data_seed=ts,
                             dataset_args={**setup.dataset.args, **setup.teacher_dataset},
-                            recipe={**recipe, **setup.teacher_recipe},
-                            resources=setup.resources.teacher.model_dump(), **common)
+                            recipe=teacher_recipe, resources=setup.resources.teacher.model_dump(),
+                            **pretrained, **common)
         teachers.append(teacher)
         for width in setup.widths:
             arch_args = dict(setup.student_model.args)

@@ -131,7 +131,15 @@ def run_trial(spec: TrialSpec, store: Store, report: Optional[Report] = None,
     t0 = time.perf_counter()
     r = Recipe(**spec.recipe)
     bundle = load_dataset(spec.dataset, spec.data_root, **spec.dataset_args)
-    model = init_model(spec, bundle).to(device)
+    model = init_model(spec, bundle)
+    if spec.checkpoint:   # a pretrained teacher: its weights, checked against the planned SHA-256
+        from kdray import checkpoints
+        state = checkpoints.load_state_dict(spec.checkpoint, spec.checkpoint_sha256)
+        wrong = checkpoints.mismatch(model, state)
+        if wrong:
+            raise checkpoints.CheckpointError(f"checkpoint {spec.checkpoint} does not fit architecture {spec.arch!r}: {wrong}")
+        model.load_state_dict(state)
+    model = model.to(device)
     fmt = torch.channels_last if r.channels_last and len(bundle.input_shape) == 3 else torch.contiguous_format
     model = model.to(memory_format=fmt)
     net = shard.wrap(model) if shard is not None else model  # the module trained (DDP when sharded)

@@ -23,7 +23,10 @@ from kdray import conditions
 
 KEY_SCHEMA = 1
 # Fields that do not change what a trial computes, so they stay out of its key.
-NON_KEY_FIELDS = ("resources", "distributed", "sweep", "data_root", "plugins")
+NON_KEY_FIELDS = ("resources", "distributed", "sweep", "data_root", "plugins", "checkpoint")
+# A pretrained teacher is its weights (the checkpoint's SHA-256) on an architecture and data set:
+# seeds and training recipe do not change it.
+CHECKPOINT_KEY_FIELDS = ("role", "method", "dataset", "dataset_args", "arch", "arch_args", "evals", "checkpoint_sha256")
 V1_FIELDS = ("setup", "role", "method", "dataset", "arch", "teacher_seed", "init_seed", "data_seed",
              "student_seed", "width", "dataset_args", "arch_args", "recipe", "evals", "teacher")
 V1_PARAMS = {"alpha": 0.0, "temperature": 1.0, "block": None}     # hashed by every schema-1 key
@@ -56,9 +59,16 @@ class TrialSpec:
     distributed: dict = field(default_factory=dict)
     sweep: str = ""
     plugins: tuple = ()              # modules a worker imports before it runs the trial (kdray/plugins.py)
+    checkpoint: Optional[str] = None        # a pretrained teacher: where its state dict is (kdray/checkpoints.py)
+    checkpoint_sha256: Optional[str] = None  # ... and its identity
 
     # --- identity -------------------------------------------------------
     def key_dict(self) -> dict:
+        if self.checkpoint_sha256:
+            d = {name: getattr(self, name) for name in CHECKPOINT_KEY_FIELDS}
+            d["evals"] = list(self.evals)
+            d["precision"] = self.recipe.get("precision", "fp32")
+            return d
         d: dict[str, Any] = dict(V1_PARAMS)
         for f in fields(self):
             v = getattr(self, f.name)

@@ -61,8 +61,10 @@ Conditions = _conditions_model()
 
 def enabled_conditions(c: BaseModel) -> list[tuple[Any, Any]]:
     """(declaration, sweep-file entry) of every condition a setup turns on, in declared order."""
+    # (a condition registered after the schema was built, e.g. by a module an import path named,
+    # cannot be in this file's conditions: mapping)
     return [(cond, getattr(c, cond.sweep_key)) for cond in conditions.all_conditions()
-            if cond.sweep_key and getattr(c, cond.sweep_key) not in (None, False)]
+            if cond.sweep_key in type(c).model_fields and getattr(c, cond.sweep_key) not in (None, False)]
 
 
 def _registered(registry, name: str) -> str:
@@ -80,6 +82,18 @@ class ModelRef(_Strict):
     arch: str
     args: dict[str, Any] = {}
     _arch = _known("arch", MODELS)
+
+
+class TeacherRef(ModelRef):
+    """The teacher: trained by the sweep, or loaded from ``checkpoint`` (a state dict; kdray/checkpoints.py)."""
+    checkpoint: Optional[str] = None
+
+    @field_validator("checkpoint")
+    @classmethod
+    def _ckpt(cls, v):
+        if v is not None and not v.strip():
+            raise ValueError("checkpoint must be a path or URI of a state dict, got an empty string")
+        return v
 
 
 class DatasetRef(_Strict):
@@ -141,7 +155,7 @@ class Setup(_Strict):
     name: str = Field(pattern=NAME)
     _name = field_validator("name")(_no_dots)
     dataset: DatasetRef
-    teacher: ModelRef
+    teacher: TeacherRef
     student: Optional[ModelRef] = None            # default: the teacher's (self-distillation)
     recipe: Recipe
     student_recipe: dict[str, Any] = {}           # overrides of recipe for students
@@ -158,6 +172,15 @@ class Setup(_Strict):
     # For `kdray plan`'s estimate only: A100-hours one model of this setup takes. The default is
     # the paper's average, 2,216 GPU-hours over 4,189 models; set your own from a pilot trial.
     gpu_hours_per_model: float = Field(0.53, ge=0)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _one_pretrained_teacher(cls, data):
+        """A checkpoint is one teacher: its seed only names it (t0) unless the file gives one."""
+        t = data.get("teacher") if isinstance(data, dict) else None
+        if isinstance(t, dict) and t.get("checkpoint") is not None and "teacher_seeds" not in data:
+            data = {**data, "teacher_seeds": [0]}
+        return data
 
     @field_validator("widths")
     @classmethod
@@ -179,6 +202,13 @@ class Setup(_Strict):
         overlap = sorted(set(self.teacher_seeds) & set(self.student_seeds))
         if overlap:
             raise ValueError(f"student_seeds overlap teacher_seeds at {overlap}: a student would share the teacher's data order")
+        if self.teacher.checkpoint is not None:
+            if len(self.teacher_seeds) != 1:
+                raise ValueError(f"teacher.checkpoint: a checkpoint is one teacher; give one teacher seed "
+                                 f"(it names the teacher), got teacher_seeds {self.teacher_seeds}")
+            if self.student_init == "teacher":
+                raise ValueError("student_init: 'teacher' starts students from the teacher's initial weights, "
+                                 "which a checkpoint does not hold; use 'auto' or 'student_seed'")
         for what, over in (("student_recipe", self.student_recipe), ("teacher_recipe", self.teacher_recipe)):
             try:
                 Recipe(**{**self.recipe.model_dump(), **over})
@@ -191,7 +221,7 @@ class Setup(_Strict):
 
     @property
     def student_model(self) -> ModelRef:
-        return self.student or self.teacher
+        return self.student or ModelRef(arch=self.teacher.arch, args=self.teacher.args)
 
 
 class Sweep(_Strict):

@@ -34,3 +34,11 @@ def tiny_net(num_classes: int, input_shape: tuple, hidden: int = 16):
 
 def wrong_signature(x, y):
     return x
+
+
+def wrong_classes(num_classes: int, input_shape: tuple):
+    """A model whose head has one class too many for its data set."""
+    import math
+
+    from torch import nn
+    return nn.Sequential(nn.Flatten(), nn.Linear(math.prod(input_shape), num_classes + 1))
