@@ -117,6 +117,7 @@ def test_the_checkpoint_hash_is_the_teachers_identity(tmp_path, checkpoint):
         return next(line.split()[0] for line in p.stdout.splitlines() if line.split()[-1:] and "-teacher-" in line)
     same, again, other = teacher_key(checkpoint, "a"), teacher_key(copy, "b"), teacher_key(changed, "c")
     assert same == again != other
+    assert teacher_key(f"file://{copy}", "d") == same        # a storage URI names the same bytes
 
 
 BAD = [
