@@ -54,7 +54,8 @@ def unpackable(spec: TrialSpec, model: nn.Module) -> Optional[str]:
         return "compile/bf16/channels_last recipes are trained alone"
     if any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in model.modules()):
         return "BatchNorm running statistics are not stacked under vmap"
-    if any(isinstance(m, nn.Dropout) and m.p > 0 for m in model.modules()) or getattr(model, "dropout", 0):
+    if any((isinstance(m, nn.Dropout) and m.p > 0)
+           or (isinstance(getattr(m, "dropout", None), float) and m.dropout > 0) for m in model.modules()):
         return "dropout > 0: vmap cannot give each student its own dropout stream"
     if spec.condition is not None and spec.condition.features:
         return "feature-matching conditions hook module blocks, which vmap does not see"
@@ -175,8 +176,11 @@ def run_pack(specs: Sequence[TrialSpec], store: Store, device: str | torch.devic
     seconds = time.perf_counter() - t0
     out = {}
     for i, (st, m) in enumerate(zip(students, models)):
-        m.load_state_dict({**{k: v[i].detach() for k, v in params.items()},
-                           **{k: v[i] for k, v in buffers.items()}})
+        with torch.no_grad():  # by name, as stacked (named_* dedups tied weights the same way)
+            for name, p in m.named_parameters():
+                p.copy_(params[name][i])
+            for name, b in m.named_buffers():
+                b.copy_(buffers[name][i])
         out[st.spec.trial_key] = finish_trial(st.spec, store, m, bundle, device, r, st.teacher_logits,
                                               st.history, seconds, lambda metrics, state=None: None)
     return out
