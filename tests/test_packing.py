@@ -80,3 +80,29 @@ def test_batchnorm_and_dropout_fall_back_to_one_student_per_trial(both):
     from kdray.models import build_model
     assert "BatchNorm" in unpackable(s, build_model("small_cnn", 10, (1, 8, 8)))
     assert "dropout" in unpackable(s, build_model("mlp", 10, (1, 8, 8), dropout=0.1))
+
+
+def test_packed_tiny_gpt_students_match_their_unpacked_runs(tmp_path, real_data):
+    """A small TinyShakespeare GPT (tied embedding/head weights, attention under vmap), KD and SIDDO."""
+    torch.set_num_threads(1)
+    setup = {"name": "g", "dataset": {"name": "tinyshakespeare", "args": {"block_size": 16, "max_chars": 20000}},
+             "teacher": {"arch": "pico_gpt", "args": {"n_embd": 16, "n_head": 2, "n_layer": 1, "dropout": 0.0}},
+             "recipe": {"iterations": 6, "log_every": 3, "batch_size": 8, "lr": 0.003},
+             "teacher_seeds": [0], "student_seeds": [10, 11],
+             "conditions": {"siddo": True, "kd": {"alphas": [0.5]}, "rcd": None}}
+    stores = {}
+    for name in ("alone", "packed"):
+        sw = make_sweep(name, tmp_path / name, top={"data_root": str(real_data)}, **setup)
+        plan = build_plan(sw)
+        stores[name] = (plan, Store(sw.storage, sw.name))
+        run_trial(plan.teachers[0], stores[name][1])
+    plan, alone = stores["alone"]
+    for s in plan.students:
+        run_trial(s, alone)
+    run_pack(stores["packed"][0].students, stores["packed"][1])
+    for s in plan.students:
+        a, p = alone.load_json(s.trial_key, "result.json"), stores["packed"][1].load_json(s.trial_key, "result.json")
+        assert len(a["history"]) == len(p["history"]) == 2
+        for k, v in a["final"].items():
+            if k != "train_seconds":
+                assert p["final"][k] == pytest.approx(v, abs=ATOL), (s.label, k)
