@@ -23,6 +23,7 @@ whose ``result.json`` is stored is not retrained.
 from __future__ import annotations
 
 import math
+from contextlib import contextmanager
 import time
 from typing import Optional, Sequence
 
@@ -39,6 +40,29 @@ from kdray.recipe import (TrialDiverged, _train_batches, derive_seed, finish_tri
 from kdray.spec import TrialSpec
 from kdray.storage import Store
 from kdray.sweep import Recipe
+
+
+def _math_sdpa(q, k, v, attn_mask=None, dropout_p=0.0, is_causal=False, scale=None, **kw):
+    """Attention from matmul/softmax, which vmap batches (the fused CPU kernel has no batching rule
+    and falls back to a per-student loop).  Dropout is never > 0 here (``unpackable``)."""
+    s = (q @ k.transpose(-2, -1)) * (scale if scale is not None else q.shape[-1] ** -0.5)
+    if is_causal:
+        n, m = q.shape[-2], k.shape[-2]
+        s = s.masked_fill(~torch.ones(n, m, dtype=torch.bool, device=q.device).tril(), float("-inf"))
+    if attn_mask is not None:
+        s = s.masked_fill(~attn_mask, float("-inf")) if attn_mask.dtype == torch.bool else s + attn_mask
+    return torch.softmax(s, dim=-1) @ v
+
+
+@contextmanager
+def _vmappable_attention():
+    """Swap in ``_math_sdpa`` for the packed forward only (this process trains one pack at a time)."""
+    F = torch.nn.functional
+    fused, F.scaled_dot_product_attention = F.scaled_dot_product_attention, _math_sdpa
+    try:
+        yield
+    finally:
+        F.scaled_dot_product_attention = fused
 
 
 def _group_key(spec: TrialSpec) -> tuple:
@@ -112,7 +136,8 @@ def run_pack(specs: Sequence[TrialSpec], store: Store, device: str | torch.devic
     k_students = len(todo)
 
     def fwd(p, b, x):
-        return functional_call(base, (p, b), (x,))
+        with _vmappable_attention():
+            return functional_call(base, (p, b), (x,))
 
     vfwd = vmap(fwd)
     if bundle.task == "classification":
