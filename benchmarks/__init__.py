@@ -19,6 +19,7 @@ MODULES = {
     "functional": "benchmarks.functional",
     "report": "benchmarks.report",
     "ffcv": "benchmarks.ffcv_loading",
+    "packing": "benchmarks.packing",
 }
 NAMES = tuple(MODULES)
 

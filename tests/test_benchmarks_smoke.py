@@ -107,6 +107,18 @@ def test_ffcv_not_installed_and_torchvision_side(records, monkeypatch, tmp_path)
     assert mod.epoch(loader, "cpu", None, 32) > 0
 
 
+def test_packing(records):
+    mod = load("packing")
+    tiny = {"mlp": {"dataset": {"name": "digits"}, "teacher": {"arch": "mlp", "args": {"hidden": 8, "dropout": 0.0}},
+                    "recipe": {"epochs": 1, "batch_size": 256, "lr": 0.01}}}
+    r = check(mod.run(quick=True, ks=(2,), cases=tiny), "packing", ratio=False)
+    m = r["measurements"]["mlp K=2"]
+    assert m["k"] == 2 and m["packed_s"] > 0 and m["loop_s"] > 0
+    assert m["speedup"] == round(m["loop_s"] / m["packed_s"], 2) or abs(m["speedup"] - m["loop_s"] / m["packed_s"]) < 0.02
+    assert r["ratio"] is None  # no K=16 measured at this size
+    records["packing"] = r
+
+
 def test_docs_update(records, tmp_path):
     assert set(records) == set(NAMES), set(NAMES) - set(records)
     out = tmp_path / "benchmarks.md"

@@ -21,13 +21,17 @@ def mlp(num_classes: int, input_shape: tuple[int, ...], hidden: int = 128, depth
 
 
 def small_cnn(num_classes: int, input_shape: tuple[int, ...], channels: int = 32,
-              dropout: float = 0.1, width: float = 1.0) -> nn.Module:
-    """Two conv blocks and a linear head, for small (e.g. 8x8) grey images."""
+              dropout: float = 0.1, width: float = 1.0, batch_norm: bool = True) -> nn.Module:
+    """Two conv blocks and a linear head, for small (e.g. 8x8) grey images.
+
+    ``batch_norm=False`` (Identity in BatchNorm's place, same layer indices) makes it packable
+    (kdray/packing.py: BatchNorm running statistics are not stacked)."""
     c = max(1, round(channels * width))
     c_in = input_shape[0]
+    norm = nn.BatchNorm2d if batch_norm else (lambda n: nn.Identity())
     return nn.Sequential(
-        nn.Conv2d(c_in, c, 3, padding=1), nn.BatchNorm2d(c), nn.ReLU(),
-        nn.Conv2d(c, 2 * c, 3, padding=1), nn.BatchNorm2d(2 * c), nn.ReLU(),
+        nn.Conv2d(c_in, c, 3, padding=1), norm(c), nn.ReLU(),
+        nn.Conv2d(c, 2 * c, 3, padding=1), norm(2 * c), nn.ReLU(),
         nn.AdaptiveAvgPool2d(2), nn.Flatten(), nn.Dropout(dropout),
         nn.Linear(2 * c * 4, num_classes),
     )

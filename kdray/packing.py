@@ -1,0 +1,211 @@
+"""Packed trials: K students of one architecture, data set and recipe trained in one process.
+
+Small models spend their steps in per-operation overhead; training K of them
+as one stacked model (``torch.func.stack_module_state`` + ``functional_call``
+under ``vmap``) pays that overhead once.  Each student keeps what makes it a
+pure function of its own spec: its initial weights (``init_model``), its batch
+order and augmentation generators, its objective (condition, alpha,
+temperature), its teacher, and its own optimiser state (the stacked Adam/SGD
+update is elementwise, so it equals K separate optimisers; grad clipping is
+applied per student).  Losses are summed, so each student's gradient is its
+own loss's gradient.  After training every student is unstacked into a module
+and written by ``recipe.finish_trial``, exactly as ``run_trial`` writes it.
+
+What can differ from training alone: batched matmuls (vmap) may round
+differently from unbatched ones, so results agree within a tolerance
+(docs/benchmarks.md, "Packed trials"), not bit for bit.  Not packable (one
+student per trial instead, see ``unpackable``): BatchNorm (running statistics
+under vmap), dropout with p > 0 (vmap cannot give each student its own
+dropout stream, which would break the pairing guarantee), feature-matching
+conditions, sharded/compiled/bf16 recipes.  Resume is per student: a student
+whose ``result.json`` is stored is not retrained.
+"""
+from __future__ import annotations
+
+import math
+from contextlib import contextmanager
+import time
+from typing import Optional, Sequence
+
+import torch
+from torch import nn
+from torch.func import functional_call, stack_module_state, vmap
+
+from kdray import conditions
+from kdray.contracts import EPOCH
+from kdray.data import load_dataset
+from kdray.losses import Batch
+from kdray.recipe import (TrialDiverged, _train_batches, derive_seed, finish_trial, init_model, load_teacher,
+                          lr_factor, OPTIMIZERS, teacher_train_logits)
+from kdray.spec import TrialSpec
+from kdray.storage import Store
+from kdray.sweep import Recipe
+
+
+def _math_sdpa(q, k, v, attn_mask=None, dropout_p=0.0, is_causal=False, scale=None, **kw):
+    """Attention from matmul/softmax, which vmap batches (the fused CPU kernel has no batching rule
+    and falls back to a per-student loop).  Dropout is never > 0 here (``unpackable``)."""
+    s = (q @ k.transpose(-2, -1)) * (scale if scale is not None else q.shape[-1] ** -0.5)
+    if is_causal:
+        n, m = q.shape[-2], k.shape[-2]
+        s = s.masked_fill(~torch.ones(n, m, dtype=torch.bool, device=q.device).tril(), float("-inf"))
+    if attn_mask is not None:
+        s = s.masked_fill(~attn_mask, float("-inf")) if attn_mask.dtype == torch.bool else s + attn_mask
+    return torch.softmax(s, dim=-1) @ v
+
+
+@contextmanager
+def _vmappable_attention():
+    """Swap in ``_math_sdpa`` for the packed forward only (this process trains one pack at a time)."""
+    F = torch.nn.functional
+    fused, F.scaled_dot_product_attention = F.scaled_dot_product_attention, _math_sdpa
+    try:
+        yield
+    finally:
+        F.scaled_dot_product_attention = fused
+
+
+def _group_key(spec: TrialSpec) -> tuple:
+    import json
+    return (spec.arch, json.dumps(spec.arch_args, sort_keys=True), spec.dataset,
+            json.dumps(spec.dataset_args, sort_keys=True), json.dumps(spec.recipe, sort_keys=True))
+
+
+def unpackable(spec: TrialSpec, model: nn.Module) -> Optional[str]:
+    """Why this spec must train alone, or None if it can join a pack."""
+    r = Recipe(**spec.recipe)
+    if r.compile or r.precision == "bf16" or r.channels_last:
+        return "compile/bf16/channels_last recipes are trained alone"
+    if any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in model.modules()):
+        return "BatchNorm running statistics are not stacked under vmap"
+    if any((isinstance(m, nn.Dropout) and m.p > 0)
+           or (isinstance(getattr(m, "dropout", None), float) and m.dropout > 0) for m in model.modules()):
+        return "dropout > 0: vmap cannot give each student its own dropout stream"
+    if spec.condition is not None and spec.condition.features:
+        return "feature-matching conditions hook module blocks, which vmap does not see"
+    return None
+
+
+def pack_groups(specs: Sequence[TrialSpec], cap: int) -> list[list[TrialSpec]]:
+    """Specs grouped by (arch, dataset, recipe), each group cut into packs of at most ``cap``."""
+    groups: dict[tuple, list[TrialSpec]] = {}
+    for s in specs:
+        groups.setdefault(_group_key(s), []).append(s)
+    return [g[i:i + cap] for g in groups.values() for i in range(0, len(g), max(1, cap))]
+
+
+class _Student:
+    """One packed student's own state: spec, generators, objective, teacher."""
+
+    def __init__(self, spec: TrialSpec, store: Store, bundle, device, r: Recipe):
+        self.spec, self.cond = spec, spec.condition
+        self.objective = conditions.teacher_objective() if self.cond is None else self.cond.objective(spec.params)
+        self.teacher = self.teacher_logits = self.cache = None
+        if spec.role == "student":
+            self.teacher, self.teacher_logits = load_teacher(spec, store, bundle, device)
+            if self.cond is not None and self.cond.teacher == "logits" and bundle.train_inputs_are_fixed():
+                self.cache = teacher_train_logits(spec.teacher, store, self.teacher, bundle, device,
+                                                  r.eval_batch_size)
+        self.order = torch.Generator().manual_seed(derive_seed(spec.data_seed, "order"))
+        self.augment = torch.Generator().manual_seed(derive_seed(spec.data_seed, "augment"))
+        self.noise_seed = derive_seed(spec.data_seed, "fm_noise")
+        self.history: list[dict] = []
+
+
+def run_pack(specs: Sequence[TrialSpec], store: Store, device: str | torch.device = "cpu") -> dict[str, dict]:
+    """Train the not-yet-finished specs of one pack together; returns {trial_key: final metrics}."""
+    device = torch.device(device)
+    todo = [s for s in specs if not store.exists(s.trial_key, "result.json")]
+    if not todo:
+        return {}
+    if len({_group_key(s) for s in todo}) != 1:
+        raise ValueError("a pack's specs must share arch, dataset and recipe")
+    t0 = time.perf_counter()
+    s0 = todo[0]
+    r = Recipe(**s0.recipe)
+    bundle = load_dataset(s0.dataset, s0.data_root, **s0.dataset_args)
+    models = [init_model(s, bundle).to(device) for s in todo]
+    for s, m in zip(todo, models):
+        why = unpackable(s, m)
+        if why:
+            raise ValueError(f"trial {s.label} cannot be packed: {why}")
+    students = [_Student(s, store, bundle, device, r) for s in todo]
+    params, buffers = stack_module_state(models)
+    base = models[0]
+    leaves = list(params.values())
+    k_students = len(todo)
+
+    def fwd(p, b, x):
+        with _vmappable_attention():
+            return functional_call(base, (p, b), (x,))
+
+    vfwd = vmap(fwd)
+    if bundle.task == "classification":
+        steps_per_epoch, epochs = bundle.steps_per_epoch(r.batch_size), r.epochs
+        total = steps_per_epoch * epochs
+    else:
+        steps_per_epoch, total = r.log_every, r.iterations
+        epochs = -(-total // steps_per_epoch)
+    opt = OPTIMIZERS[r.optimizer](leaves, r)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: lr_factor(r, s, steps_per_epoch, epochs))
+    if not r.train:
+        epochs = 0
+    step = 0
+    base.train()
+    for epoch in range(epochs):
+        n_steps = min(steps_per_epoch, total - epoch * steps_per_epoch)
+        loss_sum = torch.zeros(k_students, device=device)
+        correct = torch.zeros(k_students, device=device, dtype=torch.long)
+        seen = 0
+        iters = [_train_batches(bundle, r.batch_size, n_steps, st.order, st.cache) for st in students]
+        for batches in zip(*iters):
+            xs, ys, cached = [], [], []
+            for st, (xb, yb, c) in zip(students, batches):
+                xs.append(bundle.preprocess(xb.to(device), True, st.augment))
+                ys.append(yb.to(device))
+                cached.append(c)
+            logits = vfwd(params, buffers, torch.stack(xs))
+            losses = []
+            for i, st in enumerate(students):
+                batch = Batch(logits[i], ys[i], seed=st.noise_seed, step=step)
+                needs = st.cond.teacher if st.cond is not None else None
+                if needs == "logits":
+                    if cached[i] is not None:
+                        batch.teacher_logits = cached[i].to(device)
+                    else:
+                        with torch.no_grad():
+                            batch.teacher_logits = st.teacher(xs[i])
+                losses.append(st.objective(batch))
+            loss_vec = torch.stack(losses)
+            opt.zero_grad(set_to_none=True)
+            loss_vec.sum().backward()
+            if r.grad_clip:  # per student: each student's own global norm over its slices
+                norms = torch.stack([p.grad.reshape(k_students, -1).norm(dim=1) for p in leaves]).norm(dim=0)
+                scale = (r.grad_clip / (norms + 1e-6)).clamp(max=1.0)
+                for p in leaves:
+                    p.grad.mul_(scale.view(-1, *([1] * (p.dim() - 1))))
+            opt.step()
+            sched.step()
+            n = ys[0].numel()
+            loss_sum += loss_vec.detach() * n
+            correct += torch.stack([(logits[i].detach().argmax(-1) == ys[i]).sum() for i in range(k_students)])
+            seen += n
+            step += 1
+        lr = opt.param_groups[0]["lr"]
+        for i, st in enumerate(students):
+            train_loss = float(loss_sum[i]) / seen
+            if not math.isfinite(train_loss):
+                raise TrialDiverged(f"training loss is {train_loss} at epoch {epoch + 1} (trial {st.spec.label})")
+            st.history.append({EPOCH: epoch + 1, "train_loss": train_loss, "train_acc": int(correct[i]) / seen,
+                               "lr": lr})
+    seconds = time.perf_counter() - t0
+    out = {}
+    for i, (st, m) in enumerate(zip(students, models)):
+        with torch.no_grad():  # by name, as stacked (named_* dedups tied weights the same way)
+            for name, p in m.named_parameters():
+                p.copy_(params[name][i])
+            for name, b in m.named_buffers():
+                b.copy_(buffers[name][i])
+        out[st.spec.trial_key] = finish_trial(st.spec, store, m, bundle, device, r, st.teacher_logits,
+                                              st.history, seconds, lambda metrics, state=None: None)
+    return out
