@@ -465,6 +465,7 @@ def _tracker_and_ray(uri: str, sweep: Sweep, artifact_root: Optional[str]) -> tu
         opening = pool.submit(Tracker, uri, sweep.name, artifact_root, sweep.description, tuple(sweep.plugins))
         t0 = time.time()
         try:
+            testhook.maybe_interrupt("ray_start")
             connect_ray()  # in the main thread: Ray installs signal handlers
         except BaseException:   # Ctrl-C or a failed start: the sweep's run must not stay RUNNING
             if opening.exception() is None:

@@ -6,13 +6,19 @@ process ``where`` ("worker": the trial's Ray worker, after it reported that epoc
 epochs) hard-exit with status 87, like a crash.  With a marker file it fires only
 once (the file is created first), so a restarted worker carries on.  Unset (always,
 outside tests) it costs one environment lookup.
+
+``KDRAY_TEST_SIGINT_AT="<point>"`` makes the process send itself SIGINT at that named
+point (``ray_start``: the driver, just as it starts Ray), so a Ctrl-C lands there
+every time instead of whenever a test's timer happens to fire.
 """
 from __future__ import annotations
 
 import os
+import signal
 
 ENV = "KDRAY_TEST_EXIT_AT"
 EXIT_STATUS = 87
+SIGINT_ENV = "KDRAY_TEST_SIGINT_AT"
 
 
 def maybe_exit(where: str, label: str, epoch) -> None:
@@ -28,3 +34,9 @@ def maybe_exit(where: str, label: str, epoch) -> None:
         except FileExistsError:
             return
     os._exit(EXIT_STATUS)
+
+
+def maybe_interrupt(point: str) -> None:
+    """Deliver SIGINT to this process now when the test asked for it at ``point``."""
+    if os.environ.get(SIGINT_ENV) == point:
+        os.kill(os.getpid(), signal.SIGINT)

@@ -1,12 +1,18 @@
 """A sweep logging to a real `mlflow server` over HTTP that is killed mid-sweep and restarted:
-the retries carry the sweep through, nothing is lost and no run is duplicated."""
+the retries carry the sweep through, nothing is lost and no run is duplicated.  The server's
+backend is sqlite and, as documented for clusters, a real PostgreSQL the suite starts itself."""
+import glob
 import os
+import pwd
+import shutil
 import signal
 import socket
 import sqlite3
 import subprocess
 import sys
+import tempfile
 import time
+from pathlib import Path
 
 import pytest
 import requests
@@ -24,8 +30,83 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _start_server(tmp_path, port):
-    p = subprocess.Popen([sys.executable, "-m", "mlflow", "server", "--backend-store-uri", f"sqlite:///{tmp_path / 'server.db'}",
+def _missing(reason: str):
+    """Fail under CI (``$CI`` set), skip with the reason elsewhere (as tests/conftest.py does for data)."""
+    if os.environ.get("CI", "").lower() not in ("", "0", "false", "no"):
+        pytest.fail(reason)
+    pytest.skip(reason)
+
+
+def _pg_bin() -> str:
+    found = sorted(glob.glob("/usr/lib/postgresql/*/bin/initdb"))
+    if found:
+        return os.path.dirname(found[-1])
+    initdb = shutil.which("initdb")
+    return os.path.dirname(initdb) if initdb else ""
+
+
+@pytest.fixture(scope="session")
+def postgres():
+    """A PostgreSQL server of our own on a free 127.0.0.1 port (initdb + pg_ctl); stopped at the end."""
+    bindir = _pg_bin()
+    if not bindir:
+        _missing("PostgreSQL is not installed (apt-get install -y postgresql; see README)")
+    try:
+        import psycopg2  # noqa: F401  - MLflow's driver for postgresql:// URIs
+    except ImportError:
+        _missing("psycopg2 is not installed (pip install -e '.[dev]')")
+    as_user: list[str] = []
+    root = Path(tempfile.mkdtemp(prefix="kdray-pg-"))   # not under pytest's root-only 0700 tmp: postgres must reach it
+    data = root / "data"
+    if os.geteuid() == 0:         # postgres refuses to run as root
+        try:
+            user = pwd.getpwnam("postgres")
+        except KeyError:
+            _missing("running as root and there is no `postgres` user to run PostgreSQL as")
+        as_user = ["runuser", "-u", "postgres", "--"]
+        os.chown(root, user.pw_uid, user.pw_gid)
+    subprocess.run(as_user + [f"{bindir}/initdb", "-D", str(data), "-U", "kdray", "--auth=trust", "-E", "UTF8"],
+                   check=True, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    port = _free_port()
+    subprocess.run(as_user + [f"{bindir}/pg_ctl", "-D", str(data), "-l", str(root / "log"), "-w", "-o",
+                              f"-h 127.0.0.1 -p {port} -k {root}", "start"], check=True, stdout=subprocess.DEVNULL)
+    try:
+        subprocess.run(as_user + [f"{bindir}/createdb", "-h", "127.0.0.1", "-p", str(port), "-U", "kdray", "mlflow"],
+                       check=True)
+        yield f"postgresql+psycopg2://kdray@127.0.0.1:{port}/mlflow"   # the driver named: SQLAlchemy's default is psycopg 3
+    finally:   # pg_ctl stops exactly the server in our data directory
+        subprocess.run(as_user + [f"{bindir}/pg_ctl", "-D", str(data), "-m", "immediate", "-w", "stop"],
+                       stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        shutil.rmtree(root, ignore_errors=True)
+
+
+@pytest.fixture(params=["sqlite", "postgresql"])
+def backend(request, tmp_path):
+    """The server's backend store URI."""
+    if request.param == "sqlite":
+        return f"sqlite:///{tmp_path / 'server.db'}"
+    return request.getfixturevalue("postgres")
+
+
+def _query(backend_uri, sql):
+    """Rows of ``sql`` on the server's own backend store (sqlite file or PostgreSQL), [] if not there yet."""
+    if backend_uri.startswith("sqlite"):
+        try:
+            with sqlite3.connect(backend_uri[len("sqlite:///"):]) as c:
+                return c.execute(sql).fetchall()
+        except sqlite3.Error:
+            return []
+    import psycopg2
+    try:
+        with psycopg2.connect(backend_uri.replace("+psycopg2", "")) as c, c.cursor() as cur:
+            cur.execute(sql)
+            return cur.fetchall()
+    except psycopg2.Error:
+        return []
+
+
+def _start_server(tmp_path, port, backend_uri):
+    p = subprocess.Popen([sys.executable, "-m", "mlflow", "server", "--backend-store-uri", backend_uri,
                           "--artifacts-destination", str(tmp_path / "server-artifacts"), "--host", "127.0.0.1",
                           "--port", str(port), "--workers", "1"], start_new_session=True, cwd=tmp_path,
                          stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
@@ -47,19 +128,15 @@ def _kill(p):
 
 
 def _runs(db, status=None):
-    try:
-        with sqlite3.connect(db) as c:
-            q = ("select r.name, r.status, t2.value from runs r join tags t on r.run_uuid = t.run_uuid "
-                 "left join tags t2 on r.run_uuid = t2.run_uuid and t2.key = 'kdray.trial_key' "
-                 "where t.key = 'kdray.kind' and t.value = 'trial' and r.lifecycle_stage = 'active'")
-            rows = c.execute(q).fetchall()
-    except sqlite3.Error:
-        return []
+    q = ("select r.name, r.status, t2.value from runs r join tags t on r.run_uuid = t.run_uuid "
+         "left join tags t2 on r.run_uuid = t2.run_uuid and t2.key = 'kdray.trial_key' "
+         "where t.key = 'kdray.kind' and t.value = 'trial' and r.lifecycle_stage = 'active'")
+    rows = _query(db, q)
     return [r for r in rows if status is None or r[1] == status]
 
 
 @pytest.mark.slow
-def test_a_tracking_server_killed_mid_sweep_and_restarted_loses_and_duplicates_nothing(tmp_path):
+def test_a_tracking_server_killed_mid_sweep_and_restarted_loses_and_duplicates_nothing(tmp_path, backend):
     port = _free_port()
     uri = f"http://127.0.0.1:{port}"
     path = tmp_path / "served.yaml"
@@ -70,8 +147,8 @@ def test_a_tracking_server_killed_mid_sweep_and_restarted_loses_and_duplicates_n
         "teacher_seeds": [0], "student_seeds": [10, 11], "conditions": {"siddo": True, "kd": {"alphas": [0.5]},
                                                                          "rcd": None}}]}))
     plan = build_plan(load_sweep(path))
-    db = tmp_path / "server.db"
-    server = _start_server(tmp_path, port)
+    db = backend
+    server = _start_server(tmp_path, port, backend)
     sweep = subprocess.Popen(KDRAY + ["sweep", str(path), "--quiet"], start_new_session=True, text=True,
                              stdout=subprocess.PIPE, stderr=subprocess.PIPE)
     try:
@@ -83,7 +160,7 @@ def test_a_tracking_server_killed_mid_sweep_and_restarted_loses_and_duplicates_n
         _kill(server)                            # mid-teacher: its epochs are being logged
         time.sleep(6.0)
         assert sweep.poll() is None, sweep.communicate()[1][-3000:]
-        server = _start_server(tmp_path, port)
+        server = _start_server(tmp_path, port, backend)
         out, err = sweep.communicate(timeout=600)
     finally:
         _kill(sweep)
@@ -93,7 +170,7 @@ def test_a_tracking_server_killed_mid_sweep_and_restarted_loses_and_duplicates_n
     runs = _runs(db)
     assert sorted(r[2] for r in runs) == sorted(s.trial_key for s in plan.all)   # each planned trial once
     assert all(r[1] == "FINISHED" for r in runs), runs
-    with sqlite3.connect(db) as c:        # every teacher epoch reached the server
-        steps = c.execute("select count(distinct m.step) from metrics m join runs r on m.run_uuid = r.run_uuid "
-                          "where r.name = 'd-teacher-t0' and m.key = 'train_loss'").fetchone()[0]
+    # every teacher epoch reached the server
+    steps = _query(db, "select count(distinct m.step) from metrics m join runs r on m.run_uuid = r.run_uuid "
+                       "where r.name = 'd-teacher-t0' and m.key = 'train_loss'")[0][0]
     assert steps == 100
