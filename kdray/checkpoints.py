@@ -107,3 +107,13 @@ def mismatch(model, state: dict) -> str:
             ([f"unexpected keys {few(extra)}"] if extra else []) + \
             ([f"shape of {shapes[0]}" + (f" (+{len(shapes) - 1} more)" if len(shapes) > 1 else "")] if shapes else [])
     return "; ".join(parts)
+
+
+def load_into(model, path: str, arch: str, args: dict, expect_sha256: str | None = None) -> None:
+    """Load the checkpoint's weights into ``model`` (built as ``arch``), or one CheckpointError line
+    saying what does not fit; the one place the preflight and the teacher trial both call."""
+    state = load_state_dict(path, expect_sha256)
+    wrong = mismatch(model, state)
+    if wrong:
+        raise CheckpointError(f"checkpoint {locate(path)} does not fit architecture {arch!r} with args {dict(args)}: {wrong}")
+    model.load_state_dict(state)

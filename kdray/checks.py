@@ -43,11 +43,12 @@ def _check_checkpoint(s: Setup, where: str) -> None:
         return
     from kdray import checkpoints
     try:
-        if not checkpoints.exists(s.teacher.checkpoint):
-            raise checkpoints.CheckpointError(f"{checkpoints.locate(s.teacher.checkpoint)} does not exist; give the "
-                                              "file torch.save(model.state_dict(), PATH) wrote")
-    except checkpoints.CheckpointError as e:
+        found = checkpoints.exists(s.teacher.checkpoint)
+    except checkpoints.CheckpointError as e:     # its storage cannot be opened
         raise SweepError(f"{where}: {str(e).removeprefix('checkpoint ')}") from None
+    if not found:
+        raise SweepError(f"{where}: {checkpoints.locate(s.teacher.checkpoint)} does not exist; give the file "
+                         "torch.save(model.state_dict(), PATH) wrote")
 
 
 def _check_args(where: str, args: dict, declared: dict, what: str) -> None:

@@ -47,17 +47,11 @@ def _check_setup(sweep: Sweep, s: Setup, where: str) -> None:
                 model = build_model(ref.arch, bundle.num_classes, bundle.input_shape, **ref.args)
             ckpt = getattr(ref, "checkpoint", None)
             if ckpt is not None:
-                state = checkpoints.load_state_dict(ckpt)
-                wrong = checkpoints.mismatch(model, state)
-                if wrong:
-                    raise SweepError(f"{where}.teacher.checkpoint: {checkpoints.locate(ckpt)} does not fit architecture "
-                                     f"{ref.arch!r} with args {dict(ref.args)}: {wrong}")
-                model.load_state_dict(state)
+                checkpoints.load_into(model, ckpt, ref.arch, ref.args)
             with torch.no_grad():
                 out = model.eval()(x)
-        except (SweepError, checkpoints.CheckpointError) as e:
-            msg = str(e)
-            raise SweepError(msg if msg.startswith(where.split(":")[0]) else f"{where}.teacher.checkpoint: {msg}") from None
+        except checkpoints.CheckpointError as e:
+            raise SweepError(f"{where}.teacher.checkpoint: {e}") from None
         except Exception as e:
             raise SweepError(f"{where}.{role}.arch: building {ref.arch!r} or running it on {s.dataset.name!r} inputs "
                              f"failed: {type(e).__name__}: {str(e).strip()[:200]}") from None

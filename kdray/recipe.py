@@ -134,11 +134,7 @@ def run_trial(spec: TrialSpec, store: Store, report: Optional[Report] = None,
     model = init_model(spec, bundle)
     if spec.checkpoint:   # a pretrained teacher: its weights, checked against the planned SHA-256
         from kdray import checkpoints
-        state = checkpoints.load_state_dict(spec.checkpoint, spec.checkpoint_sha256)
-        wrong = checkpoints.mismatch(model, state)
-        if wrong:
-            raise checkpoints.CheckpointError(f"checkpoint {spec.checkpoint} does not fit architecture {spec.arch!r}: {wrong}")
-        model.load_state_dict(state)
+        checkpoints.load_into(model, spec.checkpoint, spec.arch, spec.arch_args, spec.checkpoint_sha256)
     model = model.to(device)
     fmt = torch.channels_last if r.channels_last and len(bundle.input_shape) == 3 else torch.contiguous_format
     model = model.to(memory_format=fmt)
