@@ -8,6 +8,7 @@ sweep skips every trial whose key already has a FINISHED MLflow run.
 """
 from __future__ import annotations
 
+import functools
 import logging
 import os
 import signal
@@ -32,7 +33,7 @@ from kdray.sanity import sanity_lines, suspicion
 from kdray.spec import TrialSpec
 from kdray.storage import Store
 from kdray.sweep import Sweep
-from kdray.tracking import Tracker, probe
+from kdray.tracking import MLFLOW_CLIENT_ENV, Tracker, TrackingError, patience_s, probe
 
 log = logging.getLogger(__name__)
 
@@ -136,6 +137,22 @@ class Flag:
         return self.value
 
 
+def _tracked(hook):
+    """A Tune hook that writes to MLflow.  When the tracking server stays away longer than the
+    patience (``tracking.patience_s``), the sweep stops as on Ctrl-C and no later hook writes:
+    what was running is counted interrupted, to be rerun on resume."""
+    @functools.wraps(hook)
+    def guarded(self, *args, **kwargs):
+        if self.lost:
+            return None
+        try:
+            return hook(self, *args, **kwargs)
+        except TrackingError as e:
+            self.lose(str(e))
+            return None
+    return guarded
+
+
 class MlflowCallback(Callback):
     """Turns Tune's trial events into MLflow runs (the driver is the only writer)."""
 
@@ -149,6 +166,15 @@ class MlflowCallback(Callback):
         self.interrupted: list[str] = []
         self.suspect: list[tuple[str, str, str]] = []    # (role, label, reason) of nonsense results
         self.retries: dict[str, int] = {}                # Tune trial id -> restarts
+        self.lost = ""                                   # why MLflow could no longer be written
+
+    def lose(self, reason: str) -> None:
+        """The tracking server is gone: stop the Tune run through the same path as Ctrl-C."""
+        self.lost = reason
+        print(f"kdray: {reason}: stopping the running trials", file=sys.stderr, flush=True)
+        if not self.stopping.is_set():
+            self.stopping.set()
+            os.kill(os.getpid(), signal.SIGUSR1)
 
     def _end_unfinished(self, trial, reason: str) -> None:
         """A trial that ended without its final record: interrupted if Ctrl-C came first, else failed."""
@@ -163,25 +189,33 @@ class MlflowCallback(Callback):
     def end_in_flight(self) -> None:
         """After an interrupted run: every trial that started and did not end is interrupted."""
         ended = set(self.finished) | set(self.failed) | set(self.interrupted)
-        for trial_id, run_id in self.runs.items():
-            if self.keys[trial_id] not in ended:
-                self.interrupted.append(self.keys[trial_id])
-                self.tracker.end_trial(run_id, False, "interrupted", status="KILLED")
+        for trial_id, key in self.keys.items():
+            if key not in ended:
+                self.interrupted.append(key)
+                if trial_id in self.runs:
+                    self._kill_run(self.runs[trial_id])
+
+    @_tracked
+    def _kill_run(self, run_id: str) -> None:
+        self.tracker.end_trial(run_id, False, "interrupted", status="KILLED")
 
     def _run(self, trial) -> str:
         if trial.trial_id not in self.runs:
             spec = TrialSpec.from_dict(trial.config["spec"])
+            self.keys[trial.trial_id] = spec.trial_key   # started, even if MLflow fails to hear of it
             self.runs[trial.trial_id] = self.tracker.start_trial(spec)
-            self.keys[trial.trial_id] = spec.trial_key
         return self.runs[trial.trial_id]
 
+    @_tracked
     def on_trial_start(self, iteration, trials, trial, **info):
         self._run(trial)
 
+    @_tracked
     def on_trial_result(self, iteration, trials, trial, result, **info):
         epochs = result.get(RESULT_EPOCHS) or [result.get(RESULT_LAST) or {}]
         self.tracker.log_epochs(self._run(trial), epochs)
 
+    @_tracked
     def on_trial_complete(self, iteration, trials, trial, **info):
         spec = TrialSpec.from_dict(trial.config["spec"])
         run_id = self._run(trial)
@@ -196,16 +230,18 @@ class MlflowCallback(Callback):
         reason = suspicion(final)
         if reason:
             self.suspect.append((spec.role, spec.label, reason))
-            self.tracker.client.set_tag(run_id, TAG_SUSPECT, reason)
+            self.tracker.set_tag(run_id, TAG_SUSPECT, reason)
         self.tracker.end_trial(run_id, True)
         self.finished.append(spec.trial_key)
         testhook.maybe_exit("driver", spec.label, final.get(EPOCH))
 
+    @_tracked
     def on_trial_recover(self, iteration, trials, trial, **info):
         """Tune restarts the trial (max_failures): kept on its run, so retries are visible."""
         self.retries[trial.trial_id] = self.retries.get(trial.trial_id, 0) + 1
-        self.tracker.client.set_tag(self._run(trial), TAG_RETRIES, str(self.retries[trial.trial_id]))
+        self.tracker.set_tag(self._run(trial), TAG_RETRIES, str(self.retries[trial.trial_id]))
 
+    @_tracked
     def on_trial_error(self, iteration, trials, trial, **info):
         self._end_unfinished(trial, _error_line(trial))
 
@@ -215,7 +251,7 @@ def log_reused_teacher(tracker: Tracker, store: Store, spec: TrialSpec) -> None:
     run_id = tracker.start_trial(spec)
     result = store.load_json(spec.trial_key, "result.json")
     tracker.log_epochs(run_id, result["history"] + [result[FINAL]])
-    tracker.client.set_tag(run_id, TAG_REUSED, "true")
+    tracker.set_tag(run_id, TAG_REUSED, "true")
     tracker.end_trial(run_id, True)
 
 
@@ -233,6 +269,7 @@ def _error_line(trial) -> str:
 # ------------------------------------------------------------------ the sweep
 
 EXIT_FAILED, EXIT_INTERRUPTED = 1, 130
+EXIT_TRACKING_LOST = 75   # sysexits' EX_TEMPFAIL: nothing is wrong with the sweep; run it again later
 
 
 @dataclass
@@ -248,6 +285,7 @@ class SweepSummary:
     interrupted: int = 0       # running when Ctrl-C came (their runs are KILLED, rerun on resume)
     not_started: int = 0       # still waiting when the sweep stopped
     stopped: bool = False      # Ctrl-C (SIGINT) ended the run
+    tracking_lost: str = ""    # why MLflow stopped answering (the run stopped; resume when it is back)
     suspect: list = field(default_factory=list)   # (role, label, reason): finished, but at chance or diverging
     seconds: float = 0.0
     tracking_uri: str = ""
@@ -262,6 +300,10 @@ class SweepSummary:
         for key, reason in list(self.failed.items())[:10]:
             out.append(f"  failed {key}: {reason}")
         out += sanity_lines(self.suspect, self.finished)
+        if self.tracking_lost:
+            out.append(f"TRACKING LOST: {self.tracking_lost}; {self.interrupted + self.not_started} of "
+                       f"{self.planned} trials did not run to the end; when the server answers again, run the "
+                       f"same command to resume (finished trials are kept)")
         if self.stopped:
             out.append(f"INTERRUPTED: {self.interrupted + self.not_started} of {self.planned} trials did not run "
                        f"to the end; run the same command again to resume (finished trials are kept)")
@@ -279,6 +321,8 @@ class SweepSummary:
     def exit_code(self) -> int:
         """0 only when every planned trial is done; 130 when interrupted; 1 for failures, or when every
         trial finished now looks like nonsense (kdray/sanity.py)."""
+        if self.tracking_lost:
+            return EXIT_TRACKING_LOST
         if self.stopped:
             return EXIT_INTERRUPTED
         nonsense = self.finished and len(self.suspect) == self.finished
@@ -478,8 +522,13 @@ def _tracker_and_ray(uri: str, sweep: Sweep, artifact_root: Optional[str]) -> tu
 
 def run_sweep(sweep: Sweep, plan: Optional[Plan] = None, verbose: int = 0, progress: bool = False) -> SweepSummary:
     """Run what the plan still needs; ``verbose``: Tune's tables, ``progress``: kdray's stage lines."""
+    patience_s()   # a bad $KDRAY_TRACKING_PATIENCE_S is one line before anything starts
+    with _environ(MLFLOW_CLIENT_ENV):   # kdray's retries, with their one budget, are the only ones
+        return _run_sweep(sweep, plan or build_plan(sweep), verbose, progress)
+
+
+def _run_sweep(sweep: Sweep, plan: Plan, verbose: int, progress: bool) -> SweepSummary:
     t0 = time.time()
-    plan = plan or build_plan(sweep)
     store = Store(sweep.storage, sweep.name)
     uri = sweep.resolved_tracking_uri()
     artifact_root = str(sweep.local_storage() / "mlartifacts" / sweep.name) if uri.startswith("sqlite") else None
@@ -487,13 +536,19 @@ def run_sweep(sweep: Sweep, plan: Optional[Plan] = None, verbose: int = 0, progr
     summary = SweepSummary(sweep.name, len(plan.all), tracking_uri=uri, storage=store.uri, ray_start_seconds=ray_seconds)
     try:
         _run_todo(summary, plan, sweep, store, tracker, verbose, progress)
+        summary.seconds = time.time() - t0
+        if not summary.tracking_lost:
+            tracker.end_sweep({"trials_finished": summary.finished, "trials_failed": len(summary.failed),
+                               "trials_interrupted": summary.interrupted + summary.not_started,
+                               "trials_planned": summary.planned, "sweep_seconds": summary.seconds}, summary.status)
+    except TrackingError as e:   # MLflow gone for good: nothing more can be written there
+        summary.tracking_lost, summary.seconds = str(e), time.time() - t0
+        accounted = (summary.skipped + summary.reused + summary.finished + len(summary.failed) + summary.blocked
+                     + summary.interrupted + summary.not_started)
+        summary.not_started += max(0, summary.planned - accounted)
     except BaseException:    # a second Ctrl-C, or an error: the sweep's run must not stay RUNNING
         tracker.end_sweep({}, "KILLED")
         raise
-    summary.seconds = time.time() - t0
-    tracker.end_sweep({"trials_finished": summary.finished, "trials_failed": len(summary.failed),
-                       "trials_interrupted": summary.interrupted + summary.not_started,
-                       "trials_planned": summary.planned, "sweep_seconds": summary.seconds}, summary.status)
     return summary
 
 
@@ -534,7 +589,8 @@ def _account(summary: SweepSummary, todo: list[TrialSpec], cb: MlflowCallback) -
     summary.failed.update(cb.failed)
     summary.interrupted = len(cb.interrupted)
     summary.suspect = list(cb.suspect)
-    summary.stopped = cb.stopping.is_set()
+    summary.tracking_lost = cb.lost
+    summary.stopped = cb.stopping.is_set() and not cb.lost
     ended = set(cb.finished) | set(cb.failed) | set(cb.interrupted)
     left = [s for s in todo if s.trial_key not in ended]
     blocked = sum(s.role == "student" and s.teacher_key in cb.failed for s in left)

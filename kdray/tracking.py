@@ -8,6 +8,7 @@ is retried with back-off, so a tracking server that blips does not end a sweep.
 from __future__ import annotations
 
 import logging
+import os
 import sqlite3
 import subprocess
 import time
@@ -27,16 +28,65 @@ class TrackingError(RuntimeError):
     """MLflow cannot be reached or used; the message names the URI."""
 
 
-def retry(fn: Callable[[], R], what: str, attempts: int = 5, delay: float = 0.5) -> R:
-    for i in range(attempts):
+PATIENCE_ENV = "KDRAY_TRACKING_PATIENCE_S"
+DEFAULT_PATIENCE_S = 300.0
+# MLflow's own client retries a refused connection for about 4 minutes per call, on top of ours;
+# the driver turns them off so that ``KDRAY_TRACKING_PATIENCE_S`` is the one budget (see engine).
+MLFLOW_CLIENT_ENV = {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "0"}
+# Answers that another attempt cannot change: retrying them only delays the error.
+PERMANENT = frozenset({"INVALID_PARAMETER_VALUE", "RESOURCE_ALREADY_EXISTS", "RESOURCE_DOES_NOT_EXIST",
+                       "BAD_REQUEST", "INVALID_STATE", "PERMISSION_DENIED", "UNAUTHENTICATED",
+                       "FEATURE_DISABLED", "ENDPOINT_NOT_FOUND"})
+
+
+def patience_s() -> float:
+    """How long the driver keeps retrying one MLflow call before the sweep stops (``$KDRAY_TRACKING_PATIENCE_S``)."""
+    raw = os.environ.get(PATIENCE_ENV, "")
+    if not raw:
+        return DEFAULT_PATIENCE_S
+    try:
+        value = float(raw)
+    except ValueError:
+        value = -1.0
+    if not value >= 0 or value == float("inf"):
+        raise TrackingError(f"{PATIENCE_ENV}={raw!r} is not a number of seconds >= 0")
+    return value
+
+
+# What a failed HTTP call's long message comes down to (MLflow wraps urllib3's in its own).
+_CAUSES = (("Connection refused", "connection refused"), ("timed out", "timed out"),
+           ("Name or service not known", "unknown host"), ("Temporary failure in name resolution", "unknown host"),
+           ("Max retries exceeded", "no connection"), ("Connection reset", "connection reset"))
+
+
+def _first_line(e: BaseException) -> str:
+    text = str(e).strip()
+    for needle, said in _CAUSES:
+        if needle in text:
+            return said
+    return f"{type(e).__name__}: {text.splitlines()[0][:160]}" if text else type(e).__name__
+
+
+def retry(fn: Callable[[], R], what: str, uri: str = "", patience: Optional[float] = None, delay: float = 0.5) -> R:
+    """``fn()``, retried with back-off (0.5 s doubling, at most 30 s apart) for up to ``patience`` seconds
+    (default ``patience_s()``); then a one-line TrackingError naming the URI and the call."""
+    budget = patience_s() if patience is None else patience
+    start, i = time.monotonic(), 0
+    while True:
         try:
             return fn()
         except Exception as e:  # transient: locked sqlite, dropped connection, 5xx
-            if i == attempts - 1:
+            if getattr(e, "error_code", None) in PERMANENT:
                 raise
-            log.warning("MLflow %s failed (%s); retrying", what, e)
-            time.sleep(delay * 2 ** i)
-    raise AssertionError("unreachable")
+            waited = time.monotonic() - start
+            if waited >= budget:
+                raise TrackingError(f"MLflow tracking at {uri or 'the tracking URI'} did not answer for "
+                                    f"{waited:.0f} s ({what}: {_first_line(e)})") from e
+            if i == 0:   # once per outage: later attempts of the same call are quiet
+                log.warning("kdray: MLflow tracking at %s did not answer (%s: %s); retrying for up to %.0f s",
+                            uri or "the tracking URI", what, _first_line(e), budget)
+            time.sleep(min(delay * 2 ** i, 30.0, max(budget - waited, 0.01)))
+            i += 1
 
 
 def probe(uri: str, timeout: float = 5.0) -> None:
@@ -115,40 +165,53 @@ class Tracker:
         self.uri = uri
         probe(uri)
         self.client = MlflowClient(tracking_uri=uri)
-        try:
-            exp = retry(lambda: self.client.get_experiment_by_name(experiment), "connect", attempts=3)
+        try:   # the probe found it up: a short wait is enough here
+            exp = self._call(lambda: self.client.get_experiment_by_name(experiment), "connect",
+                             patience=min(patience_s(), 10.0))
+        except TrackingError:
+            raise
         except Exception as e:
             raise TrackingError(f"MLflow tracking at {uri} is unreachable: {type(e).__name__}: {str(e).splitlines()[0][:200]}") from None
         if exp is None:
             loc = artifact_root and f"{Path(artifact_root).resolve().as_uri()}"
             tags = {TAG_EXPERIMENT_KIND: EXPERIMENT_KIND, **({"mlflow.note.content": description} if description else {})}
-            exp_id = self.client.create_experiment(experiment, artifact_location=loc, tags=tags)
+            exp_id = self._call(lambda: self.client.create_experiment(experiment, artifact_location=loc, tags=tags),
+                                "create_experiment")
         else:
             if exp.lifecycle_stage == "deleted":
-                self.client.restore_experiment(exp.experiment_id)
+                self._call(lambda: self.client.restore_experiment(exp.experiment_id), "restore_experiment")
             exp_id = exp.experiment_id
             if TAG_EXPERIMENT_KIND not in exp.tags:   # experiments made before kdray set it
-                self.client.set_experiment_tag(exp_id, TAG_EXPERIMENT_KIND, EXPERIMENT_KIND)
+                self._call(lambda: self.client.set_experiment_tag(exp_id, TAG_EXPERIMENT_KIND, EXPERIMENT_KIND), "set_tag")
         self.experiment_id = exp_id
         self.experiment = experiment
         self.parent_id = self._parent_run()
         if plugins:   # the report imports them too, to label and test plug-in conditions
-            retry(lambda: self.client.set_tag(self.parent_id, TAG_PLUGINS, ",".join(plugins)), "set_tag")
+            self.set_tag(self.parent_id, TAG_PLUGINS, ",".join(plugins))
         self.sha = git_sha()
 
+    def _call(self, fn: Callable[[], R], what: str, patience: Optional[float] = None) -> R:
+        """Every MLflow call: retried with back-off; a server gone for longer is a TrackingError naming it."""
+        return retry(fn, what, self.uri, patience)
+
+    def set_tag(self, run_id: str, key: str, value: str) -> None:
+        self._call(lambda: self.client.set_tag(run_id, key, value), "set_tag")
+
     def _parent_run(self) -> str:
-        runs = self.client.search_runs([self.experiment_id], f"tags.`{TAG_KIND}` = '{KIND_SWEEP}'", max_results=1)
+        runs = self._call(lambda: self.client.search_runs([self.experiment_id], f"tags.`{TAG_KIND}` = '{KIND_SWEEP}'",
+                                                          max_results=1), "search")
         if runs:
             return runs[0].info.run_id
-        run = self.client.create_run(self.experiment_id, run_name=f"sweep {self.experiment}",
-                                     tags={TAG_KIND: KIND_SWEEP, TAG_VERSION: __version__})
+        run = self._call(lambda: self.client.create_run(self.experiment_id, run_name=f"sweep {self.experiment}",
+                                                        tags={TAG_KIND: KIND_SWEEP, TAG_VERSION: __version__}),
+                         "create_run")
         return run.info.run_id
 
     # ----------------------------------------------------------- resume
     def trial_runs(self) -> list:
         out, token = [], None
         while True:
-            page = retry(lambda: self.client.search_runs([self.experiment_id], f"tags.`{TAG_KIND}` = '{KIND_TRIAL}'",
+            page = self._call(lambda: self.client.search_runs([self.experiment_id], f"tags.`{TAG_KIND}` = '{KIND_TRIAL}'",
                                                          max_results=5000, page_token=token), "search")
             out += list(page)
             token = page.token
@@ -164,7 +227,7 @@ class Tracker:
         n = 0
         for r in self.trial_runs():
             if r.info.status != "FINISHED" and r.data.tags.get(TAG_TRIAL_KEY) in keys:
-                retry(lambda: self.client.delete_run(r.info.run_id), "delete")
+                self._call(lambda: self.client.delete_run(r.info.run_id), "delete")
                 n += 1
         return n
 
@@ -173,10 +236,10 @@ class Tracker:
         from mlflow.entities import Param
 
         tags = trial_tags(spec, self.parent_id, __version__, self.sha)
-        run = retry(lambda: self.client.create_run(self.experiment_id, run_name=spec.label, tags=tags), "create_run")
+        run = self._call(lambda: self.client.create_run(self.experiment_id, run_name=spec.label, tags=tags), "create_run")
         params = [Param(k, _fmt(v)[:6000]) for k, v in spec.flat_params().items()]
         for i in range(0, len(params), 100):
-            retry(lambda: self.client.log_batch(run.info.run_id, params=params[i:i + 100]), "log_params")
+            self._call(lambda: self.client.log_batch(run.info.run_id, params=params[i:i + 100]), "log_params")
         return run.info.run_id
 
     def log_metrics(self, run_id: str, metrics: dict, step: int) -> None:
@@ -190,19 +253,19 @@ class Tracker:
         ms = [Metric(k, float(v), now, int(m.get(EPOCH, 0))) for m in epochs for k, v in m.items()
               if isinstance(v, (int, float)) and k not in (EPOCH, FINAL)]
         for i in range(0, len(ms), 1000):  # MLflow's per-batch limit
-            retry(lambda: self.client.log_batch(run_id, metrics=ms[i:i + 1000]), "log_metrics")
+            self._call(lambda: self.client.log_batch(run_id, metrics=ms[i:i + 1000]), "log_metrics")
 
     def log_artifact(self, run_id: str, path: Path) -> None:
-        retry(lambda: self.client.log_artifact(run_id, str(path)), "log_artifact")
+        self._call(lambda: self.client.log_artifact(run_id, str(path)), "log_artifact")
 
     def end_trial(self, run_id: str, ok: bool, reason: str = "", status: str = "FAILED") -> None:
         """FINISHED when ``ok``; else ``status`` (FAILED, or KILLED for an interrupted trial) and why."""
         if not ok:
-            retry(lambda: self.client.set_tag(run_id, TAG_FAILURE, reason[:5000] or "unknown"), "set_tag")
-        retry(lambda: self.client.set_terminated(run_id, "FINISHED" if ok else status), "terminate")
+            self.set_tag(run_id, TAG_FAILURE, reason[:5000] or "unknown")
+        self._call(lambda: self.client.set_terminated(run_id, "FINISHED" if ok else status), "terminate")
 
     def end_sweep(self, summary: dict, status: str = "FINISHED") -> None:
         """The sweep's run ends FINISHED only when every planned trial did; FAILED or KILLED otherwise."""
         if summary:
             self.log_metrics(self.parent_id, summary, 0)
-        retry(lambda: self.client.set_terminated(self.parent_id, status), "terminate")
+        self._call(lambda: self.client.set_terminated(self.parent_id, status), "terminate")

@@ -9,6 +9,7 @@ import os
 import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -135,3 +136,41 @@ def test_diverging_trial_is_failed_with_its_reason_and_reported_as_excluded(tmp_
     assert rep.returncode == 0, rep.stderr
     excluded = (tmp_path / "report" / "tables" / "excluded.md").read_text()
     assert excluded.count("training loss is") == 4
+
+
+def test_tracking_retries_wait_out_a_blip_stop_at_the_patience_and_never_retry_a_permanent_error(monkeypatch):
+    from mlflow.exceptions import MlflowException
+    from mlflow.protos.databricks_pb2 import RESOURCE_DOES_NOT_EXIST
+
+    from kdray.tracking import PATIENCE_ENV, TrackingError, patience_s, retry
+
+    calls = []
+
+    def flaky():                       # down twice, then answers
+        calls.append(time.monotonic())
+        if len(calls) < 3:
+            raise ConnectionError("connection refused")
+        return "ok"
+
+    assert retry(flaky, "log_metrics", "http://h:1", patience=10, delay=0.01) == "ok" and len(calls) == 3
+
+    down = []
+    t0 = time.monotonic()
+    with pytest.raises(TrackingError) as e:
+        retry(lambda: down.append(1) or (_ for _ in ()).throw(ConnectionError("refused")), "log_metrics",
+              "http://h:1", patience=0.3, delay=0.01)
+    assert 0.3 <= time.monotonic() - t0 < 2.0 and len(down) >= 3
+    assert str(e.value).startswith("MLflow tracking at http://h:1 did not answer for 0 s (log_metrics: ConnectionError")
+
+    bad = []
+    with pytest.raises(MlflowException):
+        retry(lambda: bad.append(1) or (_ for _ in ()).throw(
+            MlflowException("no such run", error_code=RESOURCE_DOES_NOT_EXIST)), "set_tag", patience=10)
+    assert len(bad) == 1
+
+    monkeypatch.setenv(PATIENCE_ENV, "12.5")
+    assert patience_s() == 12.5
+    for raw in ("soon", "-1", "nan", "inf"):
+        monkeypatch.setenv(PATIENCE_ENV, raw)
+        with pytest.raises(TrackingError, match=PATIENCE_ENV):
+            patience_s()

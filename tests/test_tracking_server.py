@@ -174,3 +174,57 @@ def test_a_tracking_server_killed_mid_sweep_and_restarted_loses_and_duplicates_n
     steps = _query(db, "select count(distinct m.step) from metrics m join runs r on m.run_uuid = r.run_uuid "
                        "where r.name = 'd-teacher-t0' and m.key = 'train_loss'")[0][0]
     assert steps == 100
+
+
+@pytest.mark.slow
+def test_a_tracking_server_that_stays_down_stops_the_sweep_in_one_line_and_it_resumes_later(tmp_path):
+    """Past ``KDRAY_TRACKING_PATIENCE_S`` the sweep stops (exit 75, one line naming the server); rerun
+    once the server is back, it finishes every planned trial with one run each."""
+    port = _free_port()
+    uri = f"http://127.0.0.1:{port}"
+    path = tmp_path / "down.yaml"
+    path.write_text(yaml.safe_dump({"name": "down", "storage": str(tmp_path / "results"), "tracking_uri": uri,
+                                    "report_every_s": 0, "setups": [{
+        "name": "d", "dataset": {"name": "digits"}, "teacher": {"arch": "small_cnn", "args": {"channels": 8}},
+        "recipe": {"epochs": 3, "batch_size": 128, "lr": 0.01}, "teacher_recipe": {"epochs": 60},
+        "teacher_seeds": [0], "student_seeds": [10], "conditions": {"siddo": True, "kd": {"alphas": [0.5]},
+                                                                    "rcd": None}}]}))
+    plan = build_plan(load_sweep(path))
+    db = f"sqlite:///{tmp_path / 'server.db'}"
+    server = _start_server(tmp_path, port, db)
+    env = {**os.environ, "KDRAY_TRACKING_PATIENCE_S": "4"}
+    sweep = subprocess.Popen(KDRAY + ["sweep", str(path), "--quiet"], start_new_session=True, text=True, env=env,
+                             stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    try:
+        deadline = time.time() + 180
+        while not _runs(db, "RUNNING") and time.time() < deadline and sweep.poll() is None:
+            time.sleep(0.2)
+        assert sweep.poll() is None, "the sweep ended before the server could be killed"
+        _kill(server)                            # and it stays down
+        t_kill = time.time()
+        out, err = sweep.communicate(timeout=240)
+        stopped_after = time.time() - t_kill
+    finally:
+        _kill(sweep)
+        _kill(server)
+    assert sweep.returncode == 75, (out, err[-3000:])
+    assert "Traceback" not in out + err, err[-3000:]
+    said = [ln for ln in err.splitlines() if "stopping the running trials" in ln]
+    assert len(said) == 1 and f"MLflow tracking at {uri} did not answer for" in said[0], err[-3000:]
+    assert f"TRACKING LOST: MLflow tracking at {uri} did not answer" in out, out
+    assert "3 of 3 trials did not run to the end" in out and "0 trials finished now" in out, out
+    assert "1 interrupted" in out, out          # the teacher, whose epochs were being logged
+    assert stopped_after < 120, stopped_after          # the patience, not MLflow's own minutes of retries
+
+    server = _start_server(tmp_path, port, db)
+    try:
+        again = subprocess.run(KDRAY + ["sweep", str(path), "--quiet"], text=True, capture_output=True, timeout=600)
+    finally:
+        _kill(server)
+    assert again.returncode == 0, again.stderr[-3000:]
+    runs = _runs(db)
+    assert sorted(r[2] for r in runs) == sorted(s.trial_key for s in plan.all)   # each planned trial once
+    assert all(r[1] == "FINISHED" for r in runs), runs
+    sweeps = _query(db, "select r.status from runs r join tags t on r.run_uuid = t.run_uuid where t.key = "
+                        "'kdray.kind' and t.value = 'sweep' and r.lifecycle_stage = 'active'")
+    assert sweeps == [("FINISHED",)], sweeps
