@@ -53,6 +53,10 @@ def cmd_plan(args) -> int:
     for path in args.sweep:
         sweep, plan = _load(path, args.max_trials)
         print(format_plan(plan))
+        if any(s.resources.student.pack > 1 for s in sweep.setups):   # builds one model per architecture
+            from kdray.packing import jobs
+            for note in jobs(plan.students)[1]:
+                print(f"  note: {note}")
         total += len(plan.all)
         for spec in plan.all:
             keys.setdefault(spec.trial_key, spec.role)

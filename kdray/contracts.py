@@ -34,6 +34,7 @@ TAG_EXPERIMENT_KIND, EXPERIMENT_KIND = "mlflow.experimentKind", "custom_model_de
 # What a trial reports to the driver through Tune ------------------------------
 RESULT_LAST = "kdray"                   # the latest record
 RESULT_EPOCHS = "kdray_epochs"          # every record since the last report
+RESULT_PACK = "kdray_pack"              # a packed trial: {trial key: {RESULT_EPOCHS: [...]}} per student
 # Keys inside a record
 EPOCH, FINAL, FAILURE = "epoch", "final", "failure"   # final: 1 on the trial's last record
 

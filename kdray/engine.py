@@ -25,7 +25,8 @@ from ray.tune import Callback
 from ray.tune.search import Searcher
 
 from kdray import testhook
-from kdray.contracts import EPOCH, FAILURE, FINAL, RESULT_EPOCHS, RESULT_LAST, TAG_RETRIES, TAG_REUSED, TAG_SUSPECT
+from kdray.contracts import (EPOCH, FAILURE, FINAL, RESULT_EPOCHS, RESULT_LAST, RESULT_PACK, TAG_RETRIES, TAG_REUSED,
+                             TAG_SUSPECT)
 from kdray.errors import DataNotFoundError
 from kdray.plan import Plan, build_plan
 from kdray.recipe import TrialDiverged, run_trial
@@ -48,6 +49,8 @@ def trainable(config: dict) -> None:
     """Tune's function trainable: rebuild the spec, train, report the epochs' metrics in batches."""
     from ray import tune
 
+    if config.get("pack"):
+        return _train_pack(config)
     spec = TrialSpec.from_dict(config["spec"])
     store = Store(config["storage"], spec.sweep)
     torch.set_num_threads(max(1, int(spec.resources.get("cpu", 1))))
@@ -94,6 +97,46 @@ def trainable(config: dict) -> None:
         # with the reason (and the epochs before it); the callback marks its run FAILED.
         pending.append({FAILURE: f"{type(e).__name__}: {str(e).strip()[:2000]}"})
         send()
+
+
+def _train_pack(config: dict) -> None:
+    """A packed trial (kdray/packing.py): K students in one process, each reported under its own key
+    so the driver gives each its own MLflow run.  A student whose result is already in storage
+    (its trial ran, its run was not ended) is reported from there, not retrained."""
+    from ray import tune
+
+    from kdray.packing import run_pack
+
+    specs = [TrialSpec.from_dict(d) for d in config["pack"]]
+    store = Store(config["storage"], specs[0].sweep)
+    torch.set_num_threads(max(1, int(specs[0].resources.get("cpu", 1))))
+    every = float(config.get("report_every_s", 0.0))
+    pending: dict[str, list[dict]] = {}
+    last_sent = [time.monotonic()]
+
+    def send() -> None:
+        tune.report({RESULT_PACK: {k: {RESULT_EPOCHS: v} for k, v in pending.items()}, RESULT_LAST: {}})
+        pending.clear()
+        last_sent[0] = time.monotonic()
+
+    def report(key: str, metrics: dict) -> None:
+        pending.setdefault(key, []).append(metrics)
+        if time.monotonic() - last_sent[0] >= every:
+            send()
+
+    for s in specs:
+        if store.exists(s.trial_key, "result.json"):
+            stored = store.load_json(s.trial_key, "result.json")
+            pending[s.trial_key] = stored["history"] + [stored[FINAL]]
+    try:
+        run_pack(specs, store, _device(specs[0]), report)
+    except Exception as e:
+        if not deterministic(e):
+            raise
+        send()   # what the students did before, then the reason for every one not ended
+        tune.report({RESULT_PACK: {}, RESULT_LAST: {FAILURE: f"{type(e).__name__}: {str(e).strip()[:2000]}"}})
+        return
+    send()
 
 
 # Errors the same spec raises again on every attempt: retrying them (max_failures) only wastes the
@@ -154,13 +197,14 @@ def _tracked(hook):
 
 
 class MlflowCallback(Callback):
-    """Turns Tune's trial events into MLflow runs (the driver is the only writer)."""
+    """Turns Tune's trial events into MLflow runs (the driver is the only writer).  A Tune trial
+    is one trial spec, or a pack of several (``config["pack"]``): each spec gets its own run."""
 
     def __init__(self, tracker: Tracker, store: Store, stopping: Optional[Flag] = None):
         self.tracker, self.store = tracker, store
         self.stopping = stopping or Flag()   # set on Ctrl-C: what ends now was interrupted
-        self.runs: dict[str, str] = {}       # Tune trial id -> MLflow run id
-        self.keys: dict[str, str] = {}       # Tune trial id -> trial key
+        self.runs: dict[str, str] = {}       # trial key -> MLflow run id
+        self.members: dict[str, list[TrialSpec]] = {}   # Tune trial id -> its specs (started on Tune)
         self.finished: list[str] = []
         self.failed: dict[str, str] = {}
         self.interrupted: list[str] = []
@@ -176,53 +220,35 @@ class MlflowCallback(Callback):
             self.stopping.set()
             os.kill(os.getpid(), signal.SIGUSR1)
 
-    def _end_unfinished(self, trial, reason: str) -> None:
+    def started_keys(self) -> list[str]:
+        return [s.trial_key for specs in self.members.values() for s in specs]
+
+    def _ended(self) -> set[str]:
+        return set(self.finished) | set(self.failed) | set(self.interrupted)
+
+    def _specs(self, trial) -> list[TrialSpec]:
+        if trial.trial_id not in self.members:   # recorded first: started, even if MLflow fails to hear of it
+            cfg = trial.config
+            self.members[trial.trial_id] = [TrialSpec.from_dict(d) for d in cfg.get("pack") or [cfg["spec"]]]
+        return self.members[trial.trial_id]
+
+    def _run(self, spec: TrialSpec) -> str:
+        if spec.trial_key not in self.runs:
+            self.runs[spec.trial_key] = self.tracker.start_trial(spec)
+        return self.runs[spec.trial_key]
+
+    def _end_unfinished(self, spec: TrialSpec, reason: str) -> None:
         """A trial that ended without its final record: interrupted if Ctrl-C came first, else failed."""
-        key, run_id = TrialSpec.from_dict(trial.config["spec"]).trial_key, self._run(trial)
+        run_id = self._run(spec)
         if self.stopping.is_set():
-            self.interrupted.append(key)
+            self.interrupted.append(spec.trial_key)
             self.tracker.end_trial(run_id, False, "interrupted", status="KILLED")
         else:
-            self.failed[key] = reason
+            self.failed[spec.trial_key] = reason
             self.tracker.end_trial(run_id, False, reason)
 
-    def end_in_flight(self) -> None:
-        """After an interrupted run: every trial that started and did not end is interrupted."""
-        ended = set(self.finished) | set(self.failed) | set(self.interrupted)
-        for trial_id, key in self.keys.items():
-            if key not in ended:
-                self.interrupted.append(key)
-                if trial_id in self.runs:
-                    self._kill_run(self.runs[trial_id])
-
-    @_tracked
-    def _kill_run(self, run_id: str) -> None:
-        self.tracker.end_trial(run_id, False, "interrupted", status="KILLED")
-
-    def _run(self, trial) -> str:
-        if trial.trial_id not in self.runs:
-            spec = TrialSpec.from_dict(trial.config["spec"])
-            self.keys[trial.trial_id] = spec.trial_key   # started, even if MLflow fails to hear of it
-            self.runs[trial.trial_id] = self.tracker.start_trial(spec)
-        return self.runs[trial.trial_id]
-
-    @_tracked
-    def on_trial_start(self, iteration, trials, trial, **info):
-        self._run(trial)
-
-    @_tracked
-    def on_trial_result(self, iteration, trials, trial, result, **info):
-        epochs = result.get(RESULT_EPOCHS) or [result.get(RESULT_LAST) or {}]
-        self.tracker.log_epochs(self._run(trial), epochs)
-
-    @_tracked
-    def on_trial_complete(self, iteration, trials, trial, **info):
-        spec = TrialSpec.from_dict(trial.config["spec"])
-        run_id = self._run(trial)
-        final = (trial.last_result or {}).get(RESULT_LAST) or {}
-        if not final.get(FINAL):
-            self._end_unfinished(trial, final.get(FAILURE) or "trial ended without its final evaluation")
-            return
+    def _finish(self, spec: TrialSpec, final: dict) -> None:
+        run_id = self._run(spec)
         with tempfile.TemporaryDirectory() as tmp:
             names = ["test_outputs.npz"] + (["model.pt"] if spec.role == "teacher" else [])
             for name in names:
@@ -235,15 +261,68 @@ class MlflowCallback(Callback):
         self.finished.append(spec.trial_key)
         testhook.maybe_exit("driver", spec.label, final.get(EPOCH))
 
+    def end_in_flight(self) -> None:
+        """After an interrupted run: every trial that started and did not end is interrupted."""
+        ended = self._ended()
+        for key in self.started_keys():
+            if key not in ended:
+                self.interrupted.append(key)
+                if key in self.runs:
+                    self._kill_run(self.runs[key])
+
+    @_tracked
+    def _kill_run(self, run_id: str) -> None:
+        self.tracker.end_trial(run_id, False, "interrupted", status="KILLED")
+
+    @_tracked
+    def on_trial_start(self, iteration, trials, trial, **info):
+        for spec in self._specs(trial):
+            self._run(spec)
+
+    @_tracked
+    def on_trial_result(self, iteration, trials, trial, result, **info):
+        specs = self._specs(trial)
+        if RESULT_PACK not in result:
+            self.tracker.log_epochs(self._run(specs[0]), result.get(RESULT_EPOCHS) or [result.get(RESULT_LAST) or {}])
+            return
+        ended = self._ended()
+        for spec in specs:   # a packed student ends as soon as its final record (or its failure) arrives
+            records = (result[RESULT_PACK].get(spec.trial_key) or {}).get(RESULT_EPOCHS) or []
+            if not records or spec.trial_key in ended:
+                continue
+            failure = next((m[FAILURE] for m in records if FAILURE in m), None)
+            self.tracker.log_epochs(self._run(spec), [m for m in records if FAILURE not in m])
+            final = next((m for m in records if m.get(FINAL)), None)
+            if failure:
+                self._end_unfinished(spec, failure)
+            elif final:
+                self._finish(spec, final)
+
+    @_tracked
+    def on_trial_complete(self, iteration, trials, trial, **info):
+        last = (trial.last_result or {}).get(RESULT_LAST) or {}
+        ended = self._ended()
+        for spec in self._specs(trial):
+            if spec.trial_key in ended:
+                continue
+            if last.get(FINAL) and not trial.config.get("pack"):
+                self._finish(spec, last)
+            else:
+                self._end_unfinished(spec, last.get(FAILURE) or "trial ended without its final evaluation")
+
     @_tracked
     def on_trial_recover(self, iteration, trials, trial, **info):
-        """Tune restarts the trial (max_failures): kept on its run, so retries are visible."""
+        """Tune restarts the trial (max_failures): kept on its runs, so retries are visible."""
         self.retries[trial.trial_id] = self.retries.get(trial.trial_id, 0) + 1
-        self.tracker.set_tag(self._run(trial), TAG_RETRIES, str(self.retries[trial.trial_id]))
+        for spec in self._specs(trial):
+            self.tracker.set_tag(self._run(spec), TAG_RETRIES, str(self.retries[trial.trial_id]))
 
     @_tracked
     def on_trial_error(self, iteration, trials, trial, **info):
-        self._end_unfinished(trial, _error_line(trial))
+        ended = self._ended()
+        for spec in self._specs(trial):
+            if spec.trial_key not in ended:
+                self._end_unfinished(spec, _error_line(trial))
 
 
 def log_reused_teacher(tracker: Tracker, store: Store, spec: TrialSpec) -> None:
@@ -371,11 +450,13 @@ class TeachersFirst(Searcher):
     ``trained``: teacher keys whose model was in storage before this run.
     """
 
-    def __init__(self, specs: list[TrialSpec], store: Store, trained: set[str]):
+    def __init__(self, specs: list[TrialSpec], store: Store, trained: set[str],
+                 packs: Optional[list[list[TrialSpec]]] = None):
         super().__init__()
         self.store = store
         self.teachers = [s for s in specs if s.role == "teacher"]
-        self.students = [s for s in specs if s.role == "student"]
+        # each job is one Tune trial: a student, or a pack of students of one teacher
+        self.students = packs if packs is not None else [[s] for s in specs if s.role == "student"]
         self.in_flight: dict[str, str] = {}   # Tune trial id -> teacher key
         self.unsettled = {t.trial_key for t in self.teachers}   # teachers not yet ended
         self.ready = set(trained)                              # teachers with a model
@@ -386,12 +467,12 @@ class TeachersFirst(Searcher):
             t = self.teachers.pop(0)
             self.in_flight[trial_id] = t.trial_key
             return {"spec": t.to_dict()}
-        waiting = [s for s in self.students if s.teacher_key in self.ready or s.teacher_key in self.unsettled]
-        self.blocked += len(self.students) - len(waiting)
+        waiting = [j for j in self.students if j[0].teacher_key in self.ready or j[0].teacher_key in self.unsettled]
+        self.blocked += sum(map(len, self.students)) - sum(map(len, waiting))
         self.students = waiting
-        for i, s in enumerate(self.students):
-            if s.teacher_key in self.ready:
-                return {"spec": self.students.pop(i).to_dict()}
+        for i, job in enumerate(self.students):
+            if job[0].teacher_key in self.ready:
+                return job_config(self.students.pop(i))
         return None if self.students else Searcher.FINISHED
 
     def on_trial_complete(self, trial_id: str, result=None, error: bool = False):
@@ -400,6 +481,24 @@ class TeachersFirst(Searcher):
             self.unsettled.discard(key)
             if self.store.exists(key, "model.pt"):  # written last by a teacher that finished
                 self.ready.add(key)
+
+
+def job_config(job: list[TrialSpec]) -> dict:
+    """A Tune trial's config: one spec, or a pack (``pack``; ``spec`` is its first, for resources and names)."""
+    config = {"spec": job[0].to_dict()}
+    if len(job) > 1:
+        config["pack"] = [s.to_dict() for s in job]
+    return config
+
+
+def _trial_name(trial) -> str:
+    spec, pack = TrialSpec.from_dict(trial.config["spec"]), trial.config.get("pack")
+    return f"{spec.label}+{len(pack) - 1}" if pack else spec.label
+
+
+def _trial_dirname(trial) -> str:
+    key = TrialSpec.from_dict(trial.config["spec"]).trial_key
+    return f"pack-{key}" if trial.config.get("pack") else key
 
 
 class _TuneNotices(logging.Filter):
@@ -434,7 +533,8 @@ def _graceful_interrupt(stopping: Flag):
 
 
 def _tune_run(specs: list[TrialSpec], sweep: Sweep, store: Store, tracker: Tracker, trained: set[str],
-              verbose: int, progress: Optional[dict[str, int]] = None):
+              verbose: int, progress: Optional[dict[str, int]] = None,
+              packs: Optional[list[list[TrialSpec]]] = None):
     """One Tune run over teachers and students; returns (callback, searcher) for the summary.
     ``verbose``: Tune's own tables; ``progress``: kdray's lines, given the trials done before, per role."""
     import ray
@@ -453,7 +553,8 @@ def _tune_run(specs: list[TrialSpec], sweep: Sweep, store: Store, tracker: Track
     }
     stopping = Flag()
     callback = MlflowCallback(tracker, store, stopping)
-    searcher = TeachersFirst(specs, store, trained)
+    searcher = TeachersFirst(specs, store, trained, packs)
+    n_jobs = len(searcher.teachers) + len(searcher.students)
     callbacks = [callback, JsonLoggerCallback()]
     if progress is not None:
         from kdray.progress import Progress
@@ -469,10 +570,9 @@ def _tune_run(specs: list[TrialSpec], sweep: Sweep, store: Store, tracker: Track
                      "report_every_s": sweep.report_every_s},
         # reuse_actors: a worker process keeps torch imported and data sets in memory
         # between trials (every trial re-seeds everything it uses, so results are unchanged).
-        tune_config=tune.TuneConfig(search_alg=searcher, num_samples=len(specs),
+        tune_config=tune.TuneConfig(search_alg=searcher, num_samples=n_jobs,
                                     max_concurrent_trials=_concurrency(sweep, specs), reuse_actors=True,
-                                    trial_name_creator=lambda t: TrialSpec.from_dict(t.config["spec"]).label,
-                                    trial_dirname_creator=lambda t: TrialSpec.from_dict(t.config["spec"]).trial_key),
+                                    trial_name_creator=_trial_name, trial_dirname_creator=_trial_dirname),
         run_config=tune.RunConfig(name="trials", storage_path=store.tune_path(), callbacks=callbacks,
                                   failure_config=tune.FailureConfig(max_failures=sweep.max_failures),
                                   progress_reporter=reporter, verbose=verbose,
@@ -575,12 +675,25 @@ def _run_todo(summary: SweepSummary, plan: Plan, sweep: Sweep, store: Store, tra
         from kdray.cluster import check_resources
         check_resources(todo, autoscaling=bool(os.environ.get("RAY_ADDRESS")))   # a local cluster cannot grow
         n_teachers = sum(s.role == "teacher" for s in todo)
+        packs, notes = _student_jobs([s for s in todo if s.role == "student"])
+        for note in notes:
+            print(f"kdray: {note}", file=sys.stderr, flush=True)
+        n_packs = sum(len(j) > 1 for j in packs)
+        packed = f" ({sum(len(j) for j in packs if len(j) > 1)} of them in {n_packs} packs)" if n_packs else ""
         print(f"kdray: {len(todo)} trials on Ray Tune: {n_teachers} teachers first, each teacher's "
-              f"{len(todo) - n_teachers} students as soon as it is done", file=sys.stderr, flush=True)
+              f"{len(todo) - n_teachers} students{packed} as soon as it is done", file=sys.stderr, flush=True)
         had = done | {s.trial_key for s in reused}
         done_before = {role: sum(s.role == role and s.trial_key in had for s in plan.all) for role in ("teacher", "student")}
-        cb, _ = _tune_run(todo, sweep, store, tracker, trained, verbose, done_before if progress else None)
+        cb, _ = _tune_run(todo, sweep, store, tracker, trained, verbose, done_before if progress else None, packs)
         _account(summary, todo, cb)
+
+
+def _student_jobs(students: list[TrialSpec]) -> tuple[list[list[TrialSpec]], list[str]]:
+    """One Tune trial per student, or packs where the sweep asks (``resources.student.pack``)."""
+    if not any(int(s.resources.get("pack", 1)) > 1 for s in students):
+        return [[s] for s in students], []
+    from kdray.packing import jobs
+    return jobs(students)
 
 
 def _account(summary: SweepSummary, todo: list[TrialSpec], cb: MlflowCallback) -> None:

@@ -25,18 +25,18 @@ from __future__ import annotations
 import math
 from contextlib import contextmanager
 import time
-from typing import Optional, Sequence
+from typing import Callable, Optional, Sequence
 
 import torch
 from torch import nn
 from torch.func import functional_call, stack_module_state, vmap
 
 from kdray import conditions
-from kdray.contracts import EPOCH
+from kdray.contracts import EPOCH, FAILURE
 from kdray.data import load_dataset
 from kdray.losses import Batch
-from kdray.recipe import (TrialDiverged, _train_batches, derive_seed, finish_trial, init_model, load_teacher,
-                          lr_factor, OPTIMIZERS, teacher_train_logits)
+from kdray.recipe import (_train_batches, derive_seed, evaluate, finish_trial, init_model, load_teacher,
+                          loss_and_accuracy, lr_factor, OPTIMIZERS, teacher_train_logits)
 from kdray.spec import TrialSpec
 from kdray.storage import Store
 from kdray.sweep import Recipe
@@ -68,7 +68,8 @@ def _vmappable_attention():
 def _group_key(spec: TrialSpec) -> tuple:
     import json
     return (spec.arch, json.dumps(spec.arch_args, sort_keys=True), spec.dataset,
-            json.dumps(spec.dataset_args, sort_keys=True), json.dumps(spec.recipe, sort_keys=True))
+            json.dumps(spec.dataset_args, sort_keys=True), json.dumps(spec.recipe, sort_keys=True),
+            spec.teacher_key, json.dumps(spec.resources, sort_keys=True), spec.data_root)
 
 
 def unpackable(spec: TrialSpec, model: nn.Module) -> Optional[str]:
@@ -86,12 +87,48 @@ def unpackable(spec: TrialSpec, model: nn.Module) -> Optional[str]:
     return None
 
 
-def pack_groups(specs: Sequence[TrialSpec], cap: int) -> list[list[TrialSpec]]:
-    """Specs grouped by (arch, dataset, recipe), each group cut into packs of at most ``cap``."""
+def pack_groups(specs: Sequence[TrialSpec], cap: Optional[int] = None) -> list[list[TrialSpec]]:
+    """Specs grouped by (arch, dataset, recipe, teacher, resources), each group cut into packs of at
+    most ``cap`` (default: the group's ``resources.pack``); a pack waits for one teacher only."""
     groups: dict[tuple, list[TrialSpec]] = {}
     for s in specs:
         groups.setdefault(_group_key(s), []).append(s)
-    return [g[i:i + cap] for g in groups.values() for i in range(0, len(g), max(1, cap))]
+    out = []
+    for g in groups.values():
+        k = max(1, cap or int(g[0].resources.get("pack", 1)))
+        out += [g[i:i + k] for i in range(0, len(g), k)]
+    return out
+
+
+def fallback_reasons(specs: Sequence[TrialSpec]) -> dict[str, str]:
+    """{trial key: why it trains alone} for specs that ask for packing (``resources.pack`` > 1) and
+    cannot have it; one model is built per architecture and data set to look."""
+    reasons: dict[str, str] = {}
+    models: dict[tuple, nn.Module] = {}
+    for s in specs:
+        if int(s.resources.get("pack", 1)) <= 1:
+            continue
+        key = _group_key(s)[:4]
+        if key not in models:
+            models[key] = init_model(s, load_dataset(s.dataset, s.data_root, **s.dataset_args))
+        why = unpackable(s, models[key])
+        if why:
+            reasons[s.trial_key] = why
+    return reasons
+
+
+def jobs(students: Sequence[TrialSpec]) -> tuple[list[list[TrialSpec]], list[str]]:
+    """Students cut into Tune trials: packs where asked and possible, one student per trial
+    otherwise; and one line per setup and reason saying what was not packed."""
+    reasons = fallback_reasons(students)
+    packed = [s for s in students if int(s.resources.get("pack", 1)) > 1 and s.trial_key not in reasons]
+    out = [[s] for s in students if s not in packed] + pack_groups(packed)
+    said: dict[tuple, int] = {}
+    for s in students:
+        if s.trial_key in reasons:
+            said[(s.setup, reasons[s.trial_key])] = said.get((s.setup, reasons[s.trial_key]), 0) + 1
+    notes = [f"setup {setup}: {n} students trained one per trial, not packed: {why}" for (setup, why), n in said.items()]
+    return out, notes
 
 
 class _Student:
@@ -110,10 +147,20 @@ class _Student:
         self.augment = torch.Generator().manual_seed(derive_seed(spec.data_seed, "augment"))
         self.noise_seed = derive_seed(spec.data_seed, "fm_noise")
         self.history: list[dict] = []
+        self.failed = ""          # why it diverged; a diverged student no longer counts, the others go on
 
 
-def run_pack(specs: Sequence[TrialSpec], store: Store, device: str | torch.device = "cpu") -> dict[str, dict]:
-    """Train the not-yet-finished specs of one pack together; returns {trial_key: final metrics}."""
+def _ignore(key: str, metrics: dict) -> None:
+    return None
+
+
+def run_pack(specs: Sequence[TrialSpec], store: Store, device: str | torch.device = "cpu",
+             report: Callable[[str, dict], None] = _ignore) -> dict[str, dict]:
+    """Train the not-yet-finished specs of one pack together; returns {trial_key: final metrics}.
+
+    ``report(trial_key, record)`` gets every student's epoch records and final metrics as
+    ``run_trial``'s report does, and ``{FAILURE: why}`` for a student that diverged (the
+    others train on: each student's gradient is its own loss's)."""
     device = torch.device(device)
     todo = [s for s in specs if not store.exists(s.trial_key, "result.json")]
     if not todo:
@@ -178,7 +225,7 @@ def run_pack(specs: Sequence[TrialSpec], store: Store, device: str | torch.devic
                 losses.append(st.objective(batch))
             loss_vec = torch.stack(losses)
             opt.zero_grad(set_to_none=True)
-            loss_vec.sum().backward()
+            loss_vec.sum().backward()   # d(sum)/d(loss_i) = 1: a diverged student's NaNs stay in its slices
             if r.grad_clip:  # per student: each student's own global norm over its slices
                 norms = torch.stack([p.grad.reshape(k_students, -1).norm(dim=1) for p in leaves]).norm(dim=0)
                 scale = (r.grad_clip / (norms + 1e-6)).clamp(max=1.0)
@@ -192,20 +239,40 @@ def run_pack(specs: Sequence[TrialSpec], store: Store, device: str | torch.devic
             seen += n
             step += 1
         lr = opt.param_groups[0]["lr"]
+        evals = r.eval_every and (epoch + 1) % r.eval_every == 0 and epoch + 1 < epochs
         for i, st in enumerate(students):
+            if st.failed:
+                continue
             train_loss = float(loss_sum[i]) / seen
             if not math.isfinite(train_loss):
-                raise TrialDiverged(f"training loss is {train_loss} at epoch {epoch + 1} (trial {st.spec.label})")
-            st.history.append({EPOCH: epoch + 1, "train_loss": train_loss, "train_acc": int(correct[i]) / seen,
-                               "lr": lr})
+                st.failed = f"TrialDiverged: training loss is {train_loss} at epoch {epoch + 1} (trial {st.spec.label})"
+                report(st.spec.trial_key, {FAILURE: st.failed})
+                continue
+            metrics = {EPOCH: epoch + 1, "train_loss": train_loss, "train_acc": int(correct[i]) / seen, "lr": lr}
+            if evals:    # as run_trial: the test metrics of the weights at this epoch
+                metrics["test_loss"], metrics["test_acc"] = loss_and_accuracy(
+                    *evaluate(_unstack(models[i], params, buffers, i), bundle, device, r.eval_batch_size))
+                base.train()
+            st.history.append(metrics)
+            report(st.spec.trial_key, metrics)
     seconds = time.perf_counter() - t0
     out = {}
     for i, (st, m) in enumerate(zip(students, models)):
-        with torch.no_grad():  # by name, as stacked (named_* dedups tied weights the same way)
-            for name, p in m.named_parameters():
-                p.copy_(params[name][i])
-            for name, b in m.named_buffers():
-                b.copy_(buffers[name][i])
-        out[st.spec.trial_key] = finish_trial(st.spec, store, m, bundle, device, r, st.teacher_logits,
-                                              st.history, seconds, lambda metrics, state=None: None)
+        if st.failed:
+            continue
+        key = st.spec.trial_key
+        out[key] = finish_trial(st.spec, store, _unstack(m, params, buffers, i), bundle, device, r,
+                                st.teacher_logits, st.history, seconds,
+                                lambda metrics, state=None, key=key: report(key, metrics))
     return out
+
+
+def _unstack(model: nn.Module, params: dict, buffers: dict, i: int) -> nn.Module:
+    """Student ``i``'s weights copied into its own module, by name as stacked (named_* dedups tied
+    weights the same way)."""
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            p.copy_(params[name][i])
+        for name, b in model.named_buffers():
+            b.copy_(buffers[name][i])
+    return model

@@ -121,6 +121,9 @@ def format_plan(plan: Plan) -> str:
         detail = ", ".join(f"{m} {n}" for m, n in sorted(per.items(), key=lambda kv: _order(kv[0])))
         lines.append(f"  {setup.name}: {total} models ({detail})")
         lines.append("    " + _estimate(setup, per))
+        if setup.resources.student.pack > 1:
+            lines.append(f"    students packed up to {setup.resources.student.pack} per trial (one process, "
+                         f"stacked under torch.func.vmap)")
     return "\n".join(lines)
 
 

@@ -73,7 +73,7 @@ class Progress(Callback):
                 continue
             mine = lambda keys: sum(self.roles.get(k) == st for k in keys)  # noqa: E731
             ended = set(cb.finished) | set(cb.failed) | set(cb.interrupted)
-            running = sum(self.roles.get(k) == st and k not in ended for k in cb.keys.values())
+            running = sum(self.roles.get(k) == st and k not in ended for k in cb.started_keys())
             out.append(StageCounts(st, self.totals[st], self.done_before.get(st, 0) + mine(cb.finished),
                                    running, mine(cb.failed), mine(cb.interrupted)))
         return out

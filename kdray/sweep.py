@@ -138,11 +138,21 @@ class Recipe(_Strict):
 class Resources(_Strict):
     cpu: float = Field(1, gt=0)
     gpu: float = Field(0, ge=0)
+    # Students trained together in one trial (kdray/packing.py): K students of one architecture,
+    # data set, recipe and teacher share one process and one stacked forward/backward.
+    pack: int = Field(1, ge=1, le=1024)
 
 
 class StageResources(_Strict):
     teacher: Resources = Resources()
     student: Resources = Resources()
+
+    @model_validator(mode="after")
+    def _students_only(self):
+        if self.teacher.pack != 1:
+            raise ValueError(f"teacher.pack: only students are packed (got {self.teacher.pack}); "
+                             f"set resources.student.pack")
+        return self
 
 
 class Distributed(_Strict):
@@ -209,6 +219,8 @@ class Setup(_Strict):
             if self.student_init == "teacher":
                 raise ValueError("student_init: 'teacher' starts students from the teacher's initial weights, "
                                  "which a checkpoint does not hold; use 'auto' or 'student_seed'")
+        if self.distributed is not None and self.resources.student.pack > 1:
+            raise ValueError("resources.student.pack: DDP trials (distributed) are not packed; use pack: 1")
         for what, over in (("student_recipe", self.student_recipe), ("teacher_recipe", self.teacher_recipe)):
             try:
                 Recipe(**{**self.recipe.model_dump(), **over})
