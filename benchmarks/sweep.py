@@ -58,6 +58,13 @@ def grid(kind: str, quick: bool = False) -> dict:
         else:       # 44 trials: the quickstart's 2 teachers and 7 conditions, 3 of its 6 student seeds
             s.update(student_seeds=[10, 11, 12])
         return d
+    if kind == "quickstart-packed":
+        # The 44-trial quickstart grid with a packable CNN (no BatchNorm, no dropout: kdray/packing.py)
+        # and its students packed 16 per trial; the loop trains the same plan one trial at a time.
+        s["teacher"]["args"].update(batch_norm=False, dropout=0.0)
+        s.update(student_seeds=[10, 11] if quick else [10, 11, 12], resources={"student": {"pack": 16}})
+        d["name"] = "quickstart-packed"
+        return d
     if kind == "quickstart-full":   # the quickstart as shipped: 86 trials (not in the default set: time)
         return d
     if kind == "10s":
@@ -91,7 +98,8 @@ def _parse(d: dict, storage: str, device: str, slots: int):
     d["tracking_uri"] = f"sqlite:///{Path(storage) / 'mlflow.db'}"
     gpu = (1.0 / slots) if torch.device(device).type == "cuda" else 0
     for s in d["setups"]:
-        s["resources"] = {"teacher": {"cpu": 1, "gpu": gpu}, "student": {"cpu": 1, "gpu": gpu}}
+        pack = (s.get("resources") or {}).get("student", {}).get("pack", 1)
+        s["resources"] = {"teacher": {"cpu": 1, "gpu": gpu}, "student": {"cpu": 1, "gpu": gpu, "pack": pack}}
     return parse_sweep(d, "<benchmark>")
 
 
