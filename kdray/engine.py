@@ -211,6 +211,7 @@ class MlflowCallback(Callback):
         self.suspect: list[tuple[str, str, str]] = []    # (role, label, reason) of nonsense results
         self.retries: dict[str, int] = {}                # Tune trial id -> restarts
         self.lost = ""                                   # why MLflow could no longer be written
+        self.first_result_at: Optional[float] = None     # time.time() of the first trial result
 
     def lose(self, reason: str) -> None:
         """The tracking server is gone: stop the Tune run through the same path as Ctrl-C."""
@@ -279,8 +280,12 @@ class MlflowCallback(Callback):
         for spec in self._specs(trial):
             self._run(spec)
 
-    @_tracked
     def on_trial_result(self, iteration, trials, trial, result, **info):
+        self.first_result_at = self.first_result_at or time.time()
+        self._log_result(trial, result)
+
+    @_tracked
+    def _log_result(self, trial, result):
         specs = self._specs(trial)
         if RESULT_PACK not in result:
             self.tracker.log_epochs(self._run(specs[0]), result.get(RESULT_EPOCHS) or [result.get(RESULT_LAST) or {}])
@@ -370,6 +375,8 @@ class SweepSummary:
     tracking_uri: str = ""
     storage: str = ""
     ray_start_seconds: float = 0.0   # ray.init (or joining the cluster), overlapped with opening MLflow
+    first_result_seconds: float = float("nan")   # from the sweep's start to the first trial's first result
+    started_at: float = 0.0
 
     def lines(self) -> list[str]:
         out = [f"sweep {self.name}: {self.finished} trials finished now, {self.skipped} already done, "
@@ -633,7 +640,8 @@ def _run_sweep(sweep: Sweep, plan: Plan, verbose: int, progress: bool) -> SweepS
     uri = sweep.resolved_tracking_uri()
     artifact_root = str(sweep.local_storage() / "mlartifacts" / sweep.name) if uri.startswith("sqlite") else None
     tracker, ray_seconds = _tracker_and_ray(uri, sweep, artifact_root)
-    summary = SweepSummary(sweep.name, len(plan.all), tracking_uri=uri, storage=store.uri, ray_start_seconds=ray_seconds)
+    summary = SweepSummary(sweep.name, len(plan.all), tracking_uri=uri, storage=store.uri, ray_start_seconds=ray_seconds,
+                           started_at=t0)
     try:
         _run_todo(summary, plan, sweep, store, tracker, verbose, progress)
         summary.seconds = time.time() - t0
@@ -703,6 +711,8 @@ def _account(summary: SweepSummary, todo: list[TrialSpec], cb: MlflowCallback) -
     summary.interrupted = len(cb.interrupted)
     summary.suspect = list(cb.suspect)
     summary.tracking_lost = cb.lost
+    if cb.first_result_at is not None:
+        summary.first_result_seconds = cb.first_result_at - summary.started_at
     summary.stopped = cb.stopping.is_set() and not cb.lost
     ended = set(cb.finished) | set(cb.failed) | set(cb.interrupted)
     left = [s for s in todo if s.trial_key not in ended]

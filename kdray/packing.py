@@ -89,14 +89,15 @@ def unpackable(spec: TrialSpec, model: nn.Module) -> Optional[str]:
 
 def pack_groups(specs: Sequence[TrialSpec], cap: Optional[int] = None) -> list[list[TrialSpec]]:
     """Specs grouped by (arch, dataset, recipe, teacher, resources), each group cut into packs of at
-    most ``cap`` (default: the group's ``resources.pack``); a pack waits for one teacher only."""
+    most ``cap`` (default: the group's ``resources.pack``) of even sizes; a pack waits for one teacher only."""
     groups: dict[tuple, list[TrialSpec]] = {}
     for s in specs:
         groups.setdefault(_group_key(s), []).append(s)
     out = []
     for g in groups.values():
         k = max(1, cap or int(g[0].resources.get("pack", 1)))
-        out += [g[i:i + k] for i in range(0, len(g), k)]
+        size = -(-len(g) // -(-len(g) // k))     # as few packs as the cap allows, of even sizes (21, 16: 11 + 10)
+        out += [g[i:i + size] for i in range(0, len(g), size)]
     return out
 
 

@@ -10,8 +10,7 @@ from kdray.plan import build_plan
 from kdray.sweep import load_sweep
 from sweeps import sweep_dict, write_sweep
 from test_packing import ATOL
-from test_reliability import KDRAY, exit_at, kill_own_group, trial_runs
-from kdray.testhook import EXIT_STATUS
+from test_reliability import KDRAY, crash_driver_at, trial_runs
 
 pytestmark = pytest.mark.slow     # whole sweeps in a subprocess (their own Ray cluster)
 
@@ -57,12 +56,7 @@ def test_a_pack_resumes_per_student_after_the_driver_is_killed_mid_pack(tmp_path
     path = _file(tmp_path, "resume", 3, report_every_s=60)   # a pack's students reach the driver together, at its end
     plan = build_plan(load_sweep(path))
     first = next(s for s in plan.students if s.method == "kd")     # the driver dies once its run is FINISHED
-    p = subprocess.Popen(KDRAY + ["sweep", str(path), "--quiet"], start_new_session=True,
-                         env=exit_at("driver", first.label, 3), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    try:
-        assert p.wait(timeout=300) == EXIT_STATUS, "the driver did not crash at the planned point"
-    finally:
-        kill_own_group(p)
+    crash_driver_at(path, first.label, 3)
     before = {k for k, (status, _) in _metrics(path).items() if status == "FINISHED"}
     assert first.trial_key in before and len(before) < len(plan.all)
     store_dir = tmp_path / "resume" / "trials"

@@ -48,6 +48,16 @@ def kill_own_group(p: subprocess.Popen) -> None:
         pass
 
 
+def crash_driver_at(path: Path, label: str, epoch) -> None:
+    """Run the sweep until its driver crashes once ``label``'s run is FINISHED at ``epoch``."""
+    p = subprocess.Popen(KDRAY + ["sweep", str(path), "--quiet"], start_new_session=True,
+                         env=exit_at("driver", label, epoch), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        assert p.wait(timeout=300) == EXIT_STATUS, "the driver did not crash at the planned point"
+    finally:
+        kill_own_group(p)  # the local Ray cluster the dead driver had started
+
+
 def trial_runs(sweep_path: Path):
     sweep = load_sweep(sweep_path)
     client = MlflowClient(sweep.resolved_tracking_uri())
@@ -59,12 +69,7 @@ def test_killed_driver_resumes_to_exactly_the_planned_runs(tmp_path):
     path = sweep_file(tmp_path, "crash")
     plan = build_plan(load_sweep(path))
     crash = next(s for s in plan.students if s.method == "kd")   # the driver dies once this one is logged
-    p = subprocess.Popen(KDRAY + ["sweep", str(path), "--quiet"], start_new_session=True,
-                         env=exit_at("driver", crash.label, 3), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    try:
-        assert p.wait(timeout=300) == EXIT_STATUS, "the driver did not crash at the planned point"
-    finally:
-        kill_own_group(p)  # the local Ray cluster the dead driver had started
+    crash_driver_at(path, crash.label, 3)
     before = {r.data.tags["kdray.trial_key"]: r.info.run_id for r in trial_runs(path) if r.info.status == "FINISHED"}
     assert crash.trial_key in before and plan.teachers[0].trial_key in before
     assert len(before) < len(plan.all)

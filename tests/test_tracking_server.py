@@ -135,27 +135,42 @@ def _runs(db, status=None):
     return [r for r in rows if status is None or r[1] == status]
 
 
+def _served_sweep(tmp_path, name, uri, epochs, teacher_epochs, student_seeds):
+    """A digits sweep logging to ``uri``: a teacher long enough to kill the server during it, SIDDO + KD."""
+    path = tmp_path / f"{name}.yaml"
+    path.write_text(yaml.safe_dump({"name": name, "storage": str(tmp_path / "results"), "tracking_uri": uri,
+                                    "report_every_s": 0, "setups": [{
+        "name": "d", "dataset": {"name": "digits"}, "teacher": {"arch": "small_cnn", "args": {"channels": 8}},
+        "recipe": {"epochs": epochs, "batch_size": 128, "lr": 0.01}, "teacher_recipe": {"epochs": teacher_epochs},
+        "teacher_seeds": [0], "student_seeds": student_seeds,
+        "conditions": {"siddo": True, "kd": {"alphas": [0.5]}, "rcd": None}}]}))
+    return path
+
+
+def _start_sweep(path, db, env=None) -> subprocess.Popen:
+    """``kdray sweep`` in its own session, returned once a trial run is RUNNING on the server."""
+    sweep = subprocess.Popen(KDRAY + ["sweep", str(path), "--quiet"], start_new_session=True, text=True, env=env,
+                             stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    deadline = time.time() + 180
+    while not _runs(db, "RUNNING") and time.time() < deadline and sweep.poll() is None:
+        time.sleep(0.2)
+    if sweep.poll() is not None:
+        _kill(sweep)
+        raise AssertionError("the sweep ended before the server could be killed")
+    return sweep
+
+
 @pytest.mark.slow
 def test_a_tracking_server_killed_mid_sweep_and_restarted_loses_and_duplicates_nothing(tmp_path, backend):
     port = _free_port()
     uri = f"http://127.0.0.1:{port}"
-    path = tmp_path / "served.yaml"
-    path.write_text(yaml.safe_dump({"name": "served", "storage": str(tmp_path / "results"), "tracking_uri": uri,
-                                    "report_every_s": 0, "setups": [{
-        "name": "d", "dataset": {"name": "digits"}, "teacher": {"arch": "small_cnn", "args": {"channels": 8}},
-        "recipe": {"epochs": 4, "batch_size": 128, "lr": 0.01}, "teacher_recipe": {"epochs": 100},
-        "teacher_seeds": [0], "student_seeds": [10, 11], "conditions": {"siddo": True, "kd": {"alphas": [0.5]},
-                                                                         "rcd": None}}]}))
+    path = _served_sweep(tmp_path, "served", uri, epochs=4, teacher_epochs=100, student_seeds=[10, 11])
     plan = build_plan(load_sweep(path))
     db = backend
     server = _start_server(tmp_path, port, backend)
-    sweep = subprocess.Popen(KDRAY + ["sweep", str(path), "--quiet"], start_new_session=True, text=True,
-                             stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    sweep = None
     try:
-        deadline = time.time() + 180
-        while not _runs(db, "RUNNING") and time.time() < deadline and sweep.poll() is None:
-            time.sleep(0.2)
-        assert sweep.poll() is None, "the sweep ended before the server could be killed"
+        sweep = _start_sweep(path, db)
         time.sleep(1.0)
         _kill(server)                            # mid-teacher: its epochs are being logged
         time.sleep(6.0)
@@ -163,7 +178,8 @@ def test_a_tracking_server_killed_mid_sweep_and_restarted_loses_and_duplicates_n
         server = _start_server(tmp_path, port, backend)
         out, err = sweep.communicate(timeout=600)
     finally:
-        _kill(sweep)
+        if sweep is not None:
+            _kill(sweep)
         _kill(server)
     assert sweep.returncode == 0, err[-3000:]
     assert "5 trials finished now" in out, out
@@ -182,30 +198,21 @@ def test_a_tracking_server_that_stays_down_stops_the_sweep_in_one_line_and_it_re
     once the server is back, it finishes every planned trial with one run each."""
     port = _free_port()
     uri = f"http://127.0.0.1:{port}"
-    path = tmp_path / "down.yaml"
-    path.write_text(yaml.safe_dump({"name": "down", "storage": str(tmp_path / "results"), "tracking_uri": uri,
-                                    "report_every_s": 0, "setups": [{
-        "name": "d", "dataset": {"name": "digits"}, "teacher": {"arch": "small_cnn", "args": {"channels": 8}},
-        "recipe": {"epochs": 3, "batch_size": 128, "lr": 0.01}, "teacher_recipe": {"epochs": 60},
-        "teacher_seeds": [0], "student_seeds": [10], "conditions": {"siddo": True, "kd": {"alphas": [0.5]},
-                                                                    "rcd": None}}]}))
+    path = _served_sweep(tmp_path, "down", uri, epochs=3, teacher_epochs=60, student_seeds=[10])
     plan = build_plan(load_sweep(path))
     db = f"sqlite:///{tmp_path / 'server.db'}"
     server = _start_server(tmp_path, port, db)
     env = {**os.environ, "KDRAY_TRACKING_PATIENCE_S": "4"}
-    sweep = subprocess.Popen(KDRAY + ["sweep", str(path), "--quiet"], start_new_session=True, text=True, env=env,
-                             stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    sweep = None
     try:
-        deadline = time.time() + 180
-        while not _runs(db, "RUNNING") and time.time() < deadline and sweep.poll() is None:
-            time.sleep(0.2)
-        assert sweep.poll() is None, "the sweep ended before the server could be killed"
+        sweep = _start_sweep(path, db, env)
         _kill(server)                            # and it stays down
         t_kill = time.time()
         out, err = sweep.communicate(timeout=240)
         stopped_after = time.time() - t_kill
     finally:
-        _kill(sweep)
+        if sweep is not None:
+            _kill(sweep)
         _kill(server)
     assert sweep.returncode == 75, (out, err[-3000:])
     assert "Traceback" not in out + err, err[-3000:]
