@@ -217,7 +217,7 @@ def run_kdray(d: dict, device: str, slots: Optional[int] = None) -> dict:
     n = len(plan.all)
     overhead = (slots * t_sweep - sum(trains)) / n
     return {"wall_s": t_start + t_sweep, "ray_start_s": t_start if not was_running else float("nan"),
-            "first_result_s": summary.first_result_seconds,
+            "first_trial_s": summary.first_trial_seconds,
             "sweep_s": t_sweep, "ray_shutdown_s": t_shutdown, "trials": n, "slots": slots,
             "trial_train_sum_s": sum(trains), "trial_train_median_s": median(trains),
             "overhead_per_trial_core_s": overhead, "mlflow_driver_s": mt.seconds, "mlflow_calls": mt.calls,
@@ -263,7 +263,7 @@ def assemble(cases: list[dict], quick: bool, device: str, slots: int, seconds: f
         meas[f"{g}: trials"] = k["trials"]
         meas[f"{g}: kdray wall s (incl. Ray start)"] = k["wall_s"]
         meas[f"{g}: kdray Ray start-up s"] = k["ray_start_s"]
-        meas[f"{g}: kdray start to first trial result s"] = k.get("first_result_s", float("nan"))
+        meas[f"{g}: kdray start to first trial started s"] = k.get("first_trial_s", float("nan"))
         meas[f"{g}: kdray Ray shutdown s (not counted)"] = k["ray_shutdown_s"]
         meas[f"{g}: kdray per-trial overhead, core-s"] = k["overhead_per_trial_core_s"]
         meas[f"{g}: kdray median trial train s (1 thread, {k['slots']} concurrent)"] = k["trial_train_median_s"]

@@ -211,7 +211,7 @@ class MlflowCallback(Callback):
         self.suspect: list[tuple[str, str, str]] = []    # (role, label, reason) of nonsense results
         self.retries: dict[str, int] = {}                # Tune trial id -> restarts
         self.lost = ""                                   # why MLflow could no longer be written
-        self.first_result_at: Optional[float] = None     # time.time() of the first trial result
+        self.first_start_at: Optional[float] = None      # time.time() Tune started the first trial
 
     def lose(self, reason: str) -> None:
         """The tracking server is gone: stop the Tune run through the same path as Ctrl-C."""
@@ -275,17 +275,17 @@ class MlflowCallback(Callback):
     def _kill_run(self, run_id: str) -> None:
         self.tracker.end_trial(run_id, False, "interrupted", status="KILLED")
 
-    @_tracked
     def on_trial_start(self, iteration, trials, trial, **info):
+        self.first_start_at = self.first_start_at or time.time()
+        self._start_runs(trial)
+
+    @_tracked
+    def _start_runs(self, trial):
         for spec in self._specs(trial):
             self._run(spec)
 
-    def on_trial_result(self, iteration, trials, trial, result, **info):
-        self.first_result_at = self.first_result_at or time.time()
-        self._log_result(trial, result)
-
     @_tracked
-    def _log_result(self, trial, result):
+    def on_trial_result(self, iteration, trials, trial, result, **info):
         specs = self._specs(trial)
         if RESULT_PACK not in result:
             self.tracker.log_epochs(self._run(specs[0]), result.get(RESULT_EPOCHS) or [result.get(RESULT_LAST) or {}])
@@ -375,7 +375,7 @@ class SweepSummary:
     tracking_uri: str = ""
     storage: str = ""
     ray_start_seconds: float = 0.0   # ray.init (or joining the cluster), overlapped with opening MLflow
-    first_result_seconds: float = float("nan")   # from the sweep's start to the first trial's first result
+    first_trial_seconds: float = float("nan")    # from the sweep's start to Tune starting its first trial
     started_at: float = 0.0
 
     def lines(self) -> list[str]:
@@ -711,8 +711,8 @@ def _account(summary: SweepSummary, todo: list[TrialSpec], cb: MlflowCallback) -
     summary.interrupted = len(cb.interrupted)
     summary.suspect = list(cb.suspect)
     summary.tracking_lost = cb.lost
-    if cb.first_result_at is not None:
-        summary.first_result_seconds = cb.first_result_at - summary.started_at
+    if cb.first_start_at is not None:
+        summary.first_trial_seconds = cb.first_start_at - summary.started_at
     summary.stopped = cb.stopping.is_set() and not cb.lost
     ended = set(cb.finished) | set(cb.failed) | set(cb.interrupted)
     left = [s for s in todo if s.trial_key not in ended]

@@ -144,3 +144,24 @@ def test_ctrl_c_while_ray_starts_leaves_no_running_sweep_run(tmp_path):
     assert p.returncode == 130, err[-3000:]
     assert "run the same command again to resume" in out + err
     assert _sweep_run_statuses(db) == ["KILLED"]
+
+
+def test_a_new_sqlite_store_starts_as_a_copy_of_the_empty_schema_made_once(tmp_path, monkeypatch):
+    from kdray.tracking import Tracker
+
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    first = Tracker(f"sqlite:///{tmp_path / 'a' / 'mlflow.db'}", "a", str(tmp_path / "a" / "art"))
+    (template,) = (tmp_path / "cache" / "kdray").glob("mlflow-*-empty.db")
+    made = template.stat().st_mtime_ns
+    with sqlite3.connect(template) as c:       # the schema, at MLflow's head revision, and no experiment
+        assert c.execute("select count(*) from experiments").fetchone() == (0,)
+        assert c.execute("select count(*) from alembic_version").fetchone() == (1,)
+    second = Tracker(f"sqlite:///{tmp_path / 'b' / 'mlflow.db'}", "b", str(tmp_path / "b" / "art"))
+    assert template.stat().st_mtime_ns == made                   # made once, copied after
+    for t, name in ((first, "a"), (second, "b")):               # each store works as one MLflow made itself
+        names = {e.name for e in t.client.search_experiments()}
+        assert names == {"Default", name}
+        run = t.client.create_run(t.experiment_id)
+        t.client.log_metric(run.info.run_id, "x", 1.0)
+        assert t.client.get_run(run.info.run_id).data.metrics == {"x": 1.0}
+    assert sorted(p.name for p in (tmp_path / "b").iterdir()) == ["mlflow.db"]   # no partial copy left
