@@ -72,3 +72,44 @@ def test_a_pack_resumes_per_student_after_the_driver_is_killed_mid_pack(tmp_path
     assert all(status == "FINISHED" for status, _ in after.values())
     # students the killed pack had finished are logged from storage, not trained again
     assert all((store_dir / k / "result.json").stat().st_mtime_ns == t for k, t in stored.items())
+
+
+def test_a_student_that_diverges_inside_a_pack_fails_alone(tmp_path):
+    """A plug-in method that diverges at alpha 1: its students end FAILED with the reason, their
+    pack-mates (same pack, same process) end as they do in a pack without them."""
+    import os
+    import sys
+
+    from mlflow.tracking import MlflowClient
+
+    from test_plugins import DEMO, ROOT
+
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(DEMO), str(ROOT)])}
+
+    def sweep(name, alphas):
+        conditions = {"siddo": True, "kd": None, "rcd": None, "scaled_mse": {"alphas": alphas}}
+        data = sweep_dict(name, tmp_path / name, top={"plugins": ["kdray_plugin_demo"]},
+                          **{**SETUP, "conditions": conditions, "resources": {"student": {"pack": 8}}})
+        path = write_sweep(tmp_path / f"{name}.yaml", data)
+        r = subprocess.run([sys.executable, "-m", "kdray.cli", "sweep", str(path), "--quiet"], capture_output=True,
+                           text=True, timeout=600, env=env)
+        client = MlflowClient(f"sqlite:///{tmp_path / name / 'mlflow.db'}")   # the plug-in is not imported here
+        exp = client.get_experiment_by_name(name)
+        return r, {x.data.tags["kdray.trial_key"]: x for x in client.search_runs([exp.experiment_id],
+                                                                                 "tags.`kdray.kind` = 'trial'")}
+
+    r, runs = sweep("diverge", [0.5, 1.0])
+    assert r.returncode == 1, r.stderr[-3000:]
+    assert "6 of them in 1 packs" in r.stderr and "5 trials finished now" in r.stdout and "2 failed" in r.stdout
+    failed = [x for x in runs.values() if x.info.status == "FAILED"]
+    assert len(runs) == 7 and len(failed) == 2
+    assert all("-a1-" in x.info.run_name and "TrialDiverged: training loss is" in x.data.tags["kdray.failure"]
+               for x in failed), [(x.info.run_name, x.data.tags.get("kdray.failure")) for x in failed]
+    ok, calm = sweep("calm", [0.5])
+    assert ok.returncode == 0, ok.stderr[-3000:]
+    finished = {k: x for k, x in runs.items() if x.info.status == "FINISHED"}
+    assert sorted(finished) == sorted(calm)                                  # the same trials, by key
+    for key, x in finished.items():
+        for name, v in calm[key].data.metrics.items():
+            if name != "train_seconds":
+                assert x.data.metrics[name] == pytest.approx(v, abs=ATOL), (x.info.run_name, name)

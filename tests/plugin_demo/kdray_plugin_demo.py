@@ -42,3 +42,18 @@ def wrong_classes(num_classes: int, input_shape: tuple):
 
     from torch import nn
     return nn.Sequential(nn.Flatten(), nn.Linear(math.prod(input_shape), num_classes + 1))
+
+
+def _scaled_objective(params: dict):
+    """LogitMSE divided by (1 - alpha): a method with a bug that makes alpha = 1 diverge at once."""
+    import torch
+
+    inner = _objective(params)
+    return lambda b: inner(b) / torch.tensor(1.0 - params["alpha"])
+
+
+register(Condition(
+    name="scaled_mse", title="ScaledMSE", params=(Alpha(legacy=None),), objective=_scaled_objective,
+    teacher="logits", role=TREATMENT, sweep_key="scaled_mse", order=51,
+    controls=(ControlRule("siddo", ("width",)),), best_pool=(ControlRule("siddo", ("width",)),),
+    description="LogitMSE / (1 - alpha): diverges at alpha 1 (tests/test_packed_sweep.py)"))
