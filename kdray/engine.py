@@ -131,9 +131,10 @@ def _train_pack(config: dict) -> None:
     try:
         run_pack(specs, store, _device(specs[0]), report)
     except Exception as e:
+        send()   # what the students did before (a finished student stays finished)
         if not deterministic(e):
             raise
-        send()   # what the students did before, then the reason for every one not ended
+        # then the reason for every one not ended
         tune.report({RESULT_PACK: {}, RESULT_LAST: {FAILURE: f"{type(e).__name__}: {str(e).strip()[:2000]}"}})
         return
     send()
@@ -655,7 +656,10 @@ def _run_sweep(sweep: Sweep, plan: Plan, verbose: int, progress: bool) -> SweepS
                      + summary.interrupted + summary.not_started)
         summary.not_started += max(0, summary.planned - accounted)
     except BaseException:    # a second Ctrl-C, or an error: the sweep's run must not stay RUNNING
-        tracker.end_sweep({}, "KILLED")
+        try:                 # ... if MLflow answers soon: this must not hide the error or wait minutes
+            tracker.end_sweep({}, "KILLED", patience=min(patience_s(), 5.0))
+        except TrackingError:
+            pass
         raise
     return summary
 

@@ -72,9 +72,11 @@ def _group_key(spec: TrialSpec) -> tuple:
             spec.teacher_key, json.dumps(spec.resources, sort_keys=True), spec.data_root)
 
 
-def unpackable(spec: TrialSpec, model: nn.Module) -> Optional[str]:
+def unpackable(spec: TrialSpec, model: nn.Module, bundle=None) -> Optional[str]:
     """Why this spec must train alone, or None if it can join a pack."""
     r = Recipe(**spec.recipe)
+    if bundle is not None and hasattr(bundle, "set_epoch"):
+        return "streaming data sets (FFCV) share one loader, which K students cannot drive apart"
     if r.compile or r.precision == "bf16" or r.channels_last:
         return "compile/bf16/channels_last recipes are trained alone"
     if any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in model.modules()):
@@ -96,8 +98,8 @@ def pack_groups(specs: Sequence[TrialSpec], cap: Optional[int] = None) -> list[l
     out = []
     for g in groups.values():
         k = max(1, cap or int(g[0].resources.get("pack", 1)))
-        size = -(-len(g) // -(-len(g) // k))     # as few packs as the cap allows, of even sizes (21, 16: 11 + 10)
-        out += [g[i:i + size] for i in range(0, len(g), size)]
+        n, p = len(g), -(-len(g) // k)           # as few packs as the cap allows, of even sizes (21, 16: 10 + 11)
+        out += [g[i * n // p:(i + 1) * n // p] for i in range(p)]
     return out
 
 
@@ -105,14 +107,19 @@ def fallback_reasons(specs: Sequence[TrialSpec]) -> dict[str, str]:
     """{trial key: why it trains alone} for specs that ask for packing (``resources.pack`` > 1) and
     cannot have it; one model is built per architecture and data set to look."""
     reasons: dict[str, str] = {}
-    models: dict[tuple, nn.Module] = {}
+    built: dict[tuple, tuple] = {}
     for s in specs:
         if int(s.resources.get("pack", 1)) <= 1:
             continue
         key = _group_key(s)[:4]
-        if key not in models:
-            models[key] = init_model(s, load_dataset(s.dataset, s.data_root, **s.dataset_args))
-        why = unpackable(s, models[key])
+        if key not in built:
+            try:
+                bundle = load_dataset(s.dataset, s.data_root, **s.dataset_args)
+                built[key] = (init_model(s, bundle), bundle, None)
+            except Exception as e:   # e.g. data only on the workers: do not guess, train alone
+                built[key] = (None, None, f"cannot check it here ({type(e).__name__}: {str(e)[:120]})")
+        model, bundle, failed = built[key]
+        why = failed or unpackable(s, model, bundle)
         if why:
             reasons[s.trial_key] = why
     return reasons
@@ -174,7 +181,7 @@ def run_pack(specs: Sequence[TrialSpec], store: Store, device: str | torch.devic
     bundle = load_dataset(s0.dataset, s0.data_root, **s0.dataset_args)
     models = [init_model(s, bundle).to(device) for s in todo]
     for s, m in zip(todo, models):
-        why = unpackable(s, m)
+        why = unpackable(s, m, bundle)
         if why:
             raise ValueError(f"trial {s.label} cannot be packed: {why}")
     students = [_Student(s, store, bundle, device, r) for s in todo]

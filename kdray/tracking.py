@@ -36,7 +36,7 @@ DEFAULT_PATIENCE_S = 300.0
 MLFLOW_CLIENT_ENV = {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "0"}
 # Answers that another attempt cannot change: retrying them only delays the error.
 PERMANENT = frozenset({"INVALID_PARAMETER_VALUE", "RESOURCE_ALREADY_EXISTS", "RESOURCE_DOES_NOT_EXIST",
-                       "BAD_REQUEST", "INVALID_STATE", "PERMISSION_DENIED", "UNAUTHENTICATED",
+                       "INVALID_STATE", "PERMISSION_DENIED", "UNAUTHENTICATED",
                        "FEATURE_DISABLED", "ENDPOINT_NOT_FOUND"})
 
 
@@ -86,7 +86,7 @@ def retry(fn: Callable[[], R], what: str, uri: str = "", patience: Optional[floa
             if i == 0:   # once per outage: later attempts of the same call are quiet
                 log.warning("kdray: MLflow tracking at %s did not answer (%s: %s); retrying for up to %.0f s",
                             uri or "the tracking URI", what, _first_line(e), budget)
-            time.sleep(min(delay * 2 ** i, 30.0, max(budget - waited, 0.01)))
+            time.sleep(min(delay * 2 ** min(i, 10), 30.0, max(budget - waited, 0.01)))
             i += 1
 
 
@@ -132,10 +132,12 @@ def seed_sqlite_store(uri: str) -> bool:
         part = path.with_name(f".{path.name}.{os.getpid()}.part")
         try:
             shutil.copyfile(template, part)
-            os.replace(part, path)          # never a half-copied database under the real name
+            os.link(part, path)   # never a half-copied file under the real name, never over one just made
+        except FileExistsError:   # another sweep made it first: use that one
+            return False
         finally:
             part.unlink(missing_ok=True)
-    except (OSError, sqlite3.Error) as e:
+    except Exception as e:   # a read-only cache, a full disk, SQLAlchemy's own errors: never fatal here
         log.debug("no MLflow schema template (%s); MLflow creates the schema", e)
         return False
     return True
@@ -149,16 +151,19 @@ def _write_empty_store(template: Path) -> None:
     template.parent.mkdir(parents=True, exist_ok=True)
     part = template.with_name(f".{template.name}.{os.getpid()}.part")
     part.unlink(missing_ok=True)
-    store = SqlAlchemyStore(f"sqlite:///{part}", str(template.parent / "mlruns"))
-    store.engine.dispose()
-    con = sqlite3.connect(part)
     try:
-        with con:
-            con.execute("delete from experiment_tags")
-            con.execute("delete from experiments")
+        store = SqlAlchemyStore(f"sqlite:///{part}", str(template.parent / "mlruns"))
+        store.engine.dispose()
+        con = sqlite3.connect(part)
+        try:
+            with con:
+                con.execute("delete from experiment_tags")
+                con.execute("delete from experiments")
+        finally:
+            con.close()
+        os.replace(part, template)
     finally:
-        con.close()
-    os.replace(part, template)
+        part.unlink(missing_ok=True)
 
 
 def check_sqlite_store(uri: str) -> None:
@@ -316,8 +321,8 @@ class Tracker:
             self.set_tag(run_id, TAG_FAILURE, reason[:5000] or "unknown")
         self._call(lambda: self.client.set_terminated(run_id, "FINISHED" if ok else status), "terminate")
 
-    def end_sweep(self, summary: dict, status: str = "FINISHED") -> None:
+    def end_sweep(self, summary: dict, status: str = "FINISHED", patience: Optional[float] = None) -> None:
         """The sweep's run ends FINISHED only when every planned trial did; FAILED or KILLED otherwise."""
         if summary:
             self.log_metrics(self.parent_id, summary, 0)
-        self._call(lambda: self.client.set_terminated(self.parent_id, status), "terminate")
+        self._call(lambda: self.client.set_terminated(self.parent_id, status), "terminate", patience)
