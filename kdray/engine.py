@@ -28,6 +28,7 @@ from kdray import testhook
 from kdray.contracts import (EPOCH, FAILURE, FINAL, RESULT_EPOCHS, RESULT_LAST, RESULT_PACK, TAG_RETRIES, TAG_REUSED,
                              TAG_SUSPECT)
 from kdray.errors import DataNotFoundError
+from kdray.packing import jobs, run_pack
 from kdray.plan import Plan, build_plan
 from kdray.recipe import TrialDiverged, run_trial
 from kdray.sanity import sanity_lines, suspicion
@@ -104,8 +105,6 @@ def _train_pack(config: dict) -> None:
     so the driver gives each its own MLflow run.  A student whose result is already in storage
     (its trial ran, its run was not ended) is reported from there, not retrained."""
     from ray import tune
-
-    from kdray.packing import run_pack
 
     specs = [TrialSpec.from_dict(d) for d in config["pack"]]
     store = Store(config["storage"], specs[0].sweep)
@@ -225,7 +224,8 @@ class MlflowCallback(Callback):
     def started_keys(self) -> list[str]:
         return [s.trial_key for specs in self.members.values() for s in specs]
 
-    def _ended(self) -> set[str]:
+    def ended_keys(self) -> set[str]:
+        """Trials that ended in this run: finished, failed or interrupted."""
         return set(self.finished) | set(self.failed) | set(self.interrupted)
 
     def _specs(self, trial) -> list[TrialSpec]:
@@ -265,7 +265,7 @@ class MlflowCallback(Callback):
 
     def end_in_flight(self) -> None:
         """After an interrupted run: every trial that started and did not end is interrupted."""
-        ended = self._ended()
+        ended = self.ended_keys()
         for key in self.started_keys():
             if key not in ended:
                 self.interrupted.append(key)
@@ -291,7 +291,7 @@ class MlflowCallback(Callback):
         if RESULT_PACK not in result:
             self.tracker.log_epochs(self._run(specs[0]), result.get(RESULT_EPOCHS) or [result.get(RESULT_LAST) or {}])
             return
-        ended = self._ended()
+        ended = self.ended_keys()
         for spec in specs:   # a packed student ends as soon as its final record (or its failure) arrives
             records = (result[RESULT_PACK].get(spec.trial_key) or {}).get(RESULT_EPOCHS) or []
             if not records or spec.trial_key in ended:
@@ -307,7 +307,7 @@ class MlflowCallback(Callback):
     @_tracked
     def on_trial_complete(self, iteration, trials, trial, **info):
         last = (trial.last_result or {}).get(RESULT_LAST) or {}
-        ended = self._ended()
+        ended = self.ended_keys()
         for spec in self._specs(trial):
             if spec.trial_key in ended:
                 continue
@@ -325,7 +325,7 @@ class MlflowCallback(Callback):
 
     @_tracked
     def on_trial_error(self, iteration, trials, trial, **info):
-        ended = self._ended()
+        ended = self.ended_keys()
         for spec in self._specs(trial):
             if spec.trial_key not in ended:
                 self._end_unfinished(spec, _error_line(trial))
@@ -687,7 +687,7 @@ def _run_todo(summary: SweepSummary, plan: Plan, sweep: Sweep, store: Store, tra
         from kdray.cluster import check_resources
         check_resources(todo, autoscaling=bool(os.environ.get("RAY_ADDRESS")))   # a local cluster cannot grow
         n_teachers = sum(s.role == "teacher" for s in todo)
-        packs, notes = _student_jobs([s for s in todo if s.role == "student"])
+        packs, notes = jobs([s for s in todo if s.role == "student"])
         for note in notes:
             print(f"kdray: {note}", file=sys.stderr, flush=True)
         n_packs = sum(len(j) > 1 for j in packs)
@@ -700,14 +700,6 @@ def _run_todo(summary: SweepSummary, plan: Plan, sweep: Sweep, store: Store, tra
         _account(summary, todo, cb)
 
 
-def _student_jobs(students: list[TrialSpec]) -> tuple[list[list[TrialSpec]], list[str]]:
-    """One Tune trial per student, or packs where the sweep asks (``resources.student.pack``)."""
-    if not any(int(s.resources.get("pack", 1)) > 1 for s in students):
-        return [[s] for s in students], []
-    from kdray.packing import jobs
-    return jobs(students)
-
-
 def _account(summary: SweepSummary, todo: list[TrialSpec], cb: MlflowCallback) -> None:
     """Each trial handed to Tune is finished, failed, interrupted, blocked (its teacher failed) or not started."""
     summary.finished = len(cb.finished)
@@ -718,7 +710,7 @@ def _account(summary: SweepSummary, todo: list[TrialSpec], cb: MlflowCallback) -
     if cb.first_start_at is not None:
         summary.first_trial_seconds = cb.first_start_at - summary.started_at
     summary.stopped = cb.stopping.is_set() and not cb.lost
-    ended = set(cb.finished) | set(cb.failed) | set(cb.interrupted)
+    ended = cb.ended_keys()
     left = [s for s in todo if s.trial_key not in ended]
     blocked = sum(s.role == "student" and s.teacher_key in cb.failed for s in left)
     summary.blocked += blocked

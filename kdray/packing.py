@@ -89,6 +89,11 @@ def unpackable(spec: TrialSpec, model: nn.Module, bundle=None) -> Optional[str]:
     return None
 
 
+def asks_to_pack(spec: TrialSpec) -> bool:
+    """The sweep asks for this student to be packed (``resources.student.pack`` > 1)."""
+    return int(spec.resources.get("pack", 1)) > 1
+
+
 def pack_groups(specs: Sequence[TrialSpec], cap: Optional[int] = None) -> list[list[TrialSpec]]:
     """Specs grouped by (arch, dataset, recipe, teacher, resources), each group cut into packs of at
     most ``cap`` (default: the group's ``resources.pack``) of even sizes; a pack waits for one teacher only."""
@@ -109,7 +114,7 @@ def fallback_reasons(specs: Sequence[TrialSpec]) -> dict[str, str]:
     reasons: dict[str, str] = {}
     built: dict[tuple, tuple] = {}
     for s in specs:
-        if int(s.resources.get("pack", 1)) <= 1:
+        if not asks_to_pack(s):
             continue
         key = _group_key(s)[:4]
         if key not in built:
@@ -129,8 +134,9 @@ def jobs(students: Sequence[TrialSpec]) -> tuple[list[list[TrialSpec]], list[str
     """Students cut into Tune trials: packs where asked and possible, one student per trial
     otherwise; and one line per setup and reason saying what was not packed."""
     reasons = fallback_reasons(students)
-    packed = [s for s in students if int(s.resources.get("pack", 1)) > 1 and s.trial_key not in reasons]
-    out = [[s] for s in students if s not in packed] + pack_groups(packed)
+    packed = [s for s in students if asks_to_pack(s) and s.trial_key not in reasons]
+    keys = {s.trial_key for s in packed}     # a set: a sweep may hand over thousands of students
+    out = [[s] for s in students if s.trial_key not in keys] + pack_groups(packed)
     said: dict[tuple, int] = {}
     for s in students:
         if s.trial_key in reasons:

@@ -72,7 +72,7 @@ class Progress(Callback):
             if not self.totals[st]:
                 continue
             mine = lambda keys: sum(self.roles.get(k) == st for k in keys)  # noqa: E731
-            ended = set(cb.finished) | set(cb.failed) | set(cb.interrupted)
+            ended = cb.ended_keys()
             running = sum(self.roles.get(k) == st and k not in ended for k in cb.started_keys())
             out.append(StageCounts(st, self.totals[st], self.done_before.get(st, 0) + mine(cb.finished),
                                    running, mine(cb.failed), mine(cb.interrupted)))
