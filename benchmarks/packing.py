@@ -1,7 +1,8 @@
 """Benchmark: packed students (kdray/packing.py) vs the same students trained one at a time.
 
-K students (one teacher, K student seeds, SIDDO) of a tiny CNN on digits and a
-tiny GPT on TinyShakespeare, trained by ``run_pack`` (one process, stacked
+K students (one teacher, K student seeds, SIDDO) of a CNN on digits and a GPT
+on TinyShakespeare, each at a tiny size (per-operation overhead dominates a
+step) and a small one (arithmetic dominates on a CPU), trained by ``run_pack`` (one process, stacked
 parameters under vmap) and by ``run_trial`` one after another, alternated
 (packed, loop, packed, loop), medians.  Students/s = K / wall seconds, both
 including model init, data, training, final evaluation and artefacts.  The
@@ -22,7 +23,16 @@ NAME = "packing"
 TITLE = "packed students (torch.func, one process) vs one-at-a-time, students/s"
 ROOT = Path(__file__).resolve().parents[1]
 
+# "small": the sizes first measured, whose CPU steps turned out bound by arithmetic (convolutions and
+# matmuls near one core's peak); "tiny": sizes where per-operation overhead dominates a step, the case
+# packing is for (docs/benchmarks.md, "Packed trials").
 CASES = {
+    "cnn-tiny": {"dataset": {"name": "digits"},
+                 "teacher": {"arch": "small_cnn", "args": {"channels": 4, "dropout": 0.0, "batch_norm": False}},
+                 "recipe": {"epochs": 2, "batch_size": 32, "lr": 0.01}},
+    "gpt-tiny": {"dataset": {"name": "tinyshakespeare", "args": {"block_size": 16, "max_chars": 60000}},
+                 "teacher": {"arch": "pico_gpt", "args": {"n_embd": 16, "n_head": 2, "n_layer": 1, "dropout": 0.0}},
+                 "recipe": {"iterations": 60, "log_every": 60, "batch_size": 8, "lr": 0.003}},
     "cnn": {"dataset": {"name": "digits"},
             "teacher": {"arch": "small_cnn", "args": {"channels": 8, "dropout": 0.0, "batch_norm": False}},
             "recipe": {"epochs": 2, "batch_size": 64, "lr": 0.01}},
@@ -52,8 +62,9 @@ def _clear(store, specs) -> None:
 
 
 def measure(case: dict, k: int, device: str, reps: int) -> dict:
+    from kdray.data import load_dataset
     from kdray.packing import run_pack
-    from kdray.recipe import run_trial
+    from kdray.recipe import init_model, run_trial
     from kdray.storage import Store
 
     with tempfile.TemporaryDirectory() as tmp:
@@ -61,6 +72,8 @@ def measure(case: dict, k: int, device: str, reps: int) -> dict:
         store = Store(plan.sweep.storage, plan.sweep.name)
         run_trial(plan.teachers[0], store, device=device)
         students = plan.students
+        n_params = sum(p.numel() for p in init_model(students[0], load_dataset(
+            students[0].dataset, students[0].data_root, **students[0].dataset_args)).parameters())
         times = {"packed": [], "loop": []}
         for _ in range(reps):
             _clear(store, students)
@@ -71,7 +84,7 @@ def measure(case: dict, k: int, device: str, reps: int) -> dict:
                 run_trial(s, store, device=device)
             sync(device); times["loop"].append(now() - t)
     p, lp = median(times["packed"]), median(times["loop"])
-    return {"k": k, "packed_s": round(p, 3), "loop_s": round(lp, 3), "packed_students_per_s": round(k / p, 2),
+    return {"k": k, "params_per_student": n_params, "packed_s": round(p, 3), "loop_s": round(lp, 3), "packed_students_per_s": round(k / p, 2),
             "loop_students_per_s": round(k / lp, 2), "speedup": round(lp / p, 2)}
 
 

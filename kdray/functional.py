@@ -37,14 +37,15 @@ def _as_tensor(x) -> torch.Tensor:
 
 
 def log_softmax64(logits: torch.Tensor) -> torch.Tensor:
-    """Row log-softmax in float64; a row with +inf logits or only -inf logits still gets probabilities."""
+    """Log-softmax over the last axis in float64; a row with +inf logits or only -inf logits still
+    gets probabilities."""
     x = logits.to(torch.float64)
-    top = x.amax(dim=1, keepdim=True)
+    top = x.amax(dim=-1, keepdim=True)
     pos, neg = torch.isposinf(top), torch.isneginf(top)
     if bool(pos.any()) or bool(neg.any()):
         x = torch.where(pos, torch.where(torch.isposinf(x), 0.0, -math.inf), x)
         x = torch.where(neg, torch.zeros((), dtype=x.dtype, device=x.device), x)
-    return torch.log_softmax(x, dim=1)
+    return torch.log_softmax(x, dim=-1)
 
 
 def _entropy(counts: torch.Tensor, n: int) -> float:
@@ -61,96 +62,111 @@ def functional_metrics(teacher_logits, comparator_logits, labels, chunk: int = 6
     at most ~2M elements); the result does not depend on it.  Raises ValueError
     on mismatched shapes or N == 0.
     """
-    t, c, y = _as_tensor(teacher_logits), _as_tensor(comparator_logits), _as_tensor(labels)
+    t, c = _as_tensor(teacher_logits), _as_tensor(comparator_logits)
     if t.shape != c.shape or t.dim() < 2:
         raise ValueError(f"logit shapes differ or are not [N, K]: {tuple(t.shape)} vs {tuple(c.shape)}")
-    k = t.shape[-1]
-    t, c = t.reshape(-1, k), c.reshape(-1, k)
+    return functional_metrics_many(t, c.unsqueeze(0), labels, chunk)[0]
+
+
+def functional_metrics_many(teacher_logits, comparator_logits, labels, chunk: int = 65536) -> list[dict[str, float]]:
+    """``functional_metrics`` of one teacher against S comparators at once (a packed trial's
+    students): ``comparator_logits`` is [S, *teacher shape]; the teacher's softmax and ranks
+    are computed once, the comparators' as one batch.  Returns S dicts."""
+    t, c, y = _as_tensor(teacher_logits), _as_tensor(comparator_logits), _as_tensor(labels)
+    if t.dim() < 2 or c.dim() != t.dim() + 1 or c.shape[1:] != t.shape:
+        raise ValueError(f"logit shapes differ or are not [N, K] and [S, N, K]: {tuple(t.shape)} vs {tuple(c.shape)}")
+    k, m = t.shape[-1], c.shape[0]
+    t, c = t.reshape(-1, k), c.reshape(m, -1, k)
     y = y.reshape(-1).to(device=t.device, dtype=torch.long)
     n = t.shape[0]
-    if n == 0 or k == 0:
-        raise ValueError("functional_metrics needs at least one input and one class")
+    if n == 0 or k == 0 or m == 0:
+        raise ValueError("functional_metrics needs at least one input, one class and one comparator")
     if y.shape[0] != n:
         raise ValueError(f"{y.shape[0]} labels for {n} inputs")
-    rows = max(1, min(int(chunk), _BLOCK_ELEMENTS // k))
+    rows = max(1, min(int(chunk), _BLOCK_ELEMENTS // (k * m)))
 
     dev, f64 = t.device, torch.float64
-    act = torch.zeros((), dtype=f64, device=dev)
-    js = torch.zeros((), dtype=f64, device=dev)
-    rank_diff = torch.zeros((), dtype=torch.long, device=dev)
+    act = torch.zeros(m, dtype=f64, device=dev)
+    js = torch.zeros(m, dtype=f64, device=dev)
+    rank_diff = torch.zeros(m, dtype=torch.long, device=dev)
     # Procrustes by the shifted-data method: cross-products of (p - sp), (q - sq)
     # with sp, sq the first block's column means, corrected by the final means.
     sp = sq = None
     sum_p = torch.zeros(k, dtype=f64, device=dev)
-    sum_q = torch.zeros(k, dtype=f64, device=dev)
-    cross = torch.zeros(k, k, dtype=f64, device=dev)
+    sum_q = torch.zeros(m, k, dtype=f64, device=dev)
+    cross = torch.zeros(m, k, k, dtype=f64, device=dev)
     ss_p = torch.zeros((), dtype=f64, device=dev)
-    ss_q = torch.zeros((), dtype=f64, device=dev)
+    ss_q = torch.zeros(m, dtype=f64, device=dev)
     raw_p = torch.zeros((), dtype=f64, device=dev)
-    raw_q = torch.zeros((), dtype=f64, device=dev)
+    raw_q = torch.zeros(m, dtype=f64, device=dev)
     arg_p, arg_q = [], []
 
     with torch.no_grad():
         for s in range(0, n, rows):
-            log_p, log_q = log_softmax64(t[s:s + rows]), log_softmax64(c[s:s + rows])
+            log_p, log_q = log_softmax64(t[s:s + rows]), log_softmax64(c[:, s:s + rows])   # [r, K], [S, r, K]
             p, q = torch.exp(log_p), torch.exp(log_q)
-            act += torch.linalg.vector_norm(p - q, dim=1).sum()
+            act += torch.linalg.vector_norm(p - q, dim=-1).sum(-1)
 
-            m = 0.5 * (p + q)
-            log_m = torch.log(m)
-            kl_p = torch.where(p > 0, p * (log_p - log_m), 0.0).sum(1)      # 0 log 0 = 0
-            kl_q = torch.where(q > 0, q * (log_q - log_m), 0.0).sum(1)
-            js += (0.5 * (kl_p + kl_q)).clamp(0.0, _LN2).sum()
+            mid = 0.5 * (p + q)
+            log_m = torch.log(mid)
+            kl_p = torch.where(p > 0, p * (log_p - log_m), 0.0).sum(-1)      # 0 log 0 = 0
+            kl_q = torch.where(q > 0, q * (log_q - log_m), 0.0).sum(-1)
+            js += (0.5 * (kl_p + kl_q)).clamp(0.0, _LN2).sum(-1)
 
-            rp = torch.sort(p, dim=1, descending=True, stable=True).indices
-            rq = torch.sort(q, dim=1, descending=True, stable=True).indices
-            rank_diff += (rp != rq).sum()
+            rp = torch.sort(p, dim=-1, descending=True, stable=True).indices
+            rq = torch.sort(q, dim=-1, descending=True, stable=True).indices
+            rank_diff += (rp != rq).sum((-2, -1))
             arg_p.append(rp[:, 0])
-            arg_q.append(rq[:, 0])
+            arg_q.append(rq[:, :, 0])
 
             if sp is None:
-                sp, sq = p.mean(0), q.mean(0)
+                sp, sq = p.mean(0), q.mean(1, keepdim=True)
             dp, dq = p - sp, q - sq
             cross += dp.T @ dq
             sum_p += p.sum(0)
-            sum_q += q.sum(0)
+            sum_q += q.sum(1)
             ss_p += (dp * dp).sum()
-            ss_q += (dq * dq).sum()
+            ss_q += (dq * dq).sum((-2, -1))
             raw_p += (p * p).sum()
-            raw_q += (q * q).sum()
+            raw_q += (q * q).sum((-2, -1))
 
-        a, b = torch.cat(arg_p), torch.cat(arg_q)
-        agree = a == b
+        a, bs = torch.cat(arg_p), torch.cat(arg_q, dim=1)
         right = a == y
         n_right = int(right.sum())
         n_wrong = n - n_right
-        agree_right = int((agree & right).sum())
-        agree_all = int(agree.sum())
-
-        _, c_ab = torch.unique(a * k + b, return_counts=True)
         _, c_a = torch.unique(a, return_counts=True)
-        _, c_b = torch.unique(b, return_counts=True)
-        vi = max(0.0, 2.0 * _entropy(c_ab, n) - _entropy(c_a, n) - _entropy(c_b, n))
-
-        ep, eq = sum_p / n - sp, sum_q / n - sq        # mean minus shift
-        cross = cross - n * torch.outer(ep, eq)
+        h_a = _entropy(c_a, n)
+        ep = sum_p / n - sp                             # mean minus shift
         norm_p = float((ss_p - n * ep.dot(ep)).clamp_min(0.0).sqrt())
-        norm_q = float((ss_q - n * eq.dot(eq)).clamp_min(0.0).sqrt())
-        if norm_p <= _ZERO_NORM_RTOL * math.sqrt(float(raw_p)) or norm_q <= _ZERO_NORM_RTOL * math.sqrt(float(raw_q)):
-            procrustes = 2.0
-        else:
-            nuclear = float(torch.linalg.svdvals(cross).sum())
-            procrustes = min(2.0, max(0.0, 2.0 - 2.0 * nuclear / (norm_p * norm_q)))
-
-    disagreement = (n - agree_all) / n
-    return {
-        "activation_distance": float(act) / n,
-        "js_divergence": float(js) / n,
-        "rank_disagreement": float(rank_diff) / (n * k),
-        "prediction_disagreement": disagreement,
-        "prediction_agreement": 1.0 - disagreement,
-        "correct_agreement": agree_right / n_right if n_right else float("nan"),
-        "incorrect_agreement": (agree_all - agree_right) / n_wrong if n_wrong else float("nan"),
-        "variation_of_information": vi,
-        "procrustes_distance": procrustes,
-    }
+        eqs = sum_q / n - sq[:, 0]
+        crosses = cross - n * ep[None, :, None] * eqs[:, None, :]
+        flat_p = norm_p <= _ZERO_NORM_RTOL * math.sqrt(float(raw_p))
+        out = []
+        for i in range(m):
+            b = bs[i]
+            agree = a == b
+            agree_right = int((agree & right).sum())
+            agree_all = int(agree.sum())
+            _, c_ab = torch.unique(a * k + b, return_counts=True)
+            _, c_b = torch.unique(b, return_counts=True)
+            vi = max(0.0, 2.0 * _entropy(c_ab, n) - h_a - _entropy(c_b, n))
+            eq = eqs[i]
+            norm_q = float((ss_q[i] - n * eq.dot(eq)).clamp_min(0.0).sqrt())
+            if flat_p or norm_q <= _ZERO_NORM_RTOL * math.sqrt(float(raw_q[i])):
+                procrustes = 2.0
+            else:
+                nuclear = float(torch.linalg.svdvals(crosses[i]).sum())
+                procrustes = min(2.0, max(0.0, 2.0 - 2.0 * nuclear / (norm_p * norm_q)))
+            disagreement = (n - agree_all) / n
+            out.append({
+                "activation_distance": float(act[i]) / n,
+                "js_divergence": float(js[i]) / n,
+                "rank_disagreement": float(rank_diff[i]) / (n * k),
+                "prediction_disagreement": disagreement,
+                "prediction_agreement": 1.0 - disagreement,
+                "correct_agreement": agree_right / n_right if n_right else float("nan"),
+                "incorrect_agreement": (agree_all - agree_right) / n_wrong if n_wrong else float("nan"),
+                "variation_of_information": vi,
+                "procrustes_distance": procrustes,
+            })
+    return out

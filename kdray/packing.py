@@ -145,18 +145,39 @@ def jobs(students: Sequence[TrialSpec]) -> tuple[list[list[TrialSpec]], list[str
     return out, notes
 
 
+class _Teachers:
+    """The pack's teachers, each loaded once (a pack shares one), and their train-output caches."""
+
+    def __init__(self, store: Store, bundle, device, r: Recipe):
+        self.store, self.bundle, self.device, self.r = store, bundle, device, r
+        self.loaded: dict[str, tuple] = {}
+        self.caches: dict[str, object] = {}
+
+    def get(self, spec: TrialSpec) -> tuple:
+        key = spec.teacher.trial_key
+        if key not in self.loaded:
+            self.loaded[key] = load_teacher(spec, self.store, self.bundle, self.device)
+        return self.loaded[key]
+
+    def cache(self, spec: TrialSpec):
+        key = spec.teacher.trial_key
+        if key not in self.caches:
+            self.caches[key] = teacher_train_logits(spec.teacher, self.store, self.get(spec)[0], self.bundle,
+                                                    self.device, self.r.eval_batch_size)
+        return self.caches[key]
+
+
 class _Student:
     """One packed student's own state: spec, generators, objective, teacher."""
 
-    def __init__(self, spec: TrialSpec, store: Store, bundle, device, r: Recipe):
+    def __init__(self, spec: TrialSpec, teachers: _Teachers, bundle):
         self.spec, self.cond = spec, spec.condition
         self.objective = conditions.teacher_objective() if self.cond is None else self.cond.objective(spec.params)
         self.teacher = self.teacher_logits = self.cache = None
         if spec.role == "student":
-            self.teacher, self.teacher_logits = load_teacher(spec, store, bundle, device)
+            self.teacher, self.teacher_logits = teachers.get(spec)
             if self.cond is not None and self.cond.teacher == "logits" and bundle.train_inputs_are_fixed():
-                self.cache = teacher_train_logits(spec.teacher, store, self.teacher, bundle, device,
-                                                  r.eval_batch_size)
+                self.cache = teachers.cache(spec)
         self.order = torch.Generator().manual_seed(derive_seed(spec.data_seed, "order"))
         self.augment = torch.Generator().manual_seed(derive_seed(spec.data_seed, "augment"))
         self.noise_seed = derive_seed(spec.data_seed, "fm_noise")
@@ -190,7 +211,8 @@ def run_pack(specs: Sequence[TrialSpec], store: Store, device: str | torch.devic
         why = unpackable(s, m, bundle)
         if why:
             raise ValueError(f"trial {s.label} cannot be packed: {why}")
-    students = [_Student(s, store, bundle, device, r) for s in todo]
+    teachers = _Teachers(store, bundle, device, r)
+    students = [_Student(s, teachers, bundle) for s in todo]
     params, buffers = stack_module_state(models)
     base = models[0]
     leaves = list(params.values())
@@ -270,14 +292,57 @@ def run_pack(specs: Sequence[TrialSpec], store: Store, device: str | torch.devic
             st.history.append(metrics)
             report(st.spec.trial_key, metrics)
     seconds = time.perf_counter() - t0
+    live = [i for i, st in enumerate(students) if not st.failed]
+    if not live:
+        return {}
+    logits, y = _evaluate_pack(base, {n: p[live] for n, p in params.items()},
+                               {n: b[live] for n, b in buffers.items()}, bundle, device,
+                               max(r.batch_size, r.eval_batch_size // len(live)))
+    similarity = _similarity([students[i] for i in live], logits, y)
     out = {}
-    for i, (st, m) in enumerate(zip(students, models)):
-        if st.failed:
-            continue
-        key = st.spec.trial_key
-        out[key] = finish_trial(st.spec, store, _unstack(m, params, buffers, i), bundle, device, r,
+    for j, i in enumerate(live):
+        st, key = students[i], students[i].spec.trial_key
+        out[key] = finish_trial(st.spec, store, _unstack(models[i], params, buffers, i), bundle, device, r,
                                 st.teacher_logits, st.history, seconds,
-                                lambda metrics, state=None, key=key: report(key, metrics))
+                                lambda metrics, state=None, key=key: report(key, metrics),
+                                outputs=(logits[j], y), similarity=similarity[j])
+    return out
+
+
+@torch.inference_mode()
+def _evaluate_pack(base: nn.Module, params: dict, buffers: dict, bundle, device,
+                   rows: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Every student's test logits in one vmapped pass per batch ([S, N, C] float32, CPU) and the
+    labels, as ``recipe.evaluate`` gives one student's; the inputs are shared, not copied S times.
+    ``rows`` per batch keeps S x rows near a training step's size."""
+    base.eval()
+
+    def fwd(p, b, x):
+        with _vmappable_attention():
+            return functional_call(base, (p, b), (x,))
+
+    vfwd = vmap(fwd, in_dims=(0, 0, None))
+    outs, ys = [], []
+    for xb, yb in bundle.test_batches(rows):
+        logits = vfwd(params, buffers, bundle.preprocess(xb.to(device), False, None)).float()
+        outs.append(logits.reshape(logits.shape[0], -1, logits.shape[-1]).cpu())
+        ys.append(yb.reshape(-1))
+    return torch.cat(outs, dim=1), torch.cat(ys)
+
+
+def _similarity(students: Sequence[_Student], logits: torch.Tensor, y: torch.Tensor) -> list[Optional[dict]]:
+    """Each student's functional metrics against its teacher, one batched call per teacher."""
+    from kdray.functional import functional_metrics_many
+
+    out: list[Optional[dict]] = [None] * len(students)
+    by_teacher: dict[int, list[int]] = {}
+    for j, st in enumerate(students):
+        if st.teacher_logits is not None:
+            by_teacher.setdefault(id(st.teacher_logits), []).append(j)
+    for idx in by_teacher.values():
+        t = torch.from_numpy(students[idx[0]].teacher_logits)
+        for j, metrics in zip(idx, functional_metrics_many(t, logits[idx], y)):
+            out[j] = metrics
     return out
 
 

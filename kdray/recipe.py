@@ -296,18 +296,25 @@ def _forward(model, teacher, cond: Optional[conditions.Condition], params: dict,
 
 
 def finish_trial(spec: TrialSpec, store: Store, model: nn.Module, bundle: DataBundle, device, r: Recipe,
-                 teacher_logits: Optional[np.ndarray], history: list[dict], seconds: float, report: Report) -> dict:
-    """Final evaluation, artefacts and the metrics the tracker logs."""
+                 teacher_logits: Optional[np.ndarray], history: list[dict], seconds: float, report: Report,
+                 outputs: Optional[tuple[torch.Tensor, torch.Tensor]] = None,
+                 similarity: Optional[dict] = None) -> dict:
+    """Final evaluation, artefacts and the metrics the tracker logs.
+
+    A packed trial passes its students' ``outputs`` (test logits, labels) and ``similarity``
+    (functional metrics), computed for the whole pack at once (kdray/packing.py)."""
     from kdray.evals import EVALS
 
-    logits, y = evaluate(model, bundle, device, r.eval_batch_size)
+    logits, y = outputs if outputs is not None else evaluate(model, bundle, device, r.eval_batch_size)
     test_loss, test_acc = loss_and_accuracy(logits, y)
     final = {EPOCH: len(history), "test_loss": test_loss, "test_acc": test_acc, "train_seconds": seconds, FINAL: 1}
     final["chance_acc"] = 1.0 / bundle.num_classes       # for the sanity check (kdray/sanity.py)
     if history:
         final.update(train_loss=history[-1]["train_loss"], train_acc=history[-1]["train_acc"],
                      train_loss_first=history[0]["train_loss"])
-    if teacher_logits is not None:
+    if similarity is not None:
+        final.update(similarity)
+    elif teacher_logits is not None:
         from kdray.functional import functional_metrics
         final.update(functional_metrics(torch.from_numpy(teacher_logits), logits, y))
     for name in spec.evals:

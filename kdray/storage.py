@@ -80,8 +80,10 @@ class Store:
         return np.load(io.BytesIO(self.read_bytes(key, name)), allow_pickle=False)
 
     def save_npz(self, key: str, name: str, **arrays: np.ndarray) -> None:
+        """Stored, not deflated: float16 logits shrink by only 8-12 % at ~20x the time
+        (docs/benchmarks.md, "Packed trials"); ``np.load`` reads either."""
         buf = io.BytesIO()
-        np.savez_compressed(buf, **arrays)
+        np.savez(buf, **arrays)
         self.write_bytes(key, name, buf.getvalue())
 
     def save_json(self, key: str, name: str, obj) -> None:

@@ -10,7 +10,7 @@ import torch
 from scipy.spatial.distance import jensenshannon
 from sklearn.metrics import mutual_info_score
 
-from kdray.functional import METRIC_DIRECTIONS, TRANSFER_METRICS, functional_metrics
+from kdray.functional import METRIC_DIRECTIONS, TRANSFER_METRICS, functional_metrics, functional_metrics_many
 
 KEYS = ("activation_distance", "js_divergence", "rank_disagreement", "prediction_disagreement",
         "prediction_agreement", "correct_agreement", "incorrect_agreement", "variation_of_information",
@@ -82,6 +82,21 @@ def test_chunking_does_not_change_result():
     one = functional_metrics(t, c, y, chunk=10_000)
     for chunk in (1, 7, 64):
         assert_metrics(functional_metrics(t, c, y, chunk=chunk), one, rtol=1e-10, atol=1e-12)
+
+
+def test_many_comparators_at_once_match_the_reference_each():
+    """A packed trial's students against one teacher in one call (functional_metrics_many): each
+    comparator's metrics equal the per-sample reference, across blocks (chunk 7) and with one
+    comparator that is the teacher itself and one with constant outputs."""
+    t, c0, y = random_case(11, 130, 10)
+    comps = np.stack([c0, t, np.zeros_like(t), random_case(12, 130, 10)[1]])
+    got = functional_metrics_many(torch.tensor(t), torch.tensor(comps), torch.tensor(y), chunk=7)
+    assert len(got) == 4
+    for comp, g in zip(comps, got):
+        assert_metrics(g, reference(t, comp, y))
+    assert got[1]["prediction_agreement"] == 1.0 and got[2]["procrustes_distance"] == 2.0
+    with pytest.raises(ValueError, match="S, N, K"):
+        functional_metrics_many(t, c0, y)
 
 
 def test_float16_input():
