@@ -8,8 +8,10 @@ The formulas are in docs/protocol.md ("Conditions").
 """
 from __future__ import annotations
 
+from contextlib import contextmanager
+from contextvars import ContextVar
 from dataclasses import dataclass
-from typing import Optional
+from typing import Iterator, Optional
 
 import torch
 import torch.nn.functional as F
@@ -30,8 +32,32 @@ def flat(logits: torch.Tensor) -> torch.Tensor:
     return logits.reshape(-1, logits.shape[-1])
 
 
+_STUDENTS: ContextVar[Optional[int]] = ContextVar("kdray_students", default=None)
+
+
+@contextmanager
+def per_student(k: int) -> Iterator[None]:
+    """Inside, the helpers below reduce to one mean per student (a ``[k]`` tensor) over rows
+    stacked student-major: a pack of K students of one ``rowwise`` condition gets its K losses
+    from one call instead of K (kdray/packing.py).  Outside, they reduce as they always have."""
+    token = _STUDENTS.set(k)
+    try:
+        yield
+    finally:
+        _STUDENTS.reset(token)
+
+
+def row_mean(rows: torch.Tensor) -> torch.Tensor:
+    """The mean over rows, or each student's mean inside ``per_student``."""
+    k = _STUDENTS.get()
+    return rows.mean() if k is None else rows.reshape(k, -1).mean(1)
+
+
 def cross_entropy(logits: torch.Tensor, y: torch.Tensor, label_smoothing: float = 0.0) -> torch.Tensor:
-    return F.cross_entropy(flat(logits).float(), y.reshape(-1), label_smoothing=label_smoothing)
+    if _STUDENTS.get() is None:
+        return F.cross_entropy(flat(logits).float(), y.reshape(-1), label_smoothing=label_smoothing)
+    return row_mean(F.cross_entropy(flat(logits).float(), y.reshape(-1), label_smoothing=label_smoothing,
+                                    reduction="none"))
 
 
 def distillation_term(logits: torch.Tensor, target: torch.Tensor, temperature: float) -> torch.Tensor:
@@ -39,7 +65,7 @@ def distillation_term(logits: torch.Tensor, target: torch.Tensor, temperature: f
     log_q = F.log_softmax(flat(logits).float() / temperature, dim=-1)
     target = flat(target).float()
     kl = torch.sum(torch.xlogy(target, target) - target * log_q, dim=-1)
-    return temperature ** 2 * kl.mean()
+    return temperature ** 2 * row_mean(kl)
 
 
 def mix(alpha: float, ce: torch.Tensor, other: torch.Tensor) -> torch.Tensor:

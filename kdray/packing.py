@@ -34,7 +34,8 @@ from torch.func import functional_call, stack_module_state, vmap
 from kdray import conditions
 from kdray.contracts import EPOCH, FAILURE
 from kdray.data import load_dataset
-from kdray.losses import Batch
+from kdray.grouped import grouped_forward
+from kdray.losses import Batch, per_student
 from kdray.recipe import (_train_batches, derive_seed, evaluate, finish_trial, init_model, load_teacher,
                           loss_and_accuracy, lr_factor, OPTIMIZERS, teacher_train_logits)
 from kdray.spec import TrialSpec
@@ -63,6 +64,21 @@ def _vmappable_attention():
         yield
     finally:
         F.scaled_dot_product_attention = fused
+
+
+def packed_forward(base: nn.Module) -> Callable:
+    """(stacked params, stacked buffers, x [K, B, ...]) -> [K, B, ...]: grouped convolutions for
+    plain Sequential conv nets (kdray/grouped.py, faster on a CPU), ``functional_call`` under vmap
+    for everything else."""
+    grouped = grouped_forward(base)
+    if grouped is not None:
+        return lambda p, b, x: grouped(p, x)
+
+    def fwd(p, b, x):
+        with _vmappable_attention():
+            return functional_call(base, (p, b), (x,))
+
+    return vmap(fwd)
 
 
 def _group_key(spec: TrialSpec) -> tuple:
@@ -218,22 +234,19 @@ def run_pack(specs: Sequence[TrialSpec], store: Store, device: str | torch.devic
     leaves = list(params.values())
     k_students = len(todo)
 
-    def fwd(p, b, x):
-        with _vmappable_attention():
-            return functional_call(base, (p, b), (x,))
-
-    vfwd = vmap(fwd)
+    vfwd = packed_forward(base)
     if bundle.task == "classification":
         steps_per_epoch, epochs = bundle.steps_per_epoch(r.batch_size), r.epochs
         total = steps_per_epoch * epochs
     else:
         steps_per_epoch, total = r.log_every, r.iterations
         epochs = -(-total // steps_per_epoch)
-    opt = OPTIMIZERS[r.optimizer](leaves, r)
+    opt = OPTIMIZERS[r.optimizer](leaves, r, foreach=True)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: lr_factor(r, s, steps_per_epoch, epochs))
     if not r.train:
         epochs = 0
     step = 0
+    loss_groups = _loss_groups(students)
     base.train()
     for epoch in range(epochs):
         n_steps = min(steps_per_epoch, total - epoch * steps_per_epoch)
@@ -248,18 +261,16 @@ def run_pack(specs: Sequence[TrialSpec], store: Store, device: str | torch.devic
                 ys.append(yb.to(device))
                 cached.append(c)
             logits = vfwd(params, buffers, torch.stack(xs))
-            losses = []
+            y_all = torch.stack(ys)
+            teacher_logits = [None] * k_students
             for i, st in enumerate(students):
-                batch = Batch(logits[i], ys[i], seed=st.noise_seed, step=step)
-                needs = st.cond.teacher if st.cond is not None else None
-                if needs == "logits":
+                if st.cond is not None and st.cond.teacher == "logits":
                     if cached[i] is not None:
-                        batch.teacher_logits = cached[i].to(device)
+                        teacher_logits[i] = cached[i].to(device)
                     else:
                         with torch.no_grad():
-                            batch.teacher_logits = st.teacher(xs[i])
-                losses.append(st.objective(batch))
-            loss_vec = torch.stack(losses)
+                            teacher_logits[i] = st.teacher(xs[i])
+            loss_vec = _losses(students, loss_groups, logits, y_all, teacher_logits, step)
             opt.zero_grad(set_to_none=True)
             loss_vec.sum().backward()   # d(sum)/d(loss_i) = 1: a diverged student's NaNs stay in its slices
             if r.grad_clip:  # per student: each student's own global norm over its slices
@@ -271,7 +282,7 @@ def run_pack(specs: Sequence[TrialSpec], store: Store, device: str | torch.devic
             sched.step()
             n = ys[0].numel()
             loss_sum += loss_vec.detach() * n
-            correct += torch.stack([(logits[i].detach().argmax(-1) == ys[i]).sum() for i in range(k_students)])
+            correct += (logits.detach().argmax(-1) == y_all).reshape(k_students, -1).sum(1)
             seen += n
             step += 1
         lr = opt.param_groups[0]["lr"]
@@ -309,6 +320,48 @@ def run_pack(specs: Sequence[TrialSpec], store: Store, device: str | torch.devic
     return out
 
 
+def _loss_groups(students: Sequence[_Student]) -> list[list[int]]:
+    """Students whose losses one call computes: the same condition and params, declared
+    ``rowwise`` (kdray/conditions: a mean over rows of per-row terms); the rest alone."""
+    import json
+    groups: dict[tuple, list[int]] = {}
+    for i, st in enumerate(students):
+        if st.cond is None:                       # teachers: cross-entropy
+            key: tuple = ("",)
+        elif st.cond.rowwise:
+            key = (st.cond.name, json.dumps(st.spec.params, sort_keys=True, default=str))
+        else:
+            key = ("alone", i)
+        groups.setdefault(key, []).append(i)
+    return list(groups.values())
+
+
+def _losses(students: Sequence[_Student], groups: list[list[int]], logits: torch.Tensor, y: torch.Tensor,
+            teacher_logits: list, step: int) -> torch.Tensor:
+    """[K] losses, each student's own objective on its own slice of the stacked logits."""
+    pieces = []
+    for idx in groups:
+        st = students[idx[0]]
+        if len(idx) == 1:
+            batch = Batch(logits[idx[0]], y[idx[0]], teacher_logits[idx[0]], seed=st.noise_seed, step=step)
+            pieces.append(st.objective(batch).unsqueeze(0))
+            continue
+        at = slice(None) if len(idx) == len(students) else torch.tensor(idx, device=logits.device)
+        t = None if teacher_logits[idx[0]] is None else torch.stack([teacher_logits[i] for i in idx])
+        with per_student(len(idx)):
+            out = st.objective(Batch(logits[at], y[at], t))
+        if out.shape != (len(idx),):
+            raise ValueError(f"condition {st.cond.name!r} is declared rowwise but its objective gave shape "
+                             f"{tuple(out.shape)} for {len(idx)} students: take its means with "
+                             "kdray.losses.row_mean, or declare rowwise=False")
+        pieces.append(out)
+    order = [i for idx in groups for i in idx]
+    out = torch.cat(pieces)
+    if order == list(range(len(order))):
+        return out
+    return out[torch.argsort(torch.tensor(order, device=out.device))]
+
+
 @torch.inference_mode()
 def _evaluate_pack(base: nn.Module, params: dict, buffers: dict, bundle, device,
                    rows: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -316,15 +369,12 @@ def _evaluate_pack(base: nn.Module, params: dict, buffers: dict, bundle, device,
     labels, as ``recipe.evaluate`` gives one student's; the inputs are shared, not copied S times.
     ``rows`` per batch keeps S x rows near a training step's size."""
     base.eval()
-
-    def fwd(p, b, x):
-        with _vmappable_attention():
-            return functional_call(base, (p, b), (x,))
-
-    vfwd = vmap(fwd, in_dims=(0, 0, None))
+    vfwd = packed_forward(base)
+    k = next(iter(params.values())).shape[0]
     outs, ys = [], []
     for xb, yb in bundle.test_batches(rows):
-        logits = vfwd(params, buffers, bundle.preprocess(xb.to(device), False, None)).float()
+        x = bundle.preprocess(xb.to(device), False, None)
+        logits = vfwd(params, buffers, x.expand(k, *x.shape)).float()
         outs.append(logits.reshape(logits.shape[0], -1, logits.shape[-1]).cpu())
         ys.append(yb.reshape(-1))
     return torch.cat(outs, dim=1), torch.cat(ys)

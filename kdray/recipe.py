@@ -71,11 +71,11 @@ def load_teacher(spec: TrialSpec, store: Store, bundle: DataBundle, device) -> t
 # ------------------------------------------------------------------ optimiser
 
 OPTIMIZERS: dict[str, Callable[..., torch.optim.Optimizer]] = {
-    "adam": lambda params, r: torch.optim.Adam(params, lr=r.lr, weight_decay=r.weight_decay),
-    "adamw": lambda params, r: torch.optim.AdamW(params, lr=r.lr, weight_decay=r.weight_decay),
-    "sgd": lambda params, r: torch.optim.SGD(params, lr=r.lr, momentum=r.momentum, nesterov=r.nesterov,
-                                             weight_decay=r.weight_decay),
-}
+    "adam": lambda params, r, **kw: torch.optim.Adam(params, lr=r.lr, weight_decay=r.weight_decay, **kw),
+    "adamw": lambda params, r, **kw: torch.optim.AdamW(params, lr=r.lr, weight_decay=r.weight_decay, **kw),
+    "sgd": lambda params, r, **kw: torch.optim.SGD(params, lr=r.lr, momentum=r.momentum, nesterov=r.nesterov,
+                                                   weight_decay=r.weight_decay, **kw),
+}   # **kw: torch's implementation switches (packs ask for foreach: a few large stacked tensors)
 
 
 def make_optimizer(r: Recipe, model: nn.Module) -> torch.optim.Optimizer:

@@ -116,3 +116,33 @@ def test_feature_matching_and_noise_control():
 def test_unknown_method_lists_valid_names():
     with pytest.raises(KeyError, match="valid: .*kd"):
         build_objective("nope", {"alpha": 0.5})
+
+
+def _rowwise():
+    from kdray.conditions import all_conditions
+    return [c for c in all_conditions() if c.rowwise]
+
+
+@pytest.mark.parametrize("cond", _rowwise(), ids=lambda c: c.name)
+def test_a_rowwise_objective_gives_each_student_its_own_loss_in_one_call(cond):
+    """Packs compute a rowwise condition's losses for all students at once (kdray/packing.py):
+    the declaration must hold, for classifier and language-model shaped logits."""
+    from kdray.losses import per_student
+    params = {p.name: p.grid_default[len(p.grid_default) // 2] for p in cond.params if p.grid_default}
+    f = cond.objective(cond.full_params(params))
+    g = torch.Generator().manual_seed(3)
+    for shape in ((4, 6, 7), (4, 6, 5, 7)):
+        logits, teacher = torch.randn(*shape, generator=g), torch.randn(*shape, generator=g)
+        y = torch.randint(0, 7, shape[:-1], generator=g)
+        with per_student(4):
+            together = f(Batch(logits, y, teacher))
+        alone = torch.stack([f(Batch(logits[i], y[i], teacher[i])) for i in range(4)])
+        assert together.shape == (4,)
+        torch.testing.assert_close(together, alone, rtol=1e-6, atol=1e-7)
+        assert len(set(alone.tolist())) == 4      # four different students, four different losses
+
+
+def test_builtin_conditions_that_read_seeds_or_features_are_not_rowwise():
+    from kdray.conditions import get
+    assert not get("fm").rowwise and not get("fm_rcd").rowwise
+    assert get("siddo").rowwise and get("kd").rowwise

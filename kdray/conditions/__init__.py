@@ -120,6 +120,11 @@ class Condition:
     - ``sweep_key``: the key under ``conditions:`` in a sweep file (None: only
       produced by another condition's expand, like FM's random control);
       ``enabled_by_default``: present when the file does not mention it.
+    - ``rowwise``: the objective is a mean over rows, taken by
+      ``kdray.losses``' helpers (``cross_entropy``, ``distillation_term``), of
+      terms that read only that row's logits, label and teacher logits (no
+      seed, step or features); packed students of one such condition and
+      params then get their losses from one call (``kdray.losses.per_student``).
     """
     name: str
     title: str
@@ -139,6 +144,7 @@ class Condition:
     expand: Optional[Callable[[Any], list[tuple[str, dict]]]] = None
     config: Any = None                   # a pydantic model for the sweep entry (default: from params)
     description: str = ""
+    rowwise: bool = False                # a pack computes its students' losses in one call
 
     def param(self, name: str) -> Param:
         return {p.name: p for p in self.params}[name]

@@ -17,7 +17,7 @@ def _objective(params: dict):
 
 
 KD = register(Condition(
-    name="kd", title="KD", params=(Alpha(), Temperature()), objective=_objective, teacher="logits",
+    name="kd", title="KD", params=(Alpha(), Temperature()), objective=_objective, rowwise=True, teacher="logits",
     role=TREATMENT, sweep_key="kd", enabled_by_default=True, order=2,
     controls=(SIDDO_SAME_WIDTH, ControlRule("rcd", ("alpha", "temperature", "width"), (("temperature", 1.0),))),
     best_pool=(SIDDO_SAME_WIDTH, ControlRule("rcd", ("temperature", "width"), (("temperature", 1.0),))),

@@ -14,5 +14,5 @@ def _objective(params: dict):
 
 
 LS = register(Condition(
-    name="ls", title="LS", params=(EPSILON,), objective=_objective, role=CONTROL, sweep_key="ls", order=4,
+    name="ls", title="LS", params=(EPSILON,), objective=_objective, rowwise=True, role=CONTROL, sweep_key="ls", order=4,
     description="label smoothing at epsilon"))

@@ -17,6 +17,6 @@ def _objective(params: dict):
 
 
 RCD = register(Condition(
-    name="rcd", title="RCD", params=(Alpha(), Temperature()), objective=_objective, role=CONTROL,
+    name="rcd", title="RCD", params=(Alpha(), Temperature()), objective=_objective, rowwise=True, role=CONTROL,
     random_control=True, sweep_key="rcd", enabled_by_default=True, order=3,
     description="KD's objective towards the uniform distribution"))

@@ -12,7 +12,7 @@ def _objective(params: dict):
 
 
 SIDDO = register(Condition(
-    name="siddo", title="SIDDO", objective=_objective, role=CONTROL, sweep_key="siddo",
+    name="siddo", title="SIDDO", objective=_objective, rowwise=True, role=CONTROL, sweep_key="siddo",
     enabled_by_default=True, order=1, config=bool,
     expand=lambda enabled: [("siddo", {})] if enabled else [],
     description="cross-entropy only; same initialisation and data order as the KD student"))

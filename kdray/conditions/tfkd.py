@@ -34,7 +34,7 @@ def _objective(params: dict):
 
 
 TFKD = register(Condition(
-    name="tfkd", title="Tf-KD", params=(Alpha(), Temperature(), CONFIDENCE), objective=_objective,
+    name="tfkd", title="Tf-KD", params=(Alpha(), Temperature(), CONFIDENCE), objective=_objective, rowwise=True,
     role=CONTROL, sweep_key="tfkd", order=7,
     control_of={"kd": (SAME_ALPHA,)}, best_pool_of={"kd": (SAME_T,)},
     description="KD's objective towards a label-only virtual teacher (Tf-KD)"))

@@ -1,0 +1,58 @@
+"""Grouped forward (kdray/grouped.py): K students as grouped convolutions equal the same students
+run one at a time, outputs and gradients, and anything it does not know is left to vmap."""
+import pytest
+import torch
+from torch import nn
+from torch.func import functional_call, stack_module_state
+
+from kdray.grouped import grouped_forward
+from kdray.models.small import mlp, small_cnn
+from kdray.models.gpt import pico_gpt
+
+
+def _strided_net():
+    return nn.Sequential(nn.Conv2d(3, 6, 3, stride=2, padding=1, bias=False), nn.GELU(), nn.MaxPool2d(2),
+                         nn.Conv2d(6, 4, 1, groups=2), nn.Tanh(), nn.Flatten(), nn.Dropout(0.0), nn.Linear(64, 5))
+
+
+CASES = {
+    "small_cnn": (lambda: small_cnn(10, (1, 8, 8), channels=4, dropout=0.0, batch_norm=False), (1, 8, 8)),
+    "mlp": (lambda: mlp(7, (1, 8, 8), hidden=16, dropout=0.0), (1, 8, 8)),
+    "strided": (_strided_net, (3, 16, 16)),
+}
+
+
+@pytest.mark.parametrize("name", CASES)
+def test_grouped_students_equal_each_student_alone(name):
+    build, shape = CASES[name]
+    torch.manual_seed(0)
+    models = [build() for _ in range(5)]
+    params, _ = stack_module_state(models)
+    x = torch.randn(5, 6, *shape)
+    fwd = grouped_forward(models[0])
+    assert fwd is not None
+    out = fwd(params, x)
+    out.square().sum().backward()
+    for i, m in enumerate(models):
+        alone = functional_call(m, {n: p[i].detach().requires_grad_() for n, p in params.items()}, (x[i],))
+        assert out[i].shape == alone.shape
+        torch.testing.assert_close(out[i], alone, rtol=1e-5, atol=1e-6)
+        m.zero_grad()
+        m(x[i]).square().sum().backward()
+        for n, p in m.named_parameters():     # each student's gradient is its own loss's, nobody else's
+            torch.testing.assert_close(params[n].grad[i], p.grad, rtol=1e-4, atol=1e-6)
+
+
+@pytest.mark.parametrize("model", [
+    small_cnn(10, (1, 8, 8), channels=4, dropout=0.0, batch_norm=True),       # BatchNorm buffers
+    nn.Sequential(nn.Conv2d(1, 2, 3, padding=1, padding_mode="reflect"), nn.Flatten()),
+    nn.Sequential(nn.Flatten(0), nn.Linear(64, 2)),
+    pico_gpt(65, (16,), n_embd=16, n_head=2, n_layer=1, dropout=0.0),         # not a Sequential
+], ids=["batchnorm", "reflect-padding", "flatten-dim0", "gpt"])
+def test_what_it_does_not_know_is_left_to_vmap(model):
+    assert grouped_forward(model) is None
+
+
+def test_tied_weights_are_left_to_vmap():
+    lin = nn.Linear(4, 4)
+    assert grouped_forward(nn.Sequential(lin, nn.ReLU(), lin)) is None
