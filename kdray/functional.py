@@ -25,7 +25,7 @@ import torch
 
 from kdray.metric_names import METRIC_DIRECTIONS, TRANSFER_METRICS  # noqa: F401 - re-exported
 
-_BLOCK_ELEMENTS = 1 << 21   # cap on rows x K per block, whatever `chunk` says (~16 MB per float64 array)
+_BLOCK_ELEMENTS = 1 << 18   # cap on rows x K per block, whatever `chunk` says (2 MB per float64 array: cache-sized)
 _ZERO_NORM_RTOL = 1e-10     # centred norm below this fraction of the raw norm counts as zero
 _LN2 = math.log(2.0)
 
@@ -46,6 +46,27 @@ def log_softmax64(logits: torch.Tensor) -> torch.Tensor:
         x = torch.where(pos, torch.where(torch.isposinf(x), 0.0, -math.inf), x)
         x = torch.where(neg, torch.zeros((), dtype=x.dtype, device=x.device), x)
     return torch.log_softmax(x, dim=-1)
+
+
+def rank_order(p: torch.Tensor) -> torch.Tensor:
+    """Class indices by descending value along the last axis, ties by the lower index (a stable
+    descending sort).  On the CPU, numpy's vectorised sort orders the rows 2-3x faster than
+    torch's; its order is arbitrary only among equal values, so rows with a tie are sorted
+    again, stably (tests/test_functional.py checks ties against the stable sort)."""
+    if p.device.type != "cpu" or bool(torch.isnan(p).any()):
+        return torch.sort(p, dim=-1, descending=True, stable=True).indices
+    a = p.numpy()
+    order = np.argsort(-a, axis=-1)
+    ranked = np.take_along_axis(a, order, -1)
+    tied = (ranked[..., 1:] == ranked[..., :-1]).any(-1)
+    if tied.any():
+        order[tied] = np.argsort(-a[tied], axis=-1, kind="stable")
+    return torch.from_numpy(order)
+
+
+def _xlogx_sum(x: torch.Tensor) -> torch.Tensor:
+    """sum over the last axis of x log x, with 0 log 0 = 0."""
+    return torch.special.xlogy(x, x).sum(-1)
 
 
 def _entropy(counts: torch.Tensor, n: int) -> float:
@@ -107,14 +128,12 @@ def functional_metrics_many(teacher_logits, comparator_logits, labels, chunk: in
             p, q = torch.exp(log_p), torch.exp(log_q)
             act += torch.linalg.vector_norm(p - q, dim=-1).sum(-1)
 
-            mid = 0.5 * (p + q)
-            log_m = torch.log(mid)
-            kl_p = torch.where(p > 0, p * (log_p - log_m), 0.0).sum(-1)      # 0 log 0 = 0
-            kl_q = torch.where(q > 0, q * (log_q - log_m), 0.0).sum(-1)
-            js += (0.5 * (kl_p + kl_q)).clamp(0.0, _LN2).sum(-1)
+            # JS = H(m) - (H(p) + H(q)) / 2 per row, H(x) = -sum x log x with 0 log 0 = 0: the same
+            # sum as 0.5 KL(p||m) + 0.5 KL(q||m), in three passes over the rows instead of ten
+            js_rows = 0.5 * (_xlogx_sum(p) + _xlogx_sum(q)) - _xlogx_sum(0.5 * (p + q))
+            js += js_rows.clamp(0.0, _LN2).sum(-1)
 
-            rp = torch.sort(p, dim=-1, descending=True, stable=True).indices
-            rq = torch.sort(q, dim=-1, descending=True, stable=True).indices
+            rp, rq = rank_order(p), rank_order(q)
             rank_diff += (rp != rq).sum((-2, -1))
             arg_p.append(rp[:, 0])
             arg_q.append(rq[:, :, 0])

@@ -230,3 +230,18 @@ def test_directions_cover_every_metric():
         assert METRIC_DIRECTIONS[m] == "lower"
     assert set(METRIC_DIRECTIONS.values()) == {"lower", "higher"}
     assert TRANSFER_METRICS == ("activation_distance", "rank_disagreement", "prediction_disagreement", "js_divergence")
+
+
+def test_rank_order_breaks_every_tie_by_the_lower_index_like_a_stable_sort():
+    """The fast CPU ranking (numpy's sort, ties re-sorted) against Python's own stable sort, on
+    rows with many ties (values drawn from 4 levels), rows of exact zeros, and tie-free rows."""
+    from kdray.functional import rank_order
+
+    g = torch.Generator().manual_seed(0)
+    tied = torch.randint(0, 4, (300, 9), generator=g).to(torch.float64) / 4
+    zeros = torch.zeros(5, 9, dtype=torch.float64)
+    free = torch.rand(300, 9, generator=g, dtype=torch.float64)
+    for p in (tied, zeros, free, torch.stack([tied[:5], free[:5]])):
+        got = rank_order(p).reshape(-1, p.shape[-1])
+        for row, order in zip(p.reshape(-1, p.shape[-1]).tolist(), got.tolist()):
+            assert order == sorted(range(len(row)), key=lambda c: (-row[c], c))
