@@ -34,11 +34,11 @@ from torch.func import functional_call, stack_module_state, vmap
 from kdray import conditions
 from kdray.contracts import EPOCH, FAILURE
 from kdray.data import load_dataset
-from kdray.grouped import grouped_forward
 from kdray.losses import Batch, per_student
-from kdray.recipe import (_train_batches, derive_seed, evaluate, finish_trial, init_model, load_teacher,
+from kdray.recipe import (derive_seed, finish_trial, init_model, load_teacher,
                           loss_and_accuracy, lr_factor, OPTIMIZERS, teacher_train_logits)
 from kdray.spec import TrialSpec
+from kdray.stacked import stacked_forward
 from kdray.storage import Store
 from kdray.sweep import Recipe
 
@@ -67,12 +67,12 @@ def _vmappable_attention():
 
 
 def packed_forward(base: nn.Module) -> Callable:
-    """(stacked params, stacked buffers, x [K, B, ...]) -> [K, B, ...]: grouped convolutions for
-    plain Sequential conv nets (kdray/grouped.py, faster on a CPU), ``functional_call`` under vmap
-    for everything else."""
-    grouped = grouped_forward(base)
-    if grouped is not None:
-        return lambda p, b, x: grouped(p, x)
+    """(stacked params, stacked buffers, x [K, B, ...]) -> [K, B, ...]: the model family's own
+    stacked forward where kdray/stacked has one (faster on small models), else
+    ``functional_call`` under vmap."""
+    stacked = stacked_forward(base)
+    if stacked is not None:
+        return lambda p, b, x: stacked(p, x)
 
     def fwd(p, b, x):
         with _vmappable_attention():
@@ -161,44 +161,62 @@ def jobs(students: Sequence[TrialSpec]) -> tuple[list[list[TrialSpec]], list[str
     return out, notes
 
 
-class _Teachers:
-    """The pack's teachers, each loaded once (a pack shares one), and their train-output caches."""
+class _Teacher:
+    """The pack's one teacher (packs are cut per teacher: ``_group_key``), loaded once: the frozen
+    model, its test logits and, on fixed training inputs, its training-set logits."""
 
-    def __init__(self, store: Store, bundle, device, r: Recipe):
-        self.store, self.bundle, self.device, self.r = store, bundle, device, r
-        self.loaded: dict[str, tuple] = {}
-        self.caches: dict[str, object] = {}
+    def __init__(self, spec: TrialSpec, store: Store, bundle, device, r: Recipe, needs_logits: bool):
+        self.model = self.test_logits = self.cache = None
+        if spec.role != "student":
+            return
+        self.model, self.test_logits = load_teacher(spec, store, bundle, device)
+        if needs_logits and bundle.train_inputs_are_fixed():
+            self.cache = teacher_train_logits(spec.teacher, store, self.model, bundle, device, r.eval_batch_size)
 
-    def get(self, spec: TrialSpec) -> tuple:
-        key = spec.teacher.trial_key
-        if key not in self.loaded:
-            self.loaded[key] = load_teacher(spec, self.store, self.bundle, self.device)
-        return self.loaded[key]
-
-    def cache(self, spec: TrialSpec):
-        key = spec.teacher.trial_key
-        if key not in self.caches:
-            self.caches[key] = teacher_train_logits(spec.teacher, self.store, self.get(spec)[0], self.bundle,
-                                                    self.device, self.r.eval_batch_size)
-        return self.caches[key]
+    @torch.no_grad()
+    def logits(self, draws: torch.Tensor, x: torch.Tensor, rows: list[int]) -> torch.Tensor:
+        """[K, B, ...] teacher logits on each student's batch (looked up in the cache, or one
+        forward over the ``rows`` students that need them; the other rows stay zero)."""
+        if self.cache is not None:
+            return self.cache[draws].to(x.device)
+        out = self.model(x[rows].flatten(0, 1)).unflatten(0, (len(rows), -1))
+        if len(rows) == x.shape[0]:
+            return out
+        full = out.new_zeros(x.shape[0], *out.shape[1:])
+        full[rows] = out
+        return full
 
 
 class _Student:
-    """One packed student's own state: spec, generators, objective, teacher."""
+    """One packed student's own state: spec, generators, objective."""
 
-    def __init__(self, spec: TrialSpec, teachers: _Teachers, bundle):
+    def __init__(self, spec: TrialSpec):
         self.spec, self.cond = spec, spec.condition
         self.objective = conditions.teacher_objective() if self.cond is None else self.cond.objective(spec.params)
-        self.teacher = self.teacher_logits = self.cache = None
-        if spec.role == "student":
-            self.teacher, self.teacher_logits = teachers.get(spec)
-            if self.cond is not None and self.cond.teacher == "logits" and bundle.train_inputs_are_fixed():
-                self.cache = teachers.cache(spec)
+        self.needs_logits = self.cond is not None and self.cond.teacher == "logits"
         self.order = torch.Generator().manual_seed(derive_seed(spec.data_seed, "order"))
         self.augment = torch.Generator().manual_seed(derive_seed(spec.data_seed, "augment"))
         self.noise_seed = derive_seed(spec.data_seed, "fm_noise")
         self.history: list[dict] = []
         self.failed = ""          # why it diverged; a diverged student no longer counts, the others go on
+
+
+def _pack_batches(bundle, students: Sequence[_Student], batch_size: int, steps: int, device):
+    """Per step: the students' draws ``[K, B]`` and preprocessed inputs ``[K, B, ...]`` and targets,
+    each student's batch drawn by its own ``order`` generator as ``run_trial`` draws it.  The K
+    batches are taken in one indexing operation, and preprocessed in one call unless the data set
+    augments (then each student's batch with its own ``augment`` generator)."""
+    shared = not bundle.augments()
+    draws = [bundle.train_draws(batch_size, steps, st.order) for st in students]
+    for step_draws in zip(*draws):
+        idx = torch.stack(step_draws)
+        xb, yb = bundle.take(idx)
+        xb, yb = xb.to(device), yb.to(device)
+        if shared:
+            x = bundle.preprocess(xb.flatten(0, 1), True, students[0].augment).unflatten(0, idx.shape[:2])
+        else:
+            x = torch.stack([bundle.preprocess(xb[i], True, st.augment) for i, st in enumerate(students)])
+        yield idx, x, yb
 
 
 def _ignore(key: str, metrics: dict) -> None:
@@ -227,8 +245,9 @@ def run_pack(specs: Sequence[TrialSpec], store: Store, device: str | torch.devic
         why = unpackable(s, m, bundle)
         if why:
             raise ValueError(f"trial {s.label} cannot be packed: {why}")
-    teachers = _Teachers(store, bundle, device, r)
-    students = [_Student(s, teachers, bundle) for s in todo]
+    students = [_Student(s) for s in todo]
+    teacher = _Teacher(s0, store, bundle, device, r, any(st.needs_logits for st in students))
+    needs_logits = [i for i, st in enumerate(students) if st.needs_logits]
     params, buffers = stack_module_state(models)
     base = models[0]
     leaves = list(params.values())
@@ -253,23 +272,9 @@ def run_pack(specs: Sequence[TrialSpec], store: Store, device: str | torch.devic
         loss_sum = torch.zeros(k_students, device=device)
         correct = torch.zeros(k_students, device=device, dtype=torch.long)
         seen = 0
-        iters = [_train_batches(bundle, r.batch_size, n_steps, st.order, st.cache) for st in students]
-        for batches in zip(*iters):
-            xs, ys, cached = [], [], []
-            for st, (xb, yb, c) in zip(students, batches):
-                xs.append(bundle.preprocess(xb.to(device), True, st.augment))
-                ys.append(yb.to(device))
-                cached.append(c)
-            logits = vfwd(params, buffers, torch.stack(xs))
-            y_all = torch.stack(ys)
-            teacher_logits = [None] * k_students
-            for i, st in enumerate(students):
-                if st.cond is not None and st.cond.teacher == "logits":
-                    if cached[i] is not None:
-                        teacher_logits[i] = cached[i].to(device)
-                    else:
-                        with torch.no_grad():
-                            teacher_logits[i] = st.teacher(xs[i])
+        for idx, x, y_all in _pack_batches(bundle, students, r.batch_size, n_steps, device):
+            logits = vfwd(params, buffers, x)
+            teacher_logits = teacher.logits(idx, x, needs_logits) if needs_logits else None
             loss_vec = _losses(students, loss_groups, logits, y_all, teacher_logits, step)
             opt.zero_grad(set_to_none=True)
             loss_vec.sum().backward()   # d(sum)/d(loss_i) = 1: a diverged student's NaNs stay in its slices
@@ -280,13 +285,16 @@ def run_pack(specs: Sequence[TrialSpec], store: Store, device: str | torch.devic
                     p.grad.mul_(scale.view(-1, *([1] * (p.dim() - 1))))
             opt.step()
             sched.step()
-            n = ys[0].numel()
+            n = y_all[0].numel()
             loss_sum += loss_vec.detach() * n
             correct += (logits.detach().argmax(-1) == y_all).reshape(k_students, -1).sum(1)
             seen += n
             step += 1
         lr = opt.param_groups[0]["lr"]
         evals = r.eval_every and (epoch + 1) % r.eval_every == 0 and epoch + 1 < epochs
+        if evals:
+            test = _evaluate_pack(base, params, buffers, bundle, device, _eval_rows(r, k_students))
+            base.train()
         for i, st in enumerate(students):
             if st.failed:
                 continue
@@ -297,9 +305,7 @@ def run_pack(specs: Sequence[TrialSpec], store: Store, device: str | torch.devic
                 continue
             metrics = {EPOCH: epoch + 1, "train_loss": train_loss, "train_acc": int(correct[i]) / seen, "lr": lr}
             if evals:    # as run_trial: the test metrics of the weights at this epoch
-                metrics["test_loss"], metrics["test_acc"] = loss_and_accuracy(
-                    *evaluate(_unstack(models[i], params, buffers, i), bundle, device, r.eval_batch_size))
-                base.train()
+                metrics["test_loss"], metrics["test_acc"] = loss_and_accuracy(test[0][i], test[1])
             st.history.append(metrics)
             report(st.spec.trial_key, metrics)
     seconds = time.perf_counter() - t0
@@ -307,14 +313,13 @@ def run_pack(specs: Sequence[TrialSpec], store: Store, device: str | torch.devic
     if not live:
         return {}
     logits, y = _evaluate_pack(base, {n: p[live] for n, p in params.items()},
-                               {n: b[live] for n, b in buffers.items()}, bundle, device,
-                               max(r.batch_size, r.eval_batch_size // len(live)))
-    similarity = _similarity([students[i] for i in live], logits, y)
+                               {n: b[live] for n, b in buffers.items()}, bundle, device, _eval_rows(r, len(live)))
+    similarity = _similarity(teacher, len(live), logits, y)
     out = {}
     for j, i in enumerate(live):
         st, key = students[i], students[i].spec.trial_key
         out[key] = finish_trial(st.spec, store, _unstack(models[i], params, buffers, i), bundle, device, r,
-                                st.teacher_logits, st.history, seconds,
+                                teacher.test_logits, st.history, seconds,
                                 lambda metrics, state=None, key=key: report(key, metrics),
                                 outputs=(logits[j], y), similarity=similarity[j])
     return out
@@ -337,19 +342,21 @@ def _loss_groups(students: Sequence[_Student]) -> list[list[int]]:
 
 
 def _losses(students: Sequence[_Student], groups: list[list[int]], logits: torch.Tensor, y: torch.Tensor,
-            teacher_logits: list, step: int) -> torch.Tensor:
-    """[K] losses, each student's own objective on its own slice of the stacked logits."""
+            teacher_logits: Optional[torch.Tensor], step: int) -> torch.Tensor:
+    """[K] losses, each student's own objective on its own slice of the stacked logits
+    (``teacher_logits``: [K, ...], rows of students that need none are unused)."""
     pieces = []
     for idx in groups:
         st = students[idx[0]]
+        t = teacher_logits if st.needs_logits else None
         if len(idx) == 1:
-            batch = Batch(logits[idx[0]], y[idx[0]], teacher_logits[idx[0]], seed=st.noise_seed, step=step)
+            i = idx[0]
+            batch = Batch(logits[i], y[i], None if t is None else t[i], seed=st.noise_seed, step=step)
             pieces.append(st.objective(batch).unsqueeze(0))
             continue
         at = slice(None) if len(idx) == len(students) else torch.tensor(idx, device=logits.device)
-        t = None if teacher_logits[idx[0]] is None else torch.stack([teacher_logits[i] for i in idx])
         with per_student(len(idx)):
-            out = st.objective(Batch(logits[at], y[at], t))
+            out = st.objective(Batch(logits[at], y[at], None if t is None else t[at]))
         if out.shape != (len(idx),):
             raise ValueError(f"condition {st.cond.name!r} is declared rowwise but its objective gave shape "
                              f"{tuple(out.shape)} for {len(idx)} students: take its means with "
@@ -360,6 +367,11 @@ def _losses(students: Sequence[_Student], groups: list[list[int]], logits: torch
     if order == list(range(len(order))):
         return out
     return out[torch.argsort(torch.tensor(order, device=out.device))]
+
+
+def _eval_rows(r: Recipe, k: int) -> int:
+    """Test rows per batch of a pack's evaluation: K x rows near one evaluation batch's size."""
+    return max(r.batch_size, r.eval_batch_size // k)
 
 
 @torch.inference_mode()
@@ -380,20 +392,13 @@ def _evaluate_pack(base: nn.Module, params: dict, buffers: dict, bundle, device,
     return torch.cat(outs, dim=1), torch.cat(ys)
 
 
-def _similarity(students: Sequence[_Student], logits: torch.Tensor, y: torch.Tensor) -> list[Optional[dict]]:
-    """Each student's functional metrics against its teacher, one batched call per teacher."""
+def _similarity(teacher: _Teacher, n: int, logits: torch.Tensor, y: torch.Tensor) -> list[Optional[dict]]:
+    """Each student's functional metrics against the pack's teacher, in one batched call."""
     from kdray.functional import functional_metrics_many
 
-    out: list[Optional[dict]] = [None] * len(students)
-    by_teacher: dict[int, list[int]] = {}
-    for j, st in enumerate(students):
-        if st.teacher_logits is not None:
-            by_teacher.setdefault(id(st.teacher_logits), []).append(j)
-    for idx in by_teacher.values():
-        t = torch.from_numpy(students[idx[0]].teacher_logits)
-        for j, metrics in zip(idx, functional_metrics_many(t, logits[idx], y)):
-            out[j] = metrics
-    return out
+    if teacher.test_logits is None:
+        return [None] * n
+    return functional_metrics_many(torch.from_numpy(teacher.test_logits), logits, y)
 
 
 def _unstack(model: nn.Module, params: dict, buffers: dict, i: int) -> nn.Module:

@@ -1,11 +1,12 @@
-"""Grouped forward (kdray/grouped.py): K students as grouped convolutions equal the same students
+"""Grouped forward (kdray/stacked/sequential.py): K students as grouped convolutions equal the same students
 run one at a time, outputs and gradients, and anything it does not know is left to vmap."""
 import pytest
 import torch
 from torch import nn
 from torch.func import functional_call, stack_module_state
 
-from kdray.grouped import grouped_forward
+from kdray.stacked import stacked_forward
+from kdray.stacked.sequential import grouped_forward
 from kdray.models.small import mlp, small_cnn
 from kdray.models.gpt import pico_gpt
 
@@ -56,3 +57,42 @@ def test_what_it_does_not_know_is_left_to_vmap(model):
 def test_tied_weights_are_left_to_vmap():
     lin = nn.Linear(4, 4)
     assert grouped_forward(nn.Sequential(lin, nn.ReLU(), lin)) is None
+
+
+GPTS = {
+    "tied": dict(n_embd=16, n_head=2, n_layer=2),
+    "untied-bias": dict(n_embd=12, n_head=3, n_layer=1, tie_weights=False, bias=True),
+}
+
+
+@pytest.mark.parametrize("name", GPTS)
+def test_stacked_gpt_students_equal_each_student_alone(name):
+    """kdray/stacked/gpt.py: logits and every parameter's gradient, student by student; a tied
+    head and embedding weight gets both of its gradients."""
+    torch.manual_seed(0)
+    models = [pico_gpt(11, (8,), dropout=0.0, **GPTS[name]) for _ in range(4)]
+    params, _ = stack_module_state(models)
+    fwd = stacked_forward(models[0])
+    assert fwd is not None
+    idx = torch.randint(0, 11, (4, 3, 8))
+    out = fwd(params, idx)
+    out.square().sum().backward()
+    for i, m in enumerate(models):
+        alone = m(idx[i])
+        torch.testing.assert_close(out[i], alone, rtol=1e-5, atol=1e-6)
+        m.zero_grad()
+        alone.square().sum().backward()
+        for n, p in m.named_parameters():
+            torch.testing.assert_close(params[n].grad[i], p.grad, rtol=1e-4, atol=1e-6)
+
+
+def test_a_gpt_with_dropout_or_a_subclass_is_left_to_vmap():
+    from kdray.models.gpt import GPT
+
+    assert stacked_forward(pico_gpt(11, (8,), n_embd=8, n_head=2, n_layer=1, dropout=0.1)) is None
+
+    class Wider(GPT):
+        def forward(self, idx):
+            return super().forward(idx) * 2
+
+    assert stacked_forward(Wider(11, 8, 8, 2, 1, 0.0, False, True)) is None

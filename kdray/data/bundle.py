@@ -70,22 +70,35 @@ class DataBundle:
                 yield perm[i:i + batch_size]
                 done += 1
 
-    def train_batches(self, batch_size: int, steps: int, order: torch.Generator) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-        """``steps`` raw training batches, their order drawn from ``order``.
-
-        Classification: a fresh permutation per epoch, last partial batch kept.
-        LM: each batch is ``batch_size`` windows at uniformly random offsets.
-        """
+    def train_draws(self, batch_size: int, steps: int, order: torch.Generator) -> Iterator[torch.Tensor]:
+        """What ``order`` draws for each of ``steps`` batches: row indices (classification; a
+        fresh permutation per epoch, last partial batch kept) or window starts (LM: uniformly
+        random offsets)."""
         if self.task == "classification":
-            for idx in self.train_index_batches(batch_size, steps, order):
-                yield self.train_x[idx], self.train_y[idx]
-        else:
-            bs, data = self.block_size, self.train_x
-            offs = torch.arange(bs)
-            for _ in range(steps):
-                start = torch.randint(len(data) - bs, (batch_size,), generator=order)
-                idx = start[:, None] + offs
-                yield data[idx], data[idx + 1]
+            yield from self.train_index_batches(batch_size, steps, order)
+            return
+        for _ in range(steps):
+            yield torch.randint(len(self.train_x) - self.block_size, (batch_size,), generator=order)
+
+    def take(self, draws: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The raw training batch for ``draws`` of any leading shape: a packed trial stacks its
+        students' draws ``[K, B]`` and takes their K batches in one indexing operation."""
+        if self.task == "classification":
+            return self.train_x[draws], self.train_y[draws]
+        idx = draws[..., None] + torch.arange(self.block_size)
+        return self.train_x[idx], self.train_x[idx + 1]
+
+    def train_batches(self, batch_size: int, steps: int, order: torch.Generator) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        """``steps`` raw training batches, their order drawn from ``order`` (``train_draws``)."""
+        for draws in self.train_draws(batch_size, steps, order):
+            yield self.take(draws)
+
+    def augments(self) -> bool:
+        """Whether training preprocessing is random (draws from its generator): two generators
+        give different inputs for the same 16 raw rows."""
+        x, _ = self.take(next(self.train_draws(16, 1, torch.Generator().manual_seed(0))))
+        return not torch.equal(self.preprocess(x, True, torch.Generator().manual_seed(1)),
+                               self.preprocess(x, True, torch.Generator().manual_seed(2)))
 
     def train_inputs_are_fixed(self) -> bool:
         """True when a training input reaches the model the same way every time (no random
@@ -93,9 +106,8 @@ class DataBundle:
         if self.task != "classification" or type(self).train_batches is not DataBundle.train_batches:
             return False
         x = self.train_x[:16]
-        a = self.preprocess(x, True, torch.Generator().manual_seed(1))
-        b = self.preprocess(x, True, torch.Generator().manual_seed(2))
-        return torch.equal(a, b) and torch.equal(a, self.preprocess(x, False, None))
+        return not self.augments() and torch.equal(self.preprocess(x, True, torch.Generator().manual_seed(1)),
+                                                   self.preprocess(x, False, None))
 
     def test_batches(self, batch_size: int) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         for i in range(0, len(self.test_x), batch_size):

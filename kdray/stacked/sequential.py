@@ -12,7 +12,7 @@ CNN): 4.5 ms grouped against 6.0 ms vmapped and 11 ms one at a time
 ``x [K, B, ...]``) returning ``[K, B, ...]``, or None when the model has a
 layer the registry below does not know (packing then uses vmap).  Grouping
 changes the order of floating-point sums, not the arithmetic: results agree
-with vmap within float32 rounding (tests/test_grouped.py).
+with vmap within float32 rounding (tests/test_stacked.py).
 """
 from __future__ import annotations
 
