@@ -260,7 +260,7 @@ def run_pack(specs: Sequence[TrialSpec], store: Store, device: str | torch.devic
     else:
         steps_per_epoch, total = r.log_every, r.iterations
         epochs = -(-total // steps_per_epoch)
-    opt = OPTIMIZERS[r.optimizer](leaves, r, foreach=True)
+    opt = _optimizer(r, leaves)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: lr_factor(r, s, steps_per_epoch, epochs))
     if not r.train:
         epochs = 0
@@ -323,6 +323,16 @@ def run_pack(specs: Sequence[TrialSpec], store: Store, device: str | torch.devic
                                 lambda metrics, state=None, key=key: report(key, metrics),
                                 outputs=(logits[j], y), similarity=similarity[j])
     return out
+
+
+def _optimizer(r: Recipe, leaves: list[torch.Tensor]) -> torch.optim.Optimizer:
+    """The recipe's optimiser over the stacked parameters: torch's fused kernel (one per tensor;
+    3-4x faster than foreach on a CPU, and within float32 rounding of the per-parameter update
+    ``run_trial`` uses), or foreach where the device has no fused kernel."""
+    try:
+        return OPTIMIZERS[r.optimizer](leaves, r, fused=True)
+    except RuntimeError:
+        return OPTIMIZERS[r.optimizer](leaves, r, foreach=True)
 
 
 def _loss_groups(students: Sequence[_Student]) -> list[list[int]]:

@@ -75,7 +75,7 @@ OPTIMIZERS: dict[str, Callable[..., torch.optim.Optimizer]] = {
     "adamw": lambda params, r, **kw: torch.optim.AdamW(params, lr=r.lr, weight_decay=r.weight_decay, **kw),
     "sgd": lambda params, r, **kw: torch.optim.SGD(params, lr=r.lr, momentum=r.momentum, nesterov=r.nesterov,
                                                    weight_decay=r.weight_decay, **kw),
-}   # **kw: torch's implementation switches (packs ask for foreach: a few large stacked tensors)
+}   # **kw: torch's implementation switches (packs ask for fused: one kernel per stacked tensor)
 
 
 def make_optimizer(r: Recipe, model: nn.Module) -> torch.optim.Optimizer:

@@ -62,6 +62,7 @@ def test_tied_weights_are_left_to_vmap():
 GPTS = {
     "tied": dict(n_embd=16, n_head=2, n_layer=2),
     "untied-bias": dict(n_embd=12, n_head=3, n_layer=1, tie_weights=False, bias=True),
+    "long": dict(n_embd=8, n_head=2, n_layer=1, block_size=40),      # the fused attention kernel (T > 32)
 }
 
 
@@ -70,11 +71,12 @@ def test_stacked_gpt_students_equal_each_student_alone(name):
     """kdray/stacked/gpt.py: logits and every parameter's gradient, student by student; a tied
     head and embedding weight gets both of its gradients."""
     torch.manual_seed(0)
-    models = [pico_gpt(11, (8,), dropout=0.0, **GPTS[name]) for _ in range(4)]
+    models = [pico_gpt(11, (GPTS[name].get("block_size", 8),), dropout=0.0, **GPTS[name]) for _ in range(4)]
     params, _ = stack_module_state(models)
     fwd = stacked_forward(models[0])
     assert fwd is not None
-    idx = torch.randint(0, 11, (4, 3, 8))
+    t = GPTS[name].get("block_size", 8)
+    idx = torch.randint(0, 11, (4, 3, t))
     out = fwd(params, idx)
     out.square().sum().backward()
     for i, m in enumerate(models):
