@@ -65,6 +65,15 @@ def grid(kind: str, quick: bool = False) -> dict:
         s.update(student_seeds=[10, 11] if quick else [10, 11, 12], resources={"student": {"pack": 16}})
         d["name"] = "quickstart-packed"
         return d
+    if kind == "quickstart-tiny-packed":
+        # The quickstart's whole 86-trial grid with the students packing is for: a 4-channel CNN
+        # (per-operation overhead, not arithmetic, bounds its steps on a CPU), packed up to 16 per trial.
+        s["teacher"]["args"].update(channels=4, batch_norm=False, dropout=0.0)
+        s.update(resources={"student": {"pack": 16}})
+        if quick:
+            s.update(student_seeds=[10, 11])
+        d["name"] = "quickstart-tiny-packed"
+        return d
     if kind == "quickstart-full":   # the quickstart as shipped: 86 trials (not in the default set: time)
         return d
     if kind == "10s":

@@ -28,7 +28,7 @@ from kdray import testhook
 from kdray.contracts import (EPOCH, FAILURE, FINAL, RESULT_EPOCHS, RESULT_LAST, RESULT_PACK, TAG_RETRIES, TAG_REUSED,
                              TAG_SUSPECT)
 from kdray.errors import DataNotFoundError
-from kdray.packing import jobs, run_pack
+from kdray.packing import fallback_reasons, jobs, run_pack
 from kdray.plan import Plan, build_plan
 from kdray.recipe import TrialDiverged, run_trial
 from kdray.sanity import sanity_lines, suspicion
@@ -625,16 +625,19 @@ def _environ(values: dict[str, str]):
             os.environ.pop(k, None)
 
 
-def _tracker_and_ray(uri: str, sweep: Sweep, artifact_root: Optional[str]) -> tuple[Tracker, float]:
-    """Open MLflow (fails before any trial if unreachable) while Ray starts: both take seconds."""
+def _tracker_and_ray(uri: str, sweep: Sweep, artifact_root: Optional[str],
+                     plan: Plan) -> tuple[Tracker, float, dict[str, str]]:
+    """Open MLflow (fails before any trial if unreachable) and find which students cannot be
+    packed (builds one model per architecture) while Ray starts: each takes seconds."""
     from concurrent.futures import ThreadPoolExecutor
 
     import mlflow.tracking  # noqa: F401 - imported here, never by two threads at once
     import ray  # noqa: F401
 
     probe(uri)  # an unreachable server fails now, before Ray starts
-    with ThreadPoolExecutor(1, thread_name_prefix="kdray-mlflow") as pool:
+    with ThreadPoolExecutor(2, thread_name_prefix="kdray-start") as pool:
         opening = pool.submit(Tracker, uri, sweep.name, artifact_root, sweep.description, tuple(sweep.plugins))
+        checking = pool.submit(fallback_reasons, plan.students)
         t0 = time.time()
         try:
             testhook.maybe_interrupt("ray_start")
@@ -645,7 +648,8 @@ def _tracker_and_ray(uri: str, sweep: Sweep, artifact_root: Optional[str]) -> tu
             raise
         seconds = time.time() - t0
         tracker = opening.result()
-    return tracker, seconds
+        reasons = checking.result()
+    return tracker, seconds, reasons
 
 
 def run_sweep(sweep: Sweep, plan: Optional[Plan] = None, verbose: int = 0, progress: bool = False) -> SweepSummary:
@@ -660,11 +664,11 @@ def _run_sweep(sweep: Sweep, plan: Plan, verbose: int, progress: bool) -> SweepS
     store = Store(sweep.storage, sweep.name)
     uri = sweep.resolved_tracking_uri()
     artifact_root = str(sweep.local_storage() / "mlartifacts" / sweep.name) if uri.startswith("sqlite") else None
-    tracker, ray_seconds = _tracker_and_ray(uri, sweep, artifact_root)
+    tracker, ray_seconds, reasons = _tracker_and_ray(uri, sweep, artifact_root, plan)
     summary = SweepSummary(sweep.name, len(plan.all), tracking_uri=uri, storage=store.uri, ray_start_seconds=ray_seconds,
                            started_at=t0)
     try:
-        _run_todo(summary, plan, sweep, store, tracker, verbose, progress)
+        _run_todo(summary, plan, sweep, store, tracker, verbose, progress, reasons)
         summary.seconds = time.time() - t0
         if not summary.tracking_lost:
             tracker.end_sweep({"trials_finished": summary.finished, "trials_failed": len(summary.failed),
@@ -685,7 +689,7 @@ def _run_sweep(sweep: Sweep, plan: Plan, verbose: int, progress: bool) -> SweepS
 
 
 def _run_todo(summary: SweepSummary, plan: Plan, sweep: Sweep, store: Store, tracker: Tracker, verbose: int,
-              progress: bool) -> None:
+              progress: bool, reasons: dict[str, str]) -> None:
     """Skip what MLflow has, log teachers storage has, and run the rest on Tune."""
     done = tracker.finished_keys()
     todo = [s for s in plan.all if s.trial_key not in done]
@@ -707,7 +711,7 @@ def _run_todo(summary: SweepSummary, plan: Plan, sweep: Sweep, store: Store, tra
         from kdray.cluster import check_resources
         check_resources(todo, autoscaling=bool(os.environ.get("RAY_ADDRESS")))   # a local cluster cannot grow
         n_teachers = sum(s.role == "teacher" for s in todo)
-        packs, notes = jobs([s for s in todo if s.role == "student"])
+        packs, notes = jobs([s for s in todo if s.role == "student"], reasons)
         for note in notes:
             print(f"kdray: {note}", file=sys.stderr, flush=True)
         n_packs = sum(len(j) > 1 for j in packs)

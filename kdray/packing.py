@@ -146,10 +146,12 @@ def fallback_reasons(specs: Sequence[TrialSpec]) -> dict[str, str]:
     return reasons
 
 
-def jobs(students: Sequence[TrialSpec]) -> tuple[list[list[TrialSpec]], list[str]]:
+def jobs(students: Sequence[TrialSpec], reasons: Optional[dict[str, str]] = None
+         ) -> tuple[list[list[TrialSpec]], list[str]]:
     """Students cut into Tune trials: packs where asked and possible, one student per trial
-    otherwise; and one line per setup and reason saying what was not packed."""
-    reasons = fallback_reasons(students)
+    otherwise; and one line per setup and reason saying what was not packed (``reasons``:
+    ``fallback_reasons`` of these students or more, if already known)."""
+    reasons = fallback_reasons(students) if reasons is None else reasons
     packed = [s for s in students if asks_to_pack(s) and s.trial_key not in reasons]
     keys = {s.trial_key for s in packed}     # a set: a sweep may hand over thousands of students
     out = [[s] for s in students if s.trial_key not in keys] + pack_groups(packed)
@@ -234,6 +236,7 @@ def run_pack(specs: Sequence[TrialSpec], store: Store, device: str | torch.devic
     todo = [s for s in specs if not store.exists(s.trial_key, "result.json")]
     if not todo:
         return {}
+    todo = [s for _, s in sorted(((_loss_key(s, i), s) for i, s in enumerate(todo)), key=lambda p: p[0])]
     if len({_group_key(s) for s in todo}) != 1:
         raise ValueError("a pack's specs must share arch, dataset and recipe")
     t0 = time.perf_counter()
@@ -335,48 +338,46 @@ def _optimizer(r: Recipe, leaves: list[torch.Tensor]) -> torch.optim.Optimizer:
         return OPTIMIZERS[r.optimizer](leaves, r, foreach=True)
 
 
-def _loss_groups(students: Sequence[_Student]) -> list[list[int]]:
-    """Students whose losses one call computes: the same condition and params, declared
-    ``rowwise`` (kdray/conditions: a mean over rows of per-row terms); the rest alone."""
+def _loss_key(spec: TrialSpec, i: int) -> tuple:
+    """Students with one key get their losses from one call: the same condition and params,
+    declared ``rowwise`` (kdray/conditions: a mean over rows of per-row terms); the rest alone."""
     import json
-    groups: dict[tuple, list[int]] = {}
-    for i, st in enumerate(students):
-        if st.cond is None:                       # teachers: cross-entropy
-            key: tuple = ("",)
-        elif st.cond.rowwise:
-            key = (st.cond.name, json.dumps(st.spec.params, sort_keys=True, default=str))
-        else:
-            key = ("alone", i)
-        groups.setdefault(key, []).append(i)
-    return list(groups.values())
+    cond = spec.condition
+    if cond is None:                       # teachers: cross-entropy
+        return ("",)
+    if cond.rowwise:
+        return (cond.name, json.dumps(spec.params, sort_keys=True, default=str))
+    return ("~alone", i)
 
 
-def _losses(students: Sequence[_Student], groups: list[list[int]], logits: torch.Tensor, y: torch.Tensor,
+def _loss_groups(students: Sequence[_Student]) -> list[slice]:
+    """The runs of consecutive students with one ``_loss_key`` (``run_pack`` orders them so)."""
+    keys = [_loss_key(st.spec, i) for i, st in enumerate(students)]
+    starts = [i for i in range(len(keys)) if i == 0 or keys[i] != keys[i - 1]]
+    return [slice(a, b) for a, b in zip(starts, starts[1:] + [len(keys)])]
+
+
+def _losses(students: Sequence[_Student], groups: list[slice], logits: torch.Tensor, y: torch.Tensor,
             teacher_logits: Optional[torch.Tensor], step: int) -> torch.Tensor:
     """[K] losses, each student's own objective on its own slice of the stacked logits
     (``teacher_logits``: [K, ...], rows of students that need none are unused)."""
     pieces = []
-    for idx in groups:
-        st = students[idx[0]]
+    for at in groups:
+        st, n = students[at.start], at.stop - at.start
         t = teacher_logits if st.needs_logits else None
-        if len(idx) == 1:
-            i = idx[0]
+        if n == 1:
+            i = at.start
             batch = Batch(logits[i], y[i], None if t is None else t[i], seed=st.noise_seed, step=step)
             pieces.append(st.objective(batch).unsqueeze(0))
             continue
-        at = slice(None) if len(idx) == len(students) else torch.tensor(idx, device=logits.device)
-        with per_student(len(idx)):
+        with per_student(n):
             out = st.objective(Batch(logits[at], y[at], None if t is None else t[at]))
-        if out.shape != (len(idx),):
+        if out.shape != (n,):
             raise ValueError(f"condition {st.cond.name!r} is declared rowwise but its objective gave shape "
-                             f"{tuple(out.shape)} for {len(idx)} students: take its means with "
+                             f"{tuple(out.shape)} for {n} students: take its means with "
                              "kdray.losses.row_mean, or declare rowwise=False")
         pieces.append(out)
-    order = [i for idx in groups for i in idx]
-    out = torch.cat(pieces)
-    if order == list(range(len(order))):
-        return out
-    return out[torch.argsort(torch.tensor(order, device=out.device))]
+    return pieces[0] if len(pieces) == 1 else torch.cat(pieces)
 
 
 def _eval_rows(r: Recipe, k: int) -> int:
