@@ -20,6 +20,7 @@ MODULES = {
     "report": "benchmarks.report",
     "ffcv": "benchmarks.ffcv_loading",
     "packing": "benchmarks.packing",
+    "packed_sweep": "benchmarks.packed_sweep",
 }
 NAMES = tuple(MODULES)
 
