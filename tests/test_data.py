@@ -3,6 +3,8 @@ FSDD and TinyShakespeare also against the real files shipped in data/ (or $KDRAY
 from __future__ import annotations
 
 import csv
+import os
+import sys
 import re
 from pathlib import Path
 
@@ -423,3 +425,20 @@ def test_tinyshakespeare_options(tmp_path):
     assert explicit.extras["source"] == str(f)
     with pytest.raises(DataNotFoundError, match=re.escape(str(tmp_path / "nope.txt"))):
         load(None, path=str(tmp_path / "nope.txt"))
+
+
+def test_the_digits_split_is_made_once_and_read_back_without_scikit_learn(tmp_path):
+    """The split sklearn makes is kept in kdray's disk cache: a fresh process reads the same
+    tensors without importing scikit-learn (it cost 0.9 s on every trial process's start)."""
+    import subprocess
+
+    env = {**os.environ, "KDRAY_CACHE": str(tmp_path)}
+    code = ("import sys, torch; from kdray.data.digits import digits; b = digits(split_seed=3); "
+            "print('sklearn' in sys.modules); torch.save([b.train_x, b.train_y, b.test_x, b.test_y], sys.argv[1])")
+    runs = [subprocess.run([sys.executable, "-c", code, str(tmp_path / f"{i}.pt")], env=env, capture_output=True,
+                           text=True, timeout=120) for i in range(2)]
+    assert [r.stdout.split() for r in runs] == [["True"], ["False"]], [r.stderr[-2000:] for r in runs]
+    first, second = (torch.load(tmp_path / f"{i}.pt") for i in range(2))
+    assert all(torch.equal(a, b) for a, b in zip(first, second))
+    assert [len(t) for t in first] == [1437, 1437, 360, 360]
+    assert len(list((tmp_path / "digits").glob("digits-*.pt"))) == 1

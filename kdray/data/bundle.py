@@ -117,13 +117,14 @@ class DataBundle:
 CACHE_ENV = "KDRAY_CACHE"
 
 
-def disk_cached(name: str, data_dir: Path, settings: dict, build: Callable[[], dict],
+def disk_cached(name: str, data_dir: Optional[Path], settings: dict, build: Callable[[], dict],
                 cache_dir: str | os.PathLike | None = None) -> tuple[dict, Path, bool]:
     """Tensors a loader derives from raw files (decoded images, spectrograms), built once.
 
     The file is ``<dir>/<name>-<hash of settings>.pt`` where ``<dir>`` is ``cache_dir`` if
     given, else the first writable of ``$KDRAY_CACHE/<name>``, ``<data_dir>/.kdray_cache``
-    and ``~/.cache/kdray/<name>`` (a hit is looked for in the same places).  Setting
+    and ``~/.cache/kdray/<name>`` (a hit is looked for in the same places; ``data_dir`` None:
+    a data set with no files of its own).  Setting
     ``$KDRAY_CACHE`` keeps caches out of a shared data root.  ``settings`` must hold
     everything the tensors depend on (loader options and a signature of the source
     files), so a changed setting or file set builds a new entry rather than reading a
@@ -136,8 +137,9 @@ def disk_cached(name: str, data_dir: Path, settings: dict, build: Callable[[], d
         dirs = [Path(cache_dir).expanduser()]
     else:
         env = os.environ.get(CACHE_ENV)
-        dirs = ([Path(env).expanduser() / name] if env else []) + [Path(data_dir) / ".kdray_cache",
-                                                                   Path.home() / ".cache" / "kdray" / name]
+        dirs = (([Path(env).expanduser() / name] if env else [])
+                + ([Path(data_dir) / ".kdray_cache"] if data_dir is not None else [])
+                + [Path.home() / ".cache" / "kdray" / name])
     for d in dirs:
         if (d / fname).is_file():
             try:
