@@ -15,7 +15,7 @@ are packed (``resources.student.pack``):
   reported beside the headline, not counted in it (docs/benchmarks.md,
   "Packed trials", says why).
 
-kdray and the all-core loop alternate ``reps`` times (2 in full mode) on the
+kdray and the all-core loop alternate ``reps`` times (3 in full mode) on the
 headline grid; medians.
 """
 from __future__ import annotations
@@ -46,7 +46,7 @@ def run(quick: bool = False, device: str = "cpu", grids: Optional[dict[str, dict
         slots: Optional[int] = None, reps: Optional[int] = None) -> dict:
     t0 = now()
     slots = slots or cpu_count()
-    reps = reps or (1 if quick else 2)
+    reps = reps or (1 if quick else 3)
     grids = grids or {"quickstart-tiny-packed": grid("quickstart-tiny-packed", quick),
                       "quickstart-packed": grid("quickstart-packed", quick)}
     cases = [compare(name, d, device, (slots,), slots, reps if name in HEADLINE else 1)

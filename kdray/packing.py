@@ -112,12 +112,15 @@ def asks_to_pack(spec: TrialSpec) -> bool:
 
 def pack_groups(specs: Sequence[TrialSpec], cap: Optional[int] = None) -> list[list[TrialSpec]]:
     """Specs grouped by (arch, dataset, recipe, teacher, resources), each group cut into packs of at
-    most ``cap`` (default: the group's ``resources.pack``) of even sizes; a pack waits for one teacher only."""
+    most ``cap`` (default: the group's ``resources.pack``) of even sizes; a pack waits for one teacher
+    only.  A group is cut in the order of its students' loss groups (``_loss_key``), so that a pack
+    holds few of them: each is one loss call per step."""
     groups: dict[tuple, list[TrialSpec]] = {}
     for s in specs:
         groups.setdefault(_group_key(s), []).append(s)
     out = []
     for g in groups.values():
+        g = _by_loss_group(g)
         k = max(1, cap or int(g[0].resources.get("pack", 1)))
         n, p = len(g), -(-len(g) // k)           # as few packs as the cap allows, of even sizes (21, 16: 10 + 11)
         out += [g[i * n // p:(i + 1) * n // p] for i in range(p)]
@@ -236,7 +239,7 @@ def run_pack(specs: Sequence[TrialSpec], store: Store, device: str | torch.devic
     todo = [s for s in specs if not store.exists(s.trial_key, "result.json")]
     if not todo:
         return {}
-    todo = [s for _, s in sorted(((_loss_key(s, i), s) for i, s in enumerate(todo)), key=lambda p: p[0])]
+    todo = _by_loss_group(todo)
     if len({_group_key(s) for s in todo}) != 1:
         raise ValueError("a pack's specs must share arch, dataset and recipe")
     t0 = time.perf_counter()
@@ -348,6 +351,11 @@ def _loss_key(spec: TrialSpec, i: int) -> tuple:
     if cond.rowwise:
         return (cond.name, json.dumps(spec.params, sort_keys=True, default=str))
     return ("~alone", i)
+
+
+def _by_loss_group(specs: Sequence[TrialSpec]) -> list[TrialSpec]:
+    """The specs ordered by ``_loss_key`` (stably): each loss group becomes one run."""
+    return [s for _, s in sorted(((_loss_key(s, i), s) for i, s in enumerate(specs)), key=lambda p: p[0])]
 
 
 def _loss_groups(students: Sequence[_Student]) -> list[slice]:
