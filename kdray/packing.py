@@ -1,8 +1,8 @@
 """Packed trials: K students of one architecture, data set and recipe trained in one process.
 
 Small models spend their steps in per-operation overhead; training K of them
-as one stacked model (``torch.func.stack_module_state`` + ``functional_call``
-under ``vmap``) pays that overhead once.  Each student keeps what makes it a
+as one stacked model (``torch.func.stack_module_state`` and one forward for all
+K) pays that overhead once.  Each student keeps what makes it a
 pure function of its own spec: its initial weights (``init_model``), its batch
 order and augmentation generators, its objective (condition, alpha,
 temperature), its teacher, and its own optimiser state (the stacked Adam/SGD
@@ -11,14 +11,20 @@ applied per student).  Losses are summed, so each student's gradient is its
 own loss's gradient.  After training every student is unstacked into a module
 and written by ``recipe.finish_trial``, exactly as ``run_trial`` writes it.
 
-What can differ from training alone: batched matmuls (vmap) may round
+The forward is the model family's stacked forward (kdray/stacked: grouped
+convolutions for plain Sequential nets, batched matmuls for kdray's GPT), else
+``functional_call`` under vmap.  Dropout masks come from each student's own
+generator, seeded from its data seed as ``run_trial`` seeds the global one.
+
+What can differ from training alone: batched and grouped operations round
 differently from unbatched ones, so results agree within a tolerance
 (docs/benchmarks.md, "Packed trials"), not bit for bit.  Not packable (one
-student per trial instead, see ``unpackable``): BatchNorm (running statistics
-under vmap), dropout with p > 0 (vmap cannot give each student its own
-dropout stream, which would break the pairing guarantee), feature-matching
-conditions, sharded/compiled/bf16 recipes.  Resume is per student: a student
-whose ``result.json`` is stored is not retrained.
+student per trial instead, see ``unpackable``): BatchNorm and dropout > 0 in
+models left to vmap (vmap stacks no running statistics and cannot give each
+student its own dropout stream, which the pairing guarantee needs),
+feature-matching conditions, FFCV data sets, compiled/bf16/channels-last
+recipes.  Resume is per student: a student whose ``result.json`` is stored is
+not retrained.
 """
 from __future__ import annotations
 
@@ -67,18 +73,20 @@ def _vmappable_attention():
 
 
 def packed_forward(base: nn.Module) -> Callable:
-    """(stacked params, stacked buffers, x [K, B, ...]) -> [K, B, ...]: the model family's own
-    stacked forward where kdray/stacked has one (faster on small models), else
+    """(stacked params, stacked buffers, x [K, B, ...], per-student dropout generators) ->
+    [K, B, ...]: the model family's own stacked forward where kdray/stacked has one (faster on
+    small models, and the only one that trains BatchNorm and dropout per student), else
     ``functional_call`` under vmap."""
     stacked = stacked_forward(base)
     if stacked is not None:
-        return lambda p, b, x: stacked(p, x)
+        return stacked
 
     def fwd(p, b, x):
         with _vmappable_attention():
             return functional_call(base, (p, b), (x,))
 
-    return vmap(fwd)
+    batched = vmap(fwd)
+    return lambda p, b, x, rngs=(): batched(p, b, x)
 
 
 def _group_key(spec: TrialSpec) -> tuple:
@@ -95,11 +103,12 @@ def unpackable(spec: TrialSpec, model: nn.Module, bundle=None) -> Optional[str]:
         return "streaming data sets (FFCV) share one loader, which K students cannot drive apart"
     if r.compile or r.precision == "bf16" or r.channels_last:
         return "compile/bf16/channels_last recipes are trained alone"
-    if any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in model.modules()):
-        return "BatchNorm running statistics are not stacked under vmap"
-    if any((isinstance(m, nn.Dropout) and m.p > 0)
-           or (isinstance(getattr(m, "dropout", None), float) and m.dropout > 0) for m in model.modules()):
-        return "dropout > 0: vmap cannot give each student its own dropout stream"
+    if stacked_forward(model) is None:   # vmap: BatchNorm and dropout only in the stacked forwards
+        if any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in model.modules()):
+            return "BatchNorm running statistics are not stacked under vmap"
+        if any((isinstance(m, nn.modules.dropout._DropoutNd) and m.p > 0)
+               or (isinstance(getattr(m, "dropout", None), float) and m.dropout > 0) for m in model.modules()):
+            return "dropout > 0: vmap cannot give each student its own dropout stream"
     if spec.condition is not None and spec.condition.features:
         return "feature-matching conditions hook module blocks, which vmap does not see"
     return None
@@ -193,15 +202,17 @@ class _Teacher:
 
 
 class _Student:
-    """One packed student's own state: spec, generators, objective."""
+    """One packed student's own state: spec, generators (order, augmentation, dropout), objective."""
 
-    def __init__(self, spec: TrialSpec):
+    def __init__(self, spec: TrialSpec, device):
         self.spec, self.cond = spec, spec.condition
         self.objective = conditions.teacher_objective() if self.cond is None else self.cond.objective(spec.params)
         self.needs_logits = self.cond is not None and self.cond.teacher == "logits"
         self.order = torch.Generator().manual_seed(derive_seed(spec.data_seed, "order"))
         self.augment = torch.Generator().manual_seed(derive_seed(spec.data_seed, "augment"))
         self.noise_seed = derive_seed(spec.data_seed, "fm_noise")
+        # run_trial seeds the global generator with this and only dropout draws from it
+        self.dropout = torch.Generator(device).manual_seed(derive_seed(spec.data_seed, "dropout"))
         self.history: list[dict] = []
         self.failed = ""          # why it diverged; a diverged student no longer counts, the others go on
 
@@ -251,7 +262,8 @@ def run_pack(specs: Sequence[TrialSpec], store: Store, device: str | torch.devic
         why = unpackable(s, m, bundle)
         if why:
             raise ValueError(f"trial {s.label} cannot be packed: {why}")
-    students = [_Student(s) for s in todo]
+    students = [_Student(s, device) for s in todo]
+    rngs = [st.dropout for st in students]
     teacher = _Teacher(s0, store, bundle, device, r, any(st.needs_logits for st in students))
     needs_logits = [i for i, st in enumerate(students) if st.needs_logits]
     params, buffers = stack_module_state(models)
@@ -279,7 +291,7 @@ def run_pack(specs: Sequence[TrialSpec], store: Store, device: str | torch.devic
         correct = torch.zeros(k_students, device=device, dtype=torch.long)
         seen = 0
         for idx, x, y_all in _pack_batches(bundle, students, r.batch_size, n_steps, device):
-            logits = vfwd(params, buffers, x)
+            logits = vfwd(params, buffers, x, rngs)
             teacher_logits = teacher.logits(idx, x, needs_logits) if needs_logits else None
             loss_vec = _losses(students, loss_groups, logits, y_all, teacher_logits, step)
             opt.zero_grad(set_to_none=True)

@@ -32,7 +32,7 @@ def test_grouped_students_equal_each_student_alone(name):
     x = torch.randn(5, 6, *shape)
     fwd = grouped_forward(models[0])
     assert fwd is not None
-    out = fwd(params, x)
+    out = fwd(params, {}, x)
     out.square().sum().backward()
     for i, m in enumerate(models):
         alone = functional_call(m, {n: p[i].detach().requires_grad_() for n, p in params.items()}, (x[i],))
@@ -45,11 +45,11 @@ def test_grouped_students_equal_each_student_alone(name):
 
 
 @pytest.mark.parametrize("model", [
-    small_cnn(10, (1, 8, 8), channels=4, dropout=0.0, batch_norm=True),       # BatchNorm buffers
+    nn.Sequential(nn.Conv2d(1, 2, 3), nn.BatchNorm2d(2, track_running_stats=False), nn.Flatten(), nn.LayerNorm(72)),
     nn.Sequential(nn.Conv2d(1, 2, 3, padding=1, padding_mode="reflect"), nn.Flatten()),
     nn.Sequential(nn.Flatten(0), nn.Linear(64, 2)),
     pico_gpt(65, (16,), n_embd=16, n_head=2, n_layer=1, dropout=0.0),         # not a Sequential
-], ids=["batchnorm", "reflect-padding", "flatten-dim0", "gpt"])
+], ids=["layernorm", "reflect-padding", "flatten-dim0", "gpt"])
 def test_what_it_does_not_know_is_left_to_vmap(model):
     assert grouped_forward(model) is None
 
@@ -77,7 +77,7 @@ def test_stacked_gpt_students_equal_each_student_alone(name):
     assert fwd is not None
     t = GPTS[name].get("block_size", 8)
     idx = torch.randint(0, 11, (4, 3, t))
-    out = fwd(params, idx)
+    out = fwd(params, {}, idx)
     out.square().sum().backward()
     for i, m in enumerate(models):
         alone = m(idx[i])
@@ -98,3 +98,52 @@ def test_a_gpt_with_dropout_or_a_subclass_is_left_to_vmap():
             return super().forward(idx) * 2
 
     assert stacked_forward(Wider(11, 8, 8, 2, 1, 0.0, False, True)) is None
+
+
+def _bn_net(momentum):
+    return nn.Sequential(nn.Conv2d(3, 4, 3, padding=1), nn.BatchNorm2d(4, momentum=momentum), nn.ReLU(),
+                         nn.Flatten(), nn.Dropout(0.3), nn.Linear(256, 8), nn.BatchNorm1d(8), nn.Dropout(0.5),
+                         nn.Linear(8, 5))
+
+
+@pytest.mark.parametrize("momentum", [0.1, None], ids=["momentum", "cumulative"])
+def test_batchnorm_and_dropout_per_student_equal_each_student_alone(momentum):
+    """Three training steps: each student's outputs, gradients and running statistics as when it
+    trains alone, where dropout draws from the global generator seeded with the student's seed
+    (run_trial does this); then eval mode uses each student's running statistics."""
+    from kdray.recipe import derive_seed
+
+    torch.manual_seed(0)
+    models = [_bn_net(momentum) for _ in range(3)]
+    seeds = [derive_seed(s, "dropout") for s in (10, 11, 12)]
+    params, buffers = stack_module_state(models)
+    fwd = grouped_forward(models[0])
+    assert fwd is not None
+    rngs = [torch.Generator().manual_seed(s) for s in seeds]
+    xs = torch.randn(3, 3, 4, 3, 8, 8)           # step, student, batch, ...
+    packed = []
+    models[0].train()
+    for x in xs:
+        out = fwd(params, buffers, x, rngs)
+        packed.append(out.detach().clone())
+    out.square().sum().backward()                # the last step's gradients
+    for i, m in enumerate(models):
+        torch.manual_seed(seeds[i])
+        m.train()
+        for step, x in enumerate(xs):
+            alone = m(x[i])
+            torch.testing.assert_close(packed[step][i], alone.detach(), rtol=1e-5, atol=1e-6)
+        alone.square().sum().backward()
+        # a bias before a BatchNorm has gradient 0 up to rounding of the sums it cancels: absolute
+        # tolerance on the model's gradient scale
+        scale = max(float(p.grad.abs().max()) for p in m.parameters())
+        for n, p in m.named_parameters():
+            torch.testing.assert_close(params[n].grad[i], p.grad, rtol=1e-4, atol=2e-6 * scale)
+        for n, b in m.named_buffers():           # running statistics and num_batches_tracked
+            torch.testing.assert_close(buffers[n][i], b, rtol=1e-5, atol=1e-6)
+    models[0].eval()
+    x = torch.randn(3, 4, 3, 8, 8)
+    out = fwd(params, buffers, x, rngs)
+    for i, m in enumerate(models):
+        torch.testing.assert_close(out[i], m.eval()(x[i]), rtol=1e-5, atol=1e-6)
+    assert not torch.equal(packed[0][0], packed[0][1])      # three different students

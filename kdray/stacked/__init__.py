@@ -1,15 +1,17 @@
 """Stacked forwards: K students of one architecture in one forward pass, without vmap.
 
-A packed trial (kdray/packing.py) keeps K students' parameters stacked
-(``torch.func.stack_module_state``: each tensor ``[K, ...]``) and needs
-``forward(params, x [K, B, ...]) -> [K, B, ...]``.  ``vmap`` over
+A packed trial (kdray/packing.py) keeps K students' parameters and buffers
+stacked (``torch.func.stack_module_state``: each tensor ``[K, ...]``) and needs
+``forward(params, buffers, x [K, B, ...], rngs) -> [K, B, ...]`` (``rngs``: each
+student's dropout generator).  ``vmap`` over
 ``functional_call`` does that for any model, but on small models its
 per-operation cost and its batching of small convolutions and attention are
 slow.  This registry holds faster forwards written for a family of models,
 each from grouped or batched operations on the stacked tensors:
 
 * ``nn.Sequential`` of plain layers (``sequential.py``): convolutions with
-  ``groups=K``, linear layers as one batched matmul;
+  ``groups=K``, linear layers as one batched matmul, BatchNorm and dropout per
+  student (which vmap cannot do);
 * kdray's GPT (``gpt.py``): batched matmuls and one fused attention call.
 
 ``stacked_forward(model)`` returns the forward for ``model``'s family, or None
@@ -24,7 +26,7 @@ from typing import Callable, Optional
 
 from torch import nn
 
-StackedForward = Callable[[dict, object], object]     # (stacked params by name, x [K, B, ...]) -> [K, B, ...]
+StackedForward = Callable[..., object]   # (stacked params, stacked buffers, x [K, B, ...], rngs) -> [K, B, ...]
 Builder = Callable[[nn.Module], Optional[StackedForward]]
 
 _BUILDERS: dict[type, Builder] = {}

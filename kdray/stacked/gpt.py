@@ -61,7 +61,8 @@ def _no_dropout(model: nn.Module) -> bool:
 
 
 def stacked_gpt_forward(model: GPT) -> Optional[Callable[[dict, torch.Tensor], torch.Tensor]]:
-    """(stacked params by name, tokens [K, B, T]) -> logits [K, B, T, vocab], or None."""
+    """(stacked params by name, stacked buffers, tokens [K, B, T]) -> logits [K, B, T, vocab], or
+    None.  (No dropout: ``rngs`` is not used.)"""
     blocks = list(model.blocks)
     if (type(model) is not GPT or not _no_dropout(model)
             or any(type(b) is not Block or type(b.attn) is not CausalSelfAttention or type(b.mlp) is not MLP
@@ -87,7 +88,7 @@ def stacked_gpt_forward(model: GPT) -> Optional[Callable[[dict, torch.Tensor], t
         y = _causal_attention(q, kk, v)
         return lin(p, a.c_proj, y.transpose(1, 2).reshape(k, b, t, c))
 
-    def forward(p: dict, idx: torch.Tensor) -> torch.Tensor:
+    def forward(p: dict, buffers: dict, idx: torch.Tensor, rngs=()) -> torch.Tensor:
         k, _, t = idx.shape
         if t > model.block_size:
             raise ValueError(f"sequence length {t} exceeds block_size {model.block_size}")
