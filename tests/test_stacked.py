@@ -147,3 +147,27 @@ def test_batchnorm_and_dropout_per_student_equal_each_student_alone(momentum):
     for i, m in enumerate(models):
         torch.testing.assert_close(out[i], m.eval()(x[i]), rtol=1e-5, atol=1e-6)
     assert not torch.equal(packed[0][0], packed[0][1])      # three different students
+
+
+def test_a_model_family_registers_its_own_stacked_forward():
+    """kdray.stacked.register: a plug-in model class gets its own forward; others are unchanged."""
+    from kdray import stacked
+
+    class Doubler(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.w = nn.Parameter(torch.ones(3))
+
+        def forward(self, x):
+            return x * self.w * 2
+
+    assert stacked_forward(Doubler()) is None
+    stacked.register(Doubler, lambda model: lambda p, b, x, rngs=(): x * p["w"][:, None, :] * 2)
+    try:
+        fwd = stacked_forward(Doubler())
+        x = torch.randn(2, 4, 3)
+        p = {"w": torch.stack([torch.ones(3), torch.full((3,), 3.0)])}
+        assert torch.equal(fwd(p, {}, x), torch.stack([x[0] * 2, x[1] * 6]))
+        assert stacked_forward(pico_gpt(11, (8,), n_embd=8, n_head=2, n_layer=1, dropout=0.0)) is not None
+    finally:
+        stacked._BUILDERS.pop(Doubler)

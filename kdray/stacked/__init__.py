@@ -33,6 +33,7 @@ _BUILDERS: dict[type, Builder] = {}
 
 
 def register(model_class: type, builder: Builder) -> None:
+    """Use ``builder`` for packs of ``model_class`` (exactly that class)."""
     _BUILDERS[model_class] = builder
 
 
@@ -43,11 +44,17 @@ def stacked_forward(model: nn.Module) -> Optional[StackedForward]:
     return builder(model) if builder is not None else None
 
 
+_builtins: list[bool] = []
+
+
 def _load_builtins() -> None:
-    if nn.Sequential in _BUILDERS:
+    """The built-in forwards, registered on first use (kdray's GPT module imports torch); a user's
+    registration for the same class, made before or after, wins."""
+    if _builtins:
         return
+    _builtins.append(True)
     from kdray.models.gpt import GPT
     from kdray.stacked import gpt, sequential
 
-    register(nn.Sequential, sequential.grouped_forward)
-    register(GPT, gpt.stacked_gpt_forward)
+    _BUILDERS.setdefault(nn.Sequential, sequential.grouped_forward)
+    _BUILDERS.setdefault(GPT, gpt.stacked_gpt_forward)
