@@ -86,30 +86,46 @@ def test_batchnorm_and_dropout_fall_back_to_one_student_per_trial_only_under_vma
     assert "dropout" in unpackable(s, build_model("pico_gpt", 65, (16,), n_embd=16, n_head=2, n_layer=1))
 
 
-def test_packed_tiny_gpt_students_match_their_unpacked_runs(tmp_path, real_data):
-    """A small TinyShakespeare GPT (tied embedding/head weights, attention under vmap), KD and SIDDO."""
+def _alone_and_packed(tmp_path, setup: dict, top: dict | None = None) -> dict:
+    """The same sweep twice: every student trained alone by run_trial, and all of them in one pack;
+    returns {trial key: (alone result.json, packed result.json)}."""
     torch.set_num_threads(1)
+    stores = {}
+    for name in ("alone", "packed"):
+        sw = make_sweep(name, tmp_path / name, top=top, **setup)
+        plan = build_plan(sw)
+        stores[name] = (plan, Store(sw.storage, sw.name))
+        run_trial(plan.teachers[0], stores[name][1])
+    (plan, alone), (plan_p, packed) = stores["alone"], stores["packed"]
+    for s in plan.students:
+        run_trial(s, alone)
+    assert set(run_pack(plan_p.students, packed)) == {s.trial_key for s in plan.students}
+    return {s.trial_key: (alone.load_json(s.trial_key, "result.json"), packed.load_json(s.trial_key, "result.json"))
+            for s in plan.students}
+
+
+def _assert_match(results: dict) -> None:
+    """Every history entry and every final metric of each student within ATOL of its run alone."""
+    for key, (a, p) in results.items():
+        for ha, hp in zip(a["history"], p["history"], strict=True):
+            assert set(ha) == set(hp), key
+            for k in ha:
+                assert hp[k] == pytest.approx(ha[k], abs=ATOL), (key, k)
+        for k, v in a["final"].items():
+            if k != "train_seconds":
+                assert p["final"][k] == pytest.approx(v, abs=ATOL), (key, k)
+
+
+def test_packed_tiny_gpt_students_match_their_unpacked_runs(tmp_path, real_data):
+    """A small TinyShakespeare GPT (tied embedding/head weights; kdray/stacked/gpt.py), KD and SIDDO."""
     setup = {"name": "g", "dataset": {"name": "tinyshakespeare", "args": {"block_size": 16, "max_chars": 20000}},
              "teacher": {"arch": "pico_gpt", "args": {"n_embd": 16, "n_head": 2, "n_layer": 1, "dropout": 0.0}},
              "recipe": {"iterations": 6, "log_every": 3, "batch_size": 8, "lr": 0.003},
              "teacher_seeds": [0], "student_seeds": [10, 11],
              "conditions": {"siddo": True, "kd": {"alphas": [0.5]}, "rcd": None}}
-    stores = {}
-    for name in ("alone", "packed"):
-        sw = make_sweep(name, tmp_path / name, top={"data_root": str(real_data)}, **setup)
-        plan = build_plan(sw)
-        stores[name] = (plan, Store(sw.storage, sw.name))
-        run_trial(plan.teachers[0], stores[name][1])
-    plan, alone = stores["alone"]
-    for s in plan.students:
-        run_trial(s, alone)
-    run_pack(stores["packed"][0].students, stores["packed"][1])
-    for s in plan.students:
-        a, p = alone.load_json(s.trial_key, "result.json"), stores["packed"][1].load_json(s.trial_key, "result.json")
-        assert len(a["history"]) == len(p["history"]) == 2
-        for k, v in a["final"].items():
-            if k != "train_seconds":
-                assert p["final"][k] == pytest.approx(v, abs=ATOL), (s.label, k)
+    results = _alone_and_packed(tmp_path, setup, top={"data_root": str(real_data)})
+    assert all(len(a["history"]) == len(p["history"]) == 2 for a, p in results.values())
+    _assert_match(results)
 
 
 def _augmenting_images():
@@ -161,30 +177,12 @@ def test_packed_grouped_cnn_students_match_their_unpacked_runs(tmp_path):
     training, with KD, SIDDO and RCD students in one pack, at the quickstart's learning rate.  (At
     lr 0.01 one KD student's run flips a test prediction, packed or not: the unpacked run at 2
     threads instead of 1 flips the same one; docs/benchmarks.md, "Packed trials".)"""
-    torch.set_num_threads(1)
     setup = {**SMALL_GRID, "name": "c",
              "teacher": {"arch": "small_cnn", "args": {"channels": 4, "dropout": 0.0, "batch_norm": False}},
              "recipe": {"epochs": 2, "batch_size": 64, "lr": 0.002, "eval_every": 1}}
-    stores = {}
-    for name in ("alone", "packed"):
-        sw = make_sweep(name, tmp_path / name, **setup)
-        plan = build_plan(sw)
-        stores[name] = (plan, Store(sw.storage, sw.name))
-        run_trial(plan.teachers[0], stores[name][1])
-    plan, alone = stores["alone"]
-    for s in plan.students:
-        run_trial(s, alone)
-    assert set(run_pack(stores["packed"][0].students, stores["packed"][1])) == {s.trial_key for s in plan.students}
-    for s in plan.students:
-        a, p = alone.load_json(s.trial_key, "result.json"), stores["packed"][1].load_json(s.trial_key, "result.json")
-        for ha, hp in zip(a["history"], p["history"], strict=True):
-            assert set(ha) == set(hp)
-            for k in ha:
-                assert hp[k] == pytest.approx(ha[k], abs=ATOL), (s.label, k)
-        for k, v in a["final"].items():
-            if k != "train_seconds":
-                assert p["final"][k] == pytest.approx(v, abs=ATOL), (s.label, k)
-        assert "test_acc" in p["history"][0]                        # the mid-training test metrics too
+    results = _alone_and_packed(tmp_path, setup)
+    _assert_match(results)
+    assert all("test_acc" in p["history"][0] for _, p in results.values())   # the mid-training test metrics too
 
 
 def test_the_quickstart_cnn_with_batchnorm_and_dropout_packs_as_it_trains_alone(tmp_path):
@@ -193,24 +191,6 @@ def test_the_quickstart_cnn_with_batchnorm_and_dropout_packs_as_it_trains_alone(
     metrics, in eval mode, use each student's running statistics).  Plain SGD: with Adam, or SGD
     with momentum at a high rate, this BatchNorm net turns rounding into visible differences, packed
     or not (the unpacked run at 2 threads instead of 1 moves as far; docs/benchmarks.md)."""
-    torch.set_num_threads(1)
     setup = {**SMALL_GRID, "name": "q", "teacher": {"arch": "small_cnn", "args": {"channels": 8, "dropout": 0.1}},
              "recipe": {"epochs": 2, "batch_size": 128, "lr": 0.01, "optimizer": "sgd", "eval_every": 1}}
-    stores = {}
-    for name in ("alone", "packed"):
-        sw = make_sweep(name, tmp_path / name, **setup)
-        plan = build_plan(sw)
-        stores[name] = (plan, Store(sw.storage, sw.name))
-        run_trial(plan.teachers[0], stores[name][1])
-    plan, alone = stores["alone"]
-    for s in plan.students:
-        run_trial(s, alone)
-    run_pack(stores["packed"][0].students, stores["packed"][1])
-    for s in plan.students:
-        a, p = alone.load_json(s.trial_key, "result.json"), stores["packed"][1].load_json(s.trial_key, "result.json")
-        for ha, hp in zip(a["history"], p["history"], strict=True):
-            for k in ha:
-                assert hp[k] == pytest.approx(ha[k], abs=ATOL), (s.label, k)
-        for k, v in a["final"].items():
-            if k != "train_seconds":
-                assert p["final"][k] == pytest.approx(v, abs=ATOL), (s.label, k)
+    _assert_match(_alone_and_packed(tmp_path, setup))
