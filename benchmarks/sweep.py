@@ -279,8 +279,10 @@ NOTES = [
     "the one-thread loop.",
 ]
 COMMON_NOTES = [
-    "kdray and the loops run in turn (kdray, then the all-core loop, then any one-thread loop), repeated as "
-    "params.reps says; each run starts from empty storage.",
+    "kdray and the loops run in turn (kdray, then the all-core loop, then any one-thread loop); with "
+    "params.reps > 1 (packed_sweep) kdray and the all-core loop repeat and the one-thread loop runs once "
+    "after them; each "
+    "run starts from empty storage.",
     "Per-trial overhead = (slots x sweep seconds - sum of trial train_seconds) / trials; it includes "
     "slots idle while students wait for their teacher and at the tail, the final evaluation and artefact "
     "writes, Tune bookkeeping and the driver's MLflow logging.  Sweep seconds exclude Ray start-up, "

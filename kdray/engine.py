@@ -439,7 +439,8 @@ def connect_ray(num_cpus: Optional[int] = None) -> None:
         ray.init(num_cpus=num_cpus, include_dashboard=False, log_to_driver=False, configure_logging=False)
 
 
-def _trials_on_prestarted_workers() -> None:
+@contextmanager
+def _trials_on_prestarted_workers():
     """Let Tune's trial actors start in the worker processes Ray starts with the cluster.
 
     Tune gives every trainable actor a runtime environment (``{"env_vars": {"PL_DISABLE_FORK":
@@ -448,14 +449,22 @@ def _trials_on_prestarted_workers() -> None:
     the runtime-environment agent (about 0.9 s per first trial, measured on 2 cores; the docs'
     "Faster start").  kdray does not use Lightning; without that variable the actor's
     environment is empty and the waiting workers are used.  Variables Tune must carry to other
-    nodes (cloud credentials, Ray Train settings) are still carried."""
+    nodes (cloud credentials, Ray Train settings) are still carried.  Restored on exit, for
+    whatever else this process runs on Tune."""
     try:
         from ray.tune.execution import class_cache
-    except ImportError:    # another Ray: nothing to do
-        return
-    defaults = getattr(class_cache, "DEFAULT_ENV_VARS", None)
-    if isinstance(defaults, dict):
+        defaults = class_cache.DEFAULT_ENV_VARS
+    except (ImportError, AttributeError):    # another Ray: nothing to do
+        defaults = None
+    saved = dict(defaults) if isinstance(defaults, dict) else None
+    if saved is not None:
         defaults.pop("PL_DISABLE_FORK", None)
+    try:
+        yield
+    finally:
+        if saved is not None:
+            defaults.clear()
+            defaults.update(saved)
 
 
 def _concurrency(sweep: Sweep, specs: list[TrialSpec]) -> Optional[int]:
@@ -578,7 +587,6 @@ def _tune_run(specs: list[TrialSpec], sweep: Sweep, store: Store, tracker: Track
         # Ctrl-C is kdray's (see _graceful_interrupt): it must be counted, and resuming is kdray's.
         "TUNE_DISABLE_SIGINT_HANDLER": "1",
     }
-    _trials_on_prestarted_workers()
     stopping = Flag()
     callback = MlflowCallback(tracker, store, stopping)
     searcher = TeachersFirst(specs, store, trained, packs)
@@ -606,7 +614,7 @@ def _tune_run(specs: list[TrialSpec], sweep: Sweep, store: Store, tracker: Track
                                   progress_reporter=reporter, verbose=verbose,
                                   checkpoint_config=tune.CheckpointConfig(num_to_keep=1)),
     )
-    with _environ(tune_env), _graceful_interrupt(stopping):
+    with _environ(tune_env), _graceful_interrupt(stopping), _trials_on_prestarted_workers():
         tuner.fit()
     if stopping.is_set():
         callback.end_in_flight()
@@ -642,13 +650,13 @@ def _tracker_and_ray(uri: str, sweep: Sweep, artifact_root: Optional[str],
         try:
             testhook.maybe_interrupt("ray_start")
             connect_ray()  # in the main thread: Ray installs signal handlers
-        except BaseException:   # Ctrl-C or a failed start: the sweep's run must not stay RUNNING
+            seconds = time.time() - t0
+            reasons = checking.result()
+        except BaseException:   # Ctrl-C, a failed start or check: the sweep's run must not stay RUNNING
             if opening.exception() is None:
                 opening.result().end_sweep({}, "KILLED")
             raise
-        seconds = time.time() - t0
         tracker = opening.result()
-        reasons = checking.result()
     return tracker, seconds, reasons
 
 

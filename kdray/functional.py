@@ -80,7 +80,7 @@ def functional_metrics(teacher_logits, comparator_logits, labels, chunk: int = 6
     ``teacher_logits``, ``comparator_logits``: [N, K] (or [..., K], flattened to
     rows) torch tensors or numpy arrays of any float dtype; ``labels``: [N] ints.
     ``chunk`` is the most rows processed at once (further capped so a block holds
-    at most ~2M elements); the result does not depend on it.  Raises ValueError
+    about 2^18 elements, but at least 64 rows); the result does not depend on it.  Raises ValueError
     on mismatched shapes or N == 0.
     """
     t, c = _as_tensor(teacher_logits), _as_tensor(comparator_logits)
@@ -104,7 +104,7 @@ def functional_metrics_many(teacher_logits, comparator_logits, labels, chunk: in
         raise ValueError("functional_metrics needs at least one input, one class and one comparator")
     if y.shape[0] != n:
         raise ValueError(f"{y.shape[0]} labels for {n} inputs")
-    rows = max(1, min(int(chunk), _BLOCK_ELEMENTS // (k * m)))
+    rows = max(1, min(int(chunk), max(64, _BLOCK_ELEMENTS // (k * m))))   # >= 64: few blocks for many classes
 
     dev, f64 = t.device, torch.float64
     act = torch.zeros(m, dtype=f64, device=dev)

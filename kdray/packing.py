@@ -40,6 +40,7 @@ from torch.func import functional_call, stack_module_state, vmap
 from kdray import conditions
 from kdray.contracts import EPOCH, FAILURE
 from kdray.data import load_dataset
+from kdray.data.bundle import DataBundle
 from kdray.losses import Batch, per_student
 from kdray.recipe import (derive_seed, finish_trial, init_model, load_teacher,
                           loss_and_accuracy, lr_factor, OPTIMIZERS, teacher_train_logits)
@@ -101,6 +102,8 @@ def unpackable(spec: TrialSpec, model: nn.Module, bundle=None) -> Optional[str]:
     r = Recipe(**spec.recipe)
     if bundle is not None and hasattr(bundle, "set_epoch"):
         return "streaming data sets (FFCV) share one loader, which K students cannot drive apart"
+    if bundle is not None and type(bundle).train_batches is not DataBundle.train_batches:
+        return "the data set draws its own batches (train_batches), which a pack does not call"
     if r.compile or r.precision == "bf16" or r.channels_last:
         return "compile/bf16/channels_last recipes are trained alone"
     if stacked_forward(model) is None:   # vmap: BatchNorm and dropout only in the stacked forwards
@@ -408,8 +411,8 @@ def _eval_rows(r: Recipe, k: int) -> int:
 @torch.inference_mode()
 def _evaluate_pack(base: nn.Module, params: dict, buffers: dict, bundle, device,
                    rows: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Every student's test logits in one vmapped pass per batch ([S, N, C] float32, CPU) and the
-    labels, as ``recipe.evaluate`` gives one student's; the inputs are shared, not copied S times.
+    """Every student's test logits in one packed pass per batch ([S, N, C] float32, CPU) and the
+    labels, as ``recipe.evaluate`` gives one student's; each batch is preprocessed once for all S.
     ``rows`` per batch keeps S x rows near a training step's size."""
     base.eval()
     vfwd = packed_forward(base)

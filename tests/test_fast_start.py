@@ -35,18 +35,21 @@ SCRIPT = textwrap.dedent("""
     while len(workers()) < 2 and time.time() < deadline:
         time.sleep(0.2)
     before = workers()
-    if sys.argv[1] == "kdray":
-        from kdray.engine import _trials_on_prestarted_workers
-        _trials_on_prestarted_workers()
+    from contextlib import nullcontext
+    from ray.tune.execution.class_cache import DEFAULT_ENV_VARS
+    from kdray.engine import _trials_on_prestarted_workers
+    defaults = dict(DEFAULT_ENV_VARS)
 
     def trainable(config):
         tune.report({"pid": os.getpid()})
 
     os.environ["TUNE_DISABLE_AUTO_CALLBACK_LOGGERS"] = "1"
     with tempfile.TemporaryDirectory() as d:
-        grid = tune.Tuner(tune.with_resources(trainable, {"cpu": 1}), param_space={"x": 1},
-                          run_config=tune.RunConfig(storage_path=d, verbose=0)).fit()
-        print(json.dumps({"before": sorted(before), "trial": grid[0].metrics["pid"]}))
+        with _trials_on_prestarted_workers() if sys.argv[1] == "kdray" else nullcontext():
+            grid = tune.Tuner(tune.with_resources(trainable, {"cpu": 1}), param_space={"x": 1},
+                              run_config=tune.RunConfig(storage_path=d, verbose=0)).fit()
+        print(json.dumps({"before": sorted(before), "trial": grid[0].metrics["pid"],
+                          "restored": dict(DEFAULT_ENV_VARS) == defaults}))
 """)
 
 
@@ -60,3 +63,4 @@ def test_tune_trials_start_in_the_workers_ray_started_with_the_cluster():
     got = _run("kdray")
     assert len(got["before"]) >= 1, got           # Ray started idle workers with the cluster
     assert got["trial"] in got["before"], got     # and the trial ran in one of them
+    assert got["restored"], got                   # Tune's defaults are back afterwards

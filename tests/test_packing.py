@@ -194,3 +194,29 @@ def test_the_quickstart_cnn_with_batchnorm_and_dropout_packs_as_it_trains_alone(
     setup = {**SMALL_GRID, "name": "q", "teacher": {"arch": "small_cnn", "args": {"channels": 8, "dropout": 0.1}},
              "recipe": {"epochs": 2, "batch_size": 128, "lr": 0.01, "optimizer": "sgd", "eval_every": 1}}
     _assert_match(_alone_and_packed(tmp_path, setup))
+
+
+def test_randomness_that_changes_nothing_still_counts_and_own_batch_drawing_trains_alone():
+    """A preprocess that draws from its generator is random even where the draw changed none of
+    the probed rows (a pack then preprocesses each student's batch with its own generator); a data
+    set that draws its own batches is not packed (a pack takes batches through train_draws/take)."""
+    from kdray.data.bundle import DataBundle
+
+    x, y = torch.zeros(20, 1, 4, 4, dtype=torch.uint8), torch.zeros(20, dtype=torch.long)
+
+    def rarely(xb, train, gen):            # erases nothing unless a 1-in-a-million draw comes up
+        hit = train and gen is not None and float(torch.rand((), generator=gen)) < 1e-6
+        return xb.float() * (0 if hit else 1)
+
+    plain = DataBundle("classification", 2, (1, 4, 4), x, y, x, y)
+    assert not plain.augments()
+    assert DataBundle("classification", 2, (1, 4, 4), x, y, x, y, preprocess=rarely).augments()
+
+    class OwnBatches(DataBundle):
+        def train_batches(self, batch_size, steps, order):
+            yield from super().train_batches(batch_size, steps, order)
+
+    s = build_plan(make_sweep("o", None, **SMALL_GRID)).students[0]
+    model = init_model(s, load_dataset("digits"))
+    assert unpackable(s, model, plain) is None
+    assert "draws its own batches" in unpackable(s, model, OwnBatches("classification", 2, (1, 4, 4), x, y, x, y))

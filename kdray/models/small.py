@@ -24,8 +24,9 @@ def small_cnn(num_classes: int, input_shape: tuple[int, ...], channels: int = 32
               dropout: float = 0.1, width: float = 1.0, batch_norm: bool = True) -> nn.Module:
     """Two conv blocks and a linear head, for small (e.g. 8x8) grey images.
 
-    ``batch_norm=False`` (Identity in BatchNorm's place, same layer indices) makes it packable
-    (kdray/packing.py: BatchNorm running statistics are not stacked)."""
+    ``batch_norm=False`` puts Identity in BatchNorm's place (same layer indices).  Packed
+    students (kdray/packing.py) train either way: kdray/stacked/sequential.py runs BatchNorm and
+    dropout per student."""
     c = max(1, round(channels * width))
     c_in = input_shape[0]
     norm = nn.BatchNorm2d if batch_norm else (lambda n: nn.Identity())

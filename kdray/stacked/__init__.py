@@ -12,7 +12,8 @@ each from grouped or batched operations on the stacked tensors:
 * ``nn.Sequential`` of plain layers (``sequential.py``): convolutions with
   ``groups=K``, linear layers as one batched matmul, BatchNorm and dropout per
   student (which vmap cannot do);
-* kdray's GPT (``gpt.py``): batched matmuls and one fused attention call.
+* kdray's GPT (``gpt.py``): batched matmuls, attention over all K x B sequences
+  at once.
 
 ``stacked_forward(model)`` returns the forward for ``model``'s family, or None
 when none applies (packing then uses vmap).  Results agree with each student
@@ -22,6 +23,7 @@ takes the model and returns a forward or None.
 """
 from __future__ import annotations
 
+import threading
 from typing import Callable, Optional
 
 from torch import nn
@@ -44,17 +46,19 @@ def stacked_forward(model: nn.Module) -> Optional[StackedForward]:
     return builder(model) if builder is not None else None
 
 
+_builtins_lock = threading.Lock()
 _builtins: list[bool] = []
 
 
 def _load_builtins() -> None:
     """The built-in forwards, registered on first use (kdray's GPT module imports torch); a user's
     registration for the same class, made before or after, wins."""
-    if _builtins:
-        return
-    _builtins.append(True)
-    from kdray.models.gpt import GPT
-    from kdray.stacked import gpt, sequential
+    with _builtins_lock:
+        if _builtins:
+            return
+        from kdray.models.gpt import GPT
+        from kdray.stacked import gpt, sequential
 
-    _BUILDERS.setdefault(nn.Sequential, sequential.grouped_forward)
-    _BUILDERS.setdefault(GPT, gpt.stacked_gpt_forward)
+        _BUILDERS.setdefault(nn.Sequential, sequential.grouped_forward)
+        _BUILDERS.setdefault(GPT, gpt.stacked_gpt_forward)
+        _builtins.append(True)

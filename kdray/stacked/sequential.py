@@ -100,8 +100,10 @@ def _batch_norm(layer: nn.modules.batchnorm._BatchNorm, p: dict, h, layout, k, r
 
 def _dropout(layer: nn.Dropout, p: dict, h, layout, k, rngs):
     """Each student's mask from its own generator, drawn as F.dropout draws it on a CPU (a
-    ``bernoulli_(1 - p)`` fill of a tensor of the student's own shape, divided by 1 - p): the
-    same masks as the student trained alone, whose generator is the global one seeded alike."""
+    ``bernoulli_(1 - p)`` fill of a tensor of the student's own shape, divided by 1 - p): on a
+    CPU the same masks as the student trained alone, whose generator is the global one seeded
+    alike.  (On a GPU F.dropout uses a fused kernel that draws differently: each student still
+    gets its own seed's masks, shared by its SIDDO/KD/RCD, not its unpacked run's.)"""
     if not layer.training or layer.p == 0:
         return h, layout
     h = _to_stacked(h, layout, k)
