@@ -51,6 +51,16 @@ CASES = {
 }
 HEADLINE = ("cnn-tiny", "gpt-tiny")     # the target: >= 3x students/s at K = 16 for the tiny models
 
+# On a GPU only (--device cuda): a reduced Nano-GPT (the paper's 6 layers and 6 heads at a quarter of the
+# width and a quarter of the context), for students per GPU (peak memory per packed student) and per-model
+# GPU time packed vs one at a time.  Not measured yet: no GPU was lent to the work that added it.
+GPU_CASES = {
+    "nano-gpt-reduced": {"dataset": {"name": "tinyshakespeare", "args": {"block_size": 64}},
+                         "teacher": {"arch": "nano_gpt", "args": {"n_embd": 96, "n_head": 6, "n_layer": 6,
+                                                                  "dropout": 0.0}},
+                         "recipe": {"iterations": 300, "log_every": 100, "batch_size": 64, "lr": 3e-4}},
+}
+
 
 def plan_for(case: dict, storage: str, k: int):
     from kdray.plan import build_plan
@@ -82,13 +92,15 @@ def measure(case: dict, k: int, device: str, reps: int) -> dict:
     with tempfile.TemporaryDirectory() as tmp:
         plan = plan_for(case, tmp, k)
         store = Store(plan.sweep.storage, plan.sweep.name)
-        run_trial(plan.teachers[0], store)
+        run_trial(plan.teachers[0], store, device=device)
         students = plan.students
         n_params = sum(p.numel() for p in init_model(students[0], load_dataset(
             students[0].dataset, students[0].data_root, **students[0].dataset_args)).parameters())
 
         def packed() -> float:
             _clear(store, students)
+            if torch.device(device).type == "cuda":
+                torch.cuda.reset_peak_memory_stats()
             t = now(); run_pack(students, store, device=device); sync(device)
             return now() - t
 
@@ -101,11 +113,15 @@ def measure(case: dict, k: int, device: str, reps: int) -> dict:
             return now() - t
 
         times = interleaved({"packed": packed, "loop": loop}, reps + 1)
+        peak = torch.cuda.max_memory_allocated() if torch.device(device).type == "cuda" else None
     p, lp = median(times["packed"][1:]), median(times["loop"][1:])
-    return {"k": k, "params_per_student": n_params, "packed_s": round(p, 3), "loop_s": round(lp, 3),
-            "packed_students_per_s": round(k / p, 2), "loop_students_per_s": round(k / lp, 2),
-            "speedup": round(lp / p, 2), "speedups_per_rep": [round(b / a, 2) for a, b in
-                                                               zip(times["packed"][1:], times["loop"][1:])]}
+    out = {"k": k, "params_per_student": n_params, "packed_s": round(p, 3), "loop_s": round(lp, 3),
+           "packed_students_per_s": round(k / p, 2), "loop_students_per_s": round(k / lp, 2),
+           "speedup": round(lp / p, 2), "speedups_per_rep": [round(b / a, 2) for a, b in
+                                                              zip(times["packed"][1:], times["loop"][1:])]}
+    if peak is not None:     # since the last packed round began: its peak (a loop round holds one student)
+        out["packed_peak_gpu_mb_per_student"] = round(peak / k / 2 ** 20, 1)
+    return out
 
 
 def run(quick: bool = False, device: str = "cpu", ks: Optional[tuple[int, ...]] = None,
@@ -114,9 +130,10 @@ def run(quick: bool = False, device: str = "cpu", ks: Optional[tuple[int, ...]] 
     ks = ks or ((4, 16) if quick else (4, 16, 64))
     reps = 1 if quick else 3
     meas = {}
+    cases = cases or (CASES | GPU_CASES if torch.device(device).type == "cuda" else CASES)
     with torch_threads(1):
-        for name, case in (cases or CASES).items():
-            for k in ks if name in HEADLINE else [k for k in ks if k == 16] or ks[:1]:
+        for name, case in cases.items():
+            for k in ks if name in HEADLINE or name in GPU_CASES else [k for k in ks if k == 16] or ks[:1]:
                 meas[f"{name} K={k}"] = measure(case, k, device, reps)
     at16 = [v["speedup"] for key, v in meas.items() if v["k"] == 16 and key.split(" ")[0] in HEADLINE]
     ratio = min(at16) if at16 else None
