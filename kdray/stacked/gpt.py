@@ -22,14 +22,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from kdray.models.gpt import GPT, MLP, Block, CausalSelfAttention
-
-
-def _linear(x: torch.Tensor, w: torch.Tensor, b: Optional[torch.Tensor]) -> torch.Tensor:
-    """x [K, ..., C] @ w[K]^T (+ b[K]) -> [K, ..., O]."""
-    k, c = x.shape[0], x.shape[-1]
-    flat = x.reshape(k, -1, c)
-    out = torch.bmm(flat, w.transpose(1, 2)) if b is None else torch.baddbmm(b.unsqueeze(1), flat, w.transpose(1, 2))
-    return out.reshape(*x.shape[:-1], w.shape[1])
+from kdray.stacked.ops import batched_linear
 
 
 def _layer_norm(x: torch.Tensor, eps: float, w: Optional[torch.Tensor], b: Optional[torch.Tensor]) -> torch.Tensor:
@@ -79,7 +72,7 @@ def stacked_gpt_forward(model: GPT) -> Optional[Callable[[dict, torch.Tensor], t
         return _layer_norm(x, ln.eps, get(p, ln), get(p, ln, "bias"))
 
     def lin(p: dict, layer: nn.Linear, x: torch.Tensor) -> torch.Tensor:
-        return _linear(x, get(p, layer), get(p, layer, "bias"))
+        return batched_linear(x, get(p, layer), get(p, layer, "bias"))
 
     def attention(p: dict, a: CausalSelfAttention, x: torch.Tensor) -> torch.Tensor:
         k, b, t, c = x.shape

@@ -28,6 +28,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from kdray.stacked.ops import batched_linear
+
 GROUPED, STACKED = "grouped", "stacked"   # [B, K*C, H, W] / [K, B, ...]
 
 
@@ -58,11 +60,7 @@ def _conv2d(layer: nn.Conv2d, p: dict, h, layout, k, rngs):
 
 
 def _linear(layer: nn.Linear, p: dict, h, layout, k, rngs):
-    h = _to_stacked(h, layout, k)
-    flat = h.reshape(k, -1, h.shape[-1])
-    w = p["weight"].transpose(1, 2)
-    out = torch.baddbmm(p["bias"].unsqueeze(1), flat, w) if "bias" in p else torch.bmm(flat, w)
-    return out.reshape(*h.shape[:-1], out.shape[-1]), STACKED
+    return batched_linear(_to_stacked(h, layout, k), p["weight"], p.get("bias")), STACKED
 
 
 def _flatten(layer: nn.Flatten, p: dict, h, layout, k, rngs):
