@@ -11,6 +11,7 @@ from __future__ import annotations
 import hashlib
 import io
 import os
+import re
 from pathlib import Path
 
 import pyarrow.fs as pafs
@@ -82,15 +83,32 @@ def load_state_dict(path: str, expect_sha256: str | None = None) -> dict:
     try:
         state = torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
     except Exception as e:
+        text = _plain(str(e))
+        pickled = re.search(r"Unsupported global: GLOBAL ([\w.]+)", text)
+        if pickled:   # torch.save(model, PATH): a pickled object, which weights_only never unpickles
+            raise CheckpointError(f"checkpoint {locate(path)} holds a whole pickled object ({pickled.group(1)}), not a "
+                                  f"state dict; save the weights with torch.save(model.state_dict(), PATH)") from None
+        first = text.splitlines()[0][:160] if text else ""
         raise CheckpointError(f"checkpoint {locate(path)} is not a PyTorch file torch.load can read "
-                              f"({type(e).__name__}: {str(e).strip().splitlines()[0][:160] if str(e).strip() else ''})") from None
+                              f"({type(e).__name__}: {first})") from None
     if isinstance(state, dict) and isinstance(state.get("state_dict"), dict):
         state = state["state_dict"]        # Lightning's and many training scripts' wrapper
     if not isinstance(state, dict) or not state or not all(isinstance(v, torch.Tensor) for v in state.values()):
         got = type(state).__name__ if not isinstance(state, dict) else "a dict whose values are not all tensors"
         raise CheckpointError(f"checkpoint {locate(path)} is not a state dict (a mapping of parameter names to "
                               f"tensors, as model.state_dict() returns); it holds {got}")
+    bad = {k: int((~torch.isfinite(v)).sum()) for k, v in state.items() if v.is_floating_point() or v.is_complex()}
+    bad = {k: n for k, n in bad.items() if n}
+    if bad:   # a teacher that cannot teach: every student and control would train for nothing
+        first = next(iter(bad))
+        raise CheckpointError(f"checkpoint {locate(path)} has NaN or infinite weights ({sum(bad.values())} values in "
+                              f"{len(bad)} tensors, e.g. {first!r}); a teacher must have finite weights")
     return state
+
+
+def _plain(text: str) -> str:
+    """An error message without terminal colour codes (torch's have them), stripped."""
+    return re.sub(r"\x1b\[[0-9;]*m", "", text).strip()
 
 
 def mismatch(model, state: dict) -> str:

@@ -55,6 +55,11 @@ def _check_setup(sweep: Sweep, s: Setup, where: str) -> None:
         except Exception as e:
             raise SweepError(f"{where}.{role}.arch: building {ref.arch!r} or running it on {s.dataset.name!r} inputs "
                              f"failed: {type(e).__name__}: {str(e).strip()[:200]}") from None
+        if isinstance(out, torch.Tensor) and out.is_floating_point() and not bool(torch.isfinite(out).all()):
+            field = "teacher.checkpoint" if getattr(ref, "checkpoint", None) else f"{role}.arch"
+            what = f"checkpoint {checkpoints.locate(ref.checkpoint)}" if getattr(ref, "checkpoint", None) else repr(ref.arch)
+            raise SweepError(f"{where}.{field}: {what} gives NaN or infinite outputs on {s.dataset.name!r} test inputs; "
+                             f"a teacher that cannot teach would leave every student and control without a target")
         if not isinstance(out, torch.Tensor) or out.shape[0] != x.shape[0] or out.shape[-1] != bundle.num_classes:
             shape = tuple(out.shape) if isinstance(out, torch.Tensor) else type(out).__name__
             raise SweepError(f"{where}.{role}.arch: {ref.arch!r} returns outputs of shape {shape} for a batch of "
