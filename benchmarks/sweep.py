@@ -120,7 +120,7 @@ def _trial_seconds(storage: str, sweep_name: str, plan) -> list[float]:
     # a packed student's train_seconds is its pack's: count each pack once (the engine cuts the same packs)
     share = {s.trial_key: len(g) for g in pack_groups([s for s in plan.students if asks_to_pack(s)])
              for s in g}
-    return [float(store.load_json(s.trial_key, "result.json")["final"]["train_seconds"]) / share.get(s.trial_key, 1)
+    return [float(store.load_result(s.trial_key)["final"]["train_seconds"]) / share.get(s.trial_key, 1)
             for s in plan.all if store.exists(s.trial_key, "result.json")]
 
 

@@ -26,6 +26,11 @@ TAG_VERSION = "kdray.version"
 TAG_GIT_SHA = "kdray.git_sha"
 TAG_CHECKPOINT = "kdray.checkpoint_sha256"  # a pretrained teacher's run: the SHA-256 of its state dict
 TAG_PLUGINS = "kdray.plugins"           # on the sweep run: the plug-in modules its trials imported
+TAG_FINGERPRINT = "kdray.fingerprint"   # the id of what the trial ran on (kdray/provenance.py) ...
+TAG_FINGERPRINT_JSON = "kdray.fingerprint_json"   # ... and the fingerprint itself, as JSON
+TAG_DATA_SHA = "kdray.data_sha256"      # the data set's tensors as the trial saw them
+TAG_PACK = "kdray.pack"                 # a packed student: its pack's id (size and members' keys hashed)
+TAG_SWEEP_SHA = "kdray.sweep_sha256"    # the sweep file that launched the run (its SHA-256)
 TAG_PARENT = "mlflow.parentRunId"       # MLflow nests a trial's run under the sweep's
 # An experiment tag: MLflow 3's UI opens the experiment in its model-training view (runs, metrics,
 # charts) instead of the GenAI "Overview / Traces" page.
@@ -46,6 +51,20 @@ def trial_tags(spec, parent_id: str, version: str, git_sha: str) -> dict[str, st
             TAG_VERSION: version, TAG_GIT_SHA: git_sha, TAG_PARENT: parent_id}
     if getattr(spec, "checkpoint_sha256", None):
         tags[TAG_CHECKPOINT] = spec.checkpoint_sha256
+    return tags
+
+
+def provenance_tags(run: dict) -> dict[str, str]:
+    """The tags of a trial's run.json (kdray/recipe.py ``run_record``); {} for a trial stored
+    before kdray wrote one."""
+    if not run:
+        return {}
+    tags = {TAG_FINGERPRINT: run["fingerprint_id"], TAG_FINGERPRINT_JSON: json.dumps(run["fingerprint"], sort_keys=True),
+            TAG_DATA_SHA: run.get("data_sha256") or "unknown"}
+    if run.get("pack_keys"):
+        import hashlib
+        keys = run["pack_keys"]
+        tags[TAG_PACK] = f"{len(keys)} students, {hashlib.sha256(','.join(keys).encode()).hexdigest()[:12]}"
     return tags
 
 

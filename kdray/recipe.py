@@ -26,7 +26,7 @@ from kdray.data.bundle import DataBundle
 from kdray.losses import Batch
 from kdray.models import block_output, build_model
 from kdray.spec import TrialSpec
-from kdray.storage import Store
+from kdray.storage import RUN_FILE, Store
 from kdray.sweep import Recipe
 
 Report = Callable[[dict, Optional[dict]], None]
@@ -295,14 +295,33 @@ def _forward(model, teacher, cond: Optional[conditions.Condition], params: dict,
     return batch
 
 
+TIMINGS = ("train_seconds",)    # reported and logged, kept in run.json, never in result.json
+
+
+def run_record(spec: TrialSpec, device, bundle: DataBundle, seconds: float,
+               pack: Optional[list[TrialSpec]] = None) -> dict:
+    """How a trial was run (run.json): its spec, this process's fingerprint, the data's checksum,
+    the pack it trained in, and how long it took.  Provenance, not a result: the report shows
+    it and ``kdray verify`` re-runs the trial (or its pack) from it."""
+    from kdray import provenance
+
+    fp = provenance.fingerprint(str(device), spec.plugins)
+    return {"spec": spec.to_dict(), "fingerprint": fp, "fingerprint_id": provenance.fingerprint_id(fp),
+            "data_sha256": provenance.data_checksum(bundle), "seconds": seconds,
+            "pack": [s.to_dict() for s in pack] if pack else None,
+            "pack_keys": [s.trial_key for s in pack] if pack else None}
+
+
 def finish_trial(spec: TrialSpec, store: Store, model: nn.Module, bundle: DataBundle, device, r: Recipe,
                  teacher_logits: Optional[np.ndarray], history: list[dict], seconds: float, report: Report,
                  outputs: Optional[tuple[torch.Tensor, torch.Tensor]] = None,
-                 similarity: Optional[dict] = None) -> dict:
+                 similarity: Optional[dict] = None, pack: Optional[list[TrialSpec]] = None) -> dict:
     """Final evaluation, artefacts and the metrics the tracker logs.
 
     A packed trial passes its students' ``outputs`` (test logits, labels) and ``similarity``
-    (functional metrics), computed for the whole pack at once (kdray/packing.py)."""
+    (functional metrics), computed for the whole pack at once (kdray/packing.py), and the
+    ``pack`` it trained in (its members, in training order), which run.json keeps so that the
+    pack can be trained again as it was (``kdray verify``)."""
     from kdray.evals import EVALS
 
     logits, y = outputs if outputs is not None else evaluate(model, bundle, device, r.eval_batch_size)
@@ -319,8 +338,14 @@ def finish_trial(spec: TrialSpec, store: Store, model: nn.Module, bundle: DataBu
         final.update(functional_metrics(torch.from_numpy(teacher_logits), logits, y))
     for name in spec.evals:
         final.update(EVALS.get(name)(model.eval(), bundle, device))
+    if spec.role == "teacher" and not bool(torch.isfinite(logits).all()):
+        # Students would train against NaN targets and every metric would fail much later.
+        raise TrialDiverged(f"the teacher's test outputs contain NaN or infinite values (trial {spec.label}"
+                            + (f", checkpoint {spec.checkpoint}" if spec.checkpoint else "") + ")")
     store.save_npz(spec.trial_key, "test_outputs.npz", logits=logits.numpy().astype(np.float16), labels=y.numpy())
-    store.save_json(spec.trial_key, "result.json", {FINAL: final, "history": history})
+    stored = {k: v for k, v in final.items() if k not in TIMINGS}   # results only: the same bytes every run
+    store.save_json(spec.trial_key, "result.json", {FINAL: stored, "history": history})
+    store.save_json(spec.trial_key, RUN_FILE, run_record(spec, device, bundle, seconds, pack))
     if spec.role == "teacher":
         buf = io.BytesIO()
         torch.save({k: v.cpu() for k, v in model.state_dict().items()}, buf)

@@ -18,7 +18,7 @@ from typing import Callable, Iterable, Optional, TypeVar
 
 from kdray import __version__
 from kdray.contracts import (EPOCH, EXPERIMENT_KIND, FINAL, KIND_SWEEP, KIND_TRIAL, TAG_EXPERIMENT_KIND, TAG_FAILURE,
-                             TAG_KIND, TAG_PLUGINS, TAG_TRIAL_KEY, TAG_VERSION, trial_tags)
+                             TAG_KIND, TAG_PLUGINS, TAG_SWEEP_SHA, TAG_TRIAL_KEY, TAG_VERSION, trial_tags)
 from kdray.spec import TrialSpec
 
 log = logging.getLogger(__name__)
@@ -246,6 +246,14 @@ class Tracker:
         if plugins:   # the report imports them too, to label and test plug-in conditions
             self.set_tag(self.parent_id, TAG_PLUGINS, ",".join(plugins))
         self.sha = git_sha()
+        self.sweep_sha256 = ""
+
+    def use_sweep_file(self, sha256: str) -> None:
+        """The SHA-256 of the sweep file this run comes from: tagged on the sweep's run and on every
+        trial run it starts (provenance: which version of the file asked for a result)."""
+        self.sweep_sha256 = sha256
+        if sha256:
+            self.set_tag(self.parent_id, TAG_SWEEP_SHA, sha256)
 
     def _call(self, fn: Callable[[], R], what: str, patience: Optional[float] = None) -> R:
         """Every MLflow call: retried with back-off; a server gone for longer is a TrackingError naming it."""
@@ -293,11 +301,21 @@ class Tracker:
         from mlflow.entities import Param
 
         tags = trial_tags(spec, self.parent_id, __version__, self.sha)
+        if self.sweep_sha256:
+            tags[TAG_SWEEP_SHA] = self.sweep_sha256
         run = self._call(lambda: self.client.create_run(self.experiment_id, run_name=spec.label, tags=tags), "create_run")
         params = [Param(k, _fmt(v)[:6000]) for k, v in spec.flat_params().items()]
         for i in range(0, len(params), 100):
             self._call(lambda: self.client.log_batch(run.info.run_id, params=params[i:i + 100]), "log_params")
         return run.info.run_id
+
+    def set_tags(self, run_id: str, tags: dict[str, str]) -> None:
+        """Several tags in one call."""
+        from mlflow.entities import RunTag
+
+        if tags:
+            batch = [RunTag(k, str(v)[:8000]) for k, v in tags.items()]
+            self._call(lambda: self.client.log_batch(run_id, tags=batch), "set_tags")
 
     def log_metrics(self, run_id: str, metrics: dict, step: int) -> None:
         self.log_epochs(run_id, [{**metrics, EPOCH: step}])
