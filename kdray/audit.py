@@ -153,7 +153,9 @@ def run_audit(args) -> int:
 
     plan = build_plan(sweep)
     print(format_plan(plan), flush=True)
-    summary = run_sweep(sweep, plan, progress=not args.quiet)
+    from kdray.provenance import sha256_bytes
+
+    summary = run_sweep(sweep, plan, progress=not args.quiet, source_sha256=sha256_bytes(text.encode()))
     print("\n".join(summary.lines()))
     if summary.exit_code:
         return summary.exit_code

@@ -26,7 +26,7 @@ from ray.tune.search import Searcher
 
 from kdray import testhook
 from kdray.contracts import (EPOCH, FAILURE, FINAL, RESULT_EPOCHS, RESULT_LAST, RESULT_PACK, TAG_RETRIES, TAG_REUSED,
-                             TAG_SUSPECT)
+                             TAG_SUSPECT, provenance_tags)
 from kdray.errors import DataNotFoundError
 from kdray.packing import fallback_reasons, jobs, run_pack
 from kdray.plan import Plan, build_plan
@@ -118,14 +118,18 @@ def _train_pack(config: dict) -> None:
         pending.clear()
         last_sent[0] = time.monotonic()
 
+    labels = {s.trial_key: s.label for s in specs}
+
     def report(key: str, metrics: dict) -> None:
         pending.setdefault(key, []).append(metrics)
         if time.monotonic() - last_sent[0] >= every:
             send()
+        if metrics.get(FINAL):   # the student is stored: a crash here leaves its pack half stored
+            testhook.maybe_exit("worker", labels[key], metrics.get(EPOCH))
 
-    for s in specs:
-        if store.exists(s.trial_key, "result.json"):
-            stored = store.load_json(s.trial_key, "result.json")
+    for s in specs:   # the driver's students whose result a killed run of this pack already stored
+        if s.trial_key in config.get("pack_todo", ()) and store.exists(s.trial_key, "result.json"):
+            stored = store.load_result(s.trial_key)
             pending[s.trial_key] = stored["history"] + [stored[FINAL]]
     try:
         run_pack(specs, store, _device(specs[0]), report)
@@ -229,9 +233,13 @@ class MlflowCallback(Callback):
         return set(self.finished) | set(self.failed) | set(self.interrupted)
 
     def _specs(self, trial) -> list[TrialSpec]:
+        """The trial's specs this run logs: its one spec, or the pack members it has yet to finish
+        (a pack trains whole, its members with a FINISHED run included)."""
         if trial.trial_id not in self.members:   # recorded first: started, even if MLflow fails to hear of it
             cfg = trial.config
-            self.members[trial.trial_id] = [TrialSpec.from_dict(d) for d in cfg.get("pack") or [cfg["spec"]]]
+            specs = [TrialSpec.from_dict(d) for d in cfg.get("pack") or [cfg["spec"]]]
+            todo = set(cfg.get("pack_todo") or [s.trial_key for s in specs])
+            self.members[trial.trial_id] = [s for s in specs if s.trial_key in todo]
         return self.members[trial.trial_id]
 
     def _run(self, spec: TrialSpec) -> str:
@@ -255,6 +263,7 @@ class MlflowCallback(Callback):
             names = ["test_outputs.npz"] + (["model.pt"] if spec.role == "teacher" else [])
             for name in names:
                 self.tracker.log_artifact(run_id, self.store.fetch_to(spec.trial_key, name, tmp))
+        self.tracker.set_tags(run_id, provenance_tags(self.store.load_run(spec.trial_key)))
         reason = suspicion(final)
         if reason:
             self.suspect.append((spec.role, spec.label, reason))
@@ -334,9 +343,9 @@ class MlflowCallback(Callback):
 def log_reused_teacher(tracker: Tracker, store: Store, spec: TrialSpec) -> None:
     """A teacher already trained (same key) by another sweep: log its stored results, do not retrain."""
     run_id = tracker.start_trial(spec)
-    result = store.load_json(spec.trial_key, "result.json")
+    result = store.load_result(spec.trial_key)
     tracker.log_epochs(run_id, result["history"] + [result[FINAL]])
-    tracker.set_tag(run_id, TAG_REUSED, "true")
+    tracker.set_tags(run_id, {TAG_REUSED: "true", **provenance_tags(store.load_run(spec.trial_key))})
     tracker.end_trial(run_id, True)
 
 
@@ -490,6 +499,7 @@ class TeachersFirst(Searcher):
                  packs: Optional[list[list[TrialSpec]]] = None):
         super().__init__()
         self.store = store
+        self.todo = {s.trial_key for s in specs}
         self.teachers = [s for s in specs if s.role == "teacher"]
         # each job is one Tune trial: a student, or a pack of students of one teacher
         self.students = packs if packs is not None else [[s] for s in specs if s.role == "student"]
@@ -508,7 +518,7 @@ class TeachersFirst(Searcher):
         self.students = waiting
         for i, job in enumerate(self.students):
             if job[0].teacher_key in self.ready:
-                return job_config(self.students.pop(i))
+                return job_config(self.students.pop(i), self.todo)
         return None if self.students else Searcher.FINISHED
 
     def on_trial_complete(self, trial_id: str, result=None, error: bool = False):
@@ -519,11 +529,13 @@ class TeachersFirst(Searcher):
                 self.ready.add(key)
 
 
-def job_config(job: list[TrialSpec]) -> dict:
-    """A Tune trial's config: one spec, or a pack (``pack``; ``spec`` is its first, for resources and names)."""
+def job_config(job: list[TrialSpec], todo: Optional[set[str]] = None) -> dict:
+    """A Tune trial's config: one spec, or a pack (``pack``, all its members; ``pack_todo``, the
+    keys this run must finish; ``spec`` is its first, for resources and names)."""
     config = {"spec": job[0].to_dict()}
     if len(job) > 1:
         config["pack"] = [s.to_dict() for s in job]
+        config["pack_todo"] = [s.trial_key for s in job if todo is None or s.trial_key in todo]
     return config
 
 
@@ -660,19 +672,22 @@ def _tracker_and_ray(uri: str, sweep: Sweep, artifact_root: Optional[str],
     return tracker, seconds, reasons
 
 
-def run_sweep(sweep: Sweep, plan: Optional[Plan] = None, verbose: int = 0, progress: bool = False) -> SweepSummary:
-    """Run what the plan still needs; ``verbose``: Tune's tables, ``progress``: kdray's stage lines."""
+def run_sweep(sweep: Sweep, plan: Optional[Plan] = None, verbose: int = 0, progress: bool = False,
+              source_sha256: str = "") -> SweepSummary:
+    """Run what the plan still needs; ``verbose``: Tune's tables, ``progress``: kdray's stage lines;
+    ``source_sha256``: the sweep file's SHA-256, tagged on every run this sweep starts."""
     patience_s()   # a bad $KDRAY_TRACKING_PATIENCE_S is one line before anything starts
     with _environ(MLFLOW_CLIENT_ENV):   # kdray's retries, with their one budget, are the only ones
-        return _run_sweep(sweep, plan or build_plan(sweep), verbose, progress)
+        return _run_sweep(sweep, plan or build_plan(sweep), verbose, progress, source_sha256)
 
 
-def _run_sweep(sweep: Sweep, plan: Plan, verbose: int, progress: bool) -> SweepSummary:
+def _run_sweep(sweep: Sweep, plan: Plan, verbose: int, progress: bool, source_sha256: str = "") -> SweepSummary:
     t0 = time.time()
     store = Store(sweep.storage, sweep.name)
     uri = sweep.resolved_tracking_uri()
     artifact_root = str(sweep.local_storage() / "mlartifacts" / sweep.name) if uri.startswith("sqlite") else None
     tracker, ray_seconds, reasons = _tracker_and_ray(uri, sweep, artifact_root, plan)
+    tracker.use_sweep_file(source_sha256)
     summary = SweepSummary(sweep.name, len(plan.all), tracking_uri=uri, storage=store.uri, ray_start_seconds=ray_seconds,
                            started_at=t0)
     try:
@@ -719,17 +734,27 @@ def _run_todo(summary: SweepSummary, plan: Plan, sweep: Sweep, store: Store, tra
         from kdray.cluster import check_resources
         check_resources(todo, autoscaling=bool(os.environ.get("RAY_ADDRESS")))   # a local cluster cannot grow
         n_teachers = sum(s.role == "teacher" for s in todo)
-        packs, notes = jobs([s for s in todo if s.role == "student"], reasons)
+        packs, notes = plan_jobs(plan, {s.trial_key for s in todo}, reasons)
         for note in notes:
             print(f"kdray: {note}", file=sys.stderr, flush=True)
+        keys = {s.trial_key for s in todo}
         n_packs = sum(len(j) > 1 for j in packs)
-        packed = f" ({sum(len(j) for j in packs if len(j) > 1)} of them in {n_packs} packs)" if n_packs else ""
+        in_packs = sum(s.trial_key in keys for j in packs if len(j) > 1 for s in j)
+        packed = f" ({in_packs} of them in {n_packs} packs)" if n_packs else ""
         print(f"kdray: {len(todo)} trials on Ray Tune: {n_teachers} teachers first, each teacher's "
               f"{len(todo) - n_teachers} students{packed} as soon as it is done", file=sys.stderr, flush=True)
         had = done | {s.trial_key for s in reused}
         done_before = {role: sum(s.role == role and s.trial_key in had for s in plan.all) for role in ("teacher", "student")}
         cb, _ = _tune_run(todo, sweep, store, tracker, trained, verbose, done_before if progress else None, packs)
         _account(summary, todo, cb)
+
+
+def plan_jobs(plan: Plan, todo: set[str], reasons: dict[str, str]) -> tuple[list[list[TrialSpec]], list[str]]:
+    """The Tune trials that finish the ``todo`` students: the plan's packs (cut from every planned
+    student, so a pack is the same students whatever ran before) that hold one of them, and one
+    trial per unpacked student; with the notes on students that cannot be packed."""
+    cut, notes = jobs(plan.students, reasons)
+    return [j for j in cut if any(s.trial_key in todo for s in j)], notes
 
 
 def _account(summary: SweepSummary, todo: list[TrialSpec], cb: MlflowCallback) -> None:

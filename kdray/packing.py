@@ -23,8 +23,10 @@ student per trial instead, see ``unpackable``): BatchNorm and dropout > 0 in
 models left to vmap (vmap stacks no running statistics and cannot give each
 student its own dropout stream, which the pairing guarantee needs),
 feature-matching conditions, FFCV data sets, compiled/bf16/channels-last
-recipes.  Resume is per student: a student whose ``result.json`` is stored is
-not retrained.
+recipes.  Packs are cut from the plan (``jobs`` over every planned student), never from
+what is left to run, and a pack always trains whole: a student's stored result is then
+the same bytes whether its sweep ran straight through or was killed and resumed.  Resume
+is per student: a student whose ``result.json`` is stored is not stored or logged again.
 """
 from __future__ import annotations
 
@@ -244,35 +246,40 @@ def _ignore(key: str, metrics: dict) -> None:
 
 def run_pack(specs: Sequence[TrialSpec], store: Store, device: str | torch.device = "cpu",
              report: Callable[[str, dict], None] = _ignore) -> dict[str, dict]:
-    """Train the not-yet-finished specs of one pack together; returns {trial_key: final metrics}.
+    """Train one pack; returns {trial_key: final metrics} of the students it stored.
 
-    ``report(trial_key, record)`` gets every student's epoch records and final metrics as
-    ``run_trial``'s report does, and ``{FAILURE: why}`` for a student that diverged (the
+    The whole pack trains, always: a student's numbers depend (in the last bits) on which
+    pack-mates share its stacked operations, so a pack that resumes after a crash trains the
+    same students as it did the first time, and stores and reports only those without a stored
+    result.  ``report(trial_key, record)`` gets those students' epoch records and final metrics
+    as ``run_trial``'s report does, and ``{FAILURE: why}`` for a student that diverged (the
     others train on: each student's gradient is its own loss's)."""
     device = torch.device(device)
-    todo = [s for s in specs if not store.exists(s.trial_key, "result.json")]
-    if not todo:
+    members = _by_loss_group(specs)
+    wanted = {s.trial_key for s in members if not store.exists(s.trial_key, "result.json")}
+    if not wanted:
         return {}
-    todo = _by_loss_group(todo)
-    if len({_group_key(s) for s in todo}) != 1:
+    given = report
+    report = lambda key, metrics: given(key, metrics) if key in wanted else None  # noqa: E731
+    if len({_group_key(s) for s in members}) != 1:
         raise ValueError("a pack's specs must share arch, dataset and recipe")
     t0 = time.perf_counter()
-    s0 = todo[0]
+    s0 = members[0]
     r = Recipe(**s0.recipe)
     bundle = load_dataset(s0.dataset, s0.data_root, **s0.dataset_args)
-    models = [init_model(s, bundle).to(device) for s in todo]
-    for s, m in zip(todo, models):
+    models = [init_model(s, bundle).to(device) for s in members]
+    for s, m in zip(members, models):
         why = unpackable(s, m, bundle)
         if why:
             raise ValueError(f"trial {s.label} cannot be packed: {why}")
-    students = [_Student(s, device) for s in todo]
+    students = [_Student(s, device) for s in members]
     rngs = [st.dropout for st in students]
     teacher = _Teacher(s0, store, bundle, device, r, any(st.needs_logits for st in students))
     needs_logits = [i for i, st in enumerate(students) if st.needs_logits]
     params, buffers = stack_module_state(models)
     base = models[0]
     leaves = list(params.values())
-    k_students = len(todo)
+    k_students = len(members)
 
     vfwd = packed_forward(base)
     if bundle.task == "classification":
@@ -339,10 +346,12 @@ def run_pack(specs: Sequence[TrialSpec], store: Store, device: str | torch.devic
     out = {}
     for j, i in enumerate(live):
         st, key = students[i], students[i].spec.trial_key
+        if key not in wanted:     # stored by an earlier run of this same pack
+            continue
         out[key] = finish_trial(st.spec, store, _unstack(models[i], params, buffers, i), bundle, device, r,
                                 teacher.test_logits, st.history, seconds,
                                 lambda metrics, state=None, key=key: report(key, metrics),
-                                outputs=(logits[j], y), similarity=similarity[j])
+                                outputs=(logits[j], y), similarity=similarity[j], pack=members)
     return out
 
 
