@@ -28,12 +28,13 @@ from typing import Iterator, Optional
 
 import pandas as pd
 
-from kdray.analysis import corrections, figures, power, tables
+from kdray.analysis import corrections, figures, power, provenance, tables
+from kdray.analysis.scope import Scope, scope_to_plan, split_cohorts
 from kdray import plugins
 from kdray.analysis.runs import ReportError, get_experiment, load_runs, resolve_experiment, sweep_plugins
 from kdray.registry import PluginError
 from kdray.analysis.stats import SUPPORT_MIN, Analysis, analyse
-from kdray.contracts import KIND_REPORT, KIND_SWEEP, TAG_KIND, TAG_PARENT
+from kdray.contracts import KIND_REPORT, KIND_SWEEP, TAG_KIND, TAG_PARENT, TAG_SWEEP_SHA
 from kdray.sanity import report_lines
 
 SHOW_EXCLUDED = 8                    # excluded runs listed in the terminal summary
@@ -46,6 +47,7 @@ class ReportResult:
     files: list[Path] = field(default_factory=list)
     seconds: dict = field(default_factory=dict)     # per phase
     sanity: list = field(default_factory=list)      # teachers vs chance, suspect trials (kdray/sanity.py)
+    scope: Optional[Scope] = None                   # which runs answer the question (scope.py)
 
     @property
     def index(self) -> Path:
@@ -74,6 +76,8 @@ class ReportResult:
                 lines.append(f"  ... and {len(a.excluded) - SHOW_EXCLUDED} more (tables/excluded.md)")
         lines += [f"warning: {n}" for n in a.notes]
         lines += self.sanity
+        lines += self.scope.lines() if self.scope else []
+        lines += provenance.summary_lines(a.runs, a.tests)
         lines.append(f"report: {self.index}")
         return "\n".join(lines)
 
@@ -160,7 +164,9 @@ def build_report(df: pd.DataFrame, out_dir: str | Path, threshold: float = 0.01,
     clock = _Clock()
     a = analyse(df, threshold=threshold, exclude_below=exclude_below, map_=pool.map if pool else map,
                 correction=correction, min_metrics=min_metrics)
-    result = ReportResult(out, a, seconds=clock.seconds, sanity=report_lines(df.to_dict("records")))
+    a.tests["fingerprint_mismatches"] = provenance.mismatches(a.students, a.tests)
+    result = ReportResult(out, a, seconds=clock.seconds, sanity=report_lines(df.to_dict("records")),
+                          scope=df.attrs.get("scope"))
     clock.lap("analysis")
     files = result.files
     pending = figures.all_figures(a, out / "figures", pool)   # drawn by the workers meanwhile
@@ -199,14 +205,29 @@ class _Clock:
 
 # ------------------------------------------------------------------ MLflow and CLI
 
-def log_report_to_mlflow(tracking_uri: str, experiment: str, out_dir: str | Path) -> str:
+def provenance_tags(result: ReportResult) -> dict[str, str]:
+    """What the report run records of its question: the sweep file's hash and scope, the
+    fingerprints, data and checkpoint checksums of the runs it used."""
+    runs = result.analysis.runs
+    def distinct(col: str) -> str:
+        return ",".join(sorted({v for v in runs.get(col, ()) if isinstance(v, str) and v}))
+    tags = {"kdray.fingerprints": distinct("fingerprint"), "kdray.data_sha256s": distinct("data_sha256"),
+            "kdray.checkpoint_sha256s": distinct("checkpoint")}
+    if result.scope is not None:
+        tags["kdray.scope"] = result.scope.source
+        if result.scope.sweep_sha256:
+            tags[TAG_SWEEP_SHA] = result.scope.sweep_sha256
+    return {k: v[:8000] for k, v in tags.items() if v}
+
+
+def log_report_to_mlflow(tracking_uri: str, experiment: str, out_dir: str | Path, extra_tags: Optional[dict] = None) -> str:
     """Log out_dir as the artifacts of a new report run (child of the sweep run if there is one)."""
     from mlflow import MlflowClient
 
     client = MlflowClient(tracking_uri)
     exp = get_experiment(tracking_uri, experiment)
     parents = client.search_runs([exp.experiment_id], f"tags.`{TAG_KIND}` = '{KIND_SWEEP}'", max_results=1)
-    tags = {TAG_KIND: KIND_REPORT}
+    tags = {TAG_KIND: KIND_REPORT, **(extra_tags or {})}
     if parents:
         tags[TAG_PARENT] = parents[0].info.run_id
     run = client.create_run(exp.experiment_id, tags=tags, run_name="report")
@@ -243,9 +264,31 @@ def report_pool(jobs: Optional[int] = None) -> Iterator[Optional[Executor]]:
         yield pool
 
 
+def _plan_of(path: Path):
+    """The plan of a sweep file as it is now, and the file's SHA-256; one ReportError line if the file
+    no longer loads (a report of an old version: name the experiment instead of the file)."""
+    from kdray.checkpoints import CheckpointError
+    from kdray.plan import build_plan
+    from kdray.provenance import sha256_bytes
+    from kdray.sweep import SweepError, load_sweep
+
+    try:
+        plan = build_plan(load_sweep(path))
+    except (SweepError, CheckpointError, PluginError) as e:
+        raise ReportError(f"{e} (to report every run of its experiment, name the experiment instead of the file)") from None
+    return plan, sha256_bytes(path.read_bytes())
+
+
+def is_sweep_file(target: str) -> bool:
+    path = Path(target)
+    return path.suffix in (".yaml", ".yml") or path.is_file()
+
+
 def load_target(target: str, tracking_uri: str | None, pool=None) -> tuple[pd.DataFrame, str, str, str, float]:
     """(runs, tracking URI, experiment name, storage, seconds to load) of a sweep file or experiment name;
-    ReportError when there is nothing to analyse.  The sweep's plug-ins are imported here (and
+    ReportError when there is nothing to analyse.  A file's report has exactly the runs of the
+    trials it plans now, an experiment's keeps each teacher and student variant apart (scope.py;
+    ``df.attrs["scope"]`` says which).  The sweep's plug-ins are imported here (and
     ``df.attrs["plugins"]`` names them for the worker processes)."""
     uri, name, storage = resolve_experiment(tracking_uri, target)
     t0 = time.perf_counter()
@@ -258,7 +301,17 @@ def load_target(target: str, tracking_uri: str | None, pool=None) -> tuple[pd.Da
     df = load_runs(uri, name, pool)
     if df.empty:
         raise ReportError(f"MLflow experiment {name!r} at {uri} has no trial runs yet; run `kdray sweep` first")
+    if is_sweep_file(target):
+        plan, sha = _plan_of(Path(target))
+        df, scope = scope_to_plan(df, plan, target, sha)
+        if df.empty:
+            raise ReportError(f"none of the {scope.planned} trials {target} plans now has a run in MLflow experiment "
+                              f"{name!r} at {uri} ({sum(scope.ignored.values())} runs of other trials there); "
+                              f"run `kdray sweep {target}` first")
+    else:
+        df, scope = split_cohorts(df, f"experiment {name!r}")
     df.attrs["plugins"] = tuple(mods)
+    df.attrs["scope"] = scope
     return df, uri, name, storage, time.perf_counter() - t0
 
 
@@ -282,7 +335,7 @@ def run_report(target: str, out: str | None, tracking_uri: str | None, threshold
           f"({jobs} process{'es' if jobs > 1 else ''})", file=sys.stderr)
     print(result.summary_text())
     try:
-        run_id = log_report_to_mlflow(uri, name, out_dir)
+        run_id = log_report_to_mlflow(uri, name, out_dir, provenance_tags(result))
         print(f"logged to MLflow: experiment {name!r}, run {run_id}")
     except Exception as e:  # the report on disk is still good
         print(f"kdray: warning: could not log the report to MLflow: {type(e).__name__}: {e}", file=sys.stderr)

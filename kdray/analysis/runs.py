@@ -14,15 +14,21 @@ import numpy as np
 import pandas as pd
 
 from kdray import conditions
-from kdray.contracts import (KIND_SWEEP, KIND_TRIAL, TAG_CONDITION, TAG_FAILURE, TAG_KIND, TAG_METHOD, TAG_PLUGINS,
-                             TAG_ROLE, TAG_SETUP, TAG_TEACHER_KEY, TAG_TRIAL_KEY, parse_condition)
+from kdray.contracts import (KIND_SWEEP, KIND_TRIAL, TAG_CHECKPOINT, TAG_CONDITION, TAG_DATA_SHA, TAG_FAILURE,
+                             TAG_FINGERPRINT, TAG_FINGERPRINT_JSON, TAG_KIND, TAG_METHOD, TAG_PLUGINS, TAG_ROLE,
+                             TAG_SETUP, TAG_TEACHER_KEY, TAG_TRIAL_KEY, parse_condition)
 from kdray.sweep import DEFAULT_STORAGE, SweepError, default_tracking_uri, read_yaml
 from kdray.tracking import TrackingError, check_sqlite_store
 
 # Columns every frame from load_runs has, in this order; metric columns follow.  ``params`` holds
 # each run's condition parameters as a dict of typed values.
 ID_COLUMNS = ("run_id", "status", "failure", "start_time", "trial_key", "teacher_key", "setup", "role",
-              "method", "params", "width", "teacher_seed", "student_seed")
+              "method", "params", "width", "teacher_seed", "student_seed", "variant", "fingerprint",
+              "fingerprint_json", "data_sha256", "checkpoint")
+# Flattened spec params that say what a student is apart from its seeds and condition (its
+# data, model and recipe): runs that differ in them are different questions (``variant``).
+VARIANT_PREFIXES = ("dataset_args.", "arch_args.", "recipe.")
+VARIANT_PARAMS = ("dataset", "arch", "evals", "teacher_arch")
 # Where runs logged before the condition tag existed kept their condition's parameters.
 LEGACY_PARAM_COLUMNS = ("alpha", "temperature", "block")
 
@@ -117,6 +123,18 @@ def legacy_params(method: str, values: dict) -> dict:
     return out
 
 
+def variant_of(params: dict) -> str:
+    """A short hash of what a run trained apart from its seeds and condition (data set, model,
+    recipe, evaluations, and whether it started from the teacher's weights): two runs of one
+    setup, teacher seed, condition and seed with different variants answer different questions."""
+    import hashlib
+    import json
+
+    picked = {k: v for k, v in params.items() if k.startswith(VARIANT_PREFIXES) or k in VARIANT_PARAMS}
+    picked["init_from_teacher"] = params.get("init_seed") == params.get("teacher_seed")
+    return hashlib.sha256(json.dumps(picked, sort_keys=True).encode()).hexdigest()[:8]
+
+
 def _row(run) -> dict:
     p, t = run.data.params, run.data.tags
     method = t.get(TAG_METHOD, p.get("method"))
@@ -128,7 +146,9 @@ def _row(run) -> dict:
         setup=t.get(TAG_SETUP, p.get("setup")), role=t.get(TAG_ROLE, p.get("role")), method=method,
         params=cond["params"] if cond else legacy_params(method, p),
         width=cond["width"] if cond else _num(p.get("width")), teacher_seed=_num(p.get("teacher_seed")),
-        student_seed=_num(p.get("student_seed")),
+        student_seed=_num(p.get("student_seed")), variant=variant_of(p),
+        fingerprint=t.get(TAG_FINGERPRINT), fingerprint_json=t.get(TAG_FINGERPRINT_JSON),
+        data_sha256=t.get(TAG_DATA_SHA), checkpoint=t.get(TAG_CHECKPOINT) or _none(p.get("checkpoint_sha256")),
     )
     row.update(run.data.metrics)  # latest value per metric = the final one
     return row
