@@ -8,6 +8,7 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+from pathlib import Path
 from typing import Callable, Optional
 
 EXIT_USAGE = 2
@@ -82,7 +83,10 @@ def cmd_sweep(args) -> int:
 
     sweep, plan = _load(args.sweep, args.max_trials, {"storage": args.storage, "tracking_uri": args.tracking_uri})
     print(format_plan(plan), flush=True)
-    summary = run_sweep(sweep, verbose=1 if args.verbose else 0, progress=not (args.quiet or args.verbose))
+    from kdray.provenance import sha256_bytes
+
+    summary = run_sweep(sweep, verbose=1 if args.verbose else 0, progress=not (args.quiet or args.verbose),
+                        source_sha256=sha256_bytes(Path(args.sweep).read_bytes()))
     print("\n".join(summary.lines()))
     return summary.exit_code
 
@@ -107,6 +111,16 @@ def cmd_report(args) -> int:
 
     return run_report(args.target, args.out, args.tracking_uri, args.threshold, args.exclude_below, args.jobs,
                       args.correction, args.min_metrics)
+
+
+def cmd_verify(args) -> int:
+    from kdray.verify import run_verify
+
+    if args.sample < 1:
+        return _fail(f"--sample: expected at least 1 trial, got {args.sample}")
+    if not args.tolerance >= 0:
+        return _fail(f"--tolerance: expected a number >= 0, got {args.tolerance}")
+    return run_verify(args.target, args.sample, args.seed, args.tracking_uri, args.storage, args.tolerance)
 
 
 def cmd_power(args) -> int:
@@ -227,6 +241,10 @@ def build_parser() -> argparse.ArgumentParser:
                          "to count as supported (default 3 of 4, the paper's rule)")
     sp.add_argument("--jobs", type=_positive_int, default=None,
                     help="worker processes for fetching runs and drawing figures (default: one per core; 1: none)")
+    sp = add("verify", cmd_verify, "does a study reproduce? re-trains a seeded sample of its stored trials and "
+                                   "compares each with what was stored (bit for bit where the fingerprint matches)")
+    from kdray.verify import add_arguments as verify_arguments
+    verify_arguments(sp)
     sp = add("data", cmd_data, "data tools: fetch NAME downloads a full data set (--list: the sources); "
                                "ffcv-write SRC DST converts an ImageFolder tree to an FFCV .beton")
     sp.add_argument("tool", choices=["fetch", "ffcv-write"])
