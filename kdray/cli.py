@@ -82,7 +82,13 @@ def cmd_sweep(args) -> int:
     from kdray.plan import format_plan
 
     sweep, plan = _load(args.sweep, args.max_trials, {"storage": args.storage, "tracking_uri": args.tracking_uri})
+    from kdray import simulation
+    if args.simulate_gpu:
+        os.environ[simulation.ENV] = "1"
     print(format_plan(plan), flush=True)
+    if simulation.requested():
+        print(f"kdray: {simulation.ENV}=1: trials that ask for GPUs run on CPUs where there is no CUDA device; "
+              "their runs are tagged kdray.simulated and the report says SIMULATED", file=sys.stderr, flush=True)
     from kdray.provenance import sha256_bytes
 
     summary = run_sweep(sweep, verbose=1 if args.verbose else 0, progress=not (args.quiet or args.verbose),
@@ -220,6 +226,9 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--tracking-uri", help="override the MLflow tracking URI")
     sp.add_argument("--quiet", action="store_true", help="no progress lines, only the summary")
     sp.add_argument("--verbose", action="store_true", help="Ray Tune's own status tables instead of kdray's progress lines")
+    sp.add_argument("--simulate-gpu", action="store_true",
+                    help="rehearse a GPU sweep without GPUs: trials that ask for GPUs train on CPUs (placed on nodes "
+                         "that advertise logical GPUs) and are tagged simulated (also: KDRAY_SIMULATE_GPU=1)")
     sp = add("audit", cmd_audit, "what did a distillation transfer? writes and runs the paired study (SIDDO, "
                                  "the method, RCD) for your teacher, student and method, then answers in plain words")
     from kdray.audit import add_arguments

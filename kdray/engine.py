@@ -24,7 +24,7 @@ import torch
 from ray.tune import Callback
 from ray.tune.search import Searcher
 
-from kdray import testhook
+from kdray import simulation, testhook
 from kdray.contracts import (EPOCH, FAILURE, FINAL, RESULT_EPOCHS, RESULT_LAST, RESULT_PACK, TAG_RETRIES, TAG_REUSED,
                              TAG_SUSPECT, provenance_tags)
 from kdray.errors import DataNotFoundError
@@ -32,6 +32,7 @@ from kdray.packing import fallback_reasons, jobs, run_pack
 from kdray.plan import Plan, build_plan
 from kdray.recipe import TrialDiverged, run_trial
 from kdray.sanity import sanity_lines, suspicion
+from kdray.simulation import NoGpuError, device_for
 from kdray.spec import TrialSpec
 from kdray.storage import Store
 from kdray.sweep import Sweep
@@ -42,8 +43,6 @@ log = logging.getLogger(__name__)
 
 # ------------------------------------------------------------------ the Tune trainable
 
-def _device(spec: TrialSpec) -> str:
-    return "cuda" if spec.resources.get("gpu", 0) > 0 and torch.cuda.is_available() else "cpu"
 
 
 def trainable(config: dict) -> None:
@@ -90,7 +89,8 @@ def trainable(config: dict) -> None:
             from kdray.distributed import run_distributed_trial
             run_distributed_trial(config["spec"], config["storage"], report, restore)  # re-raises TrialDiverged
         else:
-            run_trial(spec, store, report, restore, device=_device(spec))
+            device, simulated = device_for(spec.resources, bool(config.get("simulate_gpu")))
+            run_trial(spec, store, report, restore, device=device, simulated=simulated)
     except Exception as e:
         if not deterministic(e):
             raise          # a lost worker or node, or a transient fault: Tune retries (max_failures)
@@ -132,7 +132,8 @@ def _train_pack(config: dict) -> None:
             stored = store.load_result(s.trial_key)
             pending[s.trial_key] = stored["history"] + [stored[FINAL]]
     try:
-        run_pack(specs, store, _device(specs[0]), report)
+        device, simulated = device_for(specs[0].resources, bool(config.get("simulate_gpu")))
+        run_pack(specs, store, device, report, simulated=simulated)
     except Exception as e:
         send()   # what the students did before (a finished student stays finished)
         if not deterministic(e):
@@ -147,7 +148,7 @@ def _train_pack(config: dict) -> None:
 # slot.  RuntimeError is deterministic only for a shape mismatch (torch's wording); CUDA out of
 # memory, NCCL and other RuntimeErrors may pass on another node and are retried.
 DETERMINISTIC = (TrialDiverged, ValueError, TypeError, KeyError, IndexError, AttributeError, NotImplementedError,
-                 ZeroDivisionError, AssertionError, DataNotFoundError)
+                 ZeroDivisionError, AssertionError, DataNotFoundError, NoGpuError)
 SHAPE_WORDS = ("shape", "size mismatch", "must match the size", "mat1 and mat2", "dimension")
 
 
@@ -615,7 +616,7 @@ def _tune_run(specs: list[TrialSpec], sweep: Sweep, store: Store, tracker: Track
     tuner = tune.Tuner(
         tune.with_resources(trainable, _resources),
         param_space={"storage": store.uri,  # absolute, so every worker finds the same place
-                     "report_every_s": sweep.report_every_s},
+                     "report_every_s": sweep.report_every_s, "simulate_gpu": simulation.requested()},
         # reuse_actors: a worker process keeps torch imported and data sets in memory
         # between trials (every trial re-seeds everything it uses, so results are unchanged).
         tune_config=tune.TuneConfig(search_alg=searcher, num_samples=n_jobs,

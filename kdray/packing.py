@@ -245,7 +245,7 @@ def _ignore(key: str, metrics: dict) -> None:
 
 
 def run_pack(specs: Sequence[TrialSpec], store: Store, device: str | torch.device = "cpu",
-             report: Callable[[str, dict], None] = _ignore) -> dict[str, dict]:
+             report: Callable[[str, dict], None] = _ignore, simulated: Optional[str] = None) -> dict[str, dict]:
     """Train one pack; returns {trial_key: final metrics} of the students it stored.
 
     The whole pack trains, always: a student's numbers depend (in the last bits) on which
@@ -351,7 +351,8 @@ def run_pack(specs: Sequence[TrialSpec], store: Store, device: str | torch.devic
         out[key] = finish_trial(st.spec, store, _unstack(models[i], params, buffers, i), bundle, device, r,
                                 teacher.test_logits, st.history, seconds,
                                 lambda metrics, state=None, key=key: report(key, metrics),
-                                outputs=(logits[j], y), similarity=similarity[j], pack=members)
+                                outputs=(logits[j], y), similarity=similarity[j], pack=members,
+                                simulated=simulated)
     return out
 
 

@@ -124,8 +124,9 @@ def loss_and_accuracy(logits: torch.Tensor, y: torch.Tensor) -> tuple[float, flo
 
 def run_trial(spec: TrialSpec, store: Store, report: Optional[Report] = None,
               restore: Optional[Callable[[], Optional[dict]]] = None, device: str | torch.device = "cpu",
-              shard=None) -> dict:
-    """``shard`` (a ``kdray.distributed.Shard``): train this rank's rows of every global batch under DDP."""
+              shard=None, simulated: Optional[str] = None) -> dict:
+    """``shard`` (a ``kdray.distributed.Shard``): train this rank's rows of every global batch under DDP;
+    ``simulated``: what this run only simulates (kdray/simulation.py), recorded in its fingerprint."""
     report = report or (lambda metrics, state=None: None)
     device = torch.device(device)
     t0 = time.perf_counter()
@@ -237,7 +238,8 @@ def run_trial(spec: TrialSpec, store: Store, report: Optional[Report] = None,
 
     if shard is not None and not shard.is_main:
         return {}  # rank 0 evaluates, reports and writes the artefacts
-    return finish_trial(spec, store, model, bundle, device, r, teacher_logits, history, time.perf_counter() - t0, report)
+    return finish_trial(spec, store, model, bundle, device, r, teacher_logits, history, time.perf_counter() - t0, report,
+                        simulated=simulated)
 
 
 def _train_batches(bundle: DataBundle, batch_size: int, steps: int, order: torch.Generator,
@@ -299,13 +301,13 @@ TIMINGS = ("train_seconds",)    # reported and logged, kept in run.json, never i
 
 
 def run_record(spec: TrialSpec, device, bundle: DataBundle, seconds: float,
-               pack: Optional[list[TrialSpec]] = None) -> dict:
+               pack: Optional[list[TrialSpec]] = None, simulated: Optional[str] = None) -> dict:
     """How a trial was run (run.json): its spec, this process's fingerprint, the data's checksum,
     the pack it trained in, and how long it took.  Provenance, not a result: the report shows
     it and ``kdray verify`` re-runs the trial (or its pack) from it."""
     from kdray import provenance
 
-    fp = provenance.fingerprint(str(device), spec.plugins)
+    fp = provenance.fingerprint(str(device), spec.plugins, simulated)
     return {"spec": spec.to_dict(), "fingerprint": fp, "fingerprint_id": provenance.fingerprint_id(fp),
             "data_sha256": provenance.data_checksum(bundle), "seconds": seconds,
             "pack": [s.to_dict() for s in pack] if pack else None,
@@ -315,7 +317,8 @@ def run_record(spec: TrialSpec, device, bundle: DataBundle, seconds: float,
 def finish_trial(spec: TrialSpec, store: Store, model: nn.Module, bundle: DataBundle, device, r: Recipe,
                  teacher_logits: Optional[np.ndarray], history: list[dict], seconds: float, report: Report,
                  outputs: Optional[tuple[torch.Tensor, torch.Tensor]] = None,
-                 similarity: Optional[dict] = None, pack: Optional[list[TrialSpec]] = None) -> dict:
+                 similarity: Optional[dict] = None, pack: Optional[list[TrialSpec]] = None,
+                 simulated: Optional[str] = None) -> dict:
     """Final evaluation, artefacts and the metrics the tracker logs.
 
     A packed trial passes its students' ``outputs`` (test logits, labels) and ``similarity``
@@ -345,7 +348,7 @@ def finish_trial(spec: TrialSpec, store: Store, model: nn.Module, bundle: DataBu
     store.save_npz(spec.trial_key, "test_outputs.npz", logits=logits.numpy().astype(np.float16), labels=y.numpy())
     stored = {k: v for k, v in final.items() if k not in TIMINGS}   # results only: the same bytes every run
     store.save_json(spec.trial_key, "result.json", {FINAL: stored, "history": history})
-    store.save_json(spec.trial_key, RUN_FILE, run_record(spec, device, bundle, seconds, pack))
+    store.save_json(spec.trial_key, RUN_FILE, run_record(spec, device, bundle, seconds, pack, simulated))
     if spec.role == "teacher":
         buf = io.BytesIO()
         torch.save({k: v.cpu() for k, v in model.state_dict().items()}, buf)

@@ -58,7 +58,11 @@ def verify_trial(store, key: str, tolerance: float = DEFAULT_TOLERANCE) -> Verdi
     spec = TrialSpec.from_dict(run["spec"])
     if spec.distributed:
         return Verdict(key, spec.label, None, "a DDP trial (Ray Train): verify re-trains single-process trials only")
-    gpu = spec.resources.get("gpu", 0) > 0 and torch.cuda.is_available()
+    from kdray.simulation import NoGpuError, device_for
+    try:   # a simulated GPU run is re-run simulated; a real one needs a GPU here
+        device, simulated = device_for(spec.resources, bool((run.get("fingerprint") or {}).get("simulated")))
+    except NoGpuError:
+        return Verdict(key, spec.label, None, "a GPU trial, and torch sees no GPU here: verify it on a GPU machine")
     threads = torch.get_num_threads()
     with tempfile.TemporaryDirectory(prefix="kdray-verify-") as tmp:
         scratch = Store(tmp, spec.sweep)
@@ -69,9 +73,9 @@ def verify_trial(store, key: str, tolerance: float = DEFAULT_TOLERANCE) -> Verdi
         torch.set_num_threads(max(1, int(spec.resources.get("cpu", 1))))   # as the trial's worker set it
         try:
             if run.get("pack"):
-                run_pack([TrialSpec.from_dict(d) for d in run["pack"]], scratch, "cuda" if gpu else "cpu")
+                run_pack([TrialSpec.from_dict(d) for d in run["pack"]], scratch, device, simulated=simulated)
             else:
-                run_trial(spec, scratch, device="cuda" if gpu else "cpu")
+                run_trial(spec, scratch, device=device, simulated=simulated)
         finally:
             torch.set_num_threads(threads)
         again = scratch.load_run(key)

@@ -25,7 +25,7 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def start_head(temp_dir: str, gcs: int, dash: int, env: dict) -> subprocess.Popen:
+def start_head(temp_dir: str, gcs: int, dash: int, env: dict, resources: tuple = ("--num-cpus=2",)) -> subprocess.Popen:
     """A Ray head in the foreground (`ray start --block`): every Ray process it starts is its
     descendant, so the test can stop exactly its own cluster.  Returns once the dashboard listens."""
     log = open(Path(temp_dir) / "head.log", "w")   # a file, not a pipe: a full pipe would stall the head
@@ -35,7 +35,7 @@ def start_head(temp_dir: str, gcs: int, dash: int, env: dict) -> subprocess.Pope
                                                    "metrics-export-port", "runtime-env-agent-port")]
     head = subprocess.Popen([str(BIN / "ray"), "start", "--head", "--block", "--node-ip-address=127.0.0.1",
                              f"--port={gcs}", "--dashboard-host=127.0.0.1", f"--dashboard-port={dash}", *ports,
-                             "--num-cpus=2", f"--temp-dir={temp_dir}", "--disable-usage-stats"],
+                             *resources, f"--temp-dir={temp_dir}", "--disable-usage-stats"],
                             env=env, stdout=log, stderr=subprocess.STDOUT)
     deadline = time.time() + 120
     while time.time() < deadline and head.poll() is None:

@@ -139,7 +139,12 @@ def test_run_report_from_a_sweep_file_and_errors(sweep, tmp_path, capsys):
     _, uri = sweep
     f = tmp_path / "small.yaml"
     f.write_text(f"name: small\ntracking_uri: '{uri}'\nsetups: []\n")
-    assert run_report(str(f), str(tmp_path / "rep"), None, 0.01, None) == 0
+    # A file's report is its plan's (issue 25): a file that plans nothing is one line, which says
+    # how to report the experiment's runs instead.
+    assert run_report(str(f), str(tmp_path / "rep"), None, 0.01, None) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "setups" in err and "name the experiment instead of the file" in err
+    assert run_report("small", str(tmp_path / "rep"), uri, 0.01, None) == 0
     out = capsys.readouterr().out
     assert "broken: transfer KD α=0.5 [t0; symmetric]" in out and "logged to MLflow: experiment 'small'" in out
     assert (tmp_path / "rep" / "index.html").is_file()

@@ -56,6 +56,10 @@ def summary_lines(runs: pd.DataFrame, tests: pd.DataFrame) -> list[str]:
         except (KeyError, ValueError):
             what = "no description recorded"
         lines.append(f"  fingerprint {fp} ({n} runs): {what}")
+    simulated = sum('"simulated"' in str(getattr(r, "fingerprint_json", "") or "") for r in used.itertuples())
+    if simulated:
+        lines.append(f"  SIMULATED: {simulated} runs are GPU trials run on a CPU (KDRAY_SIMULATE_GPU=1): "
+                     f"no GPU numbers in them")
     data = sorted({(r.setup, r.data_sha256) for r in used.itertuples() if _known(getattr(r, "data_sha256", None))})
     for setup, sha in data:
         lines.append(f"  data {setup}: sha256 {sha[:16]}")
