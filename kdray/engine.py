@@ -382,12 +382,15 @@ class SweepSummary:
     stopped: bool = False      # Ctrl-C (SIGINT) ended the run
     tracking_lost: str = ""    # why MLflow stopped answering (the run stopped; resume when it is back)
     suspect: list = field(default_factory=list)   # (role, label, reason): finished, but at chance or diverging
+    retried: int = 0           # Tune trials restarted after a lost worker or node (each counted once)
+    restarts: int = 0          # ... and how many restarts that took
     seconds: float = 0.0
     tracking_uri: str = ""
     storage: str = ""
     ray_start_seconds: float = 0.0   # ray.init (or joining the cluster), overlapped with opening MLflow
     first_trial_seconds: float = float("nan")    # from the sweep's start to Tune starting its first trial
     started_at: float = 0.0
+    ray_cluster: str = ""            # which Ray cluster ran it (joined, or started locally)
 
     def lines(self) -> list[str]:
         out = [f"sweep {self.name}: {self.finished} trials finished now, {self.skipped} already done, "
@@ -396,6 +399,9 @@ class SweepSummary:
                f"{self.not_started} not started; {self.planned} planned; {self.seconds:.0f} s"]
         for key, reason in list(self.failed.items())[:10]:
             out.append(f"  failed {key}: {reason}")
+        if self.retried:
+            out.append(f"  retried: {self.retried} Tune trials restarted {self.restarts} times after a lost worker or "
+                       f"node (their runs carry kdray.retries)")
         out += sanity_lines(self.suspect, self.finished)
         if self.tracking_lost:
             out.append(f"TRACKING LOST: {self.tracking_lost}; {self.interrupted + self.not_started} of "
@@ -404,6 +410,8 @@ class SweepSummary:
         if self.stopped:
             out.append(f"INTERRUPTED: {self.interrupted + self.not_started} of {self.planned} trials did not run "
                        f"to the end; run the same command again to resume (finished trials are kept)")
+        if self.ray_cluster:
+            out.append(f"ray:       {self.ray_cluster}")
         out.append(f"runs:      MLflow experiment '{self.name}' at {self.tracking_uri}")
         out.append(f"artefacts: {self.storage}")
         out.append(f"browse:    kdray ui --tracking-uri '{self.tracking_uri}'   (or: mlflow ui --backend-store-uri '{self.tracking_uri}')")
@@ -447,6 +455,20 @@ def connect_ray(num_cpus: Optional[int] = None) -> None:
                                f"{str(e).strip().splitlines()[0][:200] if str(e).strip() else type(e).__name__}") from None
     else:
         ray.init(num_cpus=num_cpus, include_dashboard=False, log_to_driver=False, configure_logging=False)
+
+
+def ray_cluster() -> dict[str, str]:
+    """Which Ray cluster this driver runs on (tags of the sweep's run, and ``text`` for its summary):
+    a sweep under ``ray job submit`` or RAY_ADDRESS must be seen to have joined that cluster."""
+    import ray
+
+    joined = bool(os.environ.get("RAY_ADDRESS"))
+    address = ray.get_runtime_context().gcs_address
+    nodes = sum(1 for n in ray.nodes() if n.get("Alive"))
+    text = (f"joined the Ray cluster at {address} ({nodes} nodes alive)" if joined
+            else f"a local Ray cluster started for this sweep ({address})")
+    return {"kdray.ray_gcs_address": address, "kdray.ray_joined": str(joined).lower(), "kdray.ray_nodes": str(nodes),
+            "text": text}
 
 
 @contextmanager
@@ -689,8 +711,10 @@ def _run_sweep(sweep: Sweep, plan: Plan, verbose: int, progress: bool, source_sh
     artifact_root = str(sweep.local_storage() / "mlartifacts" / sweep.name) if uri.startswith("sqlite") else None
     tracker, ray_seconds, reasons = _tracker_and_ray(uri, sweep, artifact_root, plan)
     tracker.use_sweep_file(source_sha256)
+    cluster = ray_cluster()
     summary = SweepSummary(sweep.name, len(plan.all), tracking_uri=uri, storage=store.uri, ray_start_seconds=ray_seconds,
-                           started_at=t0)
+                           started_at=t0, ray_cluster=cluster.pop("text"))
+    tracker.set_tags(tracker.parent_id, cluster)
     try:
         _run_todo(summary, plan, sweep, store, tracker, verbose, progress, reasons)
         summary.seconds = time.time() - t0
@@ -764,6 +788,7 @@ def _account(summary: SweepSummary, todo: list[TrialSpec], cb: MlflowCallback) -
     summary.failed.update(cb.failed)
     summary.interrupted = len(cb.interrupted)
     summary.suspect = list(cb.suspect)
+    summary.retried, summary.restarts = len(cb.retries), sum(cb.retries.values())
     summary.tracking_lost = cb.lost
     if cb.first_start_at is not None:
         summary.first_trial_seconds = cb.first_start_at - summary.started_at

@@ -114,6 +114,17 @@ def fingerprint_id(fp: dict) -> str:
     return hashlib.sha256(blob.encode()).hexdigest()[:ID_LENGTH]
 
 
+def ray_node() -> Optional[str]:
+    """The Ray node this process runs on (where a trial ran: placement, not a fingerprint), or None
+    outside Ray."""
+    import sys
+
+    ray = sys.modules.get("ray")
+    if ray is None or not ray.is_initialized():
+        return None
+    return ray.get_runtime_context().get_node_id()
+
+
 def describe(fp: dict) -> str:
     """One line a reader can compare: code, libraries, device, threads."""
     code = f"kdray {fp.get('kdray', '?')} git {str(fp.get('git', '?'))[:10]}" + (" (dirty)" if fp.get("git_dirty") else "")

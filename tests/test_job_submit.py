@@ -61,14 +61,19 @@ def test_ray_job_submit_runs_a_sweep_on_a_running_cluster(tmp_path):
     env.update(RAY_AUTH_MODE="token", RAY_AUTH_TOKEN=os.urandom(16).hex())
     head = start_head(temp_dir, gcs, dash, env)
     try:
-        sweep = sweep_dict("jobsweep", tmp_path / "results", **SMALL_GRID, name="digits-mlp",
-                           teacher={"arch": "mlp", "args": {"hidden": 32}},
+        # The job's working directory carries the user's plug-in (a module no node has installed):
+        # Ray ships it to the driver and to every worker that runs a trial.
+        job_dir = tmp_path / "job"
+        job_dir.mkdir()
+        shutil.copy(ROOT / "tests" / "plugin_demo" / "kdray_plugin_demo.py", job_dir)
+        sweep = sweep_dict("jobsweep", tmp_path / "results", top={"plugins": ["kdray_plugin_demo"]}, **SMALL_GRID,
+                           name="digits-mlp", teacher={"arch": "mlp", "args": {"hidden": 32}},
                            recipe={"epochs": 2, "batch_size": 128, "lr": 0.01})
-        sweep_file = write_sweep(tmp_path / "jobsweep.yaml", sweep)
-        runtime_env = {"excludes": ["/.git", "/results", "/.venv", "/data"]}
-        cmd = [str(BIN / "ray"), "job", "submit", "--address", f"http://127.0.0.1:{dash}", "--working-dir", str(ROOT),
-               "--runtime-env-json", json.dumps(runtime_env), "--",
-               sys.executable, "-m", "kdray.cli", "sweep", str(sweep_file), "--quiet"]
+        sweep["setups"][0]["conditions"] = {"siddo": True, "kd": None, "rcd": {"alphas": [0.5]},
+                                            "logit_mse": {"alphas": [0.5]}}
+        sweep_file = write_sweep(job_dir / "jobsweep.yaml", sweep)
+        cmd = [str(BIN / "ray"), "job", "submit", "--address", f"http://127.0.0.1:{dash}", "--working-dir", str(job_dir),
+               "--", sys.executable, "-m", "kdray.cli", "sweep", sweep_file.name, "--quiet"]
         t0 = time.time()
         for _ in range(30):  # the head's job agent comes up a few seconds after `ray start`
             job = subprocess.run(cmd, capture_output=True, text=True, timeout=600, env=env)
@@ -79,11 +84,23 @@ def test_ray_job_submit_runs_a_sweep_on_a_running_cluster(tmp_path):
         assert job.returncode == 0, (job.stdout + job.stderr)[-3000:]
         assert "sweep jobsweep: 7 trials finished now" in job.stdout
         print(f"ray job submit wall time: {wall:.1f} s")
+        # The driver joined this head, not a Ray cluster of its own: the cluster it names is ours.
+        assert f"joined the Ray cluster at 127.0.0.1:{gcs} (1 nodes alive)" in job.stdout, job.stdout[-2000:]
 
         client = MlflowClient(f"sqlite:///{tmp_path / 'results' / 'mlflow.db'}")
         exp = client.get_experiment_by_name("jobsweep")
         runs = client.search_runs([exp.experiment_id], "tags.`kdray.kind` = 'trial'")
         assert len(runs) == 7 and all(r.info.status == "FINISHED" for r in runs)
+        assert sum(r.data.tags["kdray.method"] == "logit_mse" for r in runs) == 2     # the plug-in ran on the cluster
+        parent = client.search_runs([exp.experiment_id], "tags.`kdray.kind` = 'sweep'")[0]
+        assert parent.data.tags["kdray.ray_gcs_address"] == f"127.0.0.1:{gcs}"
+        assert parent.data.tags["kdray.ray_joined"] == "true"
+        nodes = {json.loads((tmp_path / "results" / "trials" / r.data.tags["kdray.trial_key"] / "run.json")
+                            .read_text())["ray_node"] for r in runs}
+        assert len(nodes) == 1 and None not in nodes                    # every trial on the head's one node
+        jobs = subprocess.run([str(BIN / "ray"), "job", "list", "--address", f"http://127.0.0.1:{dash}"],
+                              capture_output=True, text=True, timeout=120, env=env)
+        assert "SUCCEEDED" in jobs.stdout, jobs.stdout + jobs.stderr     # the cluster's own job list has it
     finally:
         stop_head(head)
         shutil.rmtree(temp_dir, ignore_errors=True)

@@ -1,0 +1,74 @@
+"""A worker node lost mid-sweep (issue 29), on a real multi-node Ray cluster on this machine
+(``ray.cluster_utils.Cluster``: a head with no CPUs and two worker nodes, each its own raylet):
+the sweep still ends with exactly one FINISHED run per planned trial, the packs that were on the
+lost node are retried elsewhere and store the same bytes an undisturbed sweep stores, and the
+summary counts the retries."""
+import os
+import subprocess
+import tempfile
+import time
+
+import pytest
+
+from kdray.plan import build_plan
+from kdray.sweep import load_sweep
+from sweeps import sweep_dict, write_sweep
+from test_answers import _stored_files
+from test_reliability import KDRAY, trial_runs
+
+pytestmark = pytest.mark.slow
+
+
+def _file(tmp_path, name):
+    data = sweep_dict(name, tmp_path / name, top={"max_failures": 3, "report_every_s": 0},
+                      name="d", teacher={"arch": "mlp", "args": {"hidden": 16}},
+                      recipe={"epochs": 1, "batch_size": 128, "lr": 0.01},
+                      student={"arch": "small_cnn", "args": {"channels": 8, "dropout": 0.0}},
+                      student_recipe={"epochs": 12}, teacher_seeds=[0], student_seeds=[10, 11],
+                      conditions={"siddo": True, "kd": {"alphas": [0.5, 0.9]}, "rcd": {"alphas": [0.5]}},
+                      resources={"student": {"cpu": 1, "pack": 2}})
+    return write_sweep(tmp_path / f"{name}.yaml", data)
+
+
+def test_a_worker_node_lost_mid_sweep(tmp_path, monkeypatch):
+    from ray.cluster_utils import Cluster
+
+    monkeypatch.delenv("RAY_ADDRESS", raising=False)
+    monkeypatch.setenv("RAY_AUTH_MODE", "token")                # the nodes and the sweep share one token
+    monkeypatch.setenv("RAY_AUTH_TOKEN", os.urandom(16).hex())
+    temp_dir = tempfile.mkdtemp(prefix="kdray-lostnode-")
+    cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 0, "temp_dir": temp_dir,
+                                                              "include_dashboard": False})
+    try:
+        doomed = cluster.add_node(num_cpus=2)
+        cluster.add_node(num_cpus=2)
+        cluster.wait_for_nodes()
+        env = {**os.environ, "RAY_ADDRESS": cluster.address}
+
+        calm = _file(tmp_path, "calm")
+        r = subprocess.run(KDRAY + ["sweep", str(calm), "--quiet"], capture_output=True, text=True, timeout=900,
+                           env=env)
+        assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-3000:]
+
+        lost = _file(tmp_path, "lost")
+        plan = build_plan(load_sweep(lost))
+        teacher = tmp_path / "lost" / "trials" / plan.teachers[0].trial_key / "model.pt"
+        p = subprocess.Popen(KDRAY + ["sweep", str(lost), "--quiet"], stdout=subprocess.PIPE,
+                             stderr=subprocess.PIPE, text=True, env=env)
+        deadline = time.time() + 300
+        while not teacher.exists() and time.time() < deadline and p.poll() is None:
+            time.sleep(0.2)
+        assert teacher.exists(), "the teacher never finished"
+        time.sleep(4)      # the 3 packs of 2 students (12 epochs each) are running on both worker nodes
+        cluster.remove_node(doomed)
+        out, err = p.communicate(timeout=900)
+        assert p.returncode == 0, out[-2000:] + err[-3000:]
+        assert "retried:" in out and "after a lost worker or node" in out, out
+        runs = trial_runs(lost)
+        assert sorted(x.data.tags["kdray.trial_key"] for x in runs) == sorted(s.trial_key for s in plan.all)
+        assert all(x.info.status == "FINISHED" for x in runs)
+        assert any(int(x.data.tags.get("kdray.retries", 0)) > 0 for x in runs)
+        a, b = _stored_files(tmp_path / "calm"), _stored_files(tmp_path / "lost")
+        assert sorted(a) == sorted(b) and [k for k in a if a[k] != b[k]] == []    # retried packs: same bytes
+    finally:
+        cluster.shutdown()
