@@ -216,6 +216,7 @@ class MlflowCallback(Callback):
         self.suspect: list[tuple[str, str, str]] = []    # (role, label, reason) of nonsense results
         self.retries: dict[str, int] = {}                # Tune trial id -> restarts
         self.lost = ""                                   # why MLflow could no longer be written
+        self.gpu_seconds = 0.0                           # GPU x seconds the trials finished now held
         self.first_start_at: Optional[float] = None      # time.time() Tune started the first trial
 
     def lose(self, reason: str) -> None:
@@ -264,7 +265,10 @@ class MlflowCallback(Callback):
             names = ["test_outputs.npz"] + (["model.pt"] if spec.role == "teacher" else [])
             for name in names:
                 self.tracker.log_artifact(run_id, self.store.fetch_to(spec.trial_key, name, tmp))
-        self.tracker.set_tags(run_id, provenance_tags(self.store.load_run(spec.trial_key)))
+        run = self.store.load_run(spec.trial_key)
+        self.tracker.set_tags(run_id, provenance_tags(run))
+        share = len(run.get("pack_keys") or ()) or 1     # a pack's seconds are its students' together
+        self.gpu_seconds += float(spec.resources.get("gpu", 0) or 0) * float(final.get("train_seconds") or 0) / share
         reason = suspicion(final)
         if reason:
             self.suspect.append((spec.role, spec.label, reason))
@@ -382,6 +386,8 @@ class SweepSummary:
     stopped: bool = False      # Ctrl-C (SIGINT) ended the run
     tracking_lost: str = ""    # why MLflow stopped answering (the run stopped; resume when it is back)
     suspect: list = field(default_factory=list)   # (role, label, reason): finished, but at chance or diverging
+    gpu_hours_planned: float = 0.0   # the plan's estimate (gpu_hours_per_model), for the GPU line
+    gpu_seconds: float = 0.0   # GPU x seconds the trials finished now held (logical GPUs when simulated)
     retried: int = 0           # Tune trials restarted after a lost worker or node (each counted once)
     restarts: int = 0          # ... and how many restarts that took
     seconds: float = 0.0
@@ -412,6 +418,10 @@ class SweepSummary:
                        f"to the end; run the same command again to resume (finished trials are kept)")
         if self.ray_cluster:
             out.append(f"ray:       {self.ray_cluster}")
+        if self.gpu_hours_planned or self.gpu_seconds:
+            sim = " (SIMULATED: logical GPUs, trained on CPUs)" if simulation.requested() else ""
+            out.append(f"gpu:       the plan estimates {self.gpu_hours_planned:,.2f} GPU-hours; the trials finished now "
+                       f"held GPUs for {self.gpu_seconds:,.1f} GPU-seconds{sim}")
         out.append(f"runs:      MLflow experiment '{self.name}' at {self.tracking_uri}")
         out.append(f"artefacts: {self.storage}")
         out.append(f"browse:    kdray ui --tracking-uri '{self.tracking_uri}'   (or: mlflow ui --backend-store-uri '{self.tracking_uri}')")
@@ -713,7 +723,7 @@ def _run_sweep(sweep: Sweep, plan: Plan, verbose: int, progress: bool, source_sh
     tracker.use_sweep_file(source_sha256)
     cluster = ray_cluster()
     summary = SweepSummary(sweep.name, len(plan.all), tracking_uri=uri, storage=store.uri, ray_start_seconds=ray_seconds,
-                           started_at=t0, ray_cluster=cluster.pop("text"))
+                           started_at=t0, ray_cluster=cluster.pop("text"), gpu_hours_planned=plan.gpu_hours())
     tracker.set_tags(tracker.parent_id, cluster)
     try:
         _run_todo(summary, plan, sweep, store, tracker, verbose, progress, reasons)
@@ -789,6 +799,7 @@ def _account(summary: SweepSummary, todo: list[TrialSpec], cb: MlflowCallback) -
     summary.interrupted = len(cb.interrupted)
     summary.suspect = list(cb.suspect)
     summary.retried, summary.restarts = len(cb.retries), sum(cb.retries.values())
+    summary.gpu_seconds = cb.gpu_seconds
     summary.tracking_lost = cb.lost
     if cb.first_start_at is not None:
         summary.first_trial_seconds = cb.first_start_at - summary.started_at

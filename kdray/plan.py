@@ -31,6 +31,11 @@ class Plan:
         """(setup, method) -> number of trials."""
         return dict(Counter((s.setup, s.method) for s in self.all))
 
+    def gpu_hours(self) -> float:
+        """The GPU-hours the sweep file's ``gpu_hours_per_model`` estimates for the setups that use GPUs."""
+        counts = Counter(s.setup for s in self.all)
+        return sum(st.gpu_hours_per_model * counts[st.name] for st in self.sweep.setups if _on_gpu(st))
+
     def n_pairs(self) -> int:
         """The fewest paired student seeds of any setup (what the tests will see)."""
         return min(len(s.student_seeds) for s in self.sweep.setups)
@@ -127,10 +132,14 @@ def format_plan(plan: Plan) -> str:
     return "\n".join(lines)
 
 
+def _on_gpu(setup) -> bool:
+    return bool(setup.resources.teacher.gpu or setup.resources.student.gpu
+                or (setup.distributed and setup.distributed.use_gpu))
+
+
 def _estimate(setup, per: dict[str, int]) -> str:
     """GPU-hours at the setup's per-model cost, and how trials pack onto GPUs."""
-    on_gpu = setup.resources.teacher.gpu or setup.resources.student.gpu or (setup.distributed and setup.distributed.use_gpu)
-    if not on_gpu:
+    if not _on_gpu(setup):
         return "runs on CPU (no GPU estimate)"
     hours = setup.gpu_hours_per_model * sum(per.values())
     parts = [f"~{hours:,.0f} GPU-hours at {setup.gpu_hours_per_model:g} per model"]

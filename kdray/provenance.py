@@ -125,6 +125,16 @@ def ray_node() -> Optional[str]:
     return ray.get_runtime_context().get_node_id()
 
 
+def ray_gpu_ids() -> Optional[list]:
+    """The (logical) GPUs Ray gave this process, or None outside Ray: where a GPU trial was placed."""
+    import sys
+
+    ray = sys.modules.get("ray")
+    if ray is None or not ray.is_initialized():
+        return None
+    return [str(g) for g in ray.get_runtime_context().get_accelerator_ids().get("GPU", [])]
+
+
 def describe(fp: dict) -> str:
     """One line a reader can compare: code, libraries, device, threads."""
     code = f"kdray {fp.get('kdray', '?')} git {str(fp.get('git', '?'))[:10]}" + (" (dirty)" if fp.get("git_dirty") else "")

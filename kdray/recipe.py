@@ -308,7 +308,7 @@ def run_record(spec: TrialSpec, device, bundle: DataBundle, seconds: float,
     from kdray import provenance
 
     fp = provenance.fingerprint(str(device), spec.plugins, simulated)
-    return {"spec": spec.to_dict(), "ray_node": provenance.ray_node(), "fingerprint": fp, "fingerprint_id": provenance.fingerprint_id(fp),
+    return {"spec": spec.to_dict(), "ray_node": provenance.ray_node(), "ray_gpu_ids": provenance.ray_gpu_ids(), "fingerprint": fp, "fingerprint_id": provenance.fingerprint_id(fp),
             "data_sha256": provenance.data_checksum(bundle), "seconds": seconds,
             "pack": [s.to_dict() for s in pack] if pack else None,
             "pack_keys": [s.trial_key for s in pack] if pack else None}

@@ -46,3 +46,12 @@ def stop_tree(pid: int, grace: float = 15.0) -> None:
         deadline = time.time() + grace
         while time.time() < deadline and any(_alive(p) for p in pids):
             time.sleep(0.2)
+
+
+def kill_tree(pid: int) -> None:
+    """SIGKILL ``pid`` and its descendants at once: a machine that vanishes, not one that shuts down."""
+    for p in [pid] + descendants(pid):
+        try:
+            os.kill(p, signal.SIGKILL)
+        except ProcessLookupError:
+            pass

@@ -47,6 +47,26 @@ def start_head(temp_dir: str, gcs: int, dash: int, env: dict, resources: tuple =
     raise AssertionError(f"the Ray head did not come up: {(Path(temp_dir) / 'head.log').read_text()[-2000:]}")
 
 
+def start_worker(temp_dir: str, gcs: int, env: dict, resources: tuple = ("--num-cpus=2",),
+                 name: str = "worker") -> subprocess.Popen:
+    """A worker node of the head at ``gcs`` (`ray start --address --block`, its own raylet and free
+    ports): stopping its process tree is losing the node.  Returns once Ray says it started."""
+    log_path = Path(temp_dir) / f"{name}.log"
+    log = open(log_path, "w")
+    ports = [f"--{p}={free_port()}" for p in ("dashboard-agent-listen-port", "dashboard-agent-grpc-port",
+                                              "metrics-export-port", "runtime-env-agent-port")]
+    node = subprocess.Popen([str(BIN / "ray"), "start", f"--address=127.0.0.1:{gcs}", "--block",
+                             "--node-ip-address=127.0.0.1", *ports, *resources, "--disable-usage-stats"],
+                            env=env, stdout=log, stderr=subprocess.STDOUT)
+    deadline = time.time() + 120
+    while time.time() < deadline and node.poll() is None:
+        if "Ray runtime started" in log_path.read_text():
+            return node
+        time.sleep(0.5)
+    stop_head(node)
+    raise AssertionError(f"the Ray worker node did not come up: {log_path.read_text()[-2000:]}")
+
+
 def stop_head(head: subprocess.Popen) -> None:
     """Stop this test's own Ray processes: the head and its descendants, never `ray stop`."""
     stop_tree(head.pid)

@@ -13,7 +13,9 @@ import pytest
 from kdray.plan import build_plan
 from kdray.sweep import load_sweep
 from sweeps import sweep_dict, write_sweep
+from procs import kill_tree
 from test_answers import _stored_files
+from test_job_submit import free_port, start_head, start_worker, stop_head
 from test_reliability import KDRAY, trial_runs
 
 pytestmark = pytest.mark.slow
@@ -30,20 +32,17 @@ def _file(tmp_path, name):
     return write_sweep(tmp_path / f"{name}.yaml", data)
 
 
-def test_a_worker_node_lost_mid_sweep(tmp_path, monkeypatch):
-    from ray.cluster_utils import Cluster
-
-    monkeypatch.delenv("RAY_ADDRESS", raising=False)
-    monkeypatch.setenv("RAY_AUTH_MODE", "token")                # the nodes and the sweep share one token
-    monkeypatch.setenv("RAY_AUTH_TOKEN", os.urandom(16).hex())
+def test_a_worker_node_lost_mid_sweep(tmp_path):
     temp_dir = tempfile.mkdtemp(prefix="kdray-lostnode-")
-    cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 0, "temp_dir": temp_dir,
-                                                              "include_dashboard": False})
+    gcs, dash = free_port(), free_port()
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+    env.update(RAY_AUTH_MODE="token", RAY_AUTH_TOKEN=os.urandom(16).hex())   # nodes and sweeps share one token
+    head = start_head(temp_dir, gcs, dash, env, ("--num-cpus=0",))            # trials run on the workers only
+    nodes = []
     try:
-        doomed = cluster.add_node(num_cpus=2)
-        cluster.add_node(num_cpus=2)
-        cluster.wait_for_nodes()
-        env = {**os.environ, "RAY_ADDRESS": cluster.address}
+        nodes = [start_worker(temp_dir, gcs, env, ("--num-cpus=2",), f"w{i}") for i in range(2)]
+        doomed = nodes[0]
+        env = {**env, "RAY_ADDRESS": f"127.0.0.1:{gcs}"}
 
         calm = _file(tmp_path, "calm")
         r = subprocess.run(KDRAY + ["sweep", str(calm), "--quiet"], capture_output=True, text=True, timeout=900,
@@ -60,7 +59,8 @@ def test_a_worker_node_lost_mid_sweep(tmp_path, monkeypatch):
             time.sleep(0.2)
         assert teacher.exists(), "the teacher never finished"
         time.sleep(4)      # the 3 packs of 2 students (12 epochs each) are running on both worker nodes
-        cluster.remove_node(doomed)
+        kill_tree(doomed.pid)               # the node's raylet and every worker process on it, at once
+        doomed.wait(timeout=30)
         out, err = p.communicate(timeout=900)
         assert p.returncode == 0, out[-2000:] + err[-3000:]
         assert "retried:" in out and "after a lost worker or node" in out, out
@@ -71,4 +71,7 @@ def test_a_worker_node_lost_mid_sweep(tmp_path, monkeypatch):
         a, b = _stored_files(tmp_path / "calm"), _stored_files(tmp_path / "lost")
         assert sorted(a) == sorted(b) and [k for k in a if a[k] != b[k]] == []    # retried packs: same bytes
     finally:
-        cluster.shutdown()
+        for node in nodes:
+            if node.poll() is None:
+                stop_head(node)
+        stop_head(head)
