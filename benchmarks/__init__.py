@@ -21,6 +21,7 @@ MODULES = {
     "ffcv": "benchmarks.ffcv_loading",
     "packing": "benchmarks.packing",
     "packed_sweep": "benchmarks.packed_sweep",
+    "scale": "benchmarks.scale",
 }
 NAMES = tuple(MODULES)
 

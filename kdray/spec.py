@@ -14,6 +14,7 @@ then (alpha, temperature, block) are hashed under those names.  Change
 """
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 from dataclasses import MISSING, asdict, dataclass, field, fields, replace
@@ -70,12 +71,10 @@ class TrialSpec:
             d["precision"] = self.recipe.get("precision", "fp32")
             return d
         d: dict[str, Any] = dict(V1_PARAMS)
-        for f in fields(self):
-            v = getattr(self, f.name)
-            if f.name in V1_FIELDS:
-                d[f.name] = v
-            elif f.name not in NON_KEY_FIELDS and f.name != "params" and v != _default(f):
-                d[f.name] = v
+        for name, always, default in _key_fields():
+            v = getattr(self, name)
+            if always or v != default:
+                d[name] = v
         d["teacher"] = self.teacher.trial_key if self.teacher else None
         d["evals"] = list(self.evals)
         d["recipe"] = stable_recipe(self.recipe)
@@ -96,8 +95,10 @@ class TrialSpec:
             d["key_schema"] = KEY_SCHEMA
         return d
 
-    @property
+    @functools.cached_property
     def trial_key(self) -> str:
+        """Computed once per spec (a spec is immutable; a student's key hashes its teacher's, and a
+        100,000-trial plan asks for every key several times)."""
         blob = json.dumps(self.key_dict(), sort_keys=True, default=str, separators=(",", ":"))
         return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
@@ -175,10 +176,28 @@ def _default(f) -> Any:
     return f.default_factory() if f.default_factory is not MISSING else f.default
 
 
+@functools.cache
+def _key_fields() -> tuple[tuple[str, bool, Any], ...]:
+    """(name, always hashed, default) of the fields a key may hash, in declaration order."""
+    return tuple((f.name, f.name in V1_FIELDS, _default(f)) for f in fields(TrialSpec)
+                 if f.name in V1_FIELDS or (f.name not in NON_KEY_FIELDS and f.name != "params"))
+
+
+_stable: dict[int, tuple[dict, dict, int]] = {}   # id(recipe) -> (recipe, its stable form): a plan shares one recipe dict
+
+
 def stable_recipe(recipe: dict) -> dict:
-    """The recipe as keys hash it: schema-1 options always, later options only when not default."""
+    """The recipe as keys hash it: schema-1 options always, later options only when not default
+    (remembered per recipe object: the students of a setup share one, and a 100,000-trial plan
+    would otherwise filter it 100,000 times)."""
+    hit = _stable.get(id(recipe))
+    if hit is not None and hit[0] is recipe and hit[2] == len(recipe):
+        return dict(hit[1])
     from kdray.sweep import Recipe
 
     defaults = Recipe.model_fields
-    return {k: v for k, v in recipe.items()
-            if k in V1_RECIPE or k not in defaults or v != defaults[k].default}
+    out = {k: v for k, v in recipe.items() if k in V1_RECIPE or k not in defaults or v != defaults[k].default}
+    if len(_stable) > 1024:
+        _stable.clear()
+    _stable[id(recipe)] = (recipe, out, len(recipe))
+    return dict(out)

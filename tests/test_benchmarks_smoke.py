@@ -138,6 +138,20 @@ def test_packed_sweep(records):
     records["packed_sweep"] = r
 
 
+def test_scale(records):
+    """The real path at two tiny sizes: run_sweep on a local Ray cluster, unpacked and packed, and the
+    fitted exponent equals an independent log-log fit of the recorded points."""
+    mod = load("scale")
+    r = check(mod.run(sizes=((1, 1), (1, 3))), "scale")
+    m = r["measurements"]
+    ns = (4, 10)
+    pts = [m[f"unpacked, {n} trials: driver CPU ms/trial"] * n / 1000 for n in ns]
+    b = math.log(pts[1] / pts[0]) / math.log(ns[1] / ns[0])          # two points: the slope in log-log
+    assert r["ratio"] == pytest.approx(b, abs=0.01)
+    assert all(m[f"{label}, {n} trials: sweep wall s"] > 0 for label in ("unpacked", "packed 16") for n in ns)
+    records["scale"] = r
+
+
 def test_docs_update(records, tmp_path):
     assert set(records) == set(NAMES), set(NAMES) - set(records)
     out = tmp_path / "benchmarks.md"

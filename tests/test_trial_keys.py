@@ -92,9 +92,9 @@ def test_a_new_recipe_option_at_its_default_leaves_keys_alone():
 
 
 def test_the_key_schema_version_is_hashed_once_bumped(monkeypatch):
-    spec = build_plan(golden_sweep()).teachers[0]
-    monkeypatch.setattr("kdray.spec.KEY_SCHEMA", 2)
-    assert spec.trial_key != GOLDEN["img-teacher-t0"]
+    assert build_plan(golden_sweep()).teachers[0].trial_key == GOLDEN["img-teacher-t0"]
+    monkeypatch.setattr("kdray.spec.KEY_SCHEMA", 2)     # a spec keeps the key it was made with: plan again
+    assert build_plan(golden_sweep()).teachers[0].trial_key != GOLDEN["img-teacher-t0"]
 
 
 @pytest.mark.slow
