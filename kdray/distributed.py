@@ -179,9 +179,14 @@ def _worker_loop(config: dict) -> None:
     state_ref = config.get("state")
     state = ray.get(state_ref) if state_ref is not None else None
 
+    # Where the ranks run (placement, not a result): how many distinct Ray nodes the workers are on.
+    nodes: list = [None] * world
+    torch.distributed.all_gather_object(nodes, ray.get_runtime_context().get_node_id())
+    placed = {"ddp_workers": world, "ddp_nodes": len(set(nodes))}
+
     def report(metrics: dict, st: Optional[dict] = None) -> None:
         if rank == 0:  # the final metrics also record how the trial ran
-            channel.put(({**metrics, "ddp_workers": world} if metrics.get(FINAL) else metrics, st))
+            channel.put(({**metrics, **placed} if metrics.get(FINAL) else metrics, st))
 
     presharded = bool(getattr(load_dataset(spec.dataset, spec.data_root, **spec.dataset_args), "presharded", False))
     run_trial(spec, store, report, (lambda: state), device=device, shard=Shard(rank, world, device, presharded))

@@ -1,5 +1,5 @@
-"""A worker node lost mid-sweep (issue 29), on a real multi-node Ray cluster on this machine
-(``ray.cluster_utils.Cluster``: a head with no CPUs and two worker nodes, each its own raylet):
+"""Multi-node Ray clusters on this machine (issue 29; each node is a `ray start --block` process
+tree, its own raylet).  A worker node lost mid-sweep (a head with no CPUs, two worker nodes):
 the sweep still ends with exactly one FINISHED run per planned trial, the packs that were on the
 lost node are retried elsewhere and store the same bytes an undisturbed sweep stores, and the
 summary counts the retries."""
@@ -75,3 +75,46 @@ def test_a_worker_node_lost_mid_sweep(tmp_path):
             if node.poll() is None:
                 stop_head(node)
         stop_head(head)
+
+
+def test_a_ddp_teacher_spread_over_two_nodes_equals_the_one_node_run(tmp_path):
+    """Ray Train DDP (gloo) with 2 workers of 0.9 CPU on 2 worker nodes of one CPU each (so one rank
+    per node; the head has none): the workers' node ids say 2 nodes, and every trial's results equal
+    the same trial's on one node (both ranks there) to 1e-6."""
+    def sweep_file(name):
+        data = sweep_dict(name, tmp_path / name, name="d", teacher={"arch": "mlp", "args": {"hidden": 16}},
+                          recipe={"epochs": 2, "batch_size": 128, "lr": 0.01}, teacher_seeds=[0],
+                          student_seeds=[10], conditions={"siddo": True, "kd": None, "rcd": None},
+                          distributed={"workers": 2, "backend": "gloo"},
+                          resources={"teacher": {"cpu": 0.9}, "student": {"cpu": 0.9}})   # per rank
+        return write_sweep(tmp_path / f"{name}.yaml", data)
+
+    one = sweep_file("one")
+    r = subprocess.run(KDRAY + ["sweep", str(one), "--quiet"], capture_output=True, text=True, timeout=900,
+                       env={k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"})
+    assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-3000:]
+
+    temp_dir = tempfile.mkdtemp(prefix="kdray-ddpnodes-")
+    gcs, dash = free_port(), free_port()
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+    env.update(RAY_AUTH_MODE="token", RAY_AUTH_TOKEN=os.urandom(16).hex())
+    head = start_head(temp_dir, gcs, dash, env, ("--num-cpus=0",))     # no rank on the head
+    nodes = []
+    try:
+        nodes = [start_worker(temp_dir, gcs, env, ("--num-cpus=1",), f"w{i}") for i in range(2)]
+        two = sweep_file("two")
+        r = subprocess.run(KDRAY + ["sweep", str(two), "--quiet"], capture_output=True, text=True, timeout=900,
+                           env={**env, "RAY_ADDRESS": f"127.0.0.1:{gcs}"})
+        assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-3000:]
+    finally:
+        for node in nodes:
+            stop_head(node)
+        stop_head(head)
+    runs = {name: {x.data.tags["kdray.trial_key"]: x for x in trial_runs(path)} for name, path in
+            (("one", one), ("two", two))}
+    assert sorted(runs["one"]) == sorted(runs["two"])
+    for key, x in runs["two"].items():
+        assert x.data.metrics["ddp_workers"] == 2 and x.data.metrics["ddp_nodes"] == 2, x.info.run_name
+        assert runs["one"][key].data.metrics["ddp_nodes"] == 1
+        for m in ("test_acc", "test_loss", "train_loss", "train_acc"):
+            assert x.data.metrics[m] == pytest.approx(runs["one"][key].data.metrics[m], abs=1e-6), (key, m)
