@@ -16,10 +16,13 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, StrictBool, ValidationError, create_model, field_validator, model_validator
 
 from kdray import conditions
+from kdray.conditions import enabled_conditions  # noqa: F401 - re-exported (kdray.plan)
 from kdray.data import DATASETS
+from kdray.errors import SweepError  # noqa: F401 - re-exported: every caller catches kdray.sweep.SweepError
 from kdray.evals import EVALS
 from kdray.models import MODELS
 from kdray.registry import PluginError
+from kdray.setup_checks import check_sweep
 
 DEFAULT_STORAGE = "./results"
 # Sweep and setup names become folder names and MLflow names: letters, digits, "_", "-", single dots.
@@ -30,10 +33,6 @@ def _no_dots(v: str) -> str:
     if ".." in v:
         raise ValueError(f"a name must not contain '..' (it names folders), got {v!r}")
     return v
-
-
-class SweepError(ValueError):
-    """A user mistake in a sweep file; the message is one line naming file and field."""
 
 
 class _Strict(BaseModel):
@@ -57,14 +56,6 @@ def _conditions_model() -> type[BaseModel]:
 
 
 Conditions = _conditions_model()
-
-
-def enabled_conditions(c: BaseModel) -> list[tuple[Any, Any]]:
-    """(declaration, sweep-file entry) of every condition a setup turns on, in declared order."""
-    # (a condition registered after the schema was built, e.g. by a module an import path named,
-    # cannot be in this file's conditions: mapping)
-    return [(cond, getattr(c, cond.sweep_key)) for cond in conditions.all_conditions()
-            if cond.sweep_key in type(c).model_fields and getattr(c, cond.sweep_key) not in (None, False)]
 
 
 def _registered(registry, name: str) -> str:
@@ -353,7 +344,6 @@ def parse_sweep(data: Any, source: str = "<sweep>") -> Sweep:
         sweep = sweep_model()(**data)
     except ValidationError as e:
         raise SweepError(f"{source}: {_first_error(e)}") from None
-    from kdray.checks import check_sweep
     check_sweep(sweep, source)
     return sweep
 
