@@ -48,22 +48,27 @@ def _check_checkpoint(s: Setup, where: str) -> None:
                          "torch.save(model.state_dict(), PATH) wrote")
 
 
-def _check_args(where: str, args: dict, declared: dict, what: str) -> None:
+def _check_args(where: str, args: dict, declared: dict, what: str, ranges=None) -> None:
+    """Each argument must be one the builder takes, of its annotated type, inside its declared range."""
     for key, value in args.items():
         if key not in declared:
             raise SweepError(f"{where}.args.{key}: unknown argument of {what}; valid: {', '.join(declared) or 'none'}")
         annotation = declared[key][0]
         if not check_value(annotation, value):
             raise SweepError(f"{where}.args.{key}: {what} expects {annotation}, got {value!r}")
+        why = (ranges or {}).get(key) and ranges[key].why_not(value)
+        if why:
+            raise SweepError(f"{where}.args.{key}: {what}: {key} {why}")
 
 
 def _check_setup(s: Setup, where: str) -> None:
     data = DATASETS.get(s.dataset.name)
-    _check_args(f"{where}.dataset", {**s.dataset.args, **s.teacher_dataset}, data.args(), f"dataset {data.name!r}")
+    _check_args(f"{where}.dataset", {**s.dataset.args, **s.teacher_dataset}, data.args(), f"dataset {data.name!r}",
+                data.ranges)
     models = [("teacher", s.teacher)] + ([("student", s.student)] if s.student else [])
     for role, ref in models:
         arch = MODELS.get(ref.arch)
-        _check_args(f"{where}.{role}", ref.args, arch.args(), f"architecture {arch.name!r}")
+        _check_args(f"{where}.{role}", ref.args, arch.args(), f"architecture {arch.name!r}", arch.ranges)
         if data.modality != ANY and data.modality not in arch.accepts:
             raise SweepError(f"{where}.{role}.arch: {arch.name!r} takes {' or '.join(arch.accepts)} inputs, but dataset "
                              f"{data.name!r} provides {data.modality}; pick an architecture for {data.modality}: "

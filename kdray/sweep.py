@@ -25,6 +25,7 @@ from kdray.registry import PluginError
 from kdray.setup_checks import check_sweep
 
 DEFAULT_STORAGE = "./results"
+MAX_SEED = 2**63          # seeds are whole numbers in [0, 2^63): torch and numpy generators take them
 # Sweep and setup names become folder names and MLflow names: letters, digits, "_", "-", single dots.
 NAME = r"^[A-Za-z0-9][A-Za-z0-9_.\-]*$"
 
@@ -183,6 +184,14 @@ class Setup(_Strict):
             data = {**data, "teacher_seeds": [0]}
         return data
 
+    @field_validator("teacher_seeds", "student_seeds")
+    @classmethod
+    def _seed_range(cls, v):
+        bad = [x for x in v if not 0 <= x < MAX_SEED]
+        if bad:
+            raise ValueError(f"seeds must be whole numbers in [0, 2^63), got {bad[0]}")
+        return v
+
     @field_validator("widths")
     @classmethod
     def _w(cls, v):
@@ -243,6 +252,14 @@ class Sweep(_Strict):
     progress_every_s: float = Field(30.0, ge=0)
     plugins: list[str] = []                       # modules that register conditions, models, data (docs/plugins.md)
     setups: list[Setup] = Field(min_length=1)
+
+    @field_validator("storage")
+    @classmethod
+    def _storage(cls, v):
+        if not v.strip():    # Path("") would silently be the working directory
+            raise ValueError("an empty string is no folder; give a path (default ./results) or a URI "
+                             "(s3://, gs://, file://)")
+        return v
 
     @model_validator(mode="after")
     def _unique(self):
