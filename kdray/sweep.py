@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import functools
 import re
+import types
+import typing
 from pathlib import Path
 from typing import Any, Literal, Optional
 
@@ -43,8 +45,12 @@ class _Strict(BaseModel):
 
 def _conditions_model() -> type[BaseModel]:
     """The ``conditions:`` mapping, one optional key per condition that a sweep file can name,
-    built from the declarations in kdray/conditions (their defaults, grids and checks)."""
+    built from the declarations in kdray/conditions (their defaults, grids and checks).
+
+    A condition with a grid is switched off by ``false`` (or ``null``) and on, at its default grid,
+    by ``true``; one without a grid (SIDDO) is ``true``/``false``."""
     fields: dict[str, Any] = {}
+    grids: list[str] = []
     for cond in conditions.all_conditions():
         if not cond.sweep_key:
             continue
@@ -53,7 +59,14 @@ def _conditions_model() -> type[BaseModel]:
             fields[cond.sweep_key] = (StrictBool, cond.enabled_by_default)
         else:
             fields[cond.sweep_key] = (Optional[model], model() if cond.enabled_by_default else None)
-    return create_model("Conditions", __base__=_Strict, **fields)
+            grids.append(cond.sweep_key)
+
+    def switches(cls, data):
+        if isinstance(data, dict):
+            data = {k: ({} if v is True else None if v is False else v) if k in grids else v for k, v in data.items()}
+        return data
+    return create_model("Conditions", __base__=_Strict,
+                        __validators__={"_switches": model_validator(mode="before")(classmethod(switches))}, **fields)
 
 
 Conditions = _conditions_model()
@@ -225,7 +238,7 @@ class Setup(_Strict):
             try:
                 Recipe(**{**self.recipe.model_dump(), **over})
             except ValidationError as e:
-                raise ValueError(f"{what}: {_first_error(e)}") from None
+                raise ValueError(f"{what}: {_first_error(e, Recipe)}") from None
         if not enabled_conditions(self.conditions):
             names = ", ".join(Conditions.model_fields)
             raise ValueError(f"conditions: the grid is empty (enable at least one of {names})")
@@ -306,14 +319,40 @@ def _loc(loc: tuple) -> str:
     return out or "(top level)"
 
 
-def _first_error(e: ValidationError) -> str:
+def _model_at(model: Any, loc: tuple) -> Optional[type[BaseModel]]:
+    """The pydantic model that holds the value at ``loc`` (None where it is not a model)."""
+    def unwrap(t, part=None):
+        while True:
+            origin, args = typing.get_origin(t), typing.get_args(t)
+            if origin in (typing.Union, types.UnionType):
+                t = next((a for a in args if a is not type(None)), t)
+            elif origin in (list, tuple) and isinstance(part, int) and args:
+                return args[0]
+            else:
+                return t
+    t = model
+    for part in loc:
+        t = unwrap(t, part)
+        if isinstance(part, int):
+            continue
+        if not (isinstance(t, type) and issubclass(t, BaseModel)) or part not in t.model_fields:
+            return None
+        t = t.model_fields[part].annotation
+    t = unwrap(t)
+    return t if isinstance(t, type) and issubclass(t, BaseModel) else None
+
+
+def _first_error(e: ValidationError, model: Any = None) -> str:
+    """One line for the first error (and how many more): where, what, and what would be valid."""
     err = e.errors()[0]
     msg = err["msg"].removeprefix("Value error, ")
+    loc = tuple(p for p in err["loc"] if not str(p).startswith(("function-", "tagged-")))
     if err["type"] == "extra_forbidden":
-        msg = "unknown key"
+        owner = _model_at(model, loc[:-1]) if model is not None else None
+        msg = "unknown key" + (f"; valid: {', '.join(owner.model_fields)}" if owner is not None else "")
     elif err["type"] == "missing":
         msg = "required field missing"
-    where = _loc(tuple(p for p in err["loc"] if not str(p).startswith(("function-", "tagged-"))))
+    where = _loc(loc)
     if err["type"] not in ("missing", "extra_forbidden") and "input" in err and not isinstance(err["input"], (dict, list)):
         msg += f" (got {err['input']!r})"
     more = len(e.errors()) - 1
@@ -357,10 +396,11 @@ def parse_sweep(data: Any, source: str = "<sweep>") -> Sweep:
     if not isinstance(data, dict):
         raise SweepError(f"{source}: the file must hold a mapping with name and setups")
     _load_plugins(data, source)
+    model = sweep_model()
     try:
-        sweep = sweep_model()(**data)
+        sweep = model(**data)
     except ValidationError as e:
-        raise SweepError(f"{source}: {_first_error(e)}") from None
+        raise SweepError(f"{source}: {_first_error(e, model)}") from None
     check_sweep(sweep, source)
     return sweep
 

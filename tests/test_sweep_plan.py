@@ -22,8 +22,13 @@ def write(tmp_path, data) -> str:
 
 
 BAD = [
-    (lambda d: d.update(bogus=1), "bogus: unknown key"),
-    (lambda d: d["setups"][0].update(nope=1), "setups[0].nope: unknown key"),
+    (lambda d: d.update(bogus=1), "bogus: unknown key; valid: name, description, storage"),
+    (lambda d: d["setups"][0].update(nope=1), "setups[0].nope: unknown key; valid: name, dataset, teacher"),
+    (lambda d: d["setups"][0].update(conditions={"kd": {"alpha": [0.5]}}),
+     "setups[0].conditions.kd.alpha: unknown key; valid: alphas, temperatures"),
+    (lambda d: d["setups"][0].update(conditions={"dkd": {}}), "setups[0].conditions.dkd: unknown key; valid: siddo, kd, rcd"),
+    (lambda d: d["setups"][0].update(student_recipe={"lrr": 1}), "student_recipe: lrr: unknown key; valid: optimizer, lr"),
+    (lambda d: d["setups"][0].update(conditions={"fm": True}), "setups[0].conditions.fm.blocks: required field missing"),
     (lambda d: d["setups"][0]["recipe"].update(lr="fast"), "setups[0].recipe.lr"),
     (lambda d: d["setups"][0].update(conditions={"kd": {"alphas": [0.1, 1.5]}}), "setups[0].conditions.kd.alphas: alpha must be in [0, 1], got 1.5"),
     (lambda d: d["setups"][0].update(conditions={"kd": {"temperatures": [0]}}), "setups[0].conditions.kd.temperatures: temperature must be > 0"),
@@ -53,6 +58,16 @@ def test_bad_input_is_one_line_naming_file_and_field(tmp_path, mutate, expected,
     assert err.startswith("kdray: error: ") and expected in err and len(err.splitlines()) == 1
 
 
+@pytest.mark.parametrize("conds,expected", [
+    ({"kd": False}, {"siddo", "rcd"}),                       # false switches a default-on condition off
+    ({"kd": None, "rcd": False}, {"siddo"}),                 # null too
+    ({"siddo": False, "rcd": False, "tfkd": True}, {"kd", "tfkd"}),   # true: on at its default grid
+])
+def test_a_condition_is_switched_with_true_and_false(tmp_path, conds, expected):
+    plan = build_plan(load_sweep(write(tmp_path, base(conditions=conds))))
+    assert {s.method for s in plan.students} == expected
+
+
 def test_missing_data_root_is_rejected(tmp_path, monkeypatch):
     monkeypatch.delenv("KDRAY_DATA", raising=False)
     d = base(dataset={"name": "tinyshakespeare"}, teacher={"arch": "nano_gpt"}, recipe={"iterations": 1})
@@ -75,7 +90,9 @@ def test_cli_error_has_no_traceback_and_exit_2(tmp_path):
     path = write(tmp_path, {**base(), "storage": str(storage), "bogus": 1})
     p = subprocess.run([sys.executable, "-m", "kdray.cli", "sweep", path], capture_output=True, text=True)
     assert p.returncode == 2
-    assert p.stderr.strip().splitlines() == [f"kdray: error: {path}: bogus: unknown key"]
+    assert p.stderr.strip().splitlines() == [f"kdray: error: {path}: bogus: unknown key; valid: name, description, storage, "
+                                               f"tracking_uri, data_root, max_concurrent_trials, max_failures, report_every_s, "
+                                               f"progress_every_s, plugins, setups"]
     assert not storage.exists()  # nothing started
 
 
