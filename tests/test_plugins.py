@@ -31,8 +31,8 @@ def sweep_file(tmp_path, plugins=("kdray_plugin_demo",), **setup_over) -> Path:
     return path
 
 
-def kdray(*args, path_extra=(), timeout=120):
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join([*map(str, path_extra), str(DEMO), str(ROOT)])}
+def kdray(*args, path_extra=(), timeout=120, env_extra=None):
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([*map(str, path_extra), str(DEMO), str(ROOT)]), **(env_extra or {})}
     return subprocess.run([sys.executable, "-m", "kdray.cli", *map(str, args)], capture_output=True, text=True,
                           env=env, timeout=timeout, cwd=ROOT)
 
@@ -66,14 +66,37 @@ def test_bad_plugins_are_one_line_naming_the_field(tmp_path, over, expected):
     assert err.startswith("kdray: error: ") and expected in err, err
 
 
-def test_an_installed_packages_entry_point_registers_its_plugins(tmp_path):
-    dist = tmp_path / "site" / "kdray_plugin_demo-0.1.dist-info"
+def install(site: Path, package: str, entry_point: str) -> None:
+    """An installed distribution's metadata with one kdray.plugins entry point (the module is on PYTHONPATH)."""
+    dist = site / f"{package.replace('-', '_')}-0.1.dist-info"
     dist.mkdir(parents=True)
-    (dist / "METADATA").write_text("Metadata-Version: 2.1\nName: kdray-plugin-demo\nVersion: 0.1\n")
-    (dist / "entry_points.txt").write_text("[kdray.plugins]\ndemo = kdray_plugin_demo\n")
+    (dist / "METADATA").write_text(f"Metadata-Version: 2.1\nName: {package}\nVersion: 0.1\n")
+    (dist / "entry_points.txt").write_text(f"[kdray.plugins]\n{entry_point}\n")
+
+
+def test_an_installed_packages_entry_point_registers_its_plugins(tmp_path):
+    install(tmp_path / "site", "kdray-plugin-demo", "demo = kdray_plugin_demo")
     p = kdray("validate", sweep_file(tmp_path, plugins=None), path_extra=[tmp_path / "site"])
     assert p.returncode == 0, p.stderr
     assert "ok (1 setups, 19 trials)" in p.stdout
+
+
+def test_a_broken_entry_point_is_one_warning_and_can_be_switched_off(tmp_path):
+    """One installed plug-in that fails to import must not stop every kdray command on the machine."""
+    site = tmp_path / "site"
+    install(site, "kdray-plugin-boom", "boom = kdray_plugin_boom")
+    install(site, "kdray-plugin-demo", "demo = kdray_plugin_demo")
+    path = sweep_file(tmp_path, plugins=None)
+    p = kdray("validate", path, path_extra=[site])
+    assert p.returncode == 0, p.stderr
+    assert "ok (1 setups, 19 trials)" in p.stdout           # the working plug-in still registers
+    assert p.stderr.strip().splitlines() == [
+        "kdray: warning: skipped the kdray.plugins entry point 'boom' of package 'kdray-plugin-boom' "
+        "(kdray_plugin_boom): RuntimeError: kaboom; fix or uninstall it (KDRAY_PLUGINS=off skips all plug-in "
+        "entry points)"]
+    p = kdray("validate", path, path_extra=[site], env_extra={"KDRAY_PLUGINS": "off"})
+    assert p.returncode == 2 and "kaboom" not in p.stderr    # nothing loaded: the demo's condition is unknown
+    assert "setups[0].conditions.logit_mse: unknown key; valid: siddo, kd" in p.stderr, p.stderr
 
 
 @pytest.mark.slow
