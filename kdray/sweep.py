@@ -432,6 +432,21 @@ def read_yaml(p: Path):
         raise SweepError(f"{p}:{where} not valid YAML ({getattr(e, 'problem', None) or e})") from None
 
 
+def _anchor_checkpoints(data: Any, folder: Path) -> Any:
+    """A relative ``teacher.checkpoint`` is read from the sweep file's folder (not the working
+    directory), so a sweep file and its teacher travel together."""
+    if not isinstance(data, dict) or not isinstance(data.get("setups"), list):
+        return data
+    setups = []
+    for s in data["setups"]:
+        t = s.get("teacher") if isinstance(s, dict) else None
+        c = t.get("checkpoint") if isinstance(t, dict) else None
+        if isinstance(c, str) and c.strip() and "://" not in c and not Path(c).expanduser().is_absolute():
+            s = {**s, "teacher": {**t, "checkpoint": str((folder / c).resolve())}}
+        setups.append(s)
+    return {**data, "setups": setups}
+
+
 def load_sweep(path: str | Path) -> Sweep:
     p = Path(path)
-    return parse_sweep(read_yaml(p), str(p))
+    return parse_sweep(_anchor_checkpoints(read_yaml(p), p.resolve().parent), str(p))
