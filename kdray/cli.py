@@ -127,12 +127,19 @@ def cmd_ui(args) -> int:
     from kdray.tracking import check_sqlite_store, sqlite_path
 
     uri = args.tracking_uri
+    name = None
     if not uri:
         from kdray.sweep import default_tracking_uri, load_sweep
 
-        uri = load_sweep(args.sweep).resolved_tracking_uri() if args.sweep else default_tracking_uri()
+        sweep = load_sweep(args.sweep) if args.sweep else None
+        uri, name = (sweep.resolved_tracking_uri(), sweep.name) if sweep else (default_tracking_uri(), None)
+    elif args.sweep:
+        from kdray.sweep import load_sweep
+        name = load_sweep(args.sweep).name
     if uri.startswith(("http://", "https://")):
-        print(f"runs are on a tracking server: open {uri} in a browser")
+        # (not asked for the experiment's id: an unreachable server would hold the command in MLflow's retries)
+        print(f"runs are on a tracking server: open {uri.rstrip('/')}/#/experiments in a browser"
+              + (f" and pick experiment {name!r}" if name else ""))
         return 0
     db = sqlite_path(uri)
     if db is not None and not db.exists():   # MLflow would create an empty database here
@@ -141,10 +148,39 @@ def cmd_ui(args) -> int:
     taken = _port_taken(args.host, args.port)
     if taken:
         return _fail(f"port {args.port} on {args.host} is taken ({taken}); pass --port with a free one")
+    host = f"[{args.host}]" if ":" in args.host else args.host
     cmd = [sys.executable, "-m", "mlflow", "ui", "--backend-store-uri", uri, "--host", args.host, "--port", str(args.port)]
     print(" ".join(cmd), flush=True)
+    print(f"kdray ui: the runs are at {_runs_url(f'http://{host}:{args.port}', uri, name)}", flush=True)
     os.execvp(cmd[0], cmd)
     return 0  # not reached
+
+
+def _runs_url(base: str, uri: str, name: Optional[str]) -> str:
+    """The URL of an experiment's runs table.  MLflow 3 opens a fresh browser on its GenAI overview,
+    where a sweep's runs are not; its runs view is ``#/experiments/ID/runs``.  Without a sweep name,
+    the store's only experiment (besides MLflow's Default); else the experiment list."""
+    ids = _experiment_ids(uri, name)
+    return f"{base}/#/experiments/{ids[0]}/runs" if len(ids) == 1 else f"{base}/#/experiments"
+
+
+def _experiment_ids(uri: str, name: Optional[str]) -> list[str]:
+    """The ids of the experiment ``name`` (or of every experiment but Default), [] when unknown."""
+    from kdray.tracking import sqlite_path
+
+    db = sqlite_path(uri)
+    try:
+        if db is not None:   # read-only: opening the UI must not write the store
+            import sqlite3
+            with sqlite3.connect(f"file:{db}?mode=ro", uri=True) as c:
+                rows = c.execute("select experiment_id, name from experiments where lifecycle_stage = 'active'")
+                found = [(str(i), n) for i, n in rows]
+        else:
+            from mlflow.tracking import MlflowClient
+            found = [(e.experiment_id, e.name) for e in MlflowClient(uri).search_experiments()]
+    except Exception:   # a store it cannot read: the experiment list, and MLflow says why
+        return []
+    return [i for i, n in found if (n == name if name else n != "Default")]
 
 
 def _port_taken(host: str, port: int) -> str:

@@ -78,3 +78,12 @@ def planted_mlflow(tmp_path_factory):
     write_experiment(uri, "planted", planted_runs(), d / "artifacts")
     write_experiment(uri, "small", broken_setup(), d / "artifacts-small")
     return d, uri
+
+
+@pytest.fixture(autouse=True)
+def no_exec(monkeypatch):
+    """``os.execvp`` would replace the pytest process (``kdray ui`` ends in it): a test that means to
+    reach it stubs it itself; any other call fails the test instead."""
+    def refuse(prog, args):
+        raise AssertionError(f"a test called os.execvp({prog!r}, ...): it would replace the test process")
+    monkeypatch.setattr(os, "execvp", refuse)

@@ -169,15 +169,23 @@ def test_plan_estimates_gpu_hours_and_packing(capsys):
     assert f"~{213 * 0.53:,.0f} GPU-hours at 0.53 per model; teachers: 4 per GPU; students: 4 per GPU" in out
 
 
-def test_ui_runs_this_pythons_mlflow_on_the_sweeps_store(monkeypatch, tmp_path):
-    """`kdray ui` must work without the venv on PATH: it runs `python -m mlflow ui` itself."""
+def test_ui_runs_this_pythons_mlflow_on_the_sweeps_store(monkeypatch, tmp_path, capsys):
+    """`kdray ui` must work without the venv on PATH: it runs `python -m mlflow ui` itself, and prints the
+    sweep's runs view (MLflow 3 opens a fresh browser on its GenAI overview, where the runs are not)."""
+    import socket
     seen = {}
     monkeypatch.setattr("os.execvp", lambda prog, cmd: seen.update(cmd=cmd))
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
     path = write(tmp_path, {**base(), "storage": str(tmp_path / "res")})
     from mlflow.tracking import MlflowClient
     (tmp_path / "res").mkdir()
-    MlflowClient(f"sqlite:///{tmp_path / 'res' / 'mlflow.db'}").create_experiment("t")   # a sweep's store exists
-    assert main(["ui", path, "--port", "5123"]) == 0
+    client = MlflowClient(f"sqlite:///{tmp_path / 'res' / 'mlflow.db'}")
+    client.create_experiment("other")
+    exp = client.create_experiment("t")                              # a sweep's store exists
+    with socket.socket() as s:                                       # a port free now (released before the UI binds)
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    assert main(["ui", path, "--port", str(port)]) == 0
     assert seen["cmd"][:4] == [sys.executable, "-m", "mlflow", "ui"]
     assert seen["cmd"][seen["cmd"].index("--backend-store-uri") + 1] == f"sqlite:///{tmp_path / 'res' / 'mlflow.db'}"
+    assert f"kdray ui: the runs are at http://127.0.0.1:{port}/#/experiments/{exp}/runs" in capsys.readouterr().out
