@@ -150,11 +150,13 @@ def run_audit(args) -> int:
     print(f"kdray audit: the study is {path}", flush=True)
 
     from kdray.analysis.report import build_report, default_out, load_target
+    from kdray.cluster import quiet_ray_notices
     from kdray.engine import run_sweep
     from kdray.plan import build_plan, format_plan
 
     plan = build_plan(sweep)
     print(format_plan(plan), flush=True)
+    quiet_ray_notices()
     summary = run_sweep(sweep, plan, progress=not args.quiet)
     print("\n".join(summary.lines()))
     if summary.exit_code:

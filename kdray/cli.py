@@ -77,8 +77,11 @@ def cmd_plan(args) -> int:
 
 
 def cmd_sweep(args) -> int:
+    from kdray.cluster import quiet_ray_notices
     from kdray.engine import run_sweep
     from kdray.plan import format_plan
+
+    quiet_ray_notices()
 
     sweep, plan = _load(args.sweep, args.max_trials, {"storage": args.storage, "tracking_uri": args.tracking_uri})
     print(format_plan(plan), flush=True)
