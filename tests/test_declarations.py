@@ -5,6 +5,7 @@ counts from the declarations, never importing torch; these tests import the real
 check both against them.
 """
 import inspect
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -51,10 +52,13 @@ def test_check_value(annotation, ok, bad):
     assert all(check_value(annotation, v) for v in ok) and not any(check_value(annotation, v) for v in bad)
 
 
-def test_validate_and_plan_import_no_torch():
+def test_validate_and_plan_import_no_torch(tmp_path):
+    spaces = ROOT / "search_spaces"
     code = ("import sys; from kdray.cli import main; "
-            "rc = main(['validate', 'search_spaces/quickstart.yaml']) + main(['plan', 'search_spaces/tinyshakespeare_feature_map.yaml']); "
+            f"rc = main(['validate', {str(spaces / 'quickstart.yaml')!r}]) "
+            f"+ main(['plan', {str(spaces / 'tinyshakespeare_feature_map.yaml')!r}]); "
             "print(rc, sorted(m for m in ('torch', 'torchvision', 'ray', 'mlflow') if m in sys.modules))")
-    p = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT, timeout=120)
+    p = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=tmp_path, timeout=120,
+                       env={**os.environ, "PYTHONPATH": str(ROOT)})
     assert p.returncode == 0, p.stderr
     assert p.stdout.strip().splitlines()[-1] == "0 []"
