@@ -36,7 +36,10 @@ def _load(path: str, max_trials: int, overrides: Optional[dict] = None):
 
 
 def cmd_validate(args) -> int:
+    from kdray.workers import check_workers_import
+
     sweep, plan = _load(args.sweep, args.max_trials)
+    check_workers_import(sweep, args.sweep)     # on the cluster RAY_ADDRESS names, if any
     print(f"{args.sweep}: ok ({len(sweep.setups)} setups, {len(plan.all)} trials)")
     return 0
 
@@ -230,7 +233,8 @@ def build_parser() -> argparse.ArgumentParser:
         sp.add_argument("--max-trials", type=_positive_int, default=MAX_TRIALS,
                         help=f"refuse grids larger than this (default {MAX_TRIALS:,})")
 
-    sp = add("validate", cmd_validate, "check a sweep file; one error line and exit 2 when it is wrong")
+    sp = add("validate", cmd_validate, "check a sweep file; one error line and exit 2 when it is wrong (with "
+                                       "RAY_ADDRESS set, also that the cluster's workers import its plug-ins)")
     sp.add_argument("sweep")
     max_trials(sp)
     sp = add("plan", cmd_plan, "print the trials sweep files expand to, per setup and condition")

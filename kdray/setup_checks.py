@@ -19,7 +19,7 @@ from kdray import conditions
 from kdray.conditions import enabled_conditions
 from kdray.data import DATASETS, resolve_root
 from kdray.errors import SweepError
-from kdray.models import ANY, MODELS
+from kdray.models import MODELS
 from kdray.registry import check_value
 
 if TYPE_CHECKING:   # annotations only: kdray.sweep imports this module
@@ -69,10 +69,13 @@ def _check_setup(s: Setup, where: str) -> None:
     for role, ref in models:
         arch = MODELS.get(ref.arch)
         _check_args(f"{where}.{role}", ref.args, arch.args(), f"architecture {arch.name!r}", arch.ranges)
-        if data.modality != ANY and data.modality not in arch.accepts:
+        if not arch.takes(data.modality):
+            fits = [n for n in MODELS.names() if MODELS.get(n).takes(data.modality)]
             raise SweepError(f"{where}.{role}.arch: {arch.name!r} takes {' or '.join(arch.accepts)} inputs, but dataset "
-                             f"{data.name!r} provides {data.modality}; pick an architecture for {data.modality}: "
-                             + ", ".join(n for n in MODELS.names() if data.modality in MODELS.get(n).accepts))
+                             f"{data.name!r} provides {data.modality}; "
+                             + (f"pick an architecture for {data.modality}: {', '.join(fits)}" if fits else
+                                f"no architecture declares {data.modality} inputs: declare one with "
+                                f"accepts=({data.modality!r},) or ('any',)"))
     student = MODELS.get(s.student_model.arch)
     if any(w != 1.0 for w in s.widths) and "width" not in student.args():
         raise SweepError(f"{where}.widths: architecture {student.name!r} has no width argument to scale")

@@ -114,3 +114,34 @@ def test_a_plugin_condition_runs_and_is_reported_like_a_built_in(tmp_path):
     ticks = (out / "tables" / "ticks_p.md").read_text()
     assert "| LogitMSE α=0.5 |" in ticks
     assert "LogitMSE" in (out / "figures" / "asymmetry_p.svg").read_text()
+
+
+@pytest.mark.slow
+def test_validate_on_a_cluster_checks_that_its_workers_import_the_plugins(tmp_path):
+    """The driver imports the plug-in (it is on the driver's PYTHONPATH), the cluster's workers cannot:
+    validate says so in one line before any trial fails with an unknown name."""
+    import shutil
+    import tempfile
+
+    from test_job_submit import free_port, start_head, stop_head
+
+    temp_dir = tempfile.mkdtemp(prefix="kdt-head-")     # short: Ray's socket paths
+    gcs, dash = free_port(), free_port()
+    auth = {"RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": os.urandom(16).hex()}   # head and client share it
+    head_env = {**{k: v for k, v in os.environ.items() if k not in ("RAY_ADDRESS", "PYTHONPATH")}, **auth}
+    head = start_head(temp_dir, gcs, dash, head_env)
+    try:
+        cluster = {"RAY_ADDRESS": f"127.0.0.1:{gcs}", **auth}
+        p = kdray("validate", sweep_file(tmp_path), env_extra=cluster, timeout=300)
+        err = p.stderr.strip()
+        assert p.returncode == 2 and len(err.splitlines()) == 1, err
+        assert "plugins[0]: the Ray workers cannot import 'kdray_plugin_demo' (node " in err, err
+        assert "ModuleNotFoundError" in err and "py_modules" in err, err
+        # A plug-in every node has (here an import path into kdray itself) passes the same check.
+        ok = sweep_file(tmp_path, plugins=[], teacher={"arch": "kdray.models.small:mlp", "args": {"hidden": 8}},
+                        conditions={"siddo": True, "kd": {"alphas": [0.5]}, "rcd": False})
+        p = kdray("validate", ok, env_extra=cluster, timeout=300)
+        assert p.returncode == 0 and "ok (1 setups" in p.stdout, p.stderr
+    finally:
+        stop_head(head)
+        shutil.rmtree(temp_dir, ignore_errors=True)

@@ -22,7 +22,7 @@ from pathlib import Path
 from typing import Mapping, Optional
 
 from kdray.errors import DataNotFoundError  # noqa: F401 - raised by every loader, re-exported
-from kdray.models import ANY, AUDIO, IMAGE, TOKENS
+from kdray.models import ANY, AUDIO, IMAGE, MODALITIES, TOKENS, check_modalities
 from kdray.registry import (AT_LEAST_1, FRACTION, NON_NEGATIVE, POSITIVE, SEED_32, PluginError, Range, Registry,
                             Target, builder_args, resolve, takes)
 
@@ -41,6 +41,10 @@ class Dataset:
     reads_files: bool = True            # False: ships inside a package (digits)
     file_arg: Optional[str] = None      # an argument that points at the files instead of the data root
     ranges: Mapping[str, Range] = field(default_factory=dict, hash=False)   # valid values of numeric args
+
+    def __post_init__(self):
+        if self.modality not in MODALITIES:
+            check_modalities(f"dataset {self.name!r}", (self.modality,))
 
     @property
     def budget(self) -> str:

@@ -25,9 +25,19 @@ from typing import Iterator, Mapping, Optional
 from kdray.registry import (AT_LEAST_1, DROPOUT, NON_NEGATIVE, POSITIVE, PluginError, Range, Registry, Target,
                             builder_args, resolve, takes)
 
-# Input modalities a data set provides and an architecture accepts.
+# Input modalities a data set provides and an architecture accepts (docs/plugins.md has the table).
 IMAGE, AUDIO, TOKENS = "image", "audio", "tokens"
-ANY = "any"                                        # a plug-in data set that does not say
+ANY = "any"            # a data set: of a kind no architecture is checked against; an architecture: takes all
+MODALITIES = (ANY, IMAGE, AUDIO, TOKENS)
+
+
+def check_modalities(what: str, given) -> tuple[str, ...]:
+    """The modalities, or PluginError naming the valid ones (a typo would match no architecture)."""
+    given = (given,) if isinstance(given, str) else tuple(given)
+    bad = [m for m in given if m not in MODALITIES]
+    if bad or not given:
+        raise PluginError(f"{what}: unknown input modality {bad[0] if bad else '(none)'!r}; valid: {', '.join(MODALITIES)}")
+    return given
 CONTEXT_ARGS = ("num_classes", "input_shape")     # kdray passes these; a sweep file does not
 
 
@@ -42,6 +52,13 @@ class Architecture:
     def args(self) -> dict:
         """The arguments a sweep file may give: {name: (annotation, default)} (no import)."""
         return builder_args(self.target, skip=CONTEXT_ARGS)
+
+    def __post_init__(self):
+        object.__setattr__(self, "accepts", check_modalities(f"architecture {self.name!r}", self.accepts))
+
+    def takes(self, modality: str) -> bool:
+        """Whether it accepts inputs of ``modality`` (a data set of modality ``any`` fits every model)."""
+        return modality == ANY or ANY in self.accepts or modality in self.accepts
 
     def n_blocks(self, args: dict) -> Optional[int]:
         """How many blocks feature-map KD can read (None: the model has no ``blocks``)."""
