@@ -178,7 +178,7 @@ def _experiment_ids(uri: str, name: Optional[str]) -> list[str]:
     try:
         if db is not None:   # read-only: opening the UI must not write the store
             import sqlite3
-            with sqlite3.connect(f"file:{db}?mode=ro", uri=True) as c:
+            with sqlite3.connect(f"{db.resolve().as_uri()}?mode=ro", uri=True) as c:
                 rows = c.execute("select experiment_id, name from experiments where lifecycle_stage = 'active'")
                 found = [(str(i), n) for i, n in rows]
         else:
