@@ -48,22 +48,25 @@ def _conditions_model() -> type[BaseModel]:
     built from the declarations in kdray/conditions (their defaults, grids and checks).
 
     A condition with a grid is switched off by ``false`` (or ``null``) and on, at its default grid,
-    by ``true``; one without a grid (SIDDO) is ``true``/``false``."""
+    by ``true``; one without a grid (SIDDO) by ``true`` and ``false`` (or ``null``)."""
     fields: dict[str, Any] = {}
     grids: list[str] = []
+    switches_only: list[str] = []
     for cond in conditions.all_conditions():
         if not cond.sweep_key:
             continue
         model = conditions.grid_model(cond)
         if model is bool:
             fields[cond.sweep_key] = (StrictBool, cond.enabled_by_default)
+            switches_only.append(cond.sweep_key)
         else:
             fields[cond.sweep_key] = (Optional[model], model() if cond.enabled_by_default else None)
             grids.append(cond.sweep_key)
 
     def switches(cls, data):
         if isinstance(data, dict):
-            data = {k: ({} if v is True else None if v is False else v) if k in grids else v for k, v in data.items()}
+            data = {k: ({} if v is True else None if v is False else v) if k in grids
+                    else (False if v is None and k in switches_only else v) for k, v in data.items()}
         return data
     return create_model("Conditions", __base__=_Strict,
                         __validators__={"_switches": model_validator(mode="before")(classmethod(switches))}, **fields)

@@ -62,6 +62,7 @@ def test_bad_input_is_one_line_naming_file_and_field(tmp_path, mutate, expected,
     ({"kd": False}, {"siddo", "rcd"}),                       # false switches a default-on condition off
     ({"kd": None, "rcd": False}, {"siddo"}),                 # null too
     ({"siddo": False, "rcd": False, "tfkd": True}, {"kd", "tfkd"}),   # true: on at its default grid
+    ({"siddo": None, "rcd": None}, {"kd"}),                              # null is off for SIDDO's switch too
 ])
 def test_a_condition_is_switched_with_true_and_false(tmp_path, conds, expected):
     plan = build_plan(load_sweep(write(tmp_path, base(conditions=conds))))
