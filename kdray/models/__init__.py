@@ -95,9 +95,10 @@ def declare_model(name: str, target: Target, accepts: tuple[str, ...], blocks: O
 
 _GPT = {"n_embd": AT_LEAST_1, "n_head": AT_LEAST_1, "n_layer": AT_LEAST_1, "dropout": DROPOUT,
         "block_size": AT_LEAST_1, "width": POSITIVE}
-_VIT = {"patch_size": AT_LEAST_1, "dim": AT_LEAST_1, "depth": AT_LEAST_1, "heads": AT_LEAST_1, "mlp_dim": AT_LEAST_1,
-        "patch": AT_LEAST_1, "stride": AT_LEAST_1, "dropout": DROPOUT}
-_VGG = {"hidden": AT_LEAST_1, "dropout": DROPOUT, "width": POSITIVE}
+_ENCODER = {"dim": AT_LEAST_1, "depth": AT_LEAST_1, "heads": AT_LEAST_1, "mlp_dim": AT_LEAST_1, "dropout": DROPOUT}
+_VIT = {**_ENCODER, "patch_size": AT_LEAST_1}
+_AST = {**_ENCODER, "patch": AT_LEAST_1, "stride": AT_LEAST_1}
+_VGG = {"hidden": AT_LEAST_1, "dropout": DROPOUT}
 declare_model("mlp", "kdray.models.small:mlp", (IMAGE, AUDIO),
               ranges={"hidden": AT_LEAST_1, "depth": NON_NEGATIVE, "dropout": DROPOUT, "width": POSITIVE})
 declare_model("small_cnn", "kdray.models.small:small_cnn", (IMAGE,),
@@ -107,8 +108,8 @@ declare_model("resnet50", "kdray.models.resnet:resnet50", (IMAGE,), ranges={"wid
 declare_model("vgg19", "kdray.models.vgg:vgg19", (IMAGE,), ranges=_VGG)
 declare_model("vgg19_bn", "kdray.models.vgg:vgg19_bn", (IMAGE,), ranges=_VGG)
 declare_model("vit", "kdray.models.vit:vit", (IMAGE,), blocks="depth", ranges=_VIT)
-declare_model("vggish", "kdray.models.vggish:vggish", (AUDIO,), ranges=_VGG)
-declare_model("ast", "kdray.models.ast:ast", (AUDIO,), blocks="depth", ranges=_VIT)
+declare_model("vggish", "kdray.models.vggish:vggish", (AUDIO,), ranges={**_VGG, "width": POSITIVE})
+declare_model("ast", "kdray.models.ast:ast", (AUDIO,), blocks="depth", ranges=_AST)
 declare_model("nano_gpt", "kdray.models.gpt:nano_gpt", (TOKENS,), blocks="n_layer", ranges=_GPT)
 declare_model("pico_gpt", "kdray.models.gpt:pico_gpt", (TOKENS,), blocks="n_layer", ranges=_GPT)
 
