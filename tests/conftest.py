@@ -23,14 +23,14 @@ os.environ.pop("MLFLOW_TRACKING_URI", None)
 os.environ.pop("RAY_ADDRESS", None)
 # One private folder for the session, removed at exit: Ray's sessions and sockets (RAY_TMPDIR, kept
 # short: a socket path must stay under 108 bytes), caches (XDG_CACHE_HOME: kdray's MLflow template,
-# ...), and decoded data (KDRAY_CACHE, unless the caller points it at a cache of their own).
+# ...), and decoded data (KDRAY_CACHE: a user's own cache is not written by tests).
 PRIVATE = Path(tempfile.mkdtemp(prefix="kdt-"))
 atexit.register(shutil.rmtree, PRIVATE, ignore_errors=True)
 RAY_TMP = PRIVATE / "ray"
 RAY_TMP.mkdir()
 os.environ["RAY_TMPDIR"] = str(RAY_TMP)
 os.environ["XDG_CACHE_HOME"] = str(PRIVATE / "cache")
-os.environ.setdefault("KDRAY_CACHE", str(PRIVATE / "kdray-cache"))
+os.environ["KDRAY_CACHE"] = str(PRIVATE / "kdray-cache")
 # A token in the environment: a local cluster does not write one to ~/.ray/auth_token.
 os.environ.setdefault("RAY_AUTH_TOKEN", os.urandom(16).hex())
 torch.set_num_threads(1)
