@@ -157,9 +157,44 @@ def cmd_ui(args) -> int:
     host = f"[{args.host}]" if ":" in args.host else args.host
     cmd = [sys.executable, "-m", "mlflow", "ui", "--backend-store-uri", uri, "--host", args.host, "--port", str(args.port)]
     print(" ".join(cmd), flush=True)
-    print(f"kdray ui: the runs are at {_runs_url(f'http://{host}:{args.port}', uri, name)}", flush=True)
+    url = _runs_url(f"http://{host}:{args.port}", uri, name)
+    print(f"kdray ui: the runs are at {url}", flush=True)
+    if not args.no_browser and sys.stdout.isatty():
+        _open_when_listening_in_a_child(url, args.host, args.port)
     os.execvp(cmd[0], cmd)
     return 0  # not reached
+
+
+def _open_when_listening_in_a_child(url: str, host: str, port: int) -> None:
+    """A child process opens ``url`` in the browser once the UI listens; this process goes on to become
+    the UI (exec), so it cannot wait itself."""
+    if os.fork():
+        return
+    try:
+        os.setsid()
+        open_when_listening(url, host, port)
+    finally:
+        os._exit(0)
+
+
+def open_when_listening(url: str, host: str, port: int, timeout: float = 120.0, opener: Optional[Callable] = None) -> bool:
+    """Open ``url`` (webbrowser.open) as soon as something listens on host:port; False if nothing did in time."""
+    import socket
+    import time
+    import webbrowser
+
+    target = {"0.0.0.0": "127.0.0.1", "::": "::1", "": "127.0.0.1"}.get(host, host)
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            with socket.create_connection((target, port), timeout=1.0):
+                pass
+        except OSError:
+            time.sleep(0.3)
+            continue
+        (opener or webbrowser.open)(url)
+        return True
+    return False
 
 
 def _runs_url(base: str, uri: str, name: Optional[str]) -> str:
@@ -274,11 +309,14 @@ def build_parser() -> argparse.ArgumentParser:
                                "ffcv-write SRC DST converts an ImageFolder tree to an FFCV .beton")
     sp.add_argument("tool", choices=["fetch", "ffcv-write"])
     sp.add_argument("rest", nargs=argparse.REMAINDER, help="the tool's own arguments (--help for them)")
-    sp = add("ui", cmd_ui, "open the MLflow UI on a sweep's runs")
+    sp = add("ui", cmd_ui, "open the MLflow UI on a sweep's runs (its runs view: the URL is printed, and opened "
+                           "in the browser on a terminal)")
     sp.add_argument("sweep", nargs="?")
     sp.add_argument("--tracking-uri")
     sp.add_argument("--host", default="127.0.0.1")
     sp.add_argument("--port", type=int, default=5000)
+    sp.add_argument("--no-browser", action="store_true",
+                    help="only print the runs' URL (default on a terminal: also open it once the UI listens)")
     sp = add("power", cmd_power, "power to support transfer at 5..30 student seeds, from a pilot sweep's runs")
     sp.add_argument("target", help="a sweep file or an MLflow experiment name (the pilot)")
     sp.add_argument("--tracking-uri", help="MLflow tracking URI (default: the sweep's)")

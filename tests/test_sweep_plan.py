@@ -186,7 +186,24 @@ def test_ui_runs_this_pythons_mlflow_on_the_sweeps_store(monkeypatch, tmp_path, 
     with socket.socket() as s:                                       # a port free now (released before the UI binds)
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    assert main(["ui", path, "--port", str(port)]) == 0
+    assert main(["ui", path, "--port", str(port), "--no-browser"]) == 0
     assert seen["cmd"][:4] == [sys.executable, "-m", "mlflow", "ui"]
     assert seen["cmd"][seen["cmd"].index("--backend-store-uri") + 1] == f"sqlite:///{tmp_path / 'res' / 'mlflow.db'}"
     assert f"kdray ui: the runs are at http://127.0.0.1:{port}/#/experiments/{exp}/runs" in capsys.readouterr().out
+
+def test_ui_opens_the_runs_view_once_the_ui_listens():
+    """What the child `kdray ui` forks on a terminal does: wait for the server, then open the URL (the
+    browser is stubbed: the test must not open one); nothing listening, nothing opened."""
+    import socket
+
+    from kdray.cli import open_when_listening
+    opened = []
+    with socket.socket() as server:
+        server.bind(("127.0.0.1", 0))
+        server.listen()
+        port = server.getsockname()[1]
+        assert open_when_listening("http://127.0.0.1/#/experiments/1/runs", "0.0.0.0", port, timeout=10,
+                                   opener=opened.append)
+    assert opened == ["http://127.0.0.1/#/experiments/1/runs"]
+    assert not open_when_listening("http://x", "127.0.0.1", port, timeout=1.0, opener=opened.append)
+    assert len(opened) == 1
