@@ -3,7 +3,8 @@
 From a teacher (a checkpoint, or one kdray trains), a student, a recipe, a data set and the
 distillation methods to audit (KD, or the user's own plug-in condition), it writes the paired
 study as an ordinary sweep file: SIDDO, each method at the chosen alphas, RCD at the same alphas,
-N student seeds.  ``--dry-run`` prints that file; otherwise it is run on Ray like any sweep and
+N student seeds.  ``--dry-run`` runs the checks a sweep gets before it starts (schema, data,
+checkpoint, models on two inputs, storage, tracking URI) and prints that file; otherwise it is run on Ray like any sweep and
 the report ends with the answer in plain words (answer_lines).
 """
 from __future__ import annotations
@@ -55,8 +56,9 @@ def _treatment(key: str, modules: list[str]):
 def audit_sweep(args) -> dict:
     """The sweep file (as a dict) the audit runs."""
     teacher = {"arch": args.teacher, "args": _mapping(args.teacher_args, "teacher-args")}
-    if args.checkpoint:
-        teacher["checkpoint"] = args.checkpoint
+    if args.checkpoint:   # absolute, so the saved audit.yaml finds it from any folder
+        local = "://" not in args.checkpoint
+        teacher["checkpoint"] = str(Path(args.checkpoint).expanduser().resolve()) if local else args.checkpoint
     recipe = {"epochs": 10, **_mapping(args.recipe, "recipe")}
     seeds = list(range(10, 10 + args.seeds))
     conds: dict = {"siddo": True, "rcd": {"alphas": list(args.alphas)}}
@@ -131,23 +133,24 @@ def run_audit(args) -> int:
     data = audit_sweep(args)
     text = ("# written by kdray audit; run it again with: kdray sweep THIS_FILE\n"
             + yaml.safe_dump(data, sort_keys=False))
-    if args.dry_run:
-        parse_sweep(data, "kdray audit")     # the same checks a sweep file gets
-        print(text, end="")
-        return 0
     from kdray.checks import check_destinations, check_size
     from kdray.preflight import preflight
 
+    # The same checks `kdray sweep` runs before anything starts, dry run or not (nothing is written).
     sweep = parse_sweep(data, "kdray audit")
     check_size(sweep, "kdray audit")
     check_destinations(sweep, "kdray audit")
     preflight(sweep, "kdray audit")
+    if args.dry_run:
+        print(text, end="")
+        return 0
     path = sweep.local_storage() / sweep.name / "audit.yaml"
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(text)
     print(f"kdray audit: the study is {path}", flush=True)
 
     from kdray.analysis.report import build_report, default_out, load_target
+    from kdray.cluster import quiet_ray_notices
     from kdray.engine import run_sweep
     from kdray.plan import build_plan, format_plan
 
@@ -155,6 +158,7 @@ def run_audit(args) -> int:
     print(format_plan(plan), flush=True)
     from kdray.provenance import sha256_bytes
 
+    quiet_ray_notices()
     summary = run_sweep(sweep, plan, progress=not args.quiet, source_sha256=sha256_bytes(text.encode()))
     print("\n".join(summary.lines()))
     if summary.exit_code:

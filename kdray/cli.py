@@ -37,7 +37,10 @@ def _load(path: str, max_trials: int, overrides: Optional[dict] = None):
 
 
 def cmd_validate(args) -> int:
+    from kdray.workers import check_workers_import
+
     sweep, plan = _load(args.sweep, args.max_trials)
+    check_workers_import(sweep, args.sweep)     # on the cluster RAY_ADDRESS names, if any
     print(f"{args.sweep}: ok ({len(sweep.setups)} setups, {len(plan.all)} trials)")
     return 0
 
@@ -78,8 +81,11 @@ def cmd_plan(args) -> int:
 
 
 def cmd_sweep(args) -> int:
+    from kdray.cluster import quiet_ray_notices
     from kdray.engine import run_sweep
     from kdray.plan import format_plan
+
+    quiet_ray_notices()
 
     sweep, plan = _load(args.sweep, args.max_trials, {"storage": args.storage, "tracking_uri": args.tracking_uri})
     from kdray import simulation
@@ -147,12 +153,19 @@ def cmd_ui(args) -> int:
     from kdray.tracking import check_sqlite_store, sqlite_path
 
     uri = args.tracking_uri
+    name = None
     if not uri:
         from kdray.sweep import default_tracking_uri, load_sweep
 
-        uri = load_sweep(args.sweep).resolved_tracking_uri() if args.sweep else default_tracking_uri()
+        sweep = load_sweep(args.sweep) if args.sweep else None
+        uri, name = (sweep.resolved_tracking_uri(), sweep.name) if sweep else (default_tracking_uri(), None)
+    elif args.sweep:
+        from kdray.sweep import load_sweep
+        name = load_sweep(args.sweep).name
     if uri.startswith(("http://", "https://")):
-        print(f"runs are on a tracking server: open {uri} in a browser")
+        # (not asked for the experiment's id: an unreachable server would hold the command in MLflow's retries)
+        print(f"runs are on a tracking server: open {uri.rstrip('/')}/#/experiments in a browser"
+              + (f" and pick experiment {name!r}" if name else ""))
         return 0
     db = sqlite_path(uri)
     if db is not None and not db.exists():   # MLflow would create an empty database here
@@ -161,10 +174,74 @@ def cmd_ui(args) -> int:
     taken = _port_taken(args.host, args.port)
     if taken:
         return _fail(f"port {args.port} on {args.host} is taken ({taken}); pass --port with a free one")
+    host = f"[{args.host}]" if ":" in args.host else args.host
     cmd = [sys.executable, "-m", "mlflow", "ui", "--backend-store-uri", uri, "--host", args.host, "--port", str(args.port)]
     print(" ".join(cmd), flush=True)
+    url = _runs_url(f"http://{host}:{args.port}", uri, name)
+    print(f"kdray ui: the runs are at {url}", flush=True)
+    if not args.no_browser and sys.stdout.isatty():
+        _open_when_listening_in_a_child(url, args.host, args.port)
     os.execvp(cmd[0], cmd)
     return 0  # not reached
+
+
+def _open_when_listening_in_a_child(url: str, host: str, port: int) -> None:
+    """A child process opens ``url`` in the browser once the UI listens; this process goes on to become
+    the UI (exec), so it cannot wait itself."""
+    if os.fork():
+        return
+    try:
+        os.setsid()
+        open_when_listening(url, host, port)
+    finally:
+        os._exit(0)
+
+
+def open_when_listening(url: str, host: str, port: int, timeout: float = 120.0, opener: Optional[Callable] = None) -> bool:
+    """Open ``url`` (webbrowser.open) as soon as something listens on host:port; False if nothing did in time."""
+    import socket
+    import time
+    import webbrowser
+
+    target = {"0.0.0.0": "127.0.0.1", "::": "::1", "": "127.0.0.1"}.get(host, host)
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            with socket.create_connection((target, port), timeout=1.0):
+                pass
+        except OSError:
+            time.sleep(0.3)
+            continue
+        (opener or webbrowser.open)(url)
+        return True
+    return False
+
+
+def _runs_url(base: str, uri: str, name: Optional[str]) -> str:
+    """The URL of an experiment's runs table.  MLflow 3 opens a fresh browser on its GenAI overview,
+    where a sweep's runs are not; its runs view is ``#/experiments/ID/runs``.  Without a sweep name,
+    the store's only experiment (besides MLflow's Default); else the experiment list."""
+    ids = _experiment_ids(uri, name)
+    return f"{base}/#/experiments/{ids[0]}/runs" if len(ids) == 1 else f"{base}/#/experiments"
+
+
+def _experiment_ids(uri: str, name: Optional[str]) -> list[str]:
+    """The ids of the experiment ``name`` (or of every experiment but Default), [] when unknown."""
+    from kdray.tracking import sqlite_path
+
+    db = sqlite_path(uri)
+    try:
+        if db is not None:   # read-only: opening the UI must not write the store
+            import sqlite3
+            with sqlite3.connect(f"{db.resolve().as_uri()}?mode=ro", uri=True) as c:
+                rows = c.execute("select experiment_id, name from experiments where lifecycle_stage = 'active'")
+                found = [(str(i), n) for i, n in rows]
+        else:
+            from mlflow.tracking import MlflowClient
+            found = [(e.experiment_id, e.name) for e in MlflowClient(uri).search_experiments()]
+    except Exception:   # a store it cannot read: the experiment list, and MLflow says why
+        return []
+    return [i for i, n in found if (n == name if name else n != "Default")]
 
 
 def _port_taken(host: str, port: int) -> str:
@@ -211,7 +288,8 @@ def build_parser() -> argparse.ArgumentParser:
         sp.add_argument("--max-trials", type=_positive_int, default=MAX_TRIALS,
                         help=f"refuse grids larger than this (default {MAX_TRIALS:,})")
 
-    sp = add("validate", cmd_validate, "check a sweep file; one error line and exit 2 when it is wrong")
+    sp = add("validate", cmd_validate, "check a sweep file; one error line and exit 2 when it is wrong (with "
+                                       "RAY_ADDRESS set, also that the cluster's workers import its plug-ins)")
     sp.add_argument("sweep")
     max_trials(sp)
     sp = add("plan", cmd_plan, "print the trials sweep files expand to, per setup and condition")
@@ -258,11 +336,14 @@ def build_parser() -> argparse.ArgumentParser:
                                "ffcv-write SRC DST converts an ImageFolder tree to an FFCV .beton")
     sp.add_argument("tool", choices=["fetch", "ffcv-write"])
     sp.add_argument("rest", nargs=argparse.REMAINDER, help="the tool's own arguments (--help for them)")
-    sp = add("ui", cmd_ui, "open the MLflow UI on a sweep's runs")
+    sp = add("ui", cmd_ui, "open the MLflow UI on a sweep's runs (its runs view: the URL is printed, and opened "
+                           "in the browser on a terminal)")
     sp.add_argument("sweep", nargs="?")
     sp.add_argument("--tracking-uri")
     sp.add_argument("--host", default="127.0.0.1")
     sp.add_argument("--port", type=int, default=5000)
+    sp.add_argument("--no-browser", action="store_true",
+                    help="only print the runs' URL (default on a terminal: also open it once the UI listens)")
     sp = add("power", cmd_power, "power to support transfer at 5..30 student seeds, from a pilot sweep's runs")
     sp.add_argument("target", help="a sweep file or an MLflow experiment name (the pilot)")
     sp.add_argument("--tracking-uri", help="MLflow tracking URI (default: the sweep's)")

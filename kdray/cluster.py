@@ -7,6 +7,7 @@ through RAY_ADDRESS an autoscaler may add the nodes, so kdray says the sweep wai
 """
 from __future__ import annotations
 
+import logging
 import sys
 from typing import Optional
 
@@ -68,3 +69,26 @@ def check_resources(specs: list[TrialSpec], autoscaling: bool, nodes: Optional[l
         return
     raise ClusterError(f"{asks}, but {have} and no autoscaler can add one; lower the resources or run on a "
                        f"cluster that has them (RAY_ADDRESS)")
+
+
+# Notices Ray logs on every ray.init that tell a kdray user nothing to act on: a local cluster kdray
+# starts has token authentication on by default (Ray's own default; the notice that it is *off* is kept).
+RAY_NOTICES = {"ray._private.authentication.authentication_token_setup":
+               ("Token authentication is enabled for this Ray cluster",)}
+
+
+class _DropNotices(logging.Filter):
+    def __init__(self, starts: tuple[str, ...]):
+        super().__init__()
+        self.starts = starts
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not str(record.msg).startswith(self.starts)
+
+
+def quiet_ray_notices() -> None:
+    """Drop RAY_NOTICES from this process's log (call before ray.init; idempotent)."""
+    for name, starts in RAY_NOTICES.items():
+        logger = logging.getLogger(name)
+        if not any(isinstance(f, _DropNotices) for f in logger.filters):
+            logger.addFilter(_DropNotices(starts))

@@ -3,6 +3,11 @@ catch them without loading torch."""
 from __future__ import annotations
 
 
+class SweepError(ValueError):
+    """A user mistake in a sweep file; the message is one line naming file and field.
+    (Here, not in kdray/sweep.py, so the checks that raise it need not import the schema.)"""
+
+
 class DataNotFoundError(FileNotFoundError):
     """The data set's files are not where the loader looked; the message says where."""
 

@@ -13,6 +13,8 @@ import ast
 import importlib
 import importlib.util
 import inspect
+import math
+from dataclasses import dataclass
 from typing import Any, Callable, Generic, Iterator, Optional, TypeVar, Union
 
 T = TypeVar("T")
@@ -182,3 +184,41 @@ def check_value(annotation: Optional[str], value: Any) -> bool:
     if isinstance(value, bool) and base != "bool":
         return False
     return isinstance(value, _SIMPLE[base])
+
+
+@dataclass(frozen=True)
+class Range:
+    """Where a numeric builder argument makes sense (``low``/``high`` inclusive unless ``*_open``), so
+    that ``channels: -4`` or ``dropout: 1.5`` is refused by ``kdray validate`` instead of training
+    nonsense or failing inside a trial.  Declared next to the builder (``Architecture(ranges=...)``,
+    ``Dataset(ranges=...)``)."""
+    low: Optional[float] = None
+    high: Optional[float] = None
+    low_open: bool = False
+    high_open: bool = False
+
+    def why_not(self, value: Any) -> Optional[str]:
+        """None when ``value`` is inside (or is not a number: its annotation is checked elsewhere);
+        else what would be valid."""
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            return None
+        if isinstance(value, float) and not math.isfinite(value):
+            return f"must be finite, got {value!r}"
+        below = self.low is not None and (value <= self.low if self.low_open else value < self.low)
+        above = self.high is not None and (value >= self.high if self.high_open else value > self.high)
+        if not (below or above):
+            return None
+        if self.high is None:
+            return f"must be {'>' if self.low_open else '>='} {self.low:g}, got {value!r}"
+        if self.low is None:
+            return f"must be {'<' if self.high_open else '<='} {self.high:g}, got {value!r}"
+        return (f"must be in {'(' if self.low_open else '['}{self.low:g}, {self.high:g}{')' if self.high_open else ']'}, "
+                f"got {value!r}")
+
+
+AT_LEAST_1 = Range(1)                                  # sizes and counts: channels, hidden, heads, layers
+NON_NEGATIVE = Range(0)
+POSITIVE = Range(0, low_open=True)                     # widths, seconds
+DROPOUT = Range(0, 1, high_open=True)                  # a drop probability of 1 zeroes the layer
+FRACTION = Range(0, 1, low_open=True, high_open=True)  # a split that leaves both sides non-empty
+SEED_32 = Range(0, 2**32 - 1)                          # numpy / scikit-learn random_state

@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import functools
 import re
+import types
+import typing
 from pathlib import Path
 from typing import Any, Literal, Optional
 
@@ -16,12 +18,16 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, StrictBool, ValidationError, create_model, field_validator, model_validator
 
 from kdray import conditions
+from kdray.conditions import enabled_conditions  # noqa: F401 - re-exported (kdray.plan)
 from kdray.data import DATASETS
+from kdray.errors import SweepError  # noqa: F401 - re-exported: every caller catches kdray.sweep.SweepError
 from kdray.evals import EVALS
 from kdray.models import MODELS
 from kdray.registry import PluginError
+from kdray.setup_checks import check_sweep
 
 DEFAULT_STORAGE = "./results"
+MAX_SEED = 2**63          # seeds are whole numbers in [0, 2^63): torch and numpy generators take them
 # Sweep and setup names become folder names and MLflow names: letters, digits, "_", "-", single dots.
 NAME = r"^[A-Za-z0-9][A-Za-z0-9_.\-]*$"
 
@@ -32,10 +38,6 @@ def _no_dots(v: str) -> str:
     return v
 
 
-class SweepError(ValueError):
-    """A user mistake in a sweep file; the message is one line naming file and field."""
-
-
 class _Strict(BaseModel):
     """Unknown keys are errors, and so are values of the wrong type ("10" for 10 is not coerced)."""
     model_config = ConfigDict(extra="forbid", frozen=True, strict=True)
@@ -43,28 +45,34 @@ class _Strict(BaseModel):
 
 def _conditions_model() -> type[BaseModel]:
     """The ``conditions:`` mapping, one optional key per condition that a sweep file can name,
-    built from the declarations in kdray/conditions (their defaults, grids and checks)."""
+    built from the declarations in kdray/conditions (their defaults, grids and checks).
+
+    A condition with a grid is switched off by ``false`` (or ``null``) and on, at its default grid,
+    by ``true``; one without a grid (SIDDO) by ``true`` and ``false`` (or ``null``)."""
     fields: dict[str, Any] = {}
+    grids: list[str] = []
+    switches_only: list[str] = []
     for cond in conditions.all_conditions():
         if not cond.sweep_key:
             continue
         model = conditions.grid_model(cond)
         if model is bool:
             fields[cond.sweep_key] = (StrictBool, cond.enabled_by_default)
+            switches_only.append(cond.sweep_key)
         else:
             fields[cond.sweep_key] = (Optional[model], model() if cond.enabled_by_default else None)
-    return create_model("Conditions", __base__=_Strict, **fields)
+            grids.append(cond.sweep_key)
+
+    def switches(cls, data):
+        if isinstance(data, dict):
+            data = {k: ({} if v is True else None if v is False else v) if k in grids
+                    else (False if v is None and k in switches_only else v) for k, v in data.items()}
+        return data
+    return create_model("Conditions", __base__=_Strict,
+                        __validators__={"_switches": model_validator(mode="before")(classmethod(switches))}, **fields)
 
 
 Conditions = _conditions_model()
-
-
-def enabled_conditions(c: BaseModel) -> list[tuple[Any, Any]]:
-    """(declaration, sweep-file entry) of every condition a setup turns on, in declared order."""
-    # (a condition registered after the schema was built, e.g. by a module an import path named,
-    # cannot be in this file's conditions: mapping)
-    return [(cond, getattr(c, cond.sweep_key)) for cond in conditions.all_conditions()
-            if cond.sweep_key in type(c).model_fields and getattr(c, cond.sweep_key) not in (None, False)]
 
 
 def _registered(registry, name: str) -> str:
@@ -192,6 +200,14 @@ class Setup(_Strict):
             data = {**data, "teacher_seeds": [0]}
         return data
 
+    @field_validator("teacher_seeds", "student_seeds")
+    @classmethod
+    def _seed_range(cls, v):
+        bad = [x for x in v if not 0 <= x < MAX_SEED]
+        if bad:
+            raise ValueError(f"seeds must be whole numbers in [0, 2^63), got {bad[0]}")
+        return v
+
     @field_validator("widths")
     @classmethod
     def _w(cls, v):
@@ -225,7 +241,7 @@ class Setup(_Strict):
             try:
                 Recipe(**{**self.recipe.model_dump(), **over})
             except ValidationError as e:
-                raise ValueError(f"{what}: {_first_error(e)}") from None
+                raise ValueError(f"{what}: {_first_error(e, Recipe)}") from None
         if not enabled_conditions(self.conditions):
             names = ", ".join(Conditions.model_fields)
             raise ValueError(f"conditions: the grid is empty (enable at least one of {names})")
@@ -252,6 +268,14 @@ class Sweep(_Strict):
     progress_every_s: float = Field(30.0, ge=0)
     plugins: list[str] = []                       # modules that register conditions, models, data (docs/plugins.md)
     setups: list[Setup] = Field(min_length=1)
+
+    @field_validator("storage")
+    @classmethod
+    def _storage(cls, v):
+        if not v.strip():    # Path("") would silently be the working directory
+            raise ValueError("an empty string is no folder; give a path (default ./results) or a URI "
+                             "(s3://, gs://, file://)")
+        return v
 
     @model_validator(mode="after")
     def _unique(self):
@@ -298,14 +322,40 @@ def _loc(loc: tuple) -> str:
     return out or "(top level)"
 
 
-def _first_error(e: ValidationError) -> str:
+def _model_at(model: Any, loc: tuple) -> Optional[type[BaseModel]]:
+    """The pydantic model that holds the value at ``loc`` (None where it is not a model)."""
+    def unwrap(t, part=None):
+        while True:
+            origin, args = typing.get_origin(t), typing.get_args(t)
+            if origin in (typing.Union, types.UnionType):
+                t = next((a for a in args if a is not type(None)), t)
+            elif origin in (list, tuple) and isinstance(part, int) and args:
+                return args[0]
+            else:
+                return t
+    t = model
+    for part in loc:
+        t = unwrap(t, part)
+        if isinstance(part, int):
+            continue
+        if not (isinstance(t, type) and issubclass(t, BaseModel)) or part not in t.model_fields:
+            return None
+        t = t.model_fields[part].annotation
+    t = unwrap(t)
+    return t if isinstance(t, type) and issubclass(t, BaseModel) else None
+
+
+def _first_error(e: ValidationError, model: Any = None) -> str:
+    """One line for the first error (and how many more): where, what, and what would be valid."""
     err = e.errors()[0]
     msg = err["msg"].removeprefix("Value error, ")
+    loc = tuple(p for p in err["loc"] if not str(p).startswith(("function-", "tagged-")))
     if err["type"] == "extra_forbidden":
-        msg = "unknown key"
+        owner = _model_at(model, loc[:-1]) if model is not None else None
+        msg = "unknown key" + (f"; valid: {', '.join(owner.model_fields)}" if owner is not None else "")
     elif err["type"] == "missing":
         msg = "required field missing"
-    where = _loc(tuple(p for p in err["loc"] if not str(p).startswith(("function-", "tagged-"))))
+    where = _loc(loc)
     if err["type"] not in ("missing", "extra_forbidden") and "input" in err and not isinstance(err["input"], (dict, list)):
         msg += f" (got {err['input']!r})"
     more = len(e.errors()) - 1
@@ -320,10 +370,7 @@ def _load_plugins(data: dict, source: str) -> None:
     names = data.get("plugins", [])
     if not isinstance(names, list) or not all(isinstance(n, str) for n in names):
         raise SweepError(f"{source}: plugins: expected a list of module names (my_pkg.kdray_plugin), got {names!r}")
-    try:
-        plugins.load_entry_points()
-    except PluginError as e:
-        raise SweepError(f"{source}: {e}") from None
+    plugins.load_entry_points()     # a broken one is a warning, not an error (kdray/plugins.py)
     for i, name in enumerate(names):
         try:
             plugins.load([name])
@@ -349,11 +396,11 @@ def parse_sweep(data: Any, source: str = "<sweep>") -> Sweep:
     if not isinstance(data, dict):
         raise SweepError(f"{source}: the file must hold a mapping with name and setups")
     _load_plugins(data, source)
+    model = sweep_model()
     try:
-        sweep = sweep_model()(**data)
+        sweep = model(**data)
     except ValidationError as e:
-        raise SweepError(f"{source}: {_first_error(e)}") from None
-    from kdray.checks import check_sweep
+        raise SweepError(f"{source}: {_first_error(e, model)}") from None
     check_sweep(sweep, source)
     return sweep
 
@@ -388,6 +435,21 @@ def read_yaml(p: Path):
         raise SweepError(f"{p}:{where} not valid YAML ({getattr(e, 'problem', None) or e})") from None
 
 
+def _anchor_checkpoints(data: Any, folder: Path) -> Any:
+    """A relative ``teacher.checkpoint`` is read from the sweep file's folder (not the working
+    directory), so a sweep file and its teacher travel together."""
+    if not isinstance(data, dict) or not isinstance(data.get("setups"), list):
+        return data
+    setups = []
+    for s in data["setups"]:
+        t = s.get("teacher") if isinstance(s, dict) else None
+        c = t.get("checkpoint") if isinstance(t, dict) else None
+        if isinstance(c, str) and c.strip() and "://" not in c and not Path(c).expanduser().is_absolute():
+            s = {**s, "teacher": {**t, "checkpoint": str((folder / c).resolve())}}
+        setups.append(s)
+    return {**data, "setups": setups}
+
+
 def load_sweep(path: str | Path) -> Sweep:
     p = Path(path)
-    return parse_sweep(read_yaml(p), str(p))
+    return parse_sweep(_anchor_checkpoints(read_yaml(p), p.resolve().parent), str(p))

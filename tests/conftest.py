@@ -1,5 +1,10 @@
-"""Test-wide settings: the repository's real data, one torch thread, no MLflow outside tmp."""
+"""Test-wide settings: the repository's real data, one torch thread, and a suite that cannot touch
+its neighbours: no cluster, MLflow, cache or results folder of the machine's is joined, read or
+written (a stranger may have a Ray cluster, a PostgreSQL and an MLflow UI of their own running)."""
+import atexit
 import os
+import shutil
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -14,11 +19,28 @@ os.environ.setdefault("KDRAY_DATA", str(REPO_DATA))
 os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")
 os.environ.setdefault("RAY_DEDUP_LOGS", "0")
 os.environ.pop("MLFLOW_TRACKING_URI", None)
-# Caches of decoded data go to a temporary folder, never into the data folder.
-if "KDRAY_CACHE" not in os.environ:
-    import tempfile
-    os.environ["KDRAY_CACHE"] = tempfile.mkdtemp(prefix="kdray-cache-")
+# Never join a cluster that `ray start --head` (or anyone) left running: every sweep starts its own.
+os.environ.pop("RAY_ADDRESS", None)
+# One private folder for the session, removed at exit: Ray's sessions and sockets (RAY_TMPDIR, kept
+# short: a socket path must stay under 108 bytes), caches (XDG_CACHE_HOME: kdray's MLflow template,
+# ...), and decoded data (KDRAY_CACHE: a user's own cache is not written by tests).
+PRIVATE = Path(tempfile.mkdtemp(prefix="kdt-"))
+atexit.register(shutil.rmtree, PRIVATE, ignore_errors=True)
+RAY_TMP = PRIVATE / "ray"
+RAY_TMP.mkdir()
+os.environ["RAY_TMPDIR"] = str(RAY_TMP)
+os.environ["XDG_CACHE_HOME"] = str(PRIVATE / "cache")
+os.environ["KDRAY_CACHE"] = str(PRIVATE / "kdray-cache")
+# A token in the environment: a local cluster does not write one to ~/.ray/auth_token.
+os.environ.setdefault("RAY_AUTH_TOKEN", os.urandom(16).hex())
 torch.set_num_threads(1)
+
+
+@pytest.fixture(autouse=True)
+def own_folder(tmp_path, monkeypatch):
+    """Each test runs in its own empty folder: a relative path (a sweep's default ./results) lands
+    there, never in the repository's results/ nor another test's."""
+    monkeypatch.chdir(tmp_path)
 
 
 def require_data(path: Path, what: str) -> Path:
@@ -63,7 +85,7 @@ def pytest_collection_modifyitems(items):
 def local_ray():
     """One in-process local Ray cluster for every test that runs trials through ``run_sweep``."""
     import ray
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, _temp_dir=str(RAY_TMP))
     yield
     ray.shutdown()
 
@@ -78,3 +100,12 @@ def planted_mlflow(tmp_path_factory):
     write_experiment(uri, "planted", planted_runs(), d / "artifacts")
     write_experiment(uri, "small", broken_setup(), d / "artifacts-small")
     return d, uri
+
+
+@pytest.fixture(autouse=True)
+def no_exec(monkeypatch):
+    """``os.execvp`` would replace the pytest process (``kdray ui`` ends in it): a test that means to
+    reach it stubs it itself; any other call fails the test instead."""
+    def refuse(prog, args):
+        raise AssertionError(f"a test called os.execvp({prog!r}, ...): it would replace the test process")
+    monkeypatch.setattr(os, "execvp", refuse)

@@ -7,6 +7,13 @@ import time
 from pathlib import Path
 
 
+def default_sigint() -> None:
+    """``preexec_fn`` for a child that a test interrupts: SIGINT back to its default.  A test runner
+    started with SIGINT ignored (``pytest &`` in a script) passes the ignoring on to its children,
+    and Python then never turns a SIGINT into KeyboardInterrupt."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 def _ppid(pid: int) -> int | None:
     try:
         stat = Path(f"/proc/{pid}/stat").read_text()

@@ -37,6 +37,32 @@ def test_dry_run_prints_the_paired_study_as_a_sweep_file(tmp_path):
     assert setup["student_seeds"] == list(range(10, 17)) and setup["recipe"]["epochs"] == 3
 
 
+def test_dry_run_runs_the_audits_preflight(tmp_path):
+    """--dry-run checks what the audit would check: a checkpoint that does not fit, storage that cannot be made."""
+    import torch
+    torch.save({"weight": torch.zeros(3)}, tmp_path / "teacher.pt")
+    (tmp_path / "a_file").write_text("")
+    for args, words in [(["--checkpoint", tmp_path / "teacher.pt"], "does not fit architecture 'small_cnn'"),
+                        (["--checkpoint", tmp_path / "nope.pt"], "nope.pt does not exist"),
+                        (["--storage", tmp_path / "a_file" / "r"], "cannot be created")]:
+        p = kdray("audit", "--dataset", "digits", "--teacher", "small_cnn", "--dry-run",
+                  *(["--storage", tmp_path / "r"] if "--storage" not in args else []), *args, timeout=120)
+        assert p.returncode == 2 and p.stdout == "", p.stdout + p.stderr
+        assert len(p.stderr.strip().splitlines()) == 1 and words in p.stderr, p.stderr
+    assert not (tmp_path / "r").exists()
+
+
+def test_a_relative_checkpoint_is_written_absolute(tmp_path):
+    """The study file is run from wherever: a checkpoint given relative to here is written absolute."""
+    import torch
+    from kdray.models import build_model
+    torch.save(build_model("small_cnn", 10, (1, 8, 8), channels=4).state_dict(), tmp_path / "teacher.pt")
+    p = kdray("audit", "--dataset", "digits", "--teacher", "small_cnn", "--teacher-args", "{channels: 4}",
+              "--checkpoint", "teacher.pt", "--storage", tmp_path / "r", "--dry-run", timeout=120, cwd=tmp_path)
+    assert p.returncode == 0, p.stderr
+    assert yaml.safe_load(p.stdout)["setups"][0]["teacher"]["checkpoint"] == str(tmp_path / "teacher.pt")
+
+
 @pytest.mark.parametrize("args, words", [
     (["--method", "nope"], "--method: 'nope' is not a distillation method"),
     (["--recipe", "[1, 2]"], "--recipe: expected a mapping"),

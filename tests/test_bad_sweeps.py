@@ -2,8 +2,10 @@
 line naming the file and the field, exit code 2, before anything starts or is written.
 
 Each file's first line says what the error must contain (``# expect: ...``); the folder
-``a_folder.yaml/`` stands for a path that is not a file.
+``a_folder.yaml/`` stands for a path that is not a file.  Each case runs in a temporary copy
+of the corpus, where the files' relative ``storage: results`` points.
 """
+import shutil
 from pathlib import Path
 
 import pytest
@@ -26,15 +28,17 @@ def test_the_corpus_is_large_and_distinct():
 
 
 @pytest.mark.parametrize("path", FILES, ids=lambda p: p.stem)
-def test_validate_refuses_with_one_line_naming_file_and_field(path, capsys, monkeypatch):
-    monkeypatch.chdir(CORPUS)            # relative storage paths are read from here
-    before = sorted(CORPUS.rglob("*"))
+def test_validate_refuses_with_one_line_naming_file_and_field(path, capsys, monkeypatch, tmp_path):
+    here = tmp_path / "corpus"
+    shutil.copytree(CORPUS, here)
+    monkeypatch.chdir(here)              # relative storage paths are read from here
+    before = sorted(here.rglob("*"))
     assert main(["validate", path.name]) == 2
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1, err
     assert err.startswith(f"kdray: error: {path.name}"), err
     assert expectation(path) in err, err
-    assert sorted(CORPUS.rglob("*")) == before and not Path("/tmp/kdray-bad-sweeps").exists()
+    assert sorted(here.rglob("*")) == before
 
 
 def test_a_folder_is_not_a_sweep_file(capsys):

@@ -11,6 +11,7 @@ import pytest
 import yaml
 
 from kdray.cli import main
+from procs import default_sigint
 
 KDRAY = [sys.executable, "-m", "kdray.cli"]
 
@@ -134,7 +135,7 @@ def test_ctrl_c_while_ray_starts_leaves_no_running_sweep_run(tmp_path):
     # The driver sends itself SIGINT just as it starts Ray (kdray/testhook.py): no timer, no race.
     env = dict(os.environ, KDRAY_TEST_SIGINT_AT="ray_start")
     p = subprocess.Popen(KDRAY + ["sweep", str(path), "--quiet"], start_new_session=True, text=True, env=env,
-                         stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+                         preexec_fn=default_sigint, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
     try:
         out, err = p.communicate(timeout=300)
     finally:

@@ -145,6 +145,18 @@ def _save(p: Path, obj) -> Path:
     return p
 
 
+def test_a_relative_checkpoint_is_read_from_the_sweep_files_folder(tmp_path, checkpoint, monkeypatch):
+    from kdray.sweep import load_sweep
+
+    (tmp_path / "study").mkdir()
+    (tmp_path / "study" / "teacher.pt").write_bytes(checkpoint.read_bytes())
+    path = sweep_file(tmp_path / "study", {**ARCH, "checkpoint": "teacher.pt"})
+    monkeypatch.chdir(tmp_path)          # another folder: teacher.pt is not here
+    assert load_sweep(path).setups[0].teacher.checkpoint == str(tmp_path / "study" / "teacher.pt")
+    p = kdray("validate", path, timeout=120)       # from the repository's folder
+    assert p.returncode == 0, p.stderr
+
+
 @pytest.mark.parametrize("case", BAD, ids=[c[0] for c in BAD])
 def test_a_bad_checkpoint_or_model_is_one_line_before_anything_starts(tmp_path, checkpoint, case):
     _, teacher, over, field, words = case

@@ -23,13 +23,15 @@ def _sweep(tmp_path, teacher):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("teacher,asked", [({"cpu": 64}, "cpu: 64, gpu: 0"), ({"gpu": 1}, "cpu: 1, gpu: 1")])
-def test_a_local_cluster_refuses_a_trial_no_node_can_hold(tmp_path, teacher, asked):
+@pytest.mark.parametrize("teacher,asked,flags", [({"cpu": 64}, "cpu: 64, gpu: 0", ["--quiet"]),
+                                                 ({"gpu": 1}, "cpu: 1, gpu: 1", [])])
+def test_a_local_cluster_refuses_a_trial_no_node_can_hold(tmp_path, teacher, asked, flags):
     import torch
     if "gpu" in teacher and torch.cuda.is_available():
         pytest.skip("this machine has a GPU")
     path = _sweep(tmp_path, teacher)
-    p = subprocess.run(KDRAY + ["sweep", str(path), "--quiet"], capture_output=True, text=True, timeout=300)
+    p = subprocess.run(KDRAY + ["sweep", str(path), *flags], capture_output=True, text=True, timeout=300)
+    assert "Token authentication is enabled" not in p.stderr + p.stdout     # Ray's notice on every start
     last = p.stderr.strip().splitlines()[-1]
     assert p.returncode == 2, p.stderr[-3000:]
     assert last.startswith("kdray: error: setup 'd': resources.teacher asks for " + asked), last

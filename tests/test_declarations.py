@@ -5,6 +5,7 @@ counts from the declarations, never importing torch; these tests import the real
 check both against them.
 """
 import inspect
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -51,10 +52,41 @@ def test_check_value(annotation, ok, bad):
     assert all(check_value(annotation, v) for v in ok) and not any(check_value(annotation, v) for v in bad)
 
 
-def test_validate_and_plan_import_no_torch():
+def test_validate_and_plan_import_no_torch(tmp_path):
+    spaces = ROOT / "search_spaces"
     code = ("import sys; from kdray.cli import main; "
-            "rc = main(['validate', 'search_spaces/quickstart.yaml']) + main(['plan', 'search_spaces/tinyshakespeare_feature_map.yaml']); "
+            f"rc = main(['validate', {str(spaces / 'quickstart.yaml')!r}]) "
+            f"+ main(['plan', {str(spaces / 'tinyshakespeare_feature_map.yaml')!r}]); "
             "print(rc, sorted(m for m in ('torch', 'torchvision', 'ray', 'mlflow') if m in sys.modules))")
-    p = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT, timeout=120)
+    p = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=tmp_path, timeout=120,
+                       env={**os.environ, "PYTHONPATH": str(ROOT)})
     assert p.returncode == 0, p.stderr
     assert p.stdout.strip().splitlines()[-1] == "0 []"
+
+
+@pytest.mark.parametrize("registry", [MODELS, DATASETS], ids=["models", "datasets"])
+def test_declared_ranges_name_real_arguments_and_hold_their_defaults(registry):
+    """A range on an argument the builder lacks would never fire; a default outside its range would
+    make every sweep that leaves it out invalid."""
+    for name in registry.names():
+        decl = registry.get(name)
+        args = decl.args()
+        for arg, rng in decl.ranges.items():
+            assert arg in args, (name, arg)
+            default = args[arg][1]
+            assert default is None or rng.why_not(default) is None, (name, arg, default)
+
+
+def test_modalities_are_checked_where_declared_and_any_takes_every_one():
+    from kdray.data import Dataset
+    from kdray.models import ANY, AUDIO, IMAGE, MODALITIES, TOKENS, Architecture
+    from kdray.registry import PluginError
+
+    anything = Architecture("anything", "my_pkg:net", (ANY,))
+    assert all(anything.takes(m) for m in MODALITIES)
+    cnn = Architecture("cnn", "my_pkg:net", (IMAGE,))
+    assert cnn.takes(IMAGE) and cnn.takes(ANY) and not cnn.takes(AUDIO) and not cnn.takes(TOKENS)
+    with pytest.raises(PluginError, match=r"dataset 't': unknown input modality 'tabular'; valid: any, image, audio, tokens"):
+        Dataset("t", "my_pkg:load", "tabular")
+    with pytest.raises(PluginError, match=r"architecture 'm': unknown input modality 'imagee'"):
+        Architecture("m", "my_pkg:net", ("imagee",))

@@ -11,6 +11,8 @@ import pytest
 import yaml
 from mlflow.tracking import MlflowClient
 
+from procs import default_sigint
+
 KDRAY = [sys.executable, "-m", "kdray.cli"]
 COUNTS = re.compile(r"(\d+) trials finished now, (\d+) already done, (\d+) teachers reused from storage, (\d+) failed, "
                     r"(\d+) blocked by a failed teacher, (\d+) interrupted, (\d+) not started; (\d+) planned")
@@ -46,7 +48,7 @@ def _counts(stdout):
 def test_sigint_exits_130_and_accounts_for_every_planned_trial(tmp_path, target):
     path = _sweep(tmp_path)
     db = tmp_path / "results" / "mlflow.db"
-    p = subprocess.Popen(KDRAY + ["sweep", str(path)], start_new_session=True, text=True,
+    p = subprocess.Popen(KDRAY + ["sweep", str(path)], start_new_session=True, text=True, preexec_fn=default_sigint,
                          stdout=subprocess.PIPE, stderr=subprocess.PIPE)
     try:
         deadline = time.time() + 180

@@ -1,5 +1,5 @@
 """Packed students in a real sweep (``resources: {student: {pack: K}}``): one Tune trial per pack,
-one MLflow run per student, results within the stated tolerance of the same sweep unpacked, and
+exactly one MLflow run per student, results within the stated tolerance of the same sweep unpacked, and
 per-student resume after the driver is killed mid-pack."""
 import subprocess
 from pathlib import Path
@@ -26,8 +26,16 @@ def _file(tmp_path, name, pack, report_every_s=0):
     return write_sweep(tmp_path / f"{name}.yaml", data)
 
 
+def by_key(runs) -> dict:
+    """{trial key: run}, after asserting that no trial was logged twice (a dict alone would hide it)."""
+    keys = [r.data.tags["kdray.trial_key"] for r in runs]
+    twice = sorted({k for k in keys if keys.count(k) > 1})
+    assert not twice, f"trials logged more than once: {twice}"
+    return dict(zip(keys, runs))
+
+
 def _metrics(path):
-    return {r.data.tags["kdray.trial_key"]: (r.info.status, r.data.metrics) for r in trial_runs(path)}
+    return {k: (r.info.status, r.data.metrics) for k, r in by_key(trial_runs(path)).items()}
 
 
 def test_a_packed_sweep_gives_each_student_its_own_run_matching_the_unpacked_sweep(tmp_path):
@@ -95,8 +103,7 @@ def test_a_student_that_diverges_inside_a_pack_fails_alone(tmp_path):
                            text=True, timeout=600, env=env)
         client = MlflowClient(f"sqlite:///{tmp_path / name / 'mlflow.db'}")   # the plug-in is not imported here
         exp = client.get_experiment_by_name(name)
-        return r, {x.data.tags["kdray.trial_key"]: x for x in client.search_runs([exp.experiment_id],
-                                                                                 "tags.`kdray.kind` = 'trial'")}
+        return r, by_key(client.search_runs([exp.experiment_id], "tags.`kdray.kind` = 'trial'"))
 
     r, runs = sweep("diverge", [0.5, 1.0])
     assert r.returncode == 1, r.stderr[-3000:]

@@ -1,4 +1,6 @@
 """kdray report end to end on a planted MLflow sweep: files, bold, ticks, HTML, MLflow logging."""
+from pathlib import Path
+
 import numpy as np
 import pytest
 
@@ -6,6 +8,8 @@ from kdray.analysis import figures
 from kdray.analysis.report import build_report, log_report_to_mlflow, run_report
 from kdray.analysis.stats import analyse
 from synthetic_runs import SEEDS, as_frame, run
+
+ROOT = Path(__file__).resolve().parents[1]
 
 
 @pytest.fixture(scope="module")
@@ -243,7 +247,7 @@ def test_correction_option_and_power_and_plan_commands(sweep, tmp_path, capsys):
     assert "Power to support transfer (BY)" in out and "broken: student seeds for 80% power on every teacher seed: KD α=0.5" in out
     assert main(["power", "nope", "--tracking-uri", uri]) == 2
     assert capsys.readouterr().err.strip() == f"kdray: error: no MLflow experiment 'nope' at {uri}; run `kdray sweep` first"
-    assert main(["plan", "search_spaces/quickstart.yaml", "--correction", "holm"]) == 0
+    assert main(["plan", str(ROOT / "search_spaces/quickstart.yaml"), "--correction", "holm"]) == 0
     out = capsys.readouterr().out
     assert "digits-cnn: 6 student seeds: smallest one-sided p 2^-6 = 0.01562, Holm-adjusted over 4 metrics 0.0625" in out
     assert "use at least 7 student seeds" in out

@@ -22,8 +22,13 @@ def write(tmp_path, data) -> str:
 
 
 BAD = [
-    (lambda d: d.update(bogus=1), "bogus: unknown key"),
-    (lambda d: d["setups"][0].update(nope=1), "setups[0].nope: unknown key"),
+    (lambda d: d.update(bogus=1), "bogus: unknown key; valid: name, description, storage"),
+    (lambda d: d["setups"][0].update(nope=1), "setups[0].nope: unknown key; valid: name, dataset, teacher"),
+    (lambda d: d["setups"][0].update(conditions={"kd": {"alpha": [0.5]}}),
+     "setups[0].conditions.kd.alpha: unknown key; valid: alphas, temperatures"),
+    (lambda d: d["setups"][0].update(conditions={"dkd": {}}), "setups[0].conditions.dkd: unknown key; valid: siddo, kd, rcd"),
+    (lambda d: d["setups"][0].update(student_recipe={"lrr": 1}), "student_recipe: lrr: unknown key; valid: optimizer, lr"),
+    (lambda d: d["setups"][0].update(conditions={"fm": True}), "setups[0].conditions.fm.blocks: required field missing"),
     (lambda d: d["setups"][0]["recipe"].update(lr="fast"), "setups[0].recipe.lr"),
     (lambda d: d["setups"][0].update(conditions={"kd": {"alphas": [0.1, 1.5]}}), "setups[0].conditions.kd.alphas: alpha must be in [0, 1], got 1.5"),
     (lambda d: d["setups"][0].update(conditions={"kd": {"temperatures": [0]}}), "setups[0].conditions.kd.temperatures: temperature must be > 0"),
@@ -53,6 +58,17 @@ def test_bad_input_is_one_line_naming_file_and_field(tmp_path, mutate, expected,
     assert err.startswith("kdray: error: ") and expected in err and len(err.splitlines()) == 1
 
 
+@pytest.mark.parametrize("conds,expected", [
+    ({"kd": False}, {"siddo", "rcd"}),                       # false switches a default-on condition off
+    ({"kd": None, "rcd": False}, {"siddo"}),                 # null too
+    ({"siddo": False, "rcd": False, "tfkd": True}, {"kd", "tfkd"}),   # true: on at its default grid
+    ({"siddo": None, "rcd": None}, {"kd"}),                              # null is off for SIDDO's switch too
+])
+def test_a_condition_is_switched_with_true_and_false(tmp_path, conds, expected):
+    plan = build_plan(load_sweep(write(tmp_path, base(conditions=conds))))
+    assert {s.method for s in plan.students} == expected
+
+
 def test_missing_data_root_is_rejected(tmp_path, monkeypatch):
     monkeypatch.delenv("KDRAY_DATA", raising=False)
     d = base(dataset={"name": "tinyshakespeare"}, teacher={"arch": "nano_gpt"}, recipe={"iterations": 1})
@@ -75,7 +91,9 @@ def test_cli_error_has_no_traceback_and_exit_2(tmp_path):
     path = write(tmp_path, {**base(), "storage": str(storage), "bogus": 1})
     p = subprocess.run([sys.executable, "-m", "kdray.cli", "sweep", path], capture_output=True, text=True)
     assert p.returncode == 2
-    assert p.stderr.strip().splitlines() == [f"kdray: error: {path}: bogus: unknown key"]
+    assert p.stderr.strip().splitlines() == [f"kdray: error: {path}: bogus: unknown key; valid: name, description, storage, "
+                                               f"tracking_uri, data_root, max_concurrent_trials, max_failures, report_every_s, "
+                                               f"progress_every_s, plugins, setups"]
     assert not storage.exists()  # nothing started
 
 
@@ -152,15 +170,40 @@ def test_plan_estimates_gpu_hours_and_packing(capsys):
     assert f"~{213 * 0.53:,.0f} GPU-hours at 0.53 per model; teachers: 4 per GPU; students: 4 per GPU" in out
 
 
-def test_ui_runs_this_pythons_mlflow_on_the_sweeps_store(monkeypatch, tmp_path):
-    """`kdray ui` must work without the venv on PATH: it runs `python -m mlflow ui` itself."""
+def test_ui_runs_this_pythons_mlflow_on_the_sweeps_store(monkeypatch, tmp_path, capsys):
+    """`kdray ui` must work without the venv on PATH: it runs `python -m mlflow ui` itself, and prints the
+    sweep's runs view (MLflow 3 opens a fresh browser on its GenAI overview, where the runs are not)."""
+    import socket
     seen = {}
     monkeypatch.setattr("os.execvp", lambda prog, cmd: seen.update(cmd=cmd))
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
     path = write(tmp_path, {**base(), "storage": str(tmp_path / "res")})
     from mlflow.tracking import MlflowClient
     (tmp_path / "res").mkdir()
-    MlflowClient(f"sqlite:///{tmp_path / 'res' / 'mlflow.db'}").create_experiment("t")   # a sweep's store exists
-    assert main(["ui", path, "--port", "5123"]) == 0
+    client = MlflowClient(f"sqlite:///{tmp_path / 'res' / 'mlflow.db'}")
+    client.create_experiment("other")
+    exp = client.create_experiment("t")                              # a sweep's store exists
+    with socket.socket() as s:                                       # a port free now (released before the UI binds)
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    assert main(["ui", path, "--port", str(port), "--no-browser"]) == 0
     assert seen["cmd"][:4] == [sys.executable, "-m", "mlflow", "ui"]
     assert seen["cmd"][seen["cmd"].index("--backend-store-uri") + 1] == f"sqlite:///{tmp_path / 'res' / 'mlflow.db'}"
+    assert f"kdray ui: the runs are at http://127.0.0.1:{port}/#/experiments/{exp}/runs" in capsys.readouterr().out
+
+def test_ui_opens_the_runs_view_once_the_ui_listens():
+    """What the child `kdray ui` forks on a terminal does: wait for the server, then open the URL (the
+    browser is stubbed: the test must not open one); nothing listening, nothing opened."""
+    import socket
+
+    from kdray.cli import open_when_listening
+    opened = []
+    with socket.socket() as server:
+        server.bind(("127.0.0.1", 0))
+        server.listen()
+        port = server.getsockname()[1]
+        assert open_when_listening("http://127.0.0.1/#/experiments/1/runs", "0.0.0.0", port, timeout=10,
+                                   opener=opened.append)
+    assert opened == ["http://127.0.0.1/#/experiments/1/runs"]
+    assert not open_when_listening("http://x", "127.0.0.1", port, timeout=1.0, opener=opened.append)
+    assert len(opened) == 1

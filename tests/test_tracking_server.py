@@ -65,15 +65,25 @@ def postgres():
             _missing("running as root and there is no `postgres` user to run PostgreSQL as")
         as_user = ["runuser", "-u", "postgres", "--"]
         os.chown(root, user.pw_uid, user.pw_gid)
-    subprocess.run(as_user + [f"{bindir}/initdb", "-D", str(data), "-U", "kdray", "--auth=trust", "-E", "UTF8"],
+    # Password authentication (SCRAM), as a real server has it: anyone on 127.0.0.1 could use a trust server.
+    password = os.urandom(16).hex()
+    pwfile = root / "pw"
+    pwfile.write_text(password + "\n")
+    if as_user:
+        os.chown(pwfile, user.pw_uid, user.pw_gid)
+    pwfile.chmod(0o600)
+    subprocess.run(as_user + [f"{bindir}/initdb", "-D", str(data), "-U", "kdray", "--auth=scram-sha-256",
+                              f"--pwfile={pwfile}", "-E", "UTF8"],
                    check=True, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    pwfile.unlink()
     port = _free_port()
     subprocess.run(as_user + [f"{bindir}/pg_ctl", "-D", str(data), "-l", str(root / "log"), "-w", "-o",
                               f"-h 127.0.0.1 -p {port} -k {root}", "start"], check=True, stdout=subprocess.DEVNULL)
     try:
-        subprocess.run(as_user + [f"{bindir}/createdb", "-h", "127.0.0.1", "-p", str(port), "-U", "kdray", "mlflow"],
-                       check=True)
-        yield f"postgresql+psycopg2://kdray@127.0.0.1:{port}/mlflow"   # the driver named: SQLAlchemy's default is psycopg 3
+        subprocess.run(as_user + ["env", f"PGPASSWORD={password}", f"{bindir}/createdb", "-h", "127.0.0.1",
+                                  "-p", str(port), "-U", "kdray", "mlflow"], check=True)
+        # the driver named: SQLAlchemy's default is psycopg 3
+        yield f"postgresql+psycopg2://kdray:{password}@127.0.0.1:{port}/mlflow"
     finally:   # pg_ctl stops exactly the server in our data directory
         subprocess.run(as_user + [f"{bindir}/pg_ctl", "-D", str(data), "-m", "immediate", "-w", "stop"],
                        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
@@ -161,6 +171,20 @@ def _start_sweep(path, db, env=None) -> subprocess.Popen:
 
 
 @pytest.mark.slow
+def test_the_tests_postgresql_wants_a_password(postgres):
+    """Not trust authentication: without the password nobody on 127.0.0.1 gets in."""
+    import psycopg2
+    from sqlalchemy.engine import make_url
+
+    url = make_url(postgres)
+    args = dict(host=url.host, port=url.port, user=url.username, dbname=url.database)
+    with pytest.raises(psycopg2.OperationalError, match="password authentication failed"):
+        psycopg2.connect(**args, password="wrong")
+    with psycopg2.connect(**args, password=url.password) as c, c.cursor() as cur:
+        cur.execute("select 1")
+        assert cur.fetchone() == (1,)
+
+
 def test_a_tracking_server_killed_mid_sweep_and_restarted_loses_and_duplicates_nothing(tmp_path, backend):
     port = _free_port()
     uri = f"http://127.0.0.1:{port}"

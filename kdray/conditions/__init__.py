@@ -192,6 +192,14 @@ def all_conditions() -> list[Condition]:
     return sorted((CONDITIONS.get(n) for n in CONDITIONS.names()), key=lambda c: (c.order, c.name))
 
 
+def enabled_conditions(c: BaseModel) -> list[tuple[Condition, Any]]:
+    """(declaration, sweep-file entry) of every condition a setup's ``conditions:`` turns on, in
+    declared order.  (A condition registered after the schema was built, e.g. by a module an import
+    path named, cannot be in that ``conditions:`` model.)"""
+    return [(cond, getattr(c, cond.sweep_key)) for cond in all_conditions()
+            if cond.sweep_key in type(c).model_fields and getattr(c, cond.sweep_key) not in (None, False)]
+
+
 def find(name: str) -> Optional[Condition]:
     """The declaration, or None for a name no installed module declares (a report on runs of a
     plug-in that is not installed here)."""

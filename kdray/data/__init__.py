@@ -17,13 +17,14 @@ for.  ``args`` come from the sweep file's ``dataset:`` mapping.
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Optional
+from typing import Mapping, Optional
 
 from kdray.errors import DataNotFoundError  # noqa: F401 - raised by every loader, re-exported
-from kdray.models import ANY, AUDIO, IMAGE, TOKENS
-from kdray.registry import PluginError, Registry, Target, builder_args, resolve, takes
+from kdray.models import ANY, AUDIO, IMAGE, MODALITIES, TOKENS, check_modalities
+from kdray.registry import (AT_LEAST_1, FRACTION, NON_NEGATIVE, POSITIVE, SEED_32, PluginError, Range, Registry,
+                            Target, builder_args, resolve, takes)
 
 DATA_ROOT_ENV = "KDRAY_DATA"
 CLASSIFICATION, LM = "classification", "lm"
@@ -39,6 +40,11 @@ class Dataset:
     classes: Optional[int] = None       # None: depends on the files (or args)
     reads_files: bool = True            # False: ships inside a package (digits)
     file_arg: Optional[str] = None      # an argument that points at the files instead of the data root
+    ranges: Mapping[str, Range] = field(default_factory=dict, hash=False)   # valid values of numeric args
+
+    def __post_init__(self):
+        if self.modality not in MODALITIES:
+            check_modalities(f"dataset {self.name!r}", (self.modality,))
 
     @property
     def budget(self) -> str:
@@ -82,17 +88,24 @@ def register_dataset(name: str, modality: str = IMAGE, **info):
     return deco
 
 
-declare_dataset("digits", "kdray.data.digits:digits", IMAGE, classes=10, reads_files=False)
-declare_dataset("svhn", "kdray.data.svhn:svhn", IMAGE, classes=10)
-declare_dataset("tinyimagenet", "kdray.data.tinyimagenet:tinyimagenet", IMAGE, classes=200)
-declare_dataset("imagenet_folder", "kdray.data.imagenet:imagenet_folder", IMAGE)
-declare_dataset("imagenet_ffcv", "kdray.data.ffcv:imagenet_ffcv", IMAGE, classes=1000)
-declare_dataset("fsdd", "kdray.data.fsdd:fsdd", AUDIO, classes=10)
-declare_dataset("speechcommands", "kdray.data.speechcommands:speechcommands", AUDIO, classes=35)
-declare_dataset("urbansound8k", "kdray.data.urbansound:urbansound8k", AUDIO, classes=10)
+_AUDIO = {"seconds": POSITIVE}
+_IMAGES = {"crop_padding": NON_NEGATIVE}
+declare_dataset("digits", "kdray.data.digits:digits", IMAGE, classes=10, reads_files=False,
+                ranges={"test_size": FRACTION, "split_seed": SEED_32})
+declare_dataset("svhn", "kdray.data.svhn:svhn", IMAGE, classes=10, ranges=_IMAGES)
+declare_dataset("tinyimagenet", "kdray.data.tinyimagenet:tinyimagenet", IMAGE, classes=200, ranges=_IMAGES)
+declare_dataset("imagenet_folder", "kdray.data.imagenet:imagenet_folder", IMAGE,
+                ranges={**_IMAGES, "resolution": AT_LEAST_1, "max_per_class": AT_LEAST_1})
+declare_dataset("imagenet_ffcv", "kdray.data.ffcv:imagenet_ffcv", IMAGE, classes=1000,
+                ranges={"min_res": AT_LEAST_1, "max_res": AT_LEAST_1, "val_res": AT_LEAST_1, "num_workers": NON_NEGATIVE,
+                        "crop_ratio": Range(0, 1, low_open=True)})
+declare_dataset("fsdd", "kdray.data.fsdd:fsdd", AUDIO, classes=10, ranges=_AUDIO)
+declare_dataset("speechcommands", "kdray.data.speechcommands:speechcommands", AUDIO, classes=35, ranges=_AUDIO)
+declare_dataset("urbansound8k", "kdray.data.urbansound:urbansound8k", AUDIO, classes=10,
+                ranges={**_AUDIO, "test_size": FRACTION, "random_state": SEED_32})
 declare_dataset("tinyshakespeare", "kdray.data.tinyshakespeare:tinyshakespeare", TOKENS, task=LM, classes=65,
-                file_arg="path")
-
+                file_arg="path", ranges={"block_size": AT_LEAST_1, "train_split": FRACTION,
+                                         "train_fraction": Range(0, 1, low_open=True), "max_chars": AT_LEAST_1})
 
 def resolve_root(root: str | os.PathLike | None) -> Optional[Path]:
     """The data root: the explicit value, else ``$KDRAY_DATA``, else None."""

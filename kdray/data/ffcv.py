@@ -83,15 +83,6 @@ def progressive_resolution(epoch: int, start_ramp: int = 41, end_ramp: int = 48,
 
 # ------------------------------------------------------------------ writing
 
-def _class_list(folder: Path) -> list[str]:
-    if not folder.is_dir():
-        raise DataNotFoundError(f"{folder}: expected an ImageFolder tree (<class>/*.JPEG)")
-    names = sorted(d.name for d in folder.iterdir() if d.is_dir() and not d.name.startswith("."))
-    if not names:
-        raise DataNotFoundError(f"{folder}: no class folders (<class>/*.JPEG)")
-    return names
-
-
 def _write_here(src: str, dst: str, max_resolution: int, jpeg_quality: int, write_mode: str,
                 num_workers: int, chunk_size: int, classes_from: Optional[str], max_per_class: Optional[int]) -> None:
     """The writer itself (runs in the subprocess that ``write_beton`` starts)."""
@@ -99,9 +90,9 @@ def _write_here(src: str, dst: str, max_resolution: int, jpeg_quality: int, writ
     from ffcv.writer import DatasetWriter
     from torch.utils.data import Subset
 
-    from kdray.data.ffcv_ops import ClassListFolder
+    from kdray.data.ffcv_ops import ClassListFolder, class_list
 
-    classes = _class_list(Path(classes_from or src))
+    classes = class_list(Path(classes_from or src))
     ds = ClassListFolder(src, classes, classes_from)
     if max_per_class is not None:
         keep, count = [], {}

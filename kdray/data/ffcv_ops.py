@@ -21,6 +21,8 @@ from ffcv.pipeline.operation import Operation
 from ffcv.traversal_order.base import TraversalOrder
 from torchvision.datasets import ImageFolder
 
+from kdray.errors import DataNotFoundError
+
 
 def _mix(base: int, index):  # a per-sample 32-bit seed; used inside numba
     return np.uint32((np.uint64(base) + np.uint64(index) * np.uint64(2654435761)) % np.uint64(4294967291))
@@ -126,6 +128,16 @@ class ExplicitOrder(TraversalOrder):
         return self.current
 
 
+def class_list(folder: Path) -> list[str]:
+    """The class folders of an ImageFolder tree, sorted (the label order of every .beton written from it)."""
+    if not folder.is_dir():
+        raise DataNotFoundError(f"{folder}: expected an ImageFolder tree (<class>/*.JPEG)")
+    names = sorted(d.name for d in folder.iterdir() if d.is_dir() and not d.name.startswith("."))
+    if not names:
+        raise DataNotFoundError(f"{folder}: no class folders (<class>/*.JPEG)")
+    return names
+
+
 class ClassListFolder(ImageFolder):
     """An ImageFolder whose class indices come from a given class list (the training split's, as
     imagenet_folder does), so train and val .beton files agree on the labels."""
@@ -135,9 +147,7 @@ class ClassListFolder(ImageFolder):
         super().__init__(root)
 
     def find_classes(self, directory):
-        from kdray.data.ffcv import _class_list
-
-        extra = sorted(set(_class_list(Path(directory))) - set(self.class_list))
+        extra = sorted(set(class_list(Path(directory))) - set(self.class_list))
         if extra:
             raise ValueError(f"{directory}: classes {extra[:5]} have no folder in {self.classes_from}")
         return self.class_list, {c: i for i, c in enumerate(self.class_list)}

@@ -19,14 +19,25 @@ kdray reads block ``b`` (1-indexed, as the paper counts) with a forward hook.
 from __future__ import annotations
 
 from contextlib import contextmanager
-from dataclasses import dataclass
-from typing import Iterator, Optional
+from dataclasses import dataclass, field
+from typing import Iterator, Mapping, Optional
 
-from kdray.registry import PluginError, Registry, Target, builder_args, resolve, takes
+from kdray.registry import (AT_LEAST_1, DROPOUT, NON_NEGATIVE, POSITIVE, PluginError, Range, Registry, Target,
+                            builder_args, resolve, takes)
 
-# Input modalities a data set provides and an architecture accepts.
+# Input modalities a data set provides and an architecture accepts (docs/plugins.md has the table).
 IMAGE, AUDIO, TOKENS = "image", "audio", "tokens"
-ANY = "any"                                        # a plug-in data set that does not say
+ANY = "any"            # a data set: of a kind no architecture is checked against; an architecture: takes all
+MODALITIES = (ANY, IMAGE, AUDIO, TOKENS)
+
+
+def check_modalities(what: str, given) -> tuple[str, ...]:
+    """The modalities, or PluginError naming the valid ones (a typo would match no architecture)."""
+    given = (given,) if isinstance(given, str) else tuple(given)
+    bad = [m for m in given if m not in MODALITIES]
+    if bad or not given:
+        raise PluginError(f"{what}: unknown input modality {bad[0] if bad else '(none)'!r}; valid: {', '.join(MODALITIES)}")
+    return given
 CONTEXT_ARGS = ("num_classes", "input_shape")     # kdray passes these; a sweep file does not
 
 
@@ -36,10 +47,18 @@ class Architecture:
     target: Target                      # "module:function", or the builder itself
     accepts: tuple[str, ...]            # the modalities it can take
     blocks: Optional[str] = None        # the builder argument that sets len(model.blocks)
+    ranges: Mapping[str, Range] = field(default_factory=dict, hash=False)   # valid values of numeric args
 
     def args(self) -> dict:
         """The arguments a sweep file may give: {name: (annotation, default)} (no import)."""
         return builder_args(self.target, skip=CONTEXT_ARGS)
+
+    def __post_init__(self):
+        object.__setattr__(self, "accepts", check_modalities(f"architecture {self.name!r}", self.accepts))
+
+    def takes(self, modality: str) -> bool:
+        """Whether it accepts inputs of ``modality`` (a data set of modality ``any`` fits every model)."""
+        return modality == ANY or ANY in self.accepts or modality in self.accepts
 
     def n_blocks(self, args: dict) -> Optional[int]:
         """How many blocks feature-map KD can read (None: the model has no ``blocks``)."""
@@ -67,24 +86,32 @@ def adopt_model(path: str) -> Architecture:
 MODELS: Registry[Architecture] = Registry("architecture", adopt=adopt_model)
 
 
-def declare_model(name: str, target: Target, accepts: tuple[str, ...], blocks: Optional[str] = None) -> Architecture:
-    arch = Architecture(name, target, tuple(accepts), blocks)
+def declare_model(name: str, target: Target, accepts: tuple[str, ...], blocks: Optional[str] = None,
+                  ranges: Optional[Mapping[str, Range]] = None) -> Architecture:
+    arch = Architecture(name, target, tuple(accepts), blocks, dict(ranges or {}))
     MODELS.register(name)(arch)
     return arch
 
 
-declare_model("mlp", "kdray.models.small:mlp", (IMAGE, AUDIO))
-declare_model("small_cnn", "kdray.models.small:small_cnn", (IMAGE,))
-declare_model("resnet18", "kdray.models.resnet:resnet18", (IMAGE,))
-declare_model("resnet50", "kdray.models.resnet:resnet50", (IMAGE,))
-declare_model("vgg19", "kdray.models.vgg:vgg19", (IMAGE,))
-declare_model("vgg19_bn", "kdray.models.vgg:vgg19_bn", (IMAGE,))
-declare_model("vit", "kdray.models.vit:vit", (IMAGE,), blocks="depth")
-declare_model("vggish", "kdray.models.vggish:vggish", (AUDIO,))
-declare_model("ast", "kdray.models.ast:ast", (AUDIO,), blocks="depth")
-declare_model("nano_gpt", "kdray.models.gpt:nano_gpt", (TOKENS,), blocks="n_layer")
-declare_model("pico_gpt", "kdray.models.gpt:pico_gpt", (TOKENS,), blocks="n_layer")
-
+_GPT = {"n_embd": AT_LEAST_1, "n_head": AT_LEAST_1, "n_layer": AT_LEAST_1, "dropout": DROPOUT,
+        "block_size": AT_LEAST_1, "width": POSITIVE}
+_ENCODER = {"dim": AT_LEAST_1, "depth": AT_LEAST_1, "heads": AT_LEAST_1, "mlp_dim": AT_LEAST_1, "dropout": DROPOUT}
+_VIT = {**_ENCODER, "patch_size": AT_LEAST_1}
+_AST = {**_ENCODER, "patch": AT_LEAST_1, "stride": AT_LEAST_1}
+_VGG = {"hidden": AT_LEAST_1, "dropout": DROPOUT}
+declare_model("mlp", "kdray.models.small:mlp", (IMAGE, AUDIO),
+              ranges={"hidden": AT_LEAST_1, "depth": NON_NEGATIVE, "dropout": DROPOUT, "width": POSITIVE})
+declare_model("small_cnn", "kdray.models.small:small_cnn", (IMAGE,),
+              ranges={"channels": AT_LEAST_1, "dropout": DROPOUT, "width": POSITIVE})
+declare_model("resnet18", "kdray.models.resnet:resnet18", (IMAGE,), ranges={"width": POSITIVE})
+declare_model("resnet50", "kdray.models.resnet:resnet50", (IMAGE,), ranges={"width": POSITIVE})
+declare_model("vgg19", "kdray.models.vgg:vgg19", (IMAGE,), ranges=_VGG)
+declare_model("vgg19_bn", "kdray.models.vgg:vgg19_bn", (IMAGE,), ranges=_VGG)
+declare_model("vit", "kdray.models.vit:vit", (IMAGE,), blocks="depth", ranges=_VIT)
+declare_model("vggish", "kdray.models.vggish:vggish", (AUDIO,), ranges={**_VGG, "width": POSITIVE})
+declare_model("ast", "kdray.models.ast:ast", (AUDIO,), blocks="depth", ranges=_AST)
+declare_model("nano_gpt", "kdray.models.gpt:nano_gpt", (TOKENS,), blocks="n_layer", ranges=_GPT)
+declare_model("pico_gpt", "kdray.models.gpt:pico_gpt", (TOKENS,), blocks="n_layer", ranges=_GPT)
 
 def build_model(name: str, num_classes: int, input_shape: tuple[int, ...], **args):
     return MODELS.get(name)(num_classes, input_shape, **args)
