@@ -24,7 +24,7 @@ import torch
 from ray.tune import Callback
 from ray.tune.search import Searcher
 
-from kdray import testhook
+from kdray import objectstore, testhook
 from kdray.contracts import (EPOCH, FAILURE, FINAL, RESULT_EPOCHS, RESULT_LAST, RESULT_PACK, TAG_RETRIES, TAG_REUSED,
                              TAG_SUSPECT)
 from kdray.errors import DataNotFoundError
@@ -614,7 +614,8 @@ def _tune_run(specs: list[TrialSpec], sweep: Sweep, store: Store, tracker: Track
                                   progress_reporter=reporter, verbose=verbose,
                                   checkpoint_config=tune.CheckpointConfig(num_to_keep=1)),
     )
-    with _environ(tune_env), _graceful_interrupt(stopping), _trials_on_prestarted_workers():
+    with _environ(tune_env), _graceful_interrupt(stopping), _trials_on_prestarted_workers(), \
+            objectstore.carried_to_trials():
         tuner.fit()
     if stopping.is_set():
         callback.end_in_flight()
@@ -671,7 +672,7 @@ def _run_sweep(sweep: Sweep, plan: Plan, verbose: int, progress: bool) -> SweepS
     t0 = time.time()
     store = Store(sweep.storage, sweep.name)
     uri = sweep.resolved_tracking_uri()
-    artifact_root = str(sweep.local_storage() / "mlartifacts" / sweep.name) if uri.startswith("sqlite") else None
+    artifact_root = objectstore.artifact_root(sweep.storage, sweep.name, uri)
     tracker, ray_seconds, reasons = _tracker_and_ray(uri, sweep, artifact_root, plan)
     summary = SweepSummary(sweep.name, len(plan.all), tracking_uri=uri, storage=store.uri, ray_start_seconds=ray_seconds,
                            started_at=t0)
