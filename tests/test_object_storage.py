@@ -133,3 +133,107 @@ def test_the_storage_override_is_checked_too(tmp_path, capsys, s3_env):
     path = _write(tmp_path, str(tmp_path / "results"))
     _one_line(capsys, main(["sweep", path, "--storage", "s3://no-such-bucket/x"]), "no-such-bucket")
     _no_ray()
+
+
+# ------------------------------------------------------------------ end to end (Ray, MLflow, torch)
+
+def _trial_runs(uri: str, name: str):
+    from mlflow.tracking import MlflowClient
+    client = MlflowClient(uri)
+    exp = client.get_experiment_by_name(name)
+    return client, exp, client.search_runs([exp.experiment_id], "tags.`kdray.kind` = 'trial'", max_results=1000)
+
+
+def test_a_sweep_on_s3_storage_writes_resumes_and_reports(local_ray, s3_env, tmp_path, capsys, monkeypatch):
+    """Ray started before this test set AWS_ENDPOINT_URL: its workers find the bucket only because
+    kdray hands the endpoint to the trial actors (kdray/objectstore.py ``carried_to_trials``)."""
+    import ray
+    from kdray.plan import build_plan
+    from kdray.storage import Store
+    from kdray.sweep import load_sweep
+
+    assert ray.get(ray.remote(lambda: os.environ.get("AWS_ENDPOINT_URL")).remote()) is None
+    monkeypatch.chdir(tmp_path)
+    storage = f"s3://{BUCKET}/e2e"
+    path = _write(tmp_path, storage, **SMALL_GRID, teacher={"arch": "mlp", "args": {"hidden": 32}},
+                  recipe={"epochs": 1, "batch_size": 128, "lr": 0.01})
+    plan = build_plan(load_sweep(path))
+    assert main(["sweep", path, "--quiet"]) == 0, capsys.readouterr().err[-3000:]
+    out = capsys.readouterr().out
+    assert f"{len(plan.all)} trials finished now" in out, out
+
+    keys = set(s3_env.keys(BUCKET, "e2e/"))
+    for spec in plan.all:
+        own = {k.rsplit("/", 1)[1] for k in keys if k.startswith(f"e2e/trials/{spec.trial_key}/")}
+        assert {"test_outputs.npz", "result.json"} <= own, (spec.label, own)
+        if spec.role == "teacher":
+            assert {"model.pt", "test_logits.npy"} <= own, own
+    assert not [k for k in keys if k.endswith(".tmp")]          # every write was renamed into place
+    assert any(k.startswith("e2e/objs/tune/trials/") for k in keys), "no Ray Tune state in the bucket"
+    # MLflow's artifacts (sqlite-tracked sweep) went to the bucket too, through boto3.
+    client, exp, runs = _trial_runs(f"sqlite:///{tmp_path / 'mlflow.db'}", "objs")
+    assert exp.artifact_location == f"{storage}/mlartifacts/objs"
+    assert len(runs) == len(plan.all) and all(r.info.status == "FINISHED" for r in runs)
+    assert any(k.startswith("e2e/mlartifacts/objs/") and k.endswith("/test_outputs.npz") for k in keys)
+    teacher_run = next(r for r in runs if r.data.tags["kdray.role"] == "teacher")
+    assert "model.pt" in {a.path for a in client.list_artifacts(teacher_run.info.run_id)}
+    # What the store reads back is what the trial computed (as MLflow logged it).
+    store = Store(storage, "objs")
+    result = store.load_json(plan.teachers[0].trial_key, "result.json")
+    assert teacher_run.data.metrics["test_acc"] == pytest.approx(result["final"]["test_acc"])
+
+    # Run again: everything is done, nothing is retrained.
+    assert main(["sweep", path, "--quiet"]) == 0
+    assert f"0 trials finished now, {len(plan.all)} already done" in capsys.readouterr().out
+    assert len(_trial_runs(f"sqlite:///{tmp_path / 'mlflow.db'}", "objs")[2]) == len(plan.all)
+
+    # The report reads the runs back and logs itself to MLflow (its artifacts: into the bucket).
+    assert main(["report", path, "--jobs", "1", "--out", str(tmp_path / "report")]) == 0, capsys.readouterr().err
+    out = capsys.readouterr().out
+    assert "logged to MLflow" in out, out
+    assert (tmp_path / "report").is_dir() and any((tmp_path / "report").iterdir())
+
+
+def test_a_checkpoint_teacher_in_the_bucket_is_loaded_not_trained(local_ray, s3_env, tmp_path, capsys):
+    """``teacher: {checkpoint: s3://...}``: validated in the driver, loaded by the trial's worker from the bucket."""
+    import hashlib
+
+    import torch
+    from kdray.data import load_dataset
+    from kdray.models import build_model
+    from kdray.storage import Store
+
+    torch.manual_seed(0)
+    b = load_dataset("digits")
+    model = build_model("mlp", b.num_classes, b.input_shape, hidden=32)
+    opt = torch.optim.Adam(model.parameters(), lr=0.01)
+    g = torch.Generator().manual_seed(0)
+    for xb, yb in b.train_batches(64, b.steps_per_epoch(64), g):
+        loss = torch.nn.functional.cross_entropy(model(b.preprocess(xb, True, g)), yb)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    buf = io.BytesIO()
+    torch.save(model.state_dict(), buf)
+    s3_env.client().put_object(Bucket=BUCKET, Key="pretrained/teacher.pt", Body=buf.getvalue())
+    sha = hashlib.sha256(buf.getvalue()).hexdigest()
+
+    path = _write(tmp_path, f"s3://{BUCKET}/ckpt", teacher={"arch": "mlp", "args": {"hidden": 32},
+                                                            "checkpoint": f"s3://{BUCKET}/pretrained/teacher.pt"},
+                  student_seeds=[10], conditions={"siddo": True}, recipe={"epochs": 1, "batch_size": 128})
+    assert main(["sweep", path, "--quiet"]) == 0, capsys.readouterr().err[-3000:]
+    assert "2 trials finished now" in capsys.readouterr().out
+    _, _, runs = _trial_runs(f"sqlite:///{tmp_path / 'mlflow.db'}", "objs")
+    (teacher,) = [r for r in runs if r.data.tags["kdray.role"] == "teacher"]
+    assert teacher.data.tags["kdray.checkpoint_sha256"] == sha
+    assert "train_loss" not in teacher.data.metrics          # loaded, not trained
+    stored = torch.load(io.BytesIO(Store(f"s3://{BUCKET}/ckpt", "objs").read_bytes(
+        teacher.data.tags["kdray.trial_key"], "model.pt")), weights_only=True)
+    given = model.state_dict()
+    assert stored.keys() == given.keys() and all(torch.equal(stored[k], given[k]) for k in given)
+
+
+def test_a_missing_checkpoint_in_the_bucket_is_one_line(tmp_path, capsys, s3_env):
+    path = _write(tmp_path, f"s3://{BUCKET}/ckpt", teacher={"arch": "mlp", "checkpoint": f"s3://{BUCKET}/nope.pt"})
+    _one_line(capsys, main(["validate", path]), "setups[0].teacher.checkpoint:", f"s3://{BUCKET}/nope.pt",
+              "does not exist")
