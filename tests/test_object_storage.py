@@ -220,7 +220,7 @@ def test_a_checkpoint_teacher_in_the_bucket_is_loaded_not_trained(local_ray, s3_
 
     path = _write(tmp_path, f"s3://{BUCKET}/ckpt", teacher={"arch": "mlp", "args": {"hidden": 32},
                                                             "checkpoint": f"s3://{BUCKET}/pretrained/teacher.pt"},
-                  student_seeds=[10], conditions={"siddo": True}, recipe={"epochs": 1, "batch_size": 128})
+                  student_seeds=[10], conditions={"siddo": True, "kd": None, "rcd": None}, recipe={"epochs": 1, "batch_size": 128})
     assert main(["sweep", path, "--quiet"]) == 0, capsys.readouterr().err[-3000:]
     assert "2 trials finished now" in capsys.readouterr().out
     _, _, runs = _trial_runs(f"sqlite:///{tmp_path / 'mlflow.db'}", "objs")
