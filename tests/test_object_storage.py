@@ -237,3 +237,47 @@ def test_a_missing_checkpoint_in_the_bucket_is_one_line(tmp_path, capsys, s3_env
     path = _write(tmp_path, f"s3://{BUCKET}/ckpt", teacher={"arch": "mlp", "checkpoint": f"s3://{BUCKET}/nope.pt"})
     _one_line(capsys, main(["validate", path]), "setups[0].teacher.checkpoint:", f"s3://{BUCKET}/nope.pt",
               "does not exist")
+
+
+@pytest.mark.slow      # two sweeps in subprocesses, each with its own Ray cluster
+def test_a_killed_driver_resumes_from_the_bucket(s3_env, tmp_path):
+    """The driver (its own process and Ray cluster) crashes once a student is logged; the rerun
+    trains only what is missing and finds the finished trials' artefacts in the bucket."""
+    import signal
+    import subprocess
+    import sys
+
+    from kdray.plan import build_plan
+    from kdray.sweep import load_sweep
+    from kdray.testhook import ENV as EXIT_AT, EXIT_STATUS
+
+    path = _write(tmp_path, f"s3://{BUCKET}/crash", **SMALL_GRID, teacher={"arch": "mlp", "args": {"hidden": 32}},
+                  recipe={"epochs": 1, "batch_size": 128, "lr": 0.01})
+    plan = build_plan(load_sweep(path))
+    crash = next(s for s in plan.students if s.method == "kd")
+    kdray = [sys.executable, "-m", "kdray.cli", "sweep", path, "--quiet"]
+    p = subprocess.Popen(kdray, start_new_session=True, env={**os.environ, EXIT_AT: f"driver:{crash.label}:1"},
+                         stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    try:
+        _, err = p.communicate(timeout=300)
+        assert p.returncode == EXIT_STATUS, f"the driver did not crash at the planned point: {err[-2000:]}"
+    finally:
+        try:
+            os.killpg(p.pid, signal.SIGKILL)      # the local Ray cluster the dead driver had started
+        except ProcessLookupError:
+            pass
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    before = {r.data.tags["kdray.trial_key"]: r.info.run_id for r in _trial_runs(uri, "objs")[2]
+              if r.info.status == "FINISHED"}
+    assert crash.trial_key in before and len(before) < len(plan.all)
+
+    done = subprocess.run(kdray, capture_output=True, text=True, timeout=600, start_new_session=True)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert f"{len(before)} already done" in done.stdout, done.stdout
+    runs = _trial_runs(uri, "objs")[2]
+    assert sorted(r.data.tags["kdray.trial_key"] for r in runs) == sorted(s.trial_key for s in plan.all)
+    assert all(r.info.status == "FINISHED" for r in runs)
+    after = {r.data.tags["kdray.trial_key"]: r.info.run_id for r in runs}
+    assert all(after[k] == run_id for k, run_id in before.items())      # nothing finished was retrained
+    keys = set(s3_env.keys(BUCKET, "crash/trials/"))
+    assert all(f"crash/trials/{s.trial_key}/result.json" in keys for s in plan.all)
