@@ -717,8 +717,9 @@ def _run_todo(summary: SweepSummary, plan: Plan, sweep: Sweep, store: Store, tra
     summary.blocked = len(todo) - len(runnable)   # their teacher is neither trained nor training
     todo = runnable
     if todo:
-        from kdray.cluster import check_resources
+        from kdray.cluster import check_resources, check_shared_storage
         check_resources(todo, autoscaling=bool(os.environ.get("RAY_ADDRESS")))   # a local cluster cannot grow
+        check_shared_storage(sweep.storage)      # a local folder on a multi-node cluster: every node's?
         n_teachers = sum(s.role == "teacher" for s in todo)
         packs, notes = jobs([s for s in todo if s.role == "student"], reasons)
         for note in notes:
