@@ -163,11 +163,14 @@ def test_a_sweep_on_s3_storage_writes_resumes_and_reports(local_ray, s3_env, tmp
     assert f"{len(plan.all)} trials finished now" in out, out
 
     keys = set(s3_env.keys(BUCKET, "e2e/"))
+    from kdray.data import load_dataset
+    fixed_inputs = load_dataset("digits").train_inputs_are_fixed()
     for spec in plan.all:
         own = {k.rsplit("/", 1)[1] for k in keys if k.startswith(f"e2e/trials/{spec.trial_key}/")}
         assert {"test_outputs.npz", "result.json"} <= own, (spec.label, own)
         if spec.role == "teacher":
             assert {"model.pt", "test_logits.npy"} <= own, own
+            assert fixed_inputs == ("train_logits.npy" in own), own   # the KD students' cached teacher logits
     assert not [k for k in keys if k.endswith(".tmp")]          # every write was renamed into place
     assert any(k.startswith("e2e/objs/tune/trials/") for k in keys), "no Ray Tune state in the bucket"
     # MLflow's artifacts (sqlite-tracked sweep) went to the bucket too, through boto3.
