@@ -118,7 +118,12 @@ def check_shared_storage(storage: str, timeout_s: float = SHARED_CHECK_TIMEOUT_S
                 raise ClusterError(f"storage {folder}: cannot check that every node sees this folder: node {name} "
                                    f"did not answer within {timeout_s:g} s; use s3://BUCKET/PREFIX or gs://BUCKET/PREFIX "
                                    "storage, which every node reaches")
-            host, seen = ray.get(ref)
+            try:
+                host, seen = ray.get(ref)
+            except Exception as e:     # the node could not run the task (its worker or runtime env failed)
+                raise ClusterError(f"storage {folder}: cannot check that node {name} sees this folder "
+                                   f"({type(e).__name__}: {' '.join(str(e).split())[:200]}); use s3://BUCKET/PREFIX "
+                                   "or gs://BUCKET/PREFIX storage, which every node reaches") from None
             if not seen:
                 blind.append(f"{name}, host {host}")
     finally:

@@ -67,9 +67,15 @@ def _one_line(capsys, rc, *words) -> str:
     return err
 
 
-def _no_ray():
+@pytest.fixture()
+def nothing_started(tmp_path):
+    """After the test: no MLflow database was created (MLflow opens before Ray starts) and, unless
+    another test's Ray was already up, Ray was not started."""
     import ray
-    assert not ray.is_initialized(), "Ray started before the storage was checked"
+    ray_before = ray.is_initialized()
+    yield
+    assert not (tmp_path / "mlflow.db").exists(), "MLflow was opened before the storage was checked"
+    assert ray_before or not ray.is_initialized(), "Ray started before the storage was checked"
 
 
 def test_a_reachable_bucket_validates_and_the_write_check_leaves_nothing(tmp_path, capsys, s3_env):
@@ -82,7 +88,8 @@ def test_a_reachable_bucket_validates_and_the_write_check_leaves_nothing(tmp_pat
 
 
 @pytest.mark.parametrize("command", ["validate", "sweep"])
-def test_an_unreachable_endpoint_is_one_line_in_seconds(tmp_path, capsys, s3_env, monkeypatch, command):
+def test_an_unreachable_endpoint_is_one_line_in_seconds(tmp_path, capsys, s3_env, monkeypatch, command,
+                                                       nothing_started):
     port = _free_port()      # nothing listens here
     monkeypatch.setenv("AWS_ENDPOINT_URL", f"http://127.0.0.1:{port}")
     path = _write(tmp_path, f"s3://{BUCKET}/kdray")
@@ -91,7 +98,6 @@ def test_an_unreachable_endpoint_is_one_line_in_seconds(tmp_path, capsys, s3_env
     _one_line(capsys, rc, f"{path}: storage: s3://{BUCKET}/kdray", f"127.0.0.1:{port}", "does not answer",
               "AWS_ENDPOINT_URL")
     assert time.time() - t0 < 30
-    _no_ray()
 
 
 def test_a_missing_bucket_is_one_line(tmp_path, capsys, s3_env):
@@ -117,11 +123,10 @@ def test_the_server_really_refuses_wrong_credentials(s3):
 
 
 @pytest.mark.parametrize("command", ["validate", "sweep"])
-def test_object_storage_without_a_tracking_uri_is_one_line(tmp_path, capsys, s3_env, command):
+def test_object_storage_without_a_tracking_uri_is_one_line(tmp_path, capsys, s3_env, command, nothing_started):
     path = _write(tmp_path, f"s3://{BUCKET}/kdray", tracking=None)
     _one_line(capsys, main([command, path]), "storage:", "cannot hold the MLflow database", "tracking_uri",
               "MLFLOW_TRACKING_URI")
-    _no_ray()
 
 
 def test_an_unknown_scheme_is_one_line(tmp_path, capsys):
@@ -129,10 +134,9 @@ def test_an_unknown_scheme_is_one_line(tmp_path, capsys):
     _one_line(capsys, main(["validate", path]), "storage:", "unknown scheme", "s3://BUCKET/PREFIX")
 
 
-def test_the_storage_override_is_checked_too(tmp_path, capsys, s3_env):
+def test_the_storage_override_is_checked_too(tmp_path, capsys, s3_env, nothing_started):
     path = _write(tmp_path, str(tmp_path / "results"))
     _one_line(capsys, main(["sweep", path, "--storage", "s3://no-such-bucket/x"]), "no-such-bucket")
-    _no_ray()
 
 
 # ------------------------------------------------------------------ end to end (Ray, MLflow, torch)
