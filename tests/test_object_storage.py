@@ -189,6 +189,10 @@ def test_a_sweep_on_s3_storage_writes_resumes_and_reports(local_ray, s3_env, tmp
     result = store.load_json(plan.teachers[0].trial_key, "result.json")
     assert teacher_run.data.metrics["test_acc"] == pytest.approx(result["final"]["test_acc"])
 
+    # `kdray status` counts from MLflow and the bucket (a teacher's model.pt there counts as done).
+    assert main(["status", path]) == 0
+    assert f"sweep objs: {len(plan.all)}/{len(plan.all)} trials done" in capsys.readouterr().out
+
     # Run again: everything is done, nothing is retrained.
     assert main(["sweep", path, "--quiet"]) == 0
     assert f"0 trials finished now, {len(plan.all)} already done" in capsys.readouterr().out
