@@ -146,9 +146,11 @@ def check_size(sweep: Sweep, source: str, max_trials: int = MAX_TRIALS) -> int:
 
 # ------------------------------------------------------------------ where results go
 
-def check_destinations(sweep: Sweep, source: str) -> None:
+def check_destinations(sweep: Sweep, source: str, reach_storage: bool = True) -> None:
     """Storage that can be written, a sweep name that is free in it, and a tracking URI MLflow can use
-    (an existing sqlite file must be an intact MLflow database), checked before Ray starts."""
+    (an existing sqlite file must be an intact MLflow database), checked before Ray starts.
+    ``reach_storage=False`` (``kdray plan``, a preview that may run where the bucket's credentials
+    are not): an object store is not contacted and may still lack its tracking URI."""
     if sweep.name in RESERVED_NAMES:
         raise SweepError(f"{source}: name: {sweep.name!r} is the name of storage's own "
                          f"{'file' if '.' in sweep.name else 'folder'} ({', '.join(RESERVED_NAMES)} are taken); rename the sweep")
@@ -162,7 +164,10 @@ def check_destinations(sweep: Sweep, source: str) -> None:
         _check_tracking_uri(uri, f"{source}: tracking_uri" if sweep.tracking_uri else "$MLFLOW_TRACKING_URI")
     from kdray.objectstore import is_object_store
     if is_object_store(sweep.storage):
-        _check_object_store(sweep, source, uri)
+        if not reach_storage and not uri:
+            return
+        if reach_storage:
+            _check_object_store(sweep, source, uri)
     try:
         check_sqlite_store(sweep.resolved_tracking_uri())
     except TrackingError as e:

@@ -292,3 +292,14 @@ def test_a_killed_driver_resumes_from_the_bucket(s3_env, tmp_path):
     assert all(after[k] == run_id for k, run_id in before.items())      # nothing finished was retrained
     keys = set(s3_env.keys(BUCKET, "crash/trials/"))
     assert all(f"crash/trials/{s.trial_key}/result.json" in keys for s in plan.all)
+
+
+def test_plan_is_a_preview_that_does_not_contact_the_store(tmp_path, capsys, monkeypatch, s3_env):
+    """`kdray plan` may run where the bucket is out of reach (a laptop before `ray job submit`)."""
+    monkeypatch.setenv("AWS_ENDPOINT_URL", f"http://127.0.0.1:{_free_port()}")
+    for tracking in ("sqlite", None):
+        path = _write(tmp_path, f"s3://{BUCKET}/kdray", tracking=tracking)
+        assert main(["plan", path]) == 0, capsys.readouterr().err
+        assert "sweep objs:" in capsys.readouterr().out
+    assert main(["validate", path]) == 2          # validate does contact it
+    capsys.readouterr()
