@@ -156,7 +156,7 @@ def test_a_sweep_on_s3_storage_writes_resumes_and_reports(local_ray, s3_env, tmp
     from kdray.storage import Store
     from kdray.sweep import load_sweep
 
-    assert ray.get(ray.remote(lambda: os.environ.get("AWS_ENDPOINT_URL")).remote()) is None
+    assert ray.get(ray.remote(lambda: os.environ.get("AWS_ENDPOINT_URL")).remote()) != s3_env.endpoint
     monkeypatch.chdir(tmp_path)
     storage = f"s3://{BUCKET}/e2e"
     path = _write(tmp_path, storage, **SMALL_GRID, teacher={"arch": "mlp", "args": {"hidden": 32}},
