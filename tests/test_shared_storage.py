@@ -62,9 +62,10 @@ class TwoNodes:
         self.env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
         self.env.update(RAY_AUTH_MODE="token", RAY_AUTH_TOKEN=os.urandom(16).hex())
         self.procs: list[subprocess.Popen] = []
-        common = ["--block", "--node-ip-address=127.0.0.1", "--num-cpus=1", "--disable-usage-stats"]
+        common = ["--block", "--node-ip-address=127.0.0.1", "--num-cpus=1", "--disable-usage-stats",
+                  f"--temp-dir={self.temp_dir}"]      # both nodes' sessions and logs in this test's folder
         self._start("head", [str(BIN / "ray"), "start", "--head", f"--port={self.gcs}", "--include-dashboard=false",
-                             f"--temp-dir={self.temp_dir}", *common, *_agent_ports()])
+                             *common, *_agent_ports()])
         worker = [str(BIN / "ray"), "start", f"--address=127.0.0.1:{self.gcs}", *common, *_agent_ports()]
         if hide is not None:       # this node's view of `hide`: an empty tmpfs, not the driver's folder
             hide.mkdir(parents=True, exist_ok=True)
