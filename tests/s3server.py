@@ -2,9 +2,10 @@
 
 ``moto_s3(auth=True)`` starts ``python -m moto.server -H 127.0.0.1 -p 0`` (the port is the
 one it reports), and with ``auth`` makes it check credentials as S3 does: moto enforces IAM
-after its first ``INITIAL_NO_AUTH_ACTION_COUNT`` requests, which create one IAM user with an
-access key and an allow-all S3 policy.  Requests signed with any other key, or the right key
-and a wrong secret, are then refused.  The server is stopped by its pid.
+after its first ``INITIAL_NO_AUTH_ACTION_COUNT`` requests, which create two IAM users with
+access keys: one with an allow-all S3 policy, one that may only list and read.  Requests
+signed with any other key, or the right key and a wrong secret, are then refused, and the
+reader's writes are denied.  The server is stopped by its pid.
 """
 from __future__ import annotations
 
@@ -18,7 +19,10 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 
 REGION = "us-east-1"
-_IAM_SETUP_REQUESTS = 3    # create_user, create_access_key, put_user_policy
+_IAM_SETUP_REQUESTS = 6    # create_user, create_access_key, put_user_policy; for each of two users
+# moto names some S3 actions after the API call (s3:ListObjectsV2, s3:HeadBucket) where AWS uses
+# s3:ListBucket: the wildcards cover both.
+POLICIES = {"kdray": ["s3:*"], "reader": ["s3:List*", "s3:Get*", "s3:HeadBucket"]}
 
 
 @dataclass
@@ -26,6 +30,7 @@ class S3Server:
     endpoint: str
     key_id: str
     secret: str
+    reader: tuple[str, str] = ("", "")     # (key id, secret) of the user who may only list and read
 
     def env(self) -> dict[str, str]:
         """The variables a user sets for an S3-compatible server (docs/distributed.md)."""
@@ -68,11 +73,14 @@ def moto_s3(auth: bool = True):
             import boto3
             iam = boto3.client("iam", endpoint_url=endpoint, region_name=REGION,
                                aws_access_key_id="setup", aws_secret_access_key="setup")
-            iam.create_user(UserName="kdray")
-            key = iam.create_access_key(UserName="kdray")["AccessKey"]
-            iam.put_user_policy(UserName="kdray", PolicyName="s3", PolicyDocument=json.dumps(
-                {"Version": "2012-10-17", "Statement": [{"Effect": "Allow", "Action": "s3:*", "Resource": "*"}]}))
-            server = S3Server(endpoint, key["AccessKeyId"], key["SecretAccessKey"])
+            keys = {}
+            for user, actions in POLICIES.items():
+                iam.create_user(UserName=user)
+                key = iam.create_access_key(UserName=user)["AccessKey"]
+                iam.put_user_policy(UserName=user, PolicyName="s3", PolicyDocument=json.dumps(
+                    {"Version": "2012-10-17", "Statement": [{"Effect": "Allow", "Action": actions, "Resource": "*"}]}))
+                keys[user] = (key["AccessKeyId"], key["SecretAccessKey"])
+            server = S3Server(endpoint, *keys["kdray"], reader=keys["reader"])
         yield server
     finally:
         proc.terminate()

@@ -114,12 +114,24 @@ def test_refused_credentials_are_one_line(tmp_path, capsys, s3_env, monkeypatch,
     _one_line(capsys, main(["validate", path]), "storage:", "refused the credentials", "AWS_SECRET_ACCESS_KEY")
 
 
+def test_credentials_that_may_read_but_not_write_are_one_line(tmp_path, capsys, s3_env, monkeypatch):
+    monkeypatch.setenv("AWS_ACCESS_KEY_ID", s3_env.reader[0])
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", s3_env.reader[1])
+    path = _write(tmp_path, f"s3://{BUCKET}/kdray")
+    _one_line(capsys, main(["validate", path]), "storage:", "refused the credentials while writing a marker object",
+              "writes and deletes under the prefix")
+
+
 def test_the_server_really_refuses_wrong_credentials(s3):
     """The credential test above is meaningful only if moto checks keys: it does (IAM enforced)."""
     from botocore.exceptions import ClientError
     with pytest.raises(ClientError):
         s3.client(secret="not-the-right-one").list_objects_v2(Bucket=BUCKET)
     s3.client().list_objects_v2(Bucket=BUCKET)
+    reader = s3.client(*s3.reader)
+    reader.list_objects_v2(Bucket=BUCKET)                   # the reader may list ...
+    with pytest.raises(ClientError):
+        reader.put_object(Bucket=BUCKET, Key="x", Body=b"") # ... but not write
 
 
 @pytest.mark.parametrize("command", ["validate", "sweep"])
