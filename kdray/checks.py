@@ -50,9 +50,11 @@ def check_size(sweep: Sweep, source: str, max_trials: int = MAX_TRIALS) -> int:
 
 # ------------------------------------------------------------------ where results go
 
-def check_destinations(sweep: Sweep, source: str) -> None:
+def check_destinations(sweep: Sweep, source: str, reach_storage: bool = True) -> None:
     """Storage that can be written, a sweep name that is free in it, and a tracking URI MLflow can use
-    (an existing sqlite file must be an intact MLflow database), checked before Ray starts."""
+    (an existing sqlite file must be an intact MLflow database), checked before Ray starts.
+    ``reach_storage=False`` (``kdray plan``, a preview that may run where the bucket's credentials
+    are not): an object store is not contacted and may still lack its tracking URI."""
     if sweep.name in RESERVED_NAMES:
         raise SweepError(f"{source}: name: {sweep.name!r} is the name of storage's own "
                          f"{'file' if '.' in sweep.name else 'folder'} ({', '.join(RESERVED_NAMES)} are taken); rename the sweep")
@@ -64,12 +66,31 @@ def check_destinations(sweep: Sweep, source: str) -> None:
     uri = sweep.tracking_uri or os.environ.get("MLFLOW_TRACKING_URI")
     if uri:
         _check_tracking_uri(uri, f"{source}: tracking_uri" if sweep.tracking_uri else "$MLFLOW_TRACKING_URI")
-    if uri or "://" not in sweep.storage or sweep.storage.startswith("file://"):
-        # (object storage without a tracking server: the sweep names its server at run time)
-        try:
-            check_sqlite_store(sweep.resolved_tracking_uri())
-        except TrackingError as e:
-            raise SweepError(f"{source}: {e}") from None
+    from kdray.objectstore import is_object_store
+    if is_object_store(sweep.storage):
+        if not reach_storage and not uri:
+            return
+        if reach_storage:
+            _check_object_store(sweep, source, uri)
+    try:
+        check_sqlite_store(sweep.resolved_tracking_uri())
+    except TrackingError as e:
+        raise SweepError(f"{source}: {e}") from None
+
+
+def _check_object_store(sweep: Sweep, source: str, uri: str | None) -> None:
+    """An object store holds no MLflow database, must answer with the bucket and take a write
+    (kdray/objectstore.py), and MLflow needs its client library to put artifacts there."""
+    from kdray.objectstore import artifact_client_missing, check_storage
+    if not uri:
+        raise SweepError(f"{source}: storage: {sweep.storage} is an object store, which cannot hold the MLflow "
+                         "database; give tracking_uri (sqlite:///PATH on this machine, or http://HOST:PORT of an "
+                         "MLflow server) or set $MLFLOW_TRACKING_URI")
+    check_storage(sweep.storage, f"{source}: storage")
+    missing = artifact_client_missing(sweep.storage) if uri.startswith("sqlite") else ""
+    if missing:
+        raise SweepError(f"{source}: storage: MLflow writes this sweep's artifacts to {sweep.storage} with "
+                         f"{missing}, which is not installed; pip install {missing}")
 
 
 def _check_writable(path: Path, where: str) -> None:

@@ -19,9 +19,10 @@ def _fail(msg: str) -> int:
     return EXIT_USAGE
 
 
-def _load(path: str, max_trials: int, overrides: Optional[dict] = None):
+def _load(path: str, max_trials: int, overrides: Optional[dict] = None, reach_storage: bool = True):
     """The checked sweep (with command-line overrides) and its plan; the size is checked before the
-    plan is built, so an absurd grid is refused at once."""
+    plan is built, so an absurd grid is refused at once.  ``reach_storage``: contact an object
+    store (``kdray plan`` does not)."""
     from kdray.checks import check_destinations, check_size
     from kdray.plan import build_plan
     from kdray.sweep import load_sweep
@@ -30,7 +31,7 @@ def _load(path: str, max_trials: int, overrides: Optional[dict] = None):
     if overrides:
         sweep = sweep.model_copy(update={k: v for k, v in overrides.items() if v})
     check_size(sweep, path, max_trials)
-    check_destinations(sweep, path)
+    check_destinations(sweep, path, reach_storage)
     from kdray.preflight import preflight
     preflight(sweep, path)
     return sweep, build_plan(sweep)
@@ -55,7 +56,7 @@ def cmd_plan(args) -> int:
     keys: dict[str, str] = {}
     total = 0
     for path in args.sweep:
-        sweep, plan = _load(path, args.max_trials)
+        sweep, plan = _load(path, args.max_trials, reach_storage=False)
         print(format_plan(plan))
         if any(s.resources.student.pack > 1 for s in sweep.setups):   # builds one model per architecture
             from kdray.packing import jobs

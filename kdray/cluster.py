@@ -1,4 +1,5 @@
-"""Can the cluster place every trial at all?  Checked once Ray is up, before any trial starts.
+"""Can the cluster place every trial, and do all its nodes see the storage?  Checked once Ray is
+up, before any trial starts.
 
 Without an autoscaler (a local cluster) a trial that asks for more than any node has
 would wait forever behind Ray's once-a-minute warning; kdray stops at once instead,
@@ -92,3 +93,68 @@ def quiet_ray_notices() -> None:
         logger = logging.getLogger(name)
         if not any(isinstance(f, _DropNotices) for f in logger.filters):
             logger.addFilter(_DropNotices(starts))
+
+
+SHARED_CHECK_TIMEOUT_S = 120.0
+
+
+def _sees(path: str) -> tuple[str, bool]:
+    """(this node's host name, whether the driver's marker file is here): run on each node."""
+    import os
+    import socket
+    return socket.gethostname(), os.path.isfile(path)
+
+
+def check_shared_storage(storage: str, timeout_s: float = SHARED_CHECK_TIMEOUT_S) -> None:
+    """On a cluster of more than one node, local storage must be the same folder on every node.
+
+    A trial writes its artefacts where its own node sees the storage path; with a folder that
+    only the driver's machine has, students on another node would not find their teacher and
+    results would be scattered.  The driver writes a marker file with a random name into the
+    folder, then one task pinned to each alive node looks for it; ClusterError names the nodes
+    that do not see it, with the fix.  Object stores (s3://, gs://) are shared by nature."""
+    from kdray.objectstore import is_object_store
+    if is_object_store(storage):
+        return
+    import ray
+    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+    from kdray.sweep import local_storage
+
+    nodes = [n for n in ray.nodes() if n.get("Alive")]
+    if len(nodes) < 2:
+        return
+    import uuid
+    folder = local_storage(storage)
+    folder.mkdir(parents=True, exist_ok=True)
+    marker = folder / f".kdray-shared-check-{uuid.uuid4().hex}"
+    marker.write_text("kdray: is this folder shared by every node? (deleted at once)\n")
+    try:
+        probe = ray.remote(num_cpus=0, max_retries=0)(_sees)
+        refs = {n["NodeID"]: probe.options(scheduling_strategy=NodeAffinitySchedulingStrategy(n["NodeID"], soft=False))
+                .remote(str(marker)) for n in nodes}
+        ready, _ = ray.wait(list(refs.values()), num_returns=len(refs), timeout=timeout_s)
+        blind = []
+        for n in nodes:
+            ref = refs[n["NodeID"]]
+            name = f"{n.get('NodeManagerAddress', '?')} ({n['NodeID'][:8]})"
+            if ref not in ready:
+                raise ClusterError(f"storage {folder}: cannot check that every node sees this folder: node {name} "
+                                   f"did not answer within {timeout_s:g} s; use s3://BUCKET/PREFIX or gs://BUCKET/PREFIX "
+                                   "storage, which every node reaches")
+            try:
+                host, seen = ray.get(ref)
+            except Exception as e:     # the node could not run the task (its worker or runtime env failed)
+                raise ClusterError(f"storage {folder}: cannot check that node {name} sees this folder "
+                                   f"({type(e).__name__}: {' '.join(str(e).split())[:200]}); use s3://BUCKET/PREFIX "
+                                   "or gs://BUCKET/PREFIX storage, which every node reaches") from None
+            if not seen:
+                blind.append(f"{name}, host {host}")
+    finally:
+        marker.unlink(missing_ok=True)
+    if blind:
+        raise ClusterError(f"storage {folder} is a folder on this machine, but {len(blind)} of the cluster's "
+                           f"{len(nodes)} nodes do not see it (a file written there is not found on: "
+                           f"{'; '.join(blind)}); their trials would write where no other node reads. Use "
+                           f"s3://BUCKET/PREFIX or gs://BUCKET/PREFIX storage, or a shared filesystem (NFS, ...) "
+                           f"mounted at {folder} on every node")

@@ -24,7 +24,7 @@ import torch
 from ray.tune import Callback
 from ray.tune.search import Searcher
 
-from kdray import simulation, testhook
+from kdray import objectstore, simulation, testhook
 from kdray.contracts import (EPOCH, FAILURE, FINAL, RESULT_EPOCHS, RESULT_LAST, RESULT_PACK, TAG_RETRIES, TAG_REUSED,
                              TAG_SUSPECT, provenance_tags)
 from kdray.errors import DataNotFoundError
@@ -659,7 +659,8 @@ def _tune_run(specs: list[TrialSpec], sweep: Sweep, store: Store, tracker: Track
                                   progress_reporter=reporter, verbose=verbose,
                                   checkpoint_config=tune.CheckpointConfig(num_to_keep=1)),
     )
-    with _environ(tune_env), _graceful_interrupt(stopping), _trials_on_prestarted_workers():
+    with _environ(tune_env), _graceful_interrupt(stopping), _trials_on_prestarted_workers(), \
+            objectstore.carried_to_trials():
         tuner.fit()
     if stopping.is_set():
         callback.end_in_flight()
@@ -718,7 +719,7 @@ def _run_sweep(sweep: Sweep, plan: Plan, verbose: int, progress: bool, source_sh
     t0 = time.time()
     store = Store(sweep.storage, sweep.name)
     uri = sweep.resolved_tracking_uri()
-    artifact_root = str(sweep.local_storage() / "mlartifacts" / sweep.name) if uri.startswith("sqlite") else None
+    artifact_root = objectstore.artifact_root(sweep.storage, sweep.name, uri)
     tracker, ray_seconds, reasons = _tracker_and_ray(uri, sweep, artifact_root, plan)
     tracker.use_sweep_file(source_sha256)
     cluster = ray_cluster()
@@ -766,8 +767,9 @@ def _run_todo(summary: SweepSummary, plan: Plan, sweep: Sweep, store: Store, tra
     summary.blocked = len(todo) - len(runnable)   # their teacher is neither trained nor training
     todo = runnable
     if todo:
-        from kdray.cluster import check_resources
+        from kdray.cluster import check_resources, check_shared_storage
         check_resources(todo, autoscaling=bool(os.environ.get("RAY_ADDRESS")))   # a local cluster cannot grow
+        check_shared_storage(sweep.storage)      # a local folder on a multi-node cluster: every node's?
         n_teachers = sum(s.role == "teacher" for s in todo)
         packs, notes = plan_jobs(plan, {s.trial_key for s in todo}, reasons)
         for note in notes:

@@ -230,7 +230,7 @@ class Tracker:
         except Exception as e:
             raise TrackingError(f"MLflow tracking at {uri} is unreachable: {type(e).__name__}: {str(e).splitlines()[0][:200]}") from None
         if exp is None:
-            loc = artifact_root and f"{Path(artifact_root).resolve().as_uri()}"
+            loc = artifact_root and (artifact_root if "://" in artifact_root else Path(artifact_root).resolve().as_uri())
             tags = {TAG_EXPERIMENT_KIND: EXPERIMENT_KIND, **({"mlflow.note.content": description} if description else {})}
             exp_id = self._call(lambda: self.client.create_experiment(experiment, artifact_location=loc, tags=tags),
                                 "create_experiment")
