@@ -29,12 +29,29 @@ from typing import NamedTuple, Optional, Sequence
 import numpy as np
 
 TIE_RTOL = 1e-9          # |d| closer than this times the values' scale are tied (and that close to 0: zero)
+F32_RTOL = 2.0 ** -21    # the same for values that are all float32 (an accuracy stored by kdray before 0.x)
 CI_LEVEL = 0.95
 EXACT_MAX_N = 50         # exact null distributions up to this many pairs, normal approximation above
 
 
-def snap_ties(d, scale: Optional[float] = None) -> np.ndarray:
-    """d with |d| values within TIE_RTOL * scale of each other made equal (and of 0 made 0).
+def tie_rtol(*arrays) -> float:
+    """The relative tie tolerance for differences of these paired values: TIE_RTOL, or F32_RTOL when
+    every finite value is exactly a float32.
+
+    A rate k/N rounded to float32 is off by up to half a float32 ulp (6e-8 at 1), so two equal count
+    differences can differ by ~1e-7 of the scale, far above TIE_RTOL: float32 values are compared at
+    float32's resolution (2 ulp of the scale per difference: 2^-21).  Distinct rate differences
+    still differ by 1/N, so this is safe for N below ~2 million; a float64 k/N is almost never a
+    float32 (only dyadic k/N are), and where it is the coarser tolerance changes nothing.
+    """
+    vals = [np.asarray(a, float).ravel() for a in arrays]
+    vals = np.concatenate(vals) if vals else np.array([])
+    vals = vals[np.isfinite(vals)]
+    return F32_RTOL if vals.size and np.all(vals.astype(np.float32).astype(float) == vals) else TIE_RTOL
+
+
+def snap_ties(d, scale: Optional[float] = None, rtol: float = TIE_RTOL) -> np.ndarray:
+    """d with |d| values within rtol * scale of each other made equal (and of 0 made 0).
 
     scale defaults to max |d|; callers that know the paired values pass their
     largest magnitude, so differences that are pure rounding become zeros.
@@ -43,7 +60,7 @@ def snap_ties(d, scale: Optional[float] = None) -> np.ndarray:
     if d.size == 0:
         return d.copy()
     a = np.abs(d)
-    tol = TIE_RTOL * (float(np.max(a)) if scale is None else float(scale))
+    tol = rtol * (float(np.max(a)) if scale is None else float(scale))
     order = np.argsort(a, kind="stable")
     s = a[order]
     starts = np.ones(s.size, bool)

@@ -12,8 +12,9 @@ Choices the protocol leaves open, made here:
 - "Significant" means adjusted p <= level, the correction (BH by default,
   BY or Holm, corrections.py) over the four functional metrics of each
   comparison, uncorrected for accuracy and loss.
-- Differences are snapped at effects.TIE_RTOL before ranking, so equal rates
-  k/N tie exactly; each p records its null distribution: "exact" (no ties),
+- Differences are snapped at effects.TIE_RTOL (F32_RTOL where the values
+  are all float32, as accuracies stored by older versions are) before
+  ranking, so equal rates k/N tie exactly; each p records its null distribution: "exact" (no ties),
   "exact-ties" (all sign patterns, ties and zeros; up to 50 pairs),
   "normal" (above 50 pairs).
 - The prediction-agreement gain, Delta_correct and Delta_incorrect are means
@@ -158,11 +159,13 @@ def is_treatment(cond: Condition) -> bool:
 
 # ------------------------------------------------------------------ primitive statistics
 
-def signed_rank_test(d, alternative: str, scale: Optional[float] = None) -> tuple[float, str]:
+def signed_rank_test(d, alternative: str, scale: Optional[float] = None,
+                     rtol: float = effects.TIE_RTOL) -> tuple[float, str]:
     """Wilcoxon signed-rank p on differences d and the null distribution it used.
 
-    d is snapped first (effects.snap_ties, at ``scale``: the paired values'
-    largest magnitude), so rate differences of equal k/N are ties.  No ties
+    d is snapped first (effects.snap_ties, at ``rtol`` times ``scale``: the
+    paired values' largest magnitude; ``Tie.of`` gives both), so rate
+    differences of equal k/N are ties.  No ties
     and no zeros, n <= 50: the exact null ("exact", as scipy's
     ``method="exact"``).  Ties or zeros (zeros dropped, zero_method="wilcox"),
     n <= 50: the exact null of the tied ranks, every sign pattern counted
@@ -172,7 +175,7 @@ def signed_rank_test(d, alternative: str, scale: Optional[float] = None) -> tupl
     from scipy.stats import wilcoxon
 
     d = np.asarray(d, float)
-    d = effects.snap_ties(d[~np.isnan(d)], scale)
+    d = effects.snap_ties(d[~np.isnan(d)], scale, rtol)
     if d.size < 1:
         return math.nan, ""
     if np.all(d == 0):
@@ -185,14 +188,26 @@ def signed_rank_test(d, alternative: str, scale: Optional[float] = None) -> tupl
     return _exact_signed_rank(d, alternative), "exact"
 
 
-def _signed_rank(d: np.ndarray, alternative: str, scale: Optional[float] = None) -> float:
-    return signed_rank_test(d, alternative, scale)[0]
+def _signed_rank(d: np.ndarray, alternative: str, scale: Optional[float] = None,
+                 rtol: float = effects.TIE_RTOL) -> float:
+    return signed_rank_test(d, alternative, scale, rtol)[0]
 
 
 def _scale(*arrays) -> Optional[float]:
     """The largest magnitude among paired values: the tie tolerance's scale (None when empty)."""
     sizes = [np.asarray(a, float) for a in arrays if np.size(a)]
     return float(max(np.nanmax(np.abs(a)) for a in sizes)) if sizes else None
+
+
+class Tie(NamedTuple):
+    """How differences of some paired values are snapped: scale and relative tolerance (effects.snap_ties)."""
+    scale: Optional[float]
+    rtol: float
+
+    @classmethod
+    def of(cls, *arrays) -> "Tie":
+        """The tolerance for differences of these paired values (float32 values at float32 resolution)."""
+        return cls(_scale(*arrays), effects.tie_rtol(*arrays))
 
 
 @functools.cache
@@ -228,7 +243,7 @@ def wilcoxon_one_sided(kd, control, direction: str) -> float:
     if kd.shape != control.shape:
         raise ValueError(f"paired samples differ in length: {kd.shape} vs {control.shape}")
     alternative = {"lower": "less", "higher": "greater"}[direction]
-    return _signed_rank(kd - control, alternative, _scale(kd, control))
+    return _signed_rank(kd - control, alternative, *Tie.of(kd, control))
 
 
 def wilcoxon_two_sided(d, scale: Optional[float] = None) -> float:
@@ -381,9 +396,10 @@ def summarize(students: pd.DataFrame) -> pd.DataFrame:
 
 def _test_row(pr: Pairs, metric: str) -> dict:
     """A comparison's p, its null distribution and effect sizes (on snapped differences)."""
-    d = effects.snap_ties(pr.d, _scale(pr.x, pr.y))
+    tie = Tie.of(pr.x, pr.y)
+    d = effects.snap_ties(pr.d, *tie)
     alternative = {"lower": "less", "higher": "greater"}[direction(metric)]
-    p, null = signed_rank_test(pr.d, alternative, _scale(pr.x, pr.y))
+    p, null = signed_rank_test(pr.d, alternative, *tie)
     eff = effects.effect(d, direction(metric)) if d.size else effects.Effect(*[math.nan] * 6)
     return dict(n=len(pr.seeds), mean_diff=mean_sem(pr.d)[0], p=p, null=null, **eff._asdict())
 
@@ -512,7 +528,8 @@ def decisions(students: pd.DataFrame, against: pd.DataFrame, threshold: float = 
             di, di_sem, _ = mean_sem(inc.d)
             both, ic, ii = np.intersect1d(cor.seeds, inc.seeds, return_indices=True)
             gain = mean_sem(paired(runs, ref, "prediction_agreement").d)[0]
-            p_asym, asym_null = signed_rank_test(inc.d[ii] - cor.d[ic], "two-sided", _scale(inc.x, inc.y, cor.x, cor.y))
+            p_asym, asym_null = signed_rank_test(inc.d[ii] - cor.d[ic], "two-sided",
+                                               *Tie.of(inc.x, inc.y, cor.x, cor.y))
             rows.append(dict(
                 setup=setup, teacher_seed=ts, condition=cond, n_significant=n_sig, supported=supported,
                 marginal=_marginal(supported, gain, threshold), pa_gain=gain,
