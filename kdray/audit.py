@@ -89,6 +89,7 @@ def _fmt(x: float, digits: int = 3) -> str:
 def answer_lines(analysis) -> list[str]:
     """Per audited method: did function transfer, by how much, and was it the teacher's mistakes
     or its successes that the student copied more."""
+    from kdray.analysis.stats import asymmetry_text
     from kdray.metric_names import TRANSFER_METRICS
 
     out = []
@@ -110,18 +111,21 @@ def answer_lines(analysis) -> list[str]:
             if len(row):
                 t = row.iloc[0]
                 effect = (f"; prediction disagreement with the teacher vs {best.label}: Hodges-Lehmann shift "
-                          f"{_fmt(t.hl)} [{_fmt(t.ci_low)}, {_fmt(t.ci_high)}], rank-biserial {_fmt(t.rank_biserial, 2)}")
+                          f"{_fmt(t.hl)}, {t.ci_level:.0%} interval [{_fmt(t.ci_low)}, {_fmt(t.ci_high)}], "
+                          f"rank-biserial {_fmt(t.rank_biserial, 2)}")
             out.append(f"  how much: prediction agreement {_fmt(r.pa_gain)} over the best control ({best.label}){effect}")
         copied = {"negative": "more of the teacher's mistakes than of its successes",
-                  "positive": "more of the teacher's successes than of its mistakes",
-                  "symmetric": "the teacher's mistakes and successes alike",
-                  "none": None}[r.asymmetry]
+                  "positive": "more of the teacher's successes than of its mistakes"}.get(r.asymmetry)
         detail = (f"agreement where the teacher is wrong {_fmt(r.delta_incorrect)}, where it is right "
                   f"{_fmt(r.delta_correct)}; two-sided p {r.p_asymmetry:.3g}")
-        if copied:
-            out.append(f"  what: the student copied {copied} ({detail})")
-        else:
+        if r.asymmetry == "none":
             out.append(f"  what: not asked, as no transfer was shown ({detail})")
+        elif copied:   # named only where its test is significant at the analysis level
+            out.append(f"  what: the student copied {copied}: {asymmetry_text(r.asymmetry, r.p_asymmetry, 0)} "
+                       f"at level {analysis.level:g} ({detail})")
+        else:
+            out.append(f"  what: not shown which the student copied more, the teacher's mistakes or its "
+                       f"successes: {asymmetry_text(r.asymmetry, r.p_asymmetry, r.asymmetry_seeds)} ({detail})")
     return out
 
 

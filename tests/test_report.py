@@ -111,10 +111,11 @@ def test_decision_table_and_summary(report):
     assert got[("same", "0", "KD α=0.5")]["supported"] == "no"
     text = report.summary_text()
     lines = {line.split(":")[0]: line for line in text.splitlines()}
-    assert lines["errors"] == ("errors: transfer KD α=0.9 [t0 t1(m) t2; negative ×3] | "
+    assert lines["errors"] == ("errors: transfer KD α=0.9 [t0 t1(m) t2; negative asymmetry ×3] | "
                                "best accuracy RCD α=0.1 ×3 (an RCD control in 3/3)")
     assert lines["same"].startswith("same: no supported transfer |")
-    assert lines["broken"].startswith("broken: transfer KD α=0.5 [t0; symmetric] | best accuracy KD α=0.5 ")
+    assert lines["broken"].startswith("broken: transfer KD α=0.5 [t0; t0 no asymmetry observed (p 1; ")
+    assert "| best accuracy KD α=0.5 " in lines["broken"]
     assert "broken t0 KD α=0.5 seed 12: status FAILED" in text and "seed 15: NaN activation_distance" in text
     assert len(text.splitlines()) < 40
     assert (report.out_dir / "summary.txt").read_text().strip() == text

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 from fractions import Fraction
 from itertools import product
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -94,3 +95,131 @@ def test_prediction_agreement_is_k_over_n():
     k = int((t.argmax(-1) == c.argmax(-1)).sum())
     m = functional_metrics(t, c, y)
     assert m["prediction_agreement"] == k / 997 and m["prediction_disagreement"] == (997 - k) / 997
+
+
+# ------------------------------------------------------------------ 2. intervals that agree with their tests
+
+def random_differences(rng, n: int, kind: int) -> np.ndarray:
+    """Tied rate differences (counts of 360), small-integer ties with zeros, or continuous ones."""
+    if kind == 0:
+        return effects.snap_ties(rng.integers(-3, 5, n) / 360)
+    if kind == 1:
+        return rng.integers(-1, 3, n).astype(float)
+    return rng.normal(0.3, 1, n)
+
+
+@pytest.mark.parametrize("sizes", [range(1, 13), range(21, 31)])   # every candidate scanned; bisection
+def test_a_significant_one_sided_test_never_shows_an_interval_covering_0(sizes):
+    """Property: over random tied and untied data, brute-force p <= 0.05 one-sided => that side's bound
+    excludes 0 (and the interval is the one test_stats reports)."""
+    rng = np.random.default_rng(11)
+    significant = 0
+    for it in range(400):
+        n = int(rng.choice(list(sizes)))
+        d = random_differences(rng, n, it % 3)
+        iv = effects.test_interval(d)
+        for alt in ("greater", "less"):
+            p = brute(d, alt) if n <= 12 else stats.signed_rank_test(d, alt)[0]
+            if p <= 0.05:
+                significant += 1
+                assert (iv.low > 0) if alt == "greater" else (iv.high < 0), (d, alt, p, iv)
+    assert significant >= 30
+
+
+def test_bounds_invert_the_brute_force_test():
+    """Every shift below the lower bound is rejected by the enumerated one-sided test, the bound (or
+    the open stretch just above it) is not; likewise the upper bound."""
+    rng = np.random.default_rng(3)
+    for it in range(60):
+        d = random_differences(rng, int(rng.integers(5, 11)), it % 3)
+        lo, hi = effects.lower_bound(d), effects.upper_bound(d)
+        grid = np.linspace(d.min() - 1, d.max() + 1, 41)
+        p_gt = lambda t: brute(effects.snap_ties(d - t), "greater")   # noqa: E731
+        p_lt = lambda t: brute(effects.snap_ties(d - t), "less")      # noqa: E731
+        assert all(p_gt(t) <= 0.05 for t in grid if t < lo)
+        assert all(p_lt(t) <= 0.05 for t in grid if t > hi)
+        w = np.unique(np.round([(a + b) / 2 for a in d for b in d], 12))
+        eps = np.diff(w).min() / 4 if w.size > 1 else 0.1          # inside the stretch next to a Walsh average
+        if np.isfinite(lo):
+            assert p_gt(lo) > 0.05 or p_gt(lo + eps) > 0.05
+        if np.isfinite(hi):
+            assert p_lt(hi) > 0.05 or p_lt(hi - eps) > 0.05
+
+
+def test_the_issues_tied_case_and_zeros():
+    """d = [+1, -1 x 9]/360: one-sided p = 11/1024 = 0.0107 (by hand: at most one positive sign of 10
+    equal ranks); the upper bound is -1/360 (every shift in (-1/360, 0] still leaves 9 of 10 below),
+    not the two-sided 95% interval [-1/360, 0] that covered 0."""
+    d = np.array([1] + [-1] * 9) / 360
+    assert brute(d, "less") == pytest.approx(11 / 1024)
+    assert effects.upper_bound(d) == pytest.approx(-1 / 360) and effects.upper_bound(d) < 0
+    # five zeros and five +1: p = 1/32 at 0, but just above 0 the zeros are small negatives and the
+    # test no longer rejects (P = 112/1024 by hand), so the bound is the float just above 0
+    d = np.array([0.0] * 5 + [1.0] * 5)
+    assert brute(d, "greater") == 1 / 32 and brute(d - 1e-6, "greater") == pytest.approx(112 / 1024)
+    assert 0 < effects.lower_bound(d) < 1e-300
+
+
+def test_too_few_pairs_have_no_bound():
+    assert effects.test_interval(np.array([0.1, 0.2, 0.3, 0.4])) == (-np.inf, np.inf, 0.9)   # min p 1/16
+
+
+# ------------------------------------------------------------------ 7. asymmetry with its evidence
+
+def asymmetry_runs(inc_extra, n_seeds=6):
+    """KD clearly better than SIDDO and RCD on the four functional metrics; its incorrect-agreement count
+    (of 120 teacher mistakes) exceeds the controls' by inc_extra[seed], correct agreement equal."""
+    out = []
+    for s in range(n_seeds):
+        base = dict(activation_distance=0.3 + s / 50, js_divergence=0.05 + s / 50, rank_disagreement=0.2 + s / 50,
+                    prediction_disagreement=(40 + 3 * s) / 360, correct_agreement=(200 + s) / 240,
+                    incorrect_agreement=(30 + s) / 120, test_acc=0.8, test_loss=0.7)
+        kd = {m: v - 0.01 - s / 1000 for m, v in base.items() if m in ("activation_distance", "js_divergence",
+                                                                           "rank_disagreement")}
+        kd |= dict(prediction_disagreement=(38 + 3 * s - s % 2) / 360, correct_agreement=base["correct_agreement"],
+                   incorrect_agreement=(30 + s + inc_extra[s]) / 120, test_acc=0.8, test_loss=0.7)
+        out += [run("z", "siddo", 0, s, metrics=dict(base, test_acc=0.81)),
+                run("z", "rcd", 0, s, alpha=0.5, metrics=dict(base, test_acc=0.79)),
+                run("z", "kd", 0, s, alpha=0.5, metrics=kd)]
+    return out
+
+
+def test_a_direction_without_a_significant_test_is_not_named():
+    """Δincorrect - Δcorrect = +1/120 on 5 seeds and 0 on one: two-sided p = 2/32 = 0.0625 by enumeration,
+    so the summary says 'direction negative, not significant', never 'negative'."""
+    from kdray.analysis.report import ReportResult
+    from kdray.audit import answer_lines
+
+    a = analyse(as_frame(asymmetry_runs([1, 1, 1, 1, 1, 0])), power_draws=0)
+    r = a.decisions.iloc[0]
+    assert r.supported and r.delta_incorrect > r.delta_correct
+    assert r.p_asymmetry == pytest.approx(brute(np.array([1, 1, 1, 1, 1, 0]), "two-sided")) == pytest.approx(0.0625)
+    assert r.asymmetry == "negative, n.s." and r.asymmetry_seeds >= 6
+    line = [ln for ln in ReportResult(Path("out"), a).summary_text().splitlines() if ln.startswith("z:")][0]
+    assert "t0 direction negative, not significant (p 0.0625; " in line and "negative asymmetry" not in line
+    words = "\n".join(answer_lines(a))
+    assert "direction negative, not significant (p 0.0625" in words and "copied more of" not in words
+
+    a = analyse(as_frame(asymmetry_runs([1, 2, 1, 3, 1, 2])), power_draws=0)   # 6 of 6 positive: p = 2/64
+    r = a.decisions.iloc[0]
+    assert r.asymmetry == "negative" and r.p_asymmetry == pytest.approx(brute(np.array([1, 2, 1, 3, 1, 2]), "two-sided"))
+    line = [ln for ln in ReportResult(Path("out"), a).summary_text().splitlines() if ln.startswith("z:")][0]
+    assert "; negative asymmetry]" in line
+    assert "the student copied more of the teacher's mistakes" in "\n".join(answer_lines(a))
+
+
+def test_signed_rank_power_against_scipy_simulation():
+    """sizing's vectorised power against a plain loop of scipy's exact test on fresh normal draws."""
+    from scipy.stats import wilcoxon
+
+    from kdray.analysis import sizing
+
+    rng = np.random.default_rng(4)
+    for n, ratio, two in ((8, 0.8, False), (12, 0.5, True)):
+        alt = "two-sided" if two else "greater"
+        hits = [wilcoxon(rng.normal(ratio, 1, n), alternative=alt, method="exact").pvalue <= 0.05 for _ in range(2000)]
+        want = np.mean(hits)
+        got = sizing.signed_rank_power(n, ratio, 1.0, 0.05, two)
+        assert abs(got - want) < 4 * np.sqrt(want * (1 - want) * (1 / 2000 + 1 / sizing.DRAWS)), (n, got, want)
+    n = sizing.seeds_needed(0.5, 1.0)
+    assert sizing.signed_rank_power(int(n), 0.5, 1.0) >= 0.8 > sizing.signed_rank_power(int(n) - 3, 0.5, 1.0)

@@ -32,6 +32,7 @@ TIE_RTOL = 1e-9          # |d| closer than this times the values' scale are tied
 F32_RTOL = 2.0 ** -21    # the same for values that are all float32 (an accuracy stored by kdray before 0.x)
 CI_LEVEL = 0.95
 EXACT_MAX_N = 50         # exact null distributions up to this many pairs, normal approximation above
+SCAN_MAX_N = 20          # bounds scan every candidate shift up to this many pairs, bisect above
 
 
 def tie_rtol(*arrays) -> float:
@@ -102,6 +103,83 @@ def exact_tied_p(d: np.ndarray, alternative: str) -> float:
     obs = int(np.sum(r2[d > 0]))
     cdf, sf = counts[:obs + 1].sum() / total, counts[obs:].sum() / total
     return float({"less": cdf, "greater": sf}.get(alternative, min(1.0, 2 * min(cdf, sf))))
+
+
+def snapped_p(d: np.ndarray, alternative: str) -> tuple[float, str]:
+    """The signed-rank p of already-snapped d and its null ("exact", "exact-ties" or "normal";
+    stats.signed_rank_test's rules: zeros dropped, exact to EXACT_MAX_N pairs, scipy's normal above)."""
+    if d.size < 1:
+        return math.nan, ""
+    if np.all(d == 0):
+        return 1.0, "exact"
+    if d.size > EXACT_MAX_N:
+        from scipy.stats import wilcoxon
+
+        return float(wilcoxon(d, alternative=alternative, method="asymptotic").pvalue), "normal"
+    ties = np.any(d == 0) or np.unique(np.abs(d)).size < d.size
+    return exact_tied_p(d, alternative), "exact-ties" if ties else "exact"
+
+
+# ------------------------------------------------------------------ bounds that agree with the test
+
+def _distinct(v: np.ndarray, tol: float) -> np.ndarray:
+    """Sorted v with values within tol of the previous kept value dropped."""
+    v = np.sort(v)
+    keep = np.r_[True, np.diff(v) > tol]
+    return v[keep]
+
+
+def lower_bound(d, level: float = 0.05) -> float:
+    """The one-sided (1 - level) lower confidence bound for the shift of snapped d, by inverting the
+    very test the report runs: the exact tie-aware signed-rank test of d - delta > 0 ("greater").
+
+    The test's p as a function of delta only changes at the Walsh averages (where |d_i - delta|
+    tie or cross, or d_i - delta is zero), so it is evaluated at each of them and between them, from
+    below; the bound is the first delta the test does not reject (just above a rejected Walsh average
+    when the open stretch after it is the first not rejected: np.nextafter of it).  So the bound is
+    above 0 exactly when every delta <= 0 is rejected, which includes the report's own test at 0;
+    -inf when no shift is rejected (too few pairs).  Above SCAN_MAX_N pairs the first is found by
+    bisection, which assumes the p grows with delta (tests/test_stats_round2.py checks both).
+    """
+    d = np.asarray(d, float)
+    d = d[~np.isnan(d)]
+    if d.size == 0:
+        return math.nan
+    scale = float(np.max(np.abs(d))) or 1.0
+    tol = TIE_RTOL * scale
+    w = _distinct(walsh_averages(d), tol)
+    step = max(scale, float(w[-1] - w[0])) or 1.0
+
+    def rejected(delta: float) -> bool:
+        return snapped_p(snap_ties(d - delta, scale), "greater")[0] <= level
+
+    # candidates in increasing order: below all, then each Walsh average and the stretch after it
+    cand = np.empty(2 * w.size + 1)
+    cand[0], cand[1::2] = w[0] - step, w
+    cand[2:-1:2], cand[-1] = (w[:-1] + w[1:]) / 2, w[-1] + step
+    if d.size <= SCAN_MAX_N:            # every candidate from below: the first not rejected
+        first = next(i for i, c in enumerate(cand) if not rejected(float(c)))
+    else:                               # bisection: the p grows with delta (checked on random tied data)
+        lo, hi = -1, cand.size - 1      # rejected(cand[lo]) (virtually), not rejected(cand[hi])
+        while hi - lo > 1:
+            mid = (lo + hi) // 2
+            lo, hi = (mid, hi) if rejected(float(cand[mid])) else (lo, mid)
+        first = hi
+    if first == 0:
+        return -math.inf
+    return float(cand[first]) if first % 2 else float(np.nextafter(cand[first - 1], math.inf))
+
+
+def upper_bound(d, level: float = 0.05) -> float:
+    """The one-sided (1 - level) upper confidence bound by inverting the "less" test (lower_bound of -d)."""
+    return -lower_bound(-np.asarray(d, float), level)
+
+
+def test_interval(d, level: float = 0.05) -> "Interval":
+    """[lower_bound, upper_bound]: the two-sided (1 - 2 level) interval made of the two one-sided bounds
+    that invert the report's one-sided level tests, so a one-sided test significant at level never
+    shows an interval that covers 0 (tests/test_stats_round2.py checks this on random tied data)."""
+    return Interval(lower_bound(d, level), upper_bound(d, level), 1 - 2 * level)
 
 
 # ------------------------------------------------------------------ effect sizes
@@ -186,9 +264,10 @@ class Effect(NamedTuple):
     superiority: float
 
 
-def effect(d, direction: str, level: float = CI_LEVEL) -> Effect:
-    """Every effect size of one paired comparison (d already snapped)."""
-    ci = hl_interval(d, level)
+def effect(d, direction: str, level: float = 0.05) -> Effect:
+    """Every effect size of one paired comparison (d already snapped); the interval is test_interval's
+    at the report's one-sided level (a 90% interval beside 5% tests)."""
+    ci = test_interval(d, level)
     return Effect(hodges_lehmann(d), ci.low, ci.high, ci.level, rank_biserial(d, direction), superiority(d, direction))
 
 

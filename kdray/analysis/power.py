@@ -25,7 +25,7 @@ import numpy as np
 import pandas as pd
 
 from kdray.analysis import corrections
-from kdray.analysis.effects import EXACT_MAX_N, rank_sum_counts
+from kdray.analysis.sizing import exact_greater_p  # noqa: F401 - power.exact_greater_p stays importable
 from kdray import conditions
 from kdray.analysis.stats import (LEVEL, SUPPORT_MIN, TRANSFER_METRICS, by_condition, direction, find_controls,
                                   paired)
@@ -34,20 +34,6 @@ TARGET = 0.8
 SEED_RANGE = tuple(range(5, 31))
 DRAWS = 1000                          # simulated studies per power estimate (Monte Carlo error <= 1.6%)
 SEED = 0
-
-
-def exact_greater_p(x: np.ndarray) -> np.ndarray:
-    """One-sided (greater) signed-rank p along the last axis of continuous x (no ties, no zeros),
-    exact up to EXACT_MAX_N pairs, normal approximation above."""
-    n = x.shape[-1]
-    ranks = np.argsort(np.argsort(np.abs(x), axis=-1), axis=-1) + 1
-    r_plus = np.sum(ranks * (x > 0), axis=-1)
-    if n > EXACT_MAX_N:
-        from scipy.stats import norm
-
-        return norm.sf((r_plus - n * (n + 1) / 4) / math.sqrt(n * (n + 1) * (2 * n + 1) / 24))
-    sf = np.cumsum(rank_sum_counts(np.arange(1, n + 1))[::-1])[::-1] / 2.0 ** n
-    return sf[r_plus]
 
 
 def bandwidth(d: np.ndarray) -> np.ndarray:

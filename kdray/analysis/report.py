@@ -32,7 +32,7 @@ from kdray.analysis import corrections, figures, power, tables
 from kdray import plugins
 from kdray.analysis.runs import ReportError, get_experiment, load_runs, resolve_experiment, sweep_plugins
 from kdray.registry import PluginError
-from kdray.analysis.stats import SUPPORT_MIN, Analysis, analyse
+from kdray.analysis.stats import SUPPORT_MIN, Analysis, analyse, asymmetry_text
 from kdray.contracts import KIND_REPORT, KIND_SWEEP, TAG_KIND, TAG_PARENT
 from kdray.sanity import report_lines
 
@@ -89,8 +89,17 @@ def _transfer_text(d: pd.DataFrame) -> str:
         sup = [r for r in d.itertuples() if r.condition == cond and r.supported]
         if sup:
             seeds = " ".join(f"t{r.teacher_seed}" + ("(m)" if r.marginal else "") for r in sup)
-            parts.append(f"{cond.label} [{seeds}; {_counted([r.asymmetry for r in sup])}]")
+            parts.append(f"{cond.label} [{seeds}; {_asymmetry_words(sup)}]")
     return "transfer " + ", ".join(parts) if parts else "no supported transfer"
+
+
+def _asymmetry_words(sup: list) -> str:
+    """'negative asymmetry ×2' for the teacher seeds whose asymmetry test is significant; each other
+    seed by itself, with its p and the seeds its test would need at the SESOI (stats.asymmetry_text)."""
+    shown = [f"{r.asymmetry} asymmetry" for r in sup if r.asymmetry in ("negative", "positive")]
+    rest = [f"t{r.teacher_seed} {asymmetry_text(r.asymmetry, r.p_asymmetry, r.asymmetry_seeds)}"
+            for r in sup if r.asymmetry not in ("negative", "positive")]
+    return ", ".join(([_counted(shown)] if shown else []) + rest)
 
 
 def _pooled_lines(st: pd.DataFrame, d: pd.DataFrame) -> list[str]:

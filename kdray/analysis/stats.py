@@ -19,9 +19,13 @@ Choices the protocol leaves open, made here:
   "normal" (above 50 pairs).
 - The prediction-agreement gain, Delta_correct and Delta_incorrect are means
   of per-seed paired differences against the best control.
-- Asymmetry labels: "negative" (supported, mean Delta_incorrect > mean
-  Delta_correct), "positive" (supported, the reverse), "symmetric"
-  (supported, means equal to DECISION_RTOL), "none" (transfer not supported).
+- Asymmetry labels, only where transfer is supported ("none" otherwise):
+  "negative" / "positive" when the two-sided signed-rank test of the per-seed
+  Delta_incorrect - Delta_correct is significant at the level (direction:
+  the smaller one-sided p); otherwise "negative, n.s." / "positive, n.s."
+  from the sign of the mean difference (descriptive only), or "symmetric"
+  (means equal to DECISION_RTOL).  Each carries the seeds a two-sided test
+  would need for 80% power at the asymmetry SESOI, with the pilot's noise.
   "Marginal" likewise needs the gain below the threshold by more than that.
 """
 from __future__ import annotations
@@ -35,7 +39,7 @@ import numpy as np
 import pandas as pd
 
 from kdray import conditions
-from kdray.analysis import corrections, effects
+from kdray.analysis import corrections, effects, sizing
 from kdray.metric_names import METRIC_DIRECTIONS, TRANSFER_METRICS
 
 LEVEL = 0.05
@@ -394,13 +398,14 @@ def summarize(students: pd.DataFrame) -> pd.DataFrame:
     return pd.DataFrame(rows, columns=["setup", "teacher_seed", "condition", "metric", "n", "mean", "sem"])
 
 
-def _test_row(pr: Pairs, metric: str) -> dict:
-    """A comparison's p, its null distribution and effect sizes (on snapped differences)."""
+def _test_row(pr: Pairs, metric: str, level: float = LEVEL) -> dict:
+    """A comparison's p, its null distribution and effect sizes (on snapped differences); the interval
+    inverts the same one-sided level test in each direction (effects.test_interval: 90% at 0.05)."""
     tie = Tie.of(pr.x, pr.y)
     d = effects.snap_ties(pr.d, *tie)
     alternative = {"lower": "less", "higher": "greater"}[direction(metric)]
     p, null = signed_rank_test(pr.d, alternative, *tie)
-    eff = effects.effect(d, direction(metric)) if d.size else effects.Effect(*[math.nan] * 6)
+    eff = effects.effect(d, direction(metric), level) if d.size else effects.Effect(*[math.nan] * 6)
     return dict(n=len(pr.seeds), mean_diff=mean_sem(pr.d)[0], p=p, null=null, **eff._asdict())
 
 
@@ -409,7 +414,8 @@ EFFECT_COLUMNS = ["hl", "ci_low", "ci_high", "ci_level", "rank_biserial", "super
 
 def paired_tests(students: pd.DataFrame, level: float = LEVEL, correction: str = corrections.DEFAULT) -> pd.DataFrame:
     """One row per (setup, teacher seed, treated condition, control, metric) with raw and adjusted p,
-    the p's null distribution and the effect sizes (Hodges-Lehmann shift with its CI, rank-biserial
+    the p's null distribution and the effect sizes (Hodges-Lehmann shift, the 1 - 2 level interval of
+    the two one-sided bounds that invert the test, rank-biserial
     correlation, probability of superiority; effects.py)."""
     rows = []
     for (setup, ts), grp in students.groupby(["setup", "teacher_seed"], sort=True):
@@ -420,7 +426,7 @@ def paired_tests(students: pd.DataFrame, level: float = LEVEL, correction: str =
                     for m in TESTED_METRICS:
                         pr = paired(runs, conds[ctrl], m)
                         rows.append(dict(setup=setup, teacher_seed=int(ts), condition=cond, control=ctrl, metric=m,
-                                         **_test_row(pr, m), family=correction if m in TRANSFER_METRICS else "none"))
+                                         **_test_row(pr, m, level), family=correction if m in TRANSFER_METRICS else "none"))
     cols = ["setup", "teacher_seed", "condition", "control", "metric", "n", "mean_diff", "p", "null",
             *EFFECT_COLUMNS, "family"]
     tests = pd.DataFrame(rows, columns=cols)
@@ -497,10 +503,28 @@ def _same(a: float, b: float) -> bool:
     return math.isclose(a, b, rel_tol=DECISION_RTOL, abs_tol=DECISION_RTOL * 1e-3)
 
 
-def _asymmetry(supported: bool, d_cor: float, d_inc: float) -> str:
+def _asymmetry(supported: bool, d_cor: float, d_inc: float, p: float = math.nan, p_neg: float = math.nan,
+               level: float = LEVEL) -> str:
+    """The asymmetry label: a direction is named plainly only when its two-sided test p <= level."""
     if not supported or math.isnan(d_cor) or math.isnan(d_inc):
         return "none"
-    return "symmetric" if _same(d_inc, d_cor) else "negative" if d_inc > d_cor else "positive"
+    if p <= level:   # the direction the test found: the smaller one-sided p (p_neg: Δincorrect > Δcorrect)
+        return "negative" if p_neg <= 0.5 else "positive"
+    return "symmetric" if _same(d_inc, d_cor) else "negative, n.s." if d_inc > d_cor else "positive, n.s."
+
+
+def asymmetry_text(label: str, p: float, seeds: float, sesoi: float = sizing.SESOI["asymmetry"]) -> str:
+    """The words for an asymmetry label: "negative asymmetry (p 0.002)", or for a direction the test does
+    not support "direction negative, not significant (p 0.0625; 23 seeds for 80% power at 0.01)"."""
+    need = f"{'more than ' + str(sizing.MAX_SEEDS) if seeds != seeds else int(seeds)} seeds for " \
+           f"{sizing.TARGET:.0%} power at {sesoi:g}"
+    if label in ("negative", "positive"):
+        return f"{label} asymmetry (p {p:.3g})"
+    if label.endswith(", n.s."):
+        return f"direction {label[:-6]}, not significant (p {p:.3g}; {need})"
+    if label == "symmetric":
+        return f"no asymmetry observed (p {p:.3g}; {need})"
+    return label
 
 
 def _marginal(supported: bool, gain: float, threshold: float) -> bool:
@@ -509,8 +533,10 @@ def _marginal(supported: bool, gain: float, threshold: float) -> bool:
 
 
 def decisions(students: pd.DataFrame, against: pd.DataFrame, threshold: float = 0.01,
-              exclude_below: Optional[float] = None, min_metrics: int = SUPPORT_MIN) -> pd.DataFrame:
+              exclude_below: Optional[float] = None, min_metrics: int = SUPPORT_MIN, level: float = LEVEL,
+              sesoi: Optional[dict] = None) -> pd.DataFrame:
     """Transfer support, marginality and asymmetry per (setup, teacher seed, treated condition)."""
+    sesoi = sizing.SESOI if sesoi is None else sesoi
     rows = []
     sig = {(r.setup, r.teacher_seed, r.condition, r.metric): r.significant for r in against.itertuples()}
     for (setup, ts), grp in students.groupby(["setup", "teacher_seed"], sort=True):
@@ -528,19 +554,23 @@ def decisions(students: pd.DataFrame, against: pd.DataFrame, threshold: float = 
             di, di_sem, _ = mean_sem(inc.d)
             both, ic, ii = np.intersect1d(cor.seeds, inc.seeds, return_indices=True)
             gain = mean_sem(paired(runs, ref, "prediction_agreement").d)[0]
-            p_asym, asym_null = signed_rank_test(inc.d[ii] - cor.d[ic], "two-sided",
-                                               *Tie.of(inc.x, inc.y, cor.x, cor.y))
+            tie = Tie.of(inc.x, inc.y, cor.x, cor.y)
+            asym_d = inc.d[ii] - cor.d[ic]
+            p_asym, asym_null = signed_rank_test(asym_d, "two-sided", *tie)
+            p_neg = signed_rank_test(asym_d, "greater", *tie)[0]
+            asym_seeds = sizing.seeds_needed(sesoi["asymmetry"], sizing.pilot_sd(effects.snap_ties(asym_d, *tie)),
+                                             level, two_sided=True) if supported else math.nan
             rows.append(dict(
                 setup=setup, teacher_seed=ts, condition=cond, n_significant=n_sig, supported=supported,
                 marginal=_marginal(supported, gain, threshold), pa_gain=gain,
                 delta_correct=dc, delta_correct_sem=dc_sem, delta_incorrect=di, delta_incorrect_sem=di_sem,
-                n_pairs=len(both), asymmetry=_asymmetry(supported, dc, di),
-                p_asymmetry=p_asym, asymmetry_null=asym_null,
+                n_pairs=len(both), asymmetry=_asymmetry(supported, dc, di, p_asym, p_neg, level),
+                p_asymmetry=p_asym, asymmetry_null=asym_null, asymmetry_seeds=asym_seeds,
                 best_control=best))
     return pd.DataFrame(rows, columns=[
         "setup", "teacher_seed", "condition", "n_significant", "supported", "marginal", "pa_gain",
         "delta_correct", "delta_correct_sem", "delta_incorrect", "delta_incorrect_sem", "n_pairs",
-        "asymmetry", "p_asymmetry", "asymmetry_null", "best_control"])
+        "asymmetry", "p_asymmetry", "asymmetry_null", "asymmetry_seeds", "best_control"])
 
 
 @dataclass
@@ -637,7 +667,7 @@ def _analyse_part(job: tuple) -> Analysis:
     against = against_controls(tests)
     curves = power.power_curves(students, correction, level, draws=power.DRAWS if draws is None else draws,
                                 min_metrics=min_metrics) if draws != 0 else power.power_curves(students.iloc[0:0])
-    dec = _with_power(decisions(students, against, threshold, exclude_below, min_metrics), curves)
+    dec = _with_power(decisions(students, against, threshold, exclude_below, min_metrics, level), curves)
     a = Analysis(df, students, teachers, excluded, summarize(students), tests, against, dec,
                  best_accuracy(students), threshold, exclude_below, level, min_metrics=min_metrics,
                  correction=correction, power=curves, plugins=mods)

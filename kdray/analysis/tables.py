@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 
 import pandas as pd
 
-from kdray.analysis import corrections, power
+from kdray.analysis import corrections, power, sizing
 from kdray.analysis.effects import CI_LEVEL
 from kdray.analysis.stats import TESTED_METRICS, Analysis, Condition, direction, metric_columns
 from kdray.metric_names import TRANSFER_METRICS
@@ -152,10 +152,15 @@ def tick_tables(a: Analysis) -> list[Table]:
     return out
 
 
-def fmt_ci(est: float, low: float, high: float, level: float = CI_LEVEL) -> str:
-    """'est [low, high]', with * where the interval's actual confidence is below CI_LEVEL (too few pairs)."""
-    star = "*" if level == level and level < CI_LEVEL - 1e-9 else ""
-    return f"{fmt(est, 3)} [{fmt(low, 3)}, {fmt(high, 3)}]{star}"
+TINY = 1e-300           # a bound this close to 0 is "just above (below) 0": the interval is open there
+
+
+def fmt_ci(est: float, low: float, high: float) -> str:
+    """'est [low, high]': an end at +-inf (no bound: too few pairs) as inf, an end that is the float
+    just beside 0 (effects.lower_bound: 0 itself rejected) as an open '(0' or '0)'."""
+    left = "(0" if 0 < low < TINY else "[" + fmt(low, 3)
+    right = "0)" if -TINY < high < 0 else fmt(high, 3) + "]"
+    return f"{fmt(est, 3)} {left}, {right}"
 
 
 def effect_tables(a: Analysis) -> dict[str, Table]:
@@ -165,13 +170,15 @@ def effect_tables(a: Analysis) -> dict[str, Table]:
         cell = {(r.teacher_seed, r.condition, r.control, r.metric): r for r in t.itertuples()}
         keys = sorted({k[:3] for k in cell}, key=lambda k: (k[0], k[1].sort_key, k[2].sort_key))
         rows = [[str(ts), c.label, ctrl.label] + [
-            f"{fmt_ci(r.hl, r.ci_low, r.ci_high, r.ci_level)}; r={fmt(r.rank_biserial, 2)}; P={fmt(r.superiority, 2)}"
+            f"{fmt_ci(r.hl, r.ci_low, r.ci_high)}; r={fmt(r.rank_biserial, 2)}; P={fmt(r.superiority, 2)}"
             if (r := cell.get((ts, c, ctrl, m))) is not None else "" for m in TESTED_METRICS] for ts, c, ctrl in keys]
         out[setup] = Table(slug("effects", setup), f"{setup}: effect sizes of every paired comparison",
                            ["teacher seed", "condition", "control"] + [metric_header(m) for m in TESTED_METRICS], rows,
                            note=f"Hodges-Lehmann shift (condition - control, the metric's units) with its "
-                                f"{CI_LEVEL:.0%} CI from the exact signed-rank test (* fewer pairs than a "
-                                f"{CI_LEVEL:.0%} interval needs: the widest one, its level in data/tests.csv); "
+                                f"{1 - 2 * a.level:.0%} interval: the two one-sided {1 - a.level:.0%} bounds that "
+                                f"invert the exact tie-aware signed-rank test the ticks use, so a tick never "
+                                f"sits beside an interval that covers 0 (inf: no bound, too few pairs; "
+                                f"(0 or 0): open at 0); "
                                 f"r: matched-pairs rank-biserial correlation, P: probability the condition beats "
                                 f"the control on a random seed (both +1 / 1 when it is better on every seed).")
     return out
@@ -210,6 +217,13 @@ def fmt_seeds(n: float) -> str:
     return f">{max(power.SEED_RANGE)}" if n != n else str(int(n))
 
 
+def fmt_seeds_at(n: float, label: str = "") -> str:
+    """Seeds sizing.seeds_needed found ('>200' when none up to MAX_SEEDS; blank where not asked)."""
+    if label == "none":
+        return ""
+    return f">{sizing.MAX_SEEDS}" if n != n else str(int(n))
+
+
 def power_table(a: Analysis) -> Table:
     """Per decision: the power to support transfer at several student-seed counts, and the count needed."""
     rows = []
@@ -235,12 +249,13 @@ def decision_table(a: Analysis) -> Table:
         rows.append([r.setup, str(r.teacher_seed), r.condition.label, "yes" if r.supported else "no",
                      "yes" if r.marginal else "no", fmt(r.pa_gain, 3),
                      fmt_ms(r.delta_correct, r.delta_correct_sem), fmt_ms(r.delta_incorrect, r.delta_incorrect_sem),
-                     r.asymmetry, fmt(r.p_asymmetry, 3), r.best_control.label if r.best_control else "none",
+                     r.asymmetry, fmt(r.p_asymmetry, 3), fmt_seeds_at(r.asymmetry_seeds, r.asymmetry),
+                     r.best_control.label if r.best_control else "none",
                      b.condition.label if b is not None else "",
                      fmt(r.power, 2) + (" (under-powered)" if r.under_powered else ""), fmt_seeds(r.seeds_for_power)])
     return Table("decisions", "Transfer decisions",
                  ["setup", "teacher seed", "condition", "supported", "marginal", "PA gain", "Δcorrect", "Δincorrect",
-                  "asymmetry", "p(asym)", "best control", "best accuracy", "power",
+                  "asymmetry", "p(asym)", f"asym. seeds for {sizing.TARGET:.0%}", "best control", "best accuracy", "power",
                   f"seeds for {power.TARGET:.0%}"], rows,
                  note=f"Supported: at least {a.min_metrics} of {len(TRANSFER_METRICS)} functional metrics significant "
                       f"against every control ({corrections.family_text(a.correction)}). "
@@ -248,7 +263,10 @@ def decision_table(a: Analysis) -> Table:
                       f"not supported, with less than {power.TARGET:.0%} power to support it at this "
                       f"many seeds (not evidence of no transfer; see the power table). "
                       f"Marginal: supported but prediction-agreement gain over the best control < {a.threshold:g}. "
-                      f"p(asym): two-sided paired Wilcoxon of Δincorrect - Δcorrect.")
+                      f"p(asym): two-sided paired Wilcoxon of Δincorrect - Δcorrect; asymmetry named "
+                      f"(negative/positive) only where p(asym) <= {a.level:g}, else its direction with n.s.; "
+                      f"asym. seeds: the seeds that test needs for {sizing.TARGET:.0%} power at an asymmetry of "
+                      f"{sizing.SESOI['asymmetry']:g} with this sweep's noise.")
 
 
 def teacher_table(a: Analysis) -> Table:
