@@ -89,7 +89,7 @@ def _fmt(x: float, digits: int = 3) -> str:
 def answer_lines(analysis) -> list[str]:
     """Per audited method: did function transfer, by how much, and was it the teacher's mistakes
     or its successes that the student copied more."""
-    from kdray.analysis.stats import asymmetry_text
+    from kdray.analysis.stats import NO_TRANSFER, asymmetry_text
     from kdray.metric_names import TRANSFER_METRICS
 
     out = []
@@ -97,11 +97,17 @@ def answer_lines(analysis) -> list[str]:
     for r in analysis.decisions.itertuples():
         name = r.condition.label
         if r.supported:
-            verdict = (f"{name}: function transferred from the teacher (significant on {r.n_significant} of "
-                       f"{len(TRANSFER_METRICS)} functional metrics against every control)")
+            verdict = (f"{name}: transfer shown: function transferred from the teacher (significant on "
+                       f"{r.n_significant} of {len(TRANSFER_METRICS)} functional metrics against every control)")
+        elif r.verdict == NO_TRANSFER:
+            verdict = (f"{name}: no transfer larger than the SESOI shown: on {r.n_equivalent} of "
+                       f"{len(TRANSFER_METRICS)} functional metrics the difference from a control is shown to be "
+                       f"within its smallest effect of interest (equivalence tests, level {analysis.level:g})")
         else:
-            verdict = (f"{name}: no transfer of function was shown (significant on {r.n_significant} of "
-                       f"{len(TRANSFER_METRICS)} metrics against every control; {analysis.min_metrics} needed)")
+            verdict = (f"{name}: inconclusive: transfer not shown (significant on {r.n_significant} of "
+                       f"{len(TRANSFER_METRICS)} metrics against every control; {analysis.min_metrics} needed), "
+                       f"and no transfer larger than the SESOI not shown either (equivalence on {r.n_equivalent}; "
+                       f"{len(TRANSFER_METRICS) - analysis.min_metrics + 1} needed): more seeds are needed")
         out.append(verdict + ("; the gain is marginal" if r.marginal else ""))
         best = r.best_control
         if best is not None:

@@ -102,17 +102,33 @@ def cmd_status(args) -> int:
     return 0
 
 
+def _sesoi(args) -> Optional[dict]:
+    """--sesoi METRIC=VALUE items -> the full SESOI dict; ValueError (one line) on a bad one."""
+    from kdray.analysis.sizing import parse_sesoi
+
+    return parse_sesoi(getattr(args, "sesoi", None))
+
+
 def cmd_report(args) -> int:
     from kdray.analysis.report import run_report
 
+    try:
+        sesoi = _sesoi(args)
+    except ValueError as e:
+        return _fail(str(e))
     return run_report(args.target, args.out, args.tracking_uri, args.threshold, args.exclude_below, args.jobs,
-                      args.correction, args.min_metrics)
+                      args.correction, args.min_metrics, sesoi=sesoi,
+                      decision_correction=args.decision_correction)
 
 
 def cmd_power(args) -> int:
     from kdray.analysis.power import run_power
 
-    return run_power(args.target, args.tracking_uri, args.correction, args.draws)
+    try:
+        sesoi = _sesoi(args)
+    except ValueError as e:
+        return _fail(str(e))
+    return run_power(args.target, args.tracking_uri, args.correction, args.draws, sesoi=sesoi)
 
 
 def cmd_data(args) -> int:
@@ -175,6 +191,12 @@ def _correction(sp: argparse.ArgumentParser) -> None:
                          "bh Benjamini-Hochberg (default), by Benjamini-Yekutieli, holm Holm")
 
 
+def _sesoi_option(sp: argparse.ArgumentParser) -> None:
+    sp.add_argument("--sesoi", action="append", metavar="METRIC=VALUE",
+                    help="smallest effect of interest of a metric, in its units (repeatable; defaults in "
+                         "docs/statistics.md: 1%% of each metric's range, e.g. prediction_disagreement=0.01)")
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="kdray", description="Ray-distributed sweeps for the functional study of knowledge distillation.")
     sub = p.add_subparsers(dest="command", required=True)
@@ -227,6 +249,10 @@ def build_parser() -> argparse.ArgumentParser:
                          "to count as supported (default 3 of 4, the paper's rule)")
     sp.add_argument("--jobs", type=_positive_int, default=None,
                     help="worker processes for fetching runs and drawing figures (default: one per core; 1: none)")
+    _sesoi_option(sp)
+    sp.add_argument("--decision-correction", choices=("none", "holm", "bh"), default="none",
+                    help="correct over each setup's transfer decisions (treated conditions x alphas x temperatures "
+                         "x teacher seeds): holm (family-wise error rate) or bh (false discovery rate); default none")
     sp = add("data", cmd_data, "data tools: fetch NAME downloads a full data set (--list: the sources); "
                                "ffcv-write SRC DST converts an ImageFolder tree to an FFCV .beton")
     sp.add_argument("tool", choices=["fetch", "ffcv-write"])
@@ -241,6 +267,7 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--tracking-uri", help="MLflow tracking URI (default: the sweep's)")
     sp.add_argument("--draws", type=_positive_int, default=2000, help="simulated studies per estimate (default 2000)")
     _correction(sp)
+    _sesoi_option(sp)
     return p
 
 

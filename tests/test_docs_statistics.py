@@ -83,3 +83,18 @@ def test_smallest_p_table():
         for method, cell in zip(("bh", "by", "holm"), cells):
             assert float(cell) == pytest.approx(corrections.min_adjusted_p(n, method), rel=5e-3)
         doc_has(f"| {n} | {cells[0]} | {cells[1]} | {cells[2]} |")
+
+
+@pytest.mark.slow        # ~20-40 s: 12 decision-rule cells and 12 coverage cells of 20000 studies each
+def test_operating_characteristics_tables():
+    from kdray.analysis import operating
+
+    rates = operating.decision_rates()
+    for name in operating.PATTERNS:
+        doc_has(f"| {name} | " + " | ".join(f"{rates[(name, n)]:.4f}" for n in operating.SEEDS) + " |")
+    for t in (2, 3, 5):
+        for n in (5, 6, 8, 10):
+            drawn, like = operating.pooled_coverage(t, n)
+            doc_has(f"| {t} | {n} | {drawn:.3f} | {like:.3f} |" if t >= 3 else f"| {t} | {n} | {drawn:.3f} | n/a |")
+            assert 0.94 <= drawn <= 0.96 and (t < 3 or 0.94 <= like <= 0.96)
+    assert rates[("global null", 10)] <= 0.05

@@ -223,3 +223,179 @@ def test_signed_rank_power_against_scipy_simulation():
         assert abs(got - want) < 4 * np.sqrt(want * (1 - want) * (1 / 2000 + 1 / sizing.DRAWS)), (n, got, want)
     n = sizing.seeds_needed(0.5, 1.0)
     assert sizing.signed_rank_power(int(n), 0.5, 1.0) >= 0.8 > sizing.signed_rank_power(int(n) - 3, 0.5, 1.0)
+
+
+# ------------------------------------------------------------------ 4. equivalence (TOST) and the verdicts
+
+def null_runs(n_seeds: int, noise: float, seed: int = 0):
+    """A planted null: SIDDO, RCD and KD drawn from one distribution (per-seed noise sd ``noise`` on every
+    functional metric, rates as counts of 3600)."""
+    rng = np.random.default_rng(seed)
+    out = []
+    for s in range(n_seeds):
+        for method, extra in (("siddo", {}), ("rcd", dict(alpha=0.5)), ("kd", dict(alpha=0.5))):
+            m = dict(activation_distance=0.3 + rng.normal(0, noise), js_divergence=0.05 + rng.normal(0, noise / 2),
+                     rank_disagreement=0.2 + rng.normal(0, noise),
+                     prediction_disagreement=round(3600 * (0.15 + rng.normal(0, noise))) / 3600,
+                     correct_agreement=0.9, incorrect_agreement=0.3, test_acc=0.8 + (method == "siddo") / 100,
+                     test_loss=0.7)
+            out.append(run("n", method, 0, s, metrics=m, **extra))
+    return out
+
+
+def test_a_planted_null_gets_the_tost_verdict():
+    """12 seeds, noise well inside the SESOI: every functional comparison's TOST p (checked by enumerating
+    both one-sided tests at +-SESOI) is below 0.05, and the decision says no transfer larger than the SESOI."""
+    from kdray.analysis import sizing
+    from kdray.audit import answer_lines
+
+    frame = as_frame(null_runs(12, 0.002))
+    a = analyse(frame, power_draws=0)
+    t = a.tests[a.tests["metric"].isin(["activation_distance", "js_divergence", "rank_disagreement",
+                                        "prediction_disagreement"])]
+    for r in t.itertuples():
+        students = a.students
+        x = students[students["condition"] == r.condition].sort_values("student_seed")[r.metric].to_numpy()
+        y = students[students["condition"] == r.control].sort_values("student_seed")[r.metric].to_numpy()
+        s = sizing.SESOI[r.metric]
+        want = max(brute(x - y + s, "greater"), brute(x - y - s, "less"))
+        assert r.p_tost == pytest.approx(want) and r.p_tost <= 0.05 and r.equivalent
+        assert r.verdict == "no transfer larger than the SESOI shown"
+        assert -s < r.ci_low and r.ci_high < s                             # the 90% interval inside +-SESOI
+    d = a.decisions.iloc[0]
+    assert not d.supported and d.verdict == "no transfer larger than the SESOI shown" and d.n_equivalent == 4
+    assert "KD α=0.5: no transfer larger than the SESOI shown" in "\n".join(answer_lines(a))
+
+
+def test_a_small_noisy_null_is_inconclusive_and_a_large_sesoi_changes_that():
+    frame = as_frame(null_runs(6, 0.03, seed=1))
+    a = analyse(frame, power_draws=0)
+    d = a.decisions.iloc[0]
+    assert not d.supported and d.verdict == "inconclusive"
+    assert "KD α=0.5: inconclusive" in "\n".join(__import__("kdray.audit", fromlist=["x"]).answer_lines(a))
+    wide = dict(activation_distance=1.0, js_divergence=1.0, rank_disagreement=1.0, prediction_disagreement=1.0)
+    assert analyse(frame, power_draws=0, sesoi=wide).decisions.iloc[0].verdict == "no transfer larger than the SESOI shown"
+
+
+def test_tost_agrees_with_the_interval_on_random_data():
+    """Equivalence is shown when the 90% interval of the two inverted one-sided tests lies inside (-S, S);
+    then both one-sided tests at -S and +S reject, by enumeration."""
+    rng = np.random.default_rng(9)
+    tie = stats.Tie(None, effects.TIE_RTOL)
+    agree = 0
+    for it in range(300):
+        d = random_differences(rng, int(rng.integers(5, 16)), it % 3)
+        s = float(rng.choice([0.5, 1.0, 2.0])) * (1 / 360 if it % 3 == 0 else 1.0)
+        iv = effects.test_interval(d)
+        shown = -s < iv.low and iv.high < s
+        if shown:            # the interval inside +-S implies both one-sided tests at +-S reject (brute force)
+            assert max(brute(effects.snap_ties(d + s), "greater"), brute(effects.snap_ties(d - s), "less")) <= 0.05
+            assert stats.tost_p(d, s, tie) <= 0.05
+        agree += shown
+    assert agree >= 10
+
+
+def test_bad_sesoi_is_one_line(capsys):
+    from kdray.cli import main
+
+    assert main(["report", "nope", "--sesoi", "prediction_disagreement=-1"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("kdray: error: --sesoi 'prediction_disagreement=-1': expected METRIC=VALUE") and "\n" not in err
+
+
+# ------------------------------------------------------------------ 3. power at a stated effect, not the observed one
+
+def test_power_uses_the_pilots_noise_not_its_effect():
+    """Two pilots with the same noise and different observed effects get the same power, bit for bit."""
+    from kdray.analysis import power
+
+    noise = np.random.default_rng(2).normal(0, 0.01, (2, 4, 8))
+    shift = np.array([0.014, 0.01, 0.01, 0.0069])
+    for n in (5, 10, 20):
+        assert power.power_at(noise, n, shift, draws=300) == power.power_at(noise + 0.05, n, shift, draws=300) \
+            == power.power_at(noise - 0.02, n, shift, draws=300)
+
+
+def test_a_null_pilot_is_not_labelled_under_powered_and_its_power_is_at_the_sesoi():
+    """A non-significant pilot with no effect: no "under-powered" label anywhere; its power is the power
+    to detect the SESOI with its noise, checked against a direct simulation with scipy and statsmodels."""
+    from scipy.stats import wilcoxon
+    from statsmodels.stats.multitest import multipletests
+
+    from kdray.analysis import sizing, tables
+
+    a = analyse(as_frame(null_runs(8, 0.01, seed=3)), power_draws=400)
+    d = a.decisions.iloc[0]
+    assert not d.supported and "under_powered" not in a.decisions
+    assert "under-powered" not in tables.decision_table(a).markdown()
+    # direct simulation: 8 seeds, each metric's noise sd as the pilot's, mean SESOI, metrics independent here
+    pilot = a.students.sort_values("student_seed")
+    rng = np.random.default_rng(0)
+    metrics = ["activation_distance", "rank_disagreement", "prediction_disagreement", "js_divergence"]
+    sd = {}
+    for m in metrics:
+        kd = pilot[pilot["condition"] == d.condition][m].to_numpy()
+        sd[m] = [np.std(kd - pilot[pilot["condition"] == c][m].to_numpy(), ddof=1)
+                 for c in set(pilot["condition"]) if c != d.condition]
+    assert 0 <= d.power_low <= d.power <= d.power_high <= 1
+    # the noise of the two controls' differences shares KD's noise, so simulate the pair jointly per metric
+    wins = 0
+    for _ in range(300):
+        ok = []
+        for c in range(2):
+            ps = [wilcoxon(rng.normal(sizing.SESOI[m], sd[m][c], 8), alternative="greater", method="exact").pvalue
+                  for m in metrics]
+            ok.append(multipletests(ps, method="fdr_bh")[0])
+        wins += (np.all(ok, axis=0).sum() >= 3)
+    indep = wins / 300               # independent metrics and controls: a rough reference only
+    assert abs(d.power - indep) < 0.3
+
+
+# ------------------------------------------------------------------ 5. the decision rule as a test, and a family of decisions
+
+def test_p_decision_matches_the_rule_and_holm_over_a_setup_is_statsmodels():
+    from statsmodels.stats.multitest import multipletests
+
+    from synthetic_runs import planted_runs
+
+    frame = as_frame(planted_runs())
+    a = analyse(frame, power_draws=0)
+    d = a.decisions
+    assert ((d["p_decision"] <= 0.05) == d["supported"]).all()          # supported <=> its own p <= level
+    h = analyse(frame, power_draws=0, decision_correction="holm").decisions
+    for setup, g in d.groupby("setup"):
+        want = multipletests(g["p_decision"].to_numpy(), method="holm")[1]
+        got = h[h["setup"] == setup]["p_decision_adj"].to_numpy()
+        np.testing.assert_allclose(got, want, rtol=1e-12)
+        assert ((got <= 0.05) == h[h["setup"] == setup]["supported"].to_numpy()).all()
+
+
+# ------------------------------------------------------------------ 6. the pooled statements
+
+def test_random_effects_interval_is_mixedlms():
+    """Balanced teachers with a clear between-teacher spread: the t interval on teacher means has
+    statsmodels MixedLM's (REML) fixed intercept and standard error, with T - 1 degrees of freedom."""
+    import pandas as pd
+    import statsmodels.formula.api as smf
+    from scipy.stats import t
+
+    rng = np.random.default_rng(6)
+    groups = [rng.normal(mu, 1, 8) for mu in (0.0, 2.0, -1.0, 1.5)]
+    est, lo, hi = effects.random_effects_interval(groups)
+    df = pd.DataFrame(dict(y=np.concatenate(groups), teacher=np.repeat(range(4), 8)))
+    fit = smf.mixedlm("y ~ 1", df, groups=df["teacher"]).fit(reml=True)
+    assert est == pytest.approx(fit.fe_params["Intercept"], rel=1e-6)
+    assert (hi - est) == pytest.approx(t.ppf(0.975, 3) * fit.bse_fe["Intercept"], rel=1e-4)
+    assert np.isnan(effects.random_effects_interval(groups[:2])[1])
+
+
+def test_pooled_coverage_is_within_094_096():
+    """The pooled intervals' coverage by simulation (kdray/analysis/operating.py), 5-10 students per teacher."""
+    from kdray.analysis import operating
+
+    for teachers in (2, 3, 5):
+        for n in (5, 10):
+            drawn, like = operating.pooled_coverage(teachers, n, reps=8000, seed=1)
+            assert 0.94 <= drawn <= 0.96, (teachers, n, drawn)
+            if teachers >= 3:
+                assert 0.94 <= like <= 0.96, (teachers, n, like)

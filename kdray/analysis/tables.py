@@ -191,26 +191,35 @@ def pooled_tables(a: Analysis) -> dict[str, Table]:
         cell = {(r.condition, r.control, r.metric): r for r in t.itertuples()}
         keys = sorted({k[:2] for k in cell}, key=lambda k: (k[0].sort_key, k[1].sort_key))
         rows = [[c.label, ctrl.label, str(max(r.teacher_seeds for k, r in cell.items() if k[:2] == (c, ctrl)))] + [
-            fmt_ci(r.estimate, r.ci_low, r.ci_high) if (r := cell.get((c, ctrl, m))) is not None else ""
+            fmt_ci(r.estimate, r.ci_low, r.ci_high) + fmt_re(r) if (r := cell.get((c, ctrl, m))) is not None else ""
             for m in TESTED_METRICS] for c, ctrl in keys]
         out[setup] = Table(slug("pooled", setup), f"{setup}: paired differences pooled over teacher seeds",
                            ["condition", "control", "teacher seeds"] + [metric_header(m) for m in TESTED_METRICS],
                            rows, note=f"Mean over teacher seeds of the mean paired difference (condition - control), "
-                                      f"{CI_LEVEL:.0%} CI by a bootstrap stratified by teacher seed.")
+                                      f"{CI_LEVEL:.0%} CI for these teacher seeds (Welch t); with 3 or more "
+                                      f"teacher seeds also a {CI_LEVEL:.0%} CI for teachers like these (teacher as "
+                                      f"a random factor: t on the teacher seeds' means), after 'like these'.")
     return out
 
 
 def statement_table(a: Analysis) -> Table:
     """One line per setup and treated condition, over all its teacher seeds."""
-    rows = [[r.setup, r.condition.label, f"{r.supported_seeds}/{r.teacher_seeds}", fmt_ci(r.pa_gain, r.ci_low, r.ci_high)]
-            for r in a.statements.itertuples()]
+    rows = [[r.setup, r.condition.label, f"{r.supported_seeds}/{r.teacher_seeds}",
+             fmt_ci(r.pa_gain, r.ci_low, r.ci_high) + fmt_re(r)] for r in a.statements.itertuples()]
     return Table("pooled", "Pooled over teacher seeds", ["setup", "condition", "supported on teacher seeds",
                                                           "PA gain over the best control"], rows,
                  note=f"PA gain: mean over teacher seeds of the prediction-agreement gain over that seed's best "
-                      f"control, {CI_LEVEL:.0%} CI by a bootstrap stratified by teacher seed.")
+                      f"control, {CI_LEVEL:.0%} CI for these teacher seeds (Welch t); with 3 or more teacher "
+                      f"seeds also the {CI_LEVEL:.0%} CI for teachers like these (random effects).")
 
 
 POWER_SHOWN = (5, 10, 15, 20, 25, 30)
+
+
+def fmt_re(r) -> str:
+    """'; like these [low, high]' where a random-effects interval exists (3+ teacher seeds), else ''."""
+    lo, hi = getattr(r, "re_low", math.nan), getattr(r, "re_high", math.nan)
+    return "" if lo != lo else f"; like these [{fmt(lo, 3)}, {fmt(hi, 3)}]"
 
 
 def fmt_seeds(n: float) -> str:
@@ -224,20 +233,32 @@ def fmt_seeds_at(n: float, label: str = "") -> str:
     return f">{sizing.MAX_SEEDS}" if n != n else str(int(n))
 
 
+def fmt_power(p: float, low: float, high: float) -> str:
+    """'0.62 (0.31-0.85)': the power with its range over the noise estimate's 95% interval."""
+    return f"{fmt(p, 2)} ({fmt(low, 2)}-{fmt(high, 2)})"
+
+
 def power_table(a: Analysis) -> Table:
-    """Per decision: the power to support transfer at several student-seed counts, and the count needed."""
+    """Per decision: the power to support transfer at the SESOI at several student-seed counts, and the
+    count needed (as estimated, and with the noise at its upper 95% limit)."""
     rows = []
     for (setup, ts, _), g in a.power.groupby(["setup", "teacher_seed", a.power["condition"].map(repr)], sort=False):
         at = dict(zip(g["n_seeds"], g["power"]))
         pilot = g[g["pilot"]].iloc[0]
-        rows.append([setup, str(ts), g["condition"].iloc[0].label, f"{fmt(pilot.power, 2)} ({pilot.pilot_seeds})"]
-                    + [fmt(at.get(n, float("nan")), 2) for n in POWER_SHOWN] + [fmt_seeds(power.seeds_for(g))])
-    return Table("power", f"Power to support transfer ({corrections.SHORT[a.correction]})",
-                 ["setup", "teacher seed", "condition", "now (seeds)"] + [f"{n} seeds" for n in POWER_SHOWN]
+        rows.append([setup, str(ts), g["condition"].iloc[0].label,
+                     f"{fmt_power(pilot.power, pilot.power_low, pilot.power_high)} [{pilot.pilot_seeds}]"]
+                    + [fmt(at.get(n, float("nan")), 2) for n in POWER_SHOWN]
+                    + [f"{fmt_seeds(power.seeds_for(g))} ({fmt_seeds(power.seeds_for(g, column='power_low'))})"])
+    sesoi = ", ".join(f"{m} {a.sesoi[m]:g}" for m in TRANSFER_METRICS)
+    return Table("power", f"Power to support transfer at the SESOI ({corrections.SHORT[a.correction]})",
+                 ["setup", "teacher seed", "condition", "now [seeds]"] + [f"{n} seeds" for n in POWER_SHOWN]
                  + [f"seeds for {power.TARGET:.0%}"], rows,
-                 note="Probability that a study of that many student seeds supports transfer (at least 3 of 4 "
-                      "functional metrics significant against every control), by a smoothed bootstrap of this "
-                      "sweep's per-seed differences (a planning estimate that takes the observed effect as true).")
+                 note=f"Probability that a study of that many student seeds supports transfer (at least "
+                      f"{a.min_metrics} of 4 functional metrics significant against every control) if every "
+                      f"functional metric is better than every control by its smallest effect of interest "
+                      f"({sesoi}). Simulated with this sweep's noise only (the covariance of its per-seed "
+                      f"differences; its own effect is not used); in brackets the range with the noise at the "
+                      f"ends of its 95% interval, and the seeds needed with the noise at its upper limit.")
 
 
 def decision_table(a: Analysis) -> Table:
@@ -246,22 +267,29 @@ def decision_table(a: Analysis) -> Table:
     rows = []
     for r in a.decisions.itertuples():
         b = best_acc.get((r.setup, r.teacher_seed, r.condition.width))
-        rows.append([r.setup, str(r.teacher_seed), r.condition.label, "yes" if r.supported else "no",
+        rows.append([r.setup, str(r.teacher_seed), r.condition.label, "yes" if r.supported else "no", r.verdict,
                      "yes" if r.marginal else "no", fmt(r.pa_gain, 3),
                      fmt_ms(r.delta_correct, r.delta_correct_sem), fmt_ms(r.delta_incorrect, r.delta_incorrect_sem),
                      r.asymmetry, fmt(r.p_asymmetry, 3), fmt_seeds_at(r.asymmetry_seeds, r.asymmetry),
                      r.best_control.label if r.best_control else "none",
                      b.condition.label if b is not None else "",
-                     fmt(r.power, 2) + (" (under-powered)" if r.under_powered else ""), fmt_seeds(r.seeds_for_power)])
+                     fmt_power(r.power, r.power_low, r.power_high),
+                     f"{fmt_seeds(r.seeds_for_power)} ({fmt_seeds(r.seeds_for_power_low)})"])
     return Table("decisions", "Transfer decisions",
-                 ["setup", "teacher seed", "condition", "supported", "marginal", "PA gain", "Δcorrect", "Δincorrect",
+                 ["setup", "teacher seed", "condition", "supported", "verdict", "marginal", "PA gain", "Δcorrect", "Δincorrect",
                   "asymmetry", "p(asym)", f"asym. seeds for {sizing.TARGET:.0%}", "best control", "best accuracy", "power",
                   f"seeds for {power.TARGET:.0%}"], rows,
                  note=f"Supported: at least {a.min_metrics} of {len(TRANSFER_METRICS)} functional metrics significant "
                       f"against every control ({corrections.family_text(a.correction)}). "
-                      f"Power: probability of support at this many seeds (power table); under-powered: "
-                      f"not supported, with less than {power.TARGET:.0%} power to support it at this "
-                      f"many seeds (not evidence of no transfer; see the power table). "
+                      f"Verdict: transfer shown (supported); no transfer larger than the SESOI shown (on at least "
+                      f"{len(TRANSFER_METRICS) - a.min_metrics + 1} functional metrics an equivalence test, TOST at "
+                      f"level {a.level:g}, shows the difference from some control within the metric's smallest "
+                      f"effect of interest: {', '.join(f'{m} {a.sesoi[m]:g}' for m in TRANSFER_METRICS)}); "
+                      f"otherwise inconclusive. "
+                      f"Power: probability of support at this many seeds if every functional metric is better "
+                      f"than every control by its SESOI, with this sweep's noise (range: the noise at the ends of "
+                      f"its 95% interval; power table); seeds for {power.TARGET:.0%}: as estimated (noise at "
+                      f"its upper limit). "
                       f"Marginal: supported but prediction-agreement gain over the best control < {a.threshold:g}. "
                       f"p(asym): two-sided paired Wilcoxon of Δincorrect - Δcorrect; asymmetry named "
                       f"(negative/positive) only where p(asym) <= {a.level:g}, else its direction with n.s.; "
