@@ -138,6 +138,23 @@ def answer_lines(analysis) -> list[str]:
 def run_audit(args) -> int:
     from kdray.sweep import parse_sweep
 
+    from kdray.analysis.sizing import parse_sesoi
+
+    try:
+        sesoi = parse_sesoi(getattr(args, "sesoi", None))
+    except ValueError as e:
+        print(f"kdray: error: {e}", file=sys.stderr)
+        return 2
+    if getattr(args, "pilot", None):   # the seeds this study needs, from a finished pilot, before anything trains
+        from kdray.analysis.planning import seed_lines
+        from kdray.analysis.runs import ReportError
+
+        try:
+            lines = seed_lines(args.pilot, args.tracking_uri, args.correction, sesoi)
+        except ReportError as e:
+            print(f"kdray: error: {e}", file=sys.stderr)
+            return 2
+        print("\n".join(f"# {line}" for line in lines), flush=True)   # comments: the dry run stays a sweep file
     data = audit_sweep(args)
     text = ("# written by kdray audit; run it again with: kdray sweep THIS_FILE\n"
             + yaml.safe_dump(data, sort_keys=False))
@@ -168,7 +185,8 @@ def run_audit(args) -> int:
     if summary.exit_code:
         return summary.exit_code
     df, uri, name, storage, _ = load_target(str(path), None)
-    result = build_report(df, default_out(storage, name), title=f"kdray audit: {name}", correction=args.correction)
+    result = build_report(df, default_out(storage, name), title=f"kdray audit: {name}", correction=args.correction,
+                          sesoi=sesoi)
     print(result.summary_text())
     print("\nkdray audit: the answer")
     print("\n".join(answer_lines(result.analysis)))

@@ -66,6 +66,14 @@ def cmd_plan(args) -> int:
             w = significance_warning and significance_warning(len(s.student_seeds), correction=args.correction)
             if w:
                 print(f"  warning: {s.name}: {w}")
+    if args.pilot:
+        from kdray.analysis.planning import seed_lines
+        from kdray.analysis.runs import ReportError
+
+        try:
+            print("\n".join(seed_lines(args.pilot, args.tracking_uri, args.correction, _sesoi(args))))
+        except (ReportError, ValueError) as e:
+            return _fail(str(e))
         if args.list:
             for spec in plan.all:
                 print(f"{spec.trial_key}  {spec.label}")
@@ -122,7 +130,7 @@ def cmd_report(args) -> int:
 
 
 def cmd_power(args) -> int:
-    from kdray.analysis.power import run_power
+    from kdray.analysis.planning import run_power
 
     try:
         sesoi = _sesoi(args)
@@ -191,6 +199,14 @@ def _correction(sp: argparse.ArgumentParser) -> None:
                          "bh Benjamini-Hochberg (default), by Benjamini-Yekutieli, holm Holm")
 
 
+def _pilot_options(sp: argparse.ArgumentParser, tracking: bool = True) -> None:
+    sp.add_argument("--pilot", help="a finished sweep (file or MLflow experiment) whose noise sizes the study: "
+                                    "the student seeds needed for 80%% power at each metric's SESOI")
+    if tracking:
+        sp.add_argument("--tracking-uri", help="MLflow tracking URI of the pilot (default: its sweep's)")
+    _sesoi_option(sp)
+
+
 def _sesoi_option(sp: argparse.ArgumentParser) -> None:
     sp.add_argument("--sesoi", action="append", metavar="METRIC=VALUE",
                     help="smallest effect of interest of a metric, in its units (repeatable; defaults in "
@@ -220,6 +236,7 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("sweep", nargs="+")
     sp.add_argument("--list", action="store_true", help="also list every trial key and label")
     _correction(sp)
+    _pilot_options(sp)
     max_trials(sp)
     sp = add("sweep", cmd_sweep, "run a sweep (re-running it resumes: finished trials are skipped)")
     sp.add_argument("sweep")
@@ -233,6 +250,7 @@ def build_parser() -> argparse.ArgumentParser:
     from kdray.audit import add_arguments
     add_arguments(sp)
     _correction(sp)
+    _pilot_options(sp, tracking=False)
     sp = add("status", cmd_status, "a sweep's trials per stage (done, running, pending, failed) from MLflow and storage")
     sp.add_argument("target", help="a sweep file or an MLflow experiment name")
     sp.add_argument("--tracking-uri", help="MLflow tracking URI (default: the sweep's)")

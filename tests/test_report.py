@@ -4,7 +4,7 @@ import pytest
 
 from kdray.analysis import figures
 from kdray.analysis.report import build_report, log_report_to_mlflow, run_report
-from kdray.analysis.stats import analyse
+from kdray.analysis.pipeline import analyse
 from synthetic_runs import SEEDS, as_frame, run
 
 

@@ -14,7 +14,8 @@ import torch
 from scipy.stats import rankdata
 
 from kdray.analysis import effects, stats
-from kdray.analysis.stats import analyse, wilcoxon_one_sided
+from kdray.analysis.pipeline import analyse
+from kdray.analysis.stats import wilcoxon_one_sided
 from synthetic_runs import SEEDS, as_frame, run
 
 
@@ -399,3 +400,61 @@ def test_pooled_coverage_is_within_094_096():
             assert 0.94 <= drawn <= 0.96, (teachers, n, drawn)
             if teachers >= 3:
                 assert 0.94 <= like <= 0.96, (teachers, n, like)
+
+
+def test_plan_and_audit_recommend_seeds_from_a_pilot(planted_mlflow, tmp_path, capsys):
+    """Before anything trains: a finished pilot's noise sizes the study at the SESOI (kdray plan/audit --pilot)."""
+    from kdray.cli import main
+
+    _, uri = planted_mlflow
+    assert main(["plan", "search_spaces/quickstart.yaml", "--pilot", "small", "--tracking-uri", uri]) == 0
+    out = capsys.readouterr().out
+    assert "seeds from pilot 'small'" in out and "their noise only" in out
+    assert "broken: student seeds for 80% power at the SESOI on every teacher seed" in out
+    assert main(["plan", "search_spaces/quickstart.yaml", "--pilot", "nope", "--tracking-uri", uri]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("kdray: error: no MLflow experiment 'nope'") and "\n" not in err
+    assert main(["audit", "--dataset", "digits", "--teacher", "small_cnn", "--storage", str(tmp_path / "r"),
+                 "--tracking-uri", uri, "--pilot", "small", "--sesoi", "prediction_disagreement=0.02",
+                 "--dry-run"]) == 0
+    out = capsys.readouterr().out
+    assert "# seeds from pilot 'small'" in out and "prediction_disagreement 0.02" in out
+    assert not (tmp_path / "r").exists()
+
+
+# ------------------------------------------------------------------ the analysis package is a one-way pipeline
+
+def test_analysis_modules_import_in_one_direction():
+    """Every import inside kdray/analysis (function-local ones included) between its modules, as a graph:
+    it has no cycle (a depth-first search finds no back edge)."""
+    import ast
+
+    root = Path(__file__).resolve().parents[1] / "kdray" / "analysis"
+    mods = {p.stem for p in root.glob("*.py") if p.stem != "__init__"}
+    graph = {m: set() for m in mods}
+    for m in mods:
+        for node in ast.walk(ast.parse((root / f"{m}.py").read_text())):
+            if isinstance(node, ast.ImportFrom) and node.module:
+                names = [node.module] + [f"{node.module}.{a.name}" for a in node.names]
+            elif isinstance(node, ast.Import):
+                names = [a.name for a in node.names]
+            else:
+                continue
+            for name in names:
+                parts = name.split(".")
+                if parts[:2] == ["kdray", "analysis"] and len(parts) > 2 and parts[2] in mods and parts[2] != m:
+                    graph[m].add(parts[2])
+    state: dict[str, int] = {}
+
+    def visit(m, path):
+        state[m] = 1
+        for n in graph[m]:
+            assert state.get(n) != 1, "import cycle: " + " -> ".join(path + [m, n])
+            if n not in state:
+                visit(n, path + [m])
+        state[m] = 2
+
+    for m in sorted(mods):
+        if m not in state:
+            visit(m, [])
+    assert "pipeline" in graph["report"] and "stats" not in graph["effects"]

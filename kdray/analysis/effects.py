@@ -1,7 +1,8 @@
 """Ties, effect sizes and confidence intervals for paired per-seed differences.
 
-Rate metrics (prediction disagreement, agreements) are k/N, so two seeds'
-differences of the same k/N can differ in the last bits of a float.  Rank
+Rate metrics (accuracy, prediction disagreement, agreements) are k/N, so two
+seeds' differences of the same k/N can differ in the last bits of a float (and
+by ~1e-8 where an older version stored accuracy as float32: ``tie_rtol``).  Rank
 statistics only see signs and the order of |d|, so ``snap_ties`` decides
 ties once, at a documented tolerance, for every metric: two |d| closer than
 ``TIE_RTOL`` times the scale of the paired values are one value, and a |d|
@@ -13,9 +14,12 @@ Everything else here is on snapped differences d = treated - control:
 - ``exact_tied_p``: the signed-rank test's exact null with ties and zeros, by
   counting all 2^n sign patterns through a rank-sum recursion on doubled
   mid-ranks (the same distribution as sign-flip enumeration, any n <= 50);
+- ``lower_bound`` / ``upper_bound`` / ``test_interval``: one-sided bounds that
+  invert the report's own exact tie-aware one-sided tests, and the 1 - 2 level
+  interval they make (what the report shows beside each test);
 - ``hodges_lehmann`` / ``hl_interval``: the median of the Walsh averages and
-  its confidence interval by inverting the exact signed-rank test (normal
-  critical value above 50 pairs);
+  the classical two-sided interval from the untied null (kept for reference;
+  the report uses test_interval);
 - ``rank_biserial`` and ``superiority``: matched-pairs effect sizes oriented
   so that +1 / 1.0 mean "the treated condition is better on every seed";
 - ``pooled_interval``: a Welch t interval for the teacher seeds drawn, and

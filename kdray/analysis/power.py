@@ -139,28 +139,3 @@ def needs_text(a) -> list[str]:
 
 def _most(n: pd.Series) -> str:
     return f"more than {max(SEED_RANGE)}" if n.isna().any() or not len(n) else str(int(n.max()))
-
-
-def run_power(target: str, tracking_uri: Optional[str], correction: str = corrections.DEFAULT,
-              draws: int = 2 * DRAWS, level: float = LEVEL, sesoi: Optional[dict] = None) -> int:
-    """What ``kdray power`` does: the power table and the seeds each condition needs; exit code 2 on a user error."""
-    import sys
-
-    from kdray.analysis.report import load_target
-    from kdray.analysis.runs import ReportError
-    from kdray.analysis.stats import analyse
-    from kdray.analysis.tables import power_table
-
-    try:
-        df, _, name, _, _ = load_target(target, tracking_uri)
-    except ReportError as e:
-        print(f"kdray: error: {e}", file=sys.stderr)
-        return 2
-    a = analyse(df, level=level, correction=correction, power_draws=draws, sesoi=sesoi)
-    print(f"kdray power: {name}: {len(a.students)} student runs as the pilot (their noise only), "
-          f"{draws} simulated studies per estimate; {corrections.family_text(correction)}; level {level:g}; "
-          f"effect: every functional metric better than every control by its SESOI "
-          f"({', '.join(f'{m} {a.sesoi[m]:g}' for m in TRANSFER_METRICS)})")
-    print(power_table(a).markdown())
-    print("\n".join(needs_text(a)))
-    return 0

@@ -32,7 +32,8 @@ from kdray.analysis import corrections, figures, power, tables
 from kdray import plugins
 from kdray.analysis.runs import ReportError, get_experiment, load_runs, resolve_experiment, sweep_plugins
 from kdray.registry import PluginError
-from kdray.analysis.stats import NO_TRANSFER, SUPPORT_MIN, Analysis, analyse, asymmetry_text, decision_family_text
+from kdray.analysis.pipeline import analyse
+from kdray.analysis.stats import NO_TRANSFER, SUPPORT_MIN, Analysis, asymmetry_text, decision_family_text
 from kdray.contracts import KIND_REPORT, KIND_SWEEP, TAG_KIND, TAG_PARENT
 from kdray.sanity import report_lines
 
