@@ -85,8 +85,8 @@ def test_smallest_p_table():
         doc_has(f"| {n} | {cells[0]} | {cells[1]} | {cells[2]} |")
 
 
-@pytest.mark.slow        # ~20-40 s: 12 decision-rule cells and 12 coverage cells of 20000 studies each
 def test_operating_characteristics_tables():
+    """~10 s: 12 decision-rule cells and 12 coverage cells of 20000 simulated studies each."""
     from kdray.analysis import operating
 
     rates = operating.decision_rates()

@@ -458,3 +458,15 @@ def test_analysis_modules_import_in_one_direction():
         if m not in state:
             visit(m, [])
     assert "pipeline" in graph["report"] and "stats" not in graph["effects"]
+
+
+def test_no_significant_row_of_a_report_shows_an_interval_covering_0():
+    """Every significant row of the planted sweep's tests (adjusted p for the functional metrics, raw for
+    accuracy and loss) has its interval on the favourable side of 0."""
+    from synthetic_runs import planted_runs
+
+    a = analyse(as_frame(planted_runs()), power_draws=0)
+    sig = a.tests[a.tests["significant"].astype(bool)]
+    assert len(sig) > 20
+    for r in sig.itertuples():
+        assert (r.ci_high < 0) if stats.direction(r.metric) == "lower" else (r.ci_low > 0), r
