@@ -470,3 +470,22 @@ def test_no_significant_row_of_a_report_shows_an_interval_covering_0():
     assert len(sig) > 20
     for r in sig.itertuples():
         assert (r.ci_high < 0) if stats.direction(r.metric) == "lower" else (r.ci_low > 0), r
+
+
+def test_report_options_name_the_decision_family_and_use_the_sesoi(planted_mlflow, tmp_path, capsys):
+    import pandas as pd
+
+    from kdray.cli import main
+
+    _, uri = planted_mlflow
+    assert main(["report", "small", "--tracking-uri", uri, "--out", str(tmp_path / "h"), "--jobs", "1",
+                 "--decision-correction", "holm", "--sesoi", "prediction_disagreement=0.05"]) == 0
+    out = capsys.readouterr().out
+    assert "decisions: Holm (family-wise error rate) over the decisions of each setup" in out and "broken 1)" in out
+    t = pd.read_csv(tmp_path / "h" / "data" / "tests.csv")
+    assert set(t.loc[t["metric"] == "prediction_disagreement", "sesoi"]) == {0.05}
+    d = pd.read_csv(tmp_path / "h" / "data" / "decisions.csv")
+    assert {"p_decision", "p_decision_adj", "supported_uncorrected", "verdict"} <= set(d.columns)
+    with pytest.raises(SystemExit) as e:          # argparse's choices: its usage line and exit 2
+        main(["report", "small", "--tracking-uri", uri, "--decision-correction", "sidak"])
+    assert e.value.code == 2
