@@ -222,8 +222,12 @@ def test_signed_rank_power_against_scipy_simulation():
         want = np.mean(hits)
         got = sizing.signed_rank_power(n, ratio, 1.0, 0.05, two)
         assert abs(got - want) < 4 * np.sqrt(want * (1 - want) * (1 / 2000 + 1 / sizing.DRAWS)), (n, got, want)
-    n = sizing.seeds_needed(0.5, 1.0)
-    assert sizing.signed_rank_power(int(n), 0.5, 1.0) >= 0.8 > sizing.signed_rank_power(int(n) - 3, 0.5, 1.0)
+    n, half = sizing.seeds_needed(0.5, 1.0), sizing.DRAWS // 2
+    assert sizing.signed_rank_power(int(n), 0.5, 1.0, draws=half) >= 0.8 > \
+        sizing.signed_rank_power(int(n) - 3, 0.5, 1.0, draws=half)
+    # beyond 50 pairs: the t test's count over the ARE 3/pi, by hand: ((1.96 + 0.8416) / 0.3)^2 * pi / 3 = 91.3
+    assert sizing.seeds_needed(0.3, 1.0, two_sided=True) == 92
+    assert 0.75 < sizing.signed_rank_power(92, 0.3, 1.0, two_sided=True) < 0.85
 
 
 # ------------------------------------------------------------------ 4. equivalence (TOST) and the verdicts

@@ -94,15 +94,23 @@ def signed_rank_power(n: int, shift: float, sd: float, level: float = 0.05, two_
 
 
 def seeds_needed(shift: float, sd: float, level: float = 0.05, two_sided: bool = False,
-                 target: float = TARGET, most: int = MAX_SEEDS) -> float:
-    """The pairs whose signed_rank_power reaches target, by bisection over 1..most (the power grows
-    with n, up to the exact test's small saw-tooth); nan when even ``most`` do not."""
+                 target: float = TARGET, most: int = MAX_SEEDS, draws: int = DRAWS // 2) -> float:
+    """The pairs whose signed_rank_power reaches target: by bisection over 1..EXACT_MAX_N on the simulated
+    exact test (the power grows with n, up to the exact test's small saw-tooth); beyond that the
+    large-sample count for a normal shift, the t test's ((z_level + z_target) sd / shift)^2 divided
+    by the signed-rank test's asymptotic relative efficiency 3/pi; nan beyond ``most``."""
     def ok(n: int) -> bool:
-        return signed_rank_power(n, shift, sd, level, two_sided) >= target
+        return signed_rank_power(n, shift, sd, level, two_sided, draws) >= target
 
-    if not (shift > 0 and math.isfinite(sd)) or not ok(most):
+    if not (shift > 0 and math.isfinite(sd)):
         return math.nan
-    lo, hi = 1, most
+    if not ok(EXACT_MAX_N):
+        from scipy.stats import norm
+
+        z = norm.isf(level / 2 if two_sided else level) + norm.ppf(target)
+        n = math.ceil((z * sd / shift) ** 2 * math.pi / 3)
+        return float(n) if EXACT_MAX_N < n <= most else float(EXACT_MAX_N + 1) if n <= most else math.nan
+    lo, hi = 1, EXACT_MAX_N
     while hi - lo > 1:
         mid = (lo + hi) // 2
         lo, hi = (lo, mid) if ok(mid) else (mid, hi)
