@@ -98,3 +98,18 @@ def test_operating_characteristics_tables():
             doc_has(f"| {t} | {n} | {drawn:.3f} | {like:.3f} |" if t >= 3 else f"| {t} | {n} | {drawn:.3f} | n/a |")
             assert 0.94 <= drawn <= 0.96 and (t < 3 or 0.94 <= like <= 0.96)
     assert rates[("global null", 10)] <= 0.05
+
+
+def test_sesoi_table():
+    """The default SESOIs the page states are the code's, and 1% of each metric's range (by hand)."""
+    import math
+
+    from kdray.analysis.sizing import SESOI
+
+    assert SESOI["activation_distance"] == pytest.approx(0.01 * math.sqrt(2), abs=5e-5)
+    assert SESOI["js_divergence"] == pytest.approx(0.01 * math.log(2), abs=5e-5)
+    doc_has(f"| activation_distance (L2 between softmax vectors) | [0, sqrt 2] | {SESOI['activation_distance']:g} |")
+    doc_has(f"| js_divergence (nats) | [0, ln 2] | {SESOI['js_divergence']:g} |")
+    for m in ("prediction_disagreement", "rank_disagreement", "correct_agreement", "asymmetry"):
+        assert SESOI[m] == 0.01
+    doc_has("| prediction_disagreement, rank_disagreement, prediction/correct/incorrect agreement | [0, 1] | 0.01 |")

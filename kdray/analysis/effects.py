@@ -299,8 +299,8 @@ def welch_interval(means, variances, sizes, level: float = CI_LEVEL):
 def pooled_interval(groups: Sequence[np.ndarray], level: float = CI_LEVEL) -> tuple[float, float, float]:
     """(estimate, low, high) for the teacher seeds drawn: the mean over teacher seeds of each seed's mean
     paired difference (teacher seeds weigh equally), with welch_interval.  Groups with fewer than two
-    pairs are left out; none left: nans.  (A stratified bootstrap covered 0.89-0.92 at 6-10 students
-    per teacher; this one's coverage is in docs/statistics.md.)"""
+    pairs are left out; none left: nans.  (It replaces a stratified bootstrap that covered too rarely
+    at 5-10 students per teacher; this one's coverage is in docs/statistics.md.)"""
     groups = [np.asarray(g, float) for g in groups if len(g) >= 2]
     if not groups:
         return math.nan, math.nan, math.nan

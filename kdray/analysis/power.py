@@ -78,7 +78,10 @@ def power_curves(students: pd.DataFrame, correction: str = corrections.DEFAULT, 
                  sesoi: Optional[dict] = None) -> pd.DataFrame:
     """Per (setup, teacher seed, treated condition): the power at the SESOI at each student-seed count in
     ``seeds`` and at the pilot's own count (``pilot`` True on that row), with the noise as estimated
-    (``power``) and at the ends of its 95% interval (``power_low``: noisier, ``power_high``)."""
+    (``power``); at the pilot's count also with the noise at the ends of its 95% interval
+    (``power_low``: noisier, ``power_high``), and on every row ``seeds_low``: the seeds needed for
+    TARGET with the noise at its upper limit (found by bisection over ``seeds``, the power growing
+    with n), so a curve costs about a third more than the estimate alone, not three times."""
     sesoi = sizing.SESOI if sesoi is None else sesoi
     rows = []
     for (setup, ts), grp in students.groupby(["setup", "teacher_seed"], sort=True):
@@ -93,16 +96,31 @@ def power_curves(students: pd.DataFrame, correction: str = corrections.DEFAULT, 
             shift = np.array([sesoi[m] for m in metrics])
             n0 = d.shape[-1]
             quiet, noisy = sizing.sd_interval(1.0, n0)
+
+            def pw(n: int, scale: float = 1.0) -> float:
+                return power_at(d, n, shift, correction, level, draws, min_metrics=min_metrics, scale=scale)
+
+            low = _first_reaching(sorted(seeds), lambda n: pw(n, noisy) >= TARGET)
             for n in sorted(set(seeds) | {n0}):
-                pw = [power_at(d, n, shift, correction, level, draws, min_metrics=min_metrics, scale=f)
-                      for f in (1.0, noisy, quiet)]
                 rows.append(dict(setup=setup, teacher_seed=int(ts), condition=cond, n_seeds=n, pilot=n == n0,
-                                 pilot_seeds=n0, power=pw[0], power_low=pw[1], power_high=pw[2]))
+                                 pilot_seeds=n0, power=pw(n), power_low=pw(n, noisy) if n == n0 else math.nan,
+                                 power_high=pw(n, quiet) if n == n0 else math.nan, seeds_low=low))
     return pd.DataFrame(rows, columns=CURVE_COLUMNS)
 
 
 CURVE_COLUMNS = ["setup", "teacher_seed", "condition", "n_seeds", "pilot", "pilot_seeds", "power", "power_low",
-                 "power_high"]
+                 "power_high", "seeds_low"]
+
+
+def _first_reaching(ns: list, ok) -> float:
+    """The first n of the sorted ns with ok(n), by bisection (ok assumed monotone); nan if none."""
+    if not ns or not ok(ns[-1]):
+        return math.nan
+    lo, hi = -1, len(ns) - 1
+    while hi - lo > 1:
+        mid = (lo + hi) // 2
+        lo, hi = (lo, mid) if ok(ns[mid]) else (mid, hi)
+    return float(ns[hi])
 
 
 def seeds_for(curve: pd.DataFrame, target: float = TARGET, column: str = "power") -> float:
@@ -119,7 +137,7 @@ def per_decision(curves: pd.DataFrame) -> dict[tuple, tuple[float, float, float,
         cond = g["condition"].iloc[0]
         now = g[g["pilot"]].iloc[0]
         out[(key[0], key[1], cond)] = (float(now.power), float(now.power_low), float(now.power_high),
-                                       seeds_for(g), seeds_for(g, column="power_low"))
+                                       seeds_for(g), float(g["seeds_low"].iloc[0]))
     return out
 
 

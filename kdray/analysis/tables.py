@@ -248,7 +248,7 @@ def power_table(a: Analysis) -> Table:
         rows.append([setup, str(ts), g["condition"].iloc[0].label,
                      f"{fmt_power(pilot.power, pilot.power_low, pilot.power_high)} [{pilot.pilot_seeds}]"]
                     + [fmt(at.get(n, float("nan")), 2) for n in POWER_SHOWN]
-                    + [f"{fmt_seeds(power.seeds_for(g))} ({fmt_seeds(power.seeds_for(g, column='power_low'))})"])
+                    + [f"{fmt_seeds(power.seeds_for(g))} ({fmt_seeds(g['seeds_low'].iloc[0])})"])
     sesoi = ", ".join(f"{m} {a.sesoi[m]:g}" for m in TRANSFER_METRICS)
     return Table("power", f"Power to support transfer at the SESOI ({corrections.SHORT[a.correction]})",
                  ["setup", "teacher seed", "condition", "now [seeds]"] + [f"{n} seeds" for n in POWER_SHOWN]
