@@ -57,6 +57,11 @@ def test_float32_accuracies_tie_like_their_counts():
     assert wilcoxon_one_sided(f32(x), f32(y), "higher") == 0.6875
     assert brute(CONSTRUCTED_X - CONSTRUCTED_Y, "greater") == pytest.approx(37 / 256)
     assert wilcoxon_one_sided(f32(CONSTRUCTED_X), f32(CONSTRUCTED_Y), "higher") == pytest.approx(37 / 256)
+    # given only the differences of the float32 values (no scale): still the tie-aware p, and the interval
+    assert stats.signed_rank_test(f32(x) - f32(y), "greater") == (0.6875, "exact-ties")
+    d32 = f32(CONSTRUCTED_X) - f32(CONSTRUCTED_Y)
+    assert stats.signed_rank_test(d32, "greater")[0] == pytest.approx(37 / 256)
+    assert effects.test_interval(d32).low <= 0
     # and as float64 k/n, the way trials now store it
     assert wilcoxon_one_sided(CONSTRUCTED_X / 360, CONSTRUCTED_Y / 360, "higher") == pytest.approx(37 / 256)
 

@@ -59,13 +59,17 @@ def tie_rtol(*arrays) -> float:
 def snap_ties(d, scale: Optional[float] = None, rtol: float = TIE_RTOL) -> np.ndarray:
     """d with |d| values within rtol * scale of each other made equal (and of 0 made 0).
 
-    scale defaults to max |d|; callers that know the paired values pass their
-    largest magnitude, so differences that are pure rounding become zeros.
+    Callers that know the paired values pass their largest magnitude as scale (and tie_rtol's
+    tolerance), so differences that are pure rounding become zeros.  Given the differences alone,
+    scale is max |d|; but differences that are all exactly float32 are taken as differences of
+    float32 rates in [0, 1] (an accuracy stored by an older version): F32_RTOL of max(1, max |d|).
     """
     d = np.asarray(d, float)
     if d.size == 0:
         return d.copy()
     a = np.abs(d)
+    if scale is None and rtol == TIE_RTOL and tie_rtol(d) == F32_RTOL:
+        scale, rtol = max(1.0, float(np.nanmax(a))), F32_RTOL
     tol = rtol * (float(np.max(a)) if scale is None else float(scale))
     order = np.argsort(a, kind="stable")
     s = a[order]
@@ -147,7 +151,7 @@ def lower_bound(d, level: float = 0.05) -> float:
     bisection, which assumes the p grows with delta (tests/test_stats_round2.py checks both).
     """
     d = np.asarray(d, float)
-    d = d[~np.isnan(d)]
+    d = snap_ties(d[~np.isnan(d)])         # as the test snaps them (float32 differences at float32's resolution)
     if d.size == 0:
         return math.nan
     scale = float(np.max(np.abs(d))) or 1.0
