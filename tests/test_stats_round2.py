@@ -16,7 +16,7 @@ from scipy.stats import rankdata
 from kdray.analysis import effects, stats
 from kdray.analysis.pipeline import analyse
 from kdray.analysis.stats import wilcoxon_one_sided
-from synthetic_runs import SEEDS, as_frame, run
+from synthetic_runs import as_frame, run
 
 
 def brute(d, alternative: str) -> float:
