@@ -155,7 +155,8 @@ def _decisions(dec: pd.DataFrame, paper: pd.DataFrame, setup: str, ps: str) -> p
         flags = []
         if k_sup != p_sup:
             flags.append("supported")
-        if p_asym and k_sup and k_asym != p_asym:
+        # the paper's label is descriptive (the sign); kdray's adds ", n.s." where its test is not significant
+        if p_asym and k_sup and k_asym.removesuffix(", n.s.") != p_asym:
             flags.append("asymmetry")
         rows.append(dict(setup=setup, teacher_seed=int(r.teacher_seed), alpha=alpha,
                          kdray_supported=k_sup, kdray_n_significant=int(r.n_significant),

@@ -44,7 +44,7 @@ def _sweep(path: Path) -> None:
 
 def _analysis(path: Path):
     from kdray.analysis.report import load_target
-    from kdray.analysis.stats import analyse
+    from kdray.analysis.pipeline import analyse
 
     df = load_target(str(path), None)[0]
     return df, analyse(df, power_draws=0)

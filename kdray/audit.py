@@ -91,6 +91,7 @@ def _fmt(x: float, digits: int = 3) -> str:
 def answer_lines(analysis) -> list[str]:
     """Per audited method: did function transfer, by how much, and was it the teacher's mistakes
     or its successes that the student copied more."""
+    from kdray.analysis.stats import NO_TRANSFER, asymmetry_text
     from kdray.metric_names import TRANSFER_METRICS
 
     out = []
@@ -98,11 +99,17 @@ def answer_lines(analysis) -> list[str]:
     for r in analysis.decisions.itertuples():
         name = r.condition.label
         if r.supported:
-            verdict = (f"{name}: function transferred from the teacher (significant on {r.n_significant} of "
-                       f"{len(TRANSFER_METRICS)} functional metrics against every control)")
+            verdict = (f"{name}: transfer shown: function transferred from the teacher (significant on "
+                       f"{r.n_significant} of {len(TRANSFER_METRICS)} functional metrics against every control)")
+        elif r.verdict == NO_TRANSFER:
+            verdict = (f"{name}: no transfer larger than the SESOI shown: on {r.n_equivalent} of "
+                       f"{len(TRANSFER_METRICS)} functional metrics the difference from a control is shown to be "
+                       f"within its smallest effect of interest (equivalence tests, level {analysis.level:g})")
         else:
-            verdict = (f"{name}: no transfer of function was shown (significant on {r.n_significant} of "
-                       f"{len(TRANSFER_METRICS)} metrics against every control; {analysis.min_metrics} needed)")
+            verdict = (f"{name}: inconclusive: transfer not shown (significant on {r.n_significant} of "
+                       f"{len(TRANSFER_METRICS)} metrics against every control; {analysis.min_metrics} needed), "
+                       f"and no transfer larger than the SESOI not shown either (equivalence on {r.n_equivalent}; "
+                       f"{len(TRANSFER_METRICS) - analysis.min_metrics + 1} needed): more seeds are needed")
         out.append(verdict + ("; the gain is marginal" if r.marginal else ""))
         best = r.best_control
         if best is not None:
@@ -112,24 +119,44 @@ def answer_lines(analysis) -> list[str]:
             if len(row):
                 t = row.iloc[0]
                 effect = (f"; prediction disagreement with the teacher vs {best.label}: Hodges-Lehmann shift "
-                          f"{_fmt(t.hl)} [{_fmt(t.ci_low)}, {_fmt(t.ci_high)}], rank-biserial {_fmt(t.rank_biserial, 2)}")
+                          f"{_fmt(t.hl)}, {t.ci_level:.0%} interval [{_fmt(t.ci_low)}, {_fmt(t.ci_high)}], "
+                          f"rank-biserial {_fmt(t.rank_biserial, 2)}")
             out.append(f"  how much: prediction agreement {_fmt(r.pa_gain)} over the best control ({best.label}){effect}")
         copied = {"negative": "more of the teacher's mistakes than of its successes",
-                  "positive": "more of the teacher's successes than of its mistakes",
-                  "symmetric": "the teacher's mistakes and successes alike",
-                  "none": None}[r.asymmetry]
+                  "positive": "more of the teacher's successes than of its mistakes"}.get(r.asymmetry)
         detail = (f"agreement where the teacher is wrong {_fmt(r.delta_incorrect)}, where it is right "
                   f"{_fmt(r.delta_correct)}; two-sided p {r.p_asymmetry:.3g}")
-        if copied:
-            out.append(f"  what: the student copied {copied} ({detail})")
-        else:
+        if r.asymmetry == "none":
             out.append(f"  what: not asked, as no transfer was shown ({detail})")
+        elif copied:   # named only where its test is significant at the analysis level
+            out.append(f"  what: the student copied {copied}: {asymmetry_text(r.asymmetry, r.p_asymmetry, 0)} "
+                       f"at level {analysis.level:g} ({detail})")
+        else:
+            out.append(f"  what: not shown which the student copied more, the teacher's mistakes or its "
+                       f"successes: {asymmetry_text(r.asymmetry, r.p_asymmetry, r.asymmetry_seeds)} ({detail})")
     return out
 
 
 def run_audit(args) -> int:
     from kdray.sweep import parse_sweep
 
+    from kdray.analysis.sizing import parse_sesoi
+
+    try:
+        sesoi = parse_sesoi(getattr(args, "sesoi", None))
+    except ValueError as e:
+        print(f"kdray: error: {e}", file=sys.stderr)
+        return 2
+    if getattr(args, "pilot", None):   # the seeds this study needs, from a finished pilot, before anything trains
+        from kdray.analysis.planning import seed_lines
+        from kdray.analysis.runs import ReportError
+
+        try:
+            lines = seed_lines(args.pilot, args.tracking_uri, args.correction, sesoi)
+        except ReportError as e:
+            print(f"kdray: error: {e}", file=sys.stderr)
+            return 2
+        print("\n".join(f"# {line}" for line in lines), flush=True)   # comments: the dry run stays a sweep file
     data = audit_sweep(args)
     text = ("# written by kdray audit; run it again with: kdray sweep THIS_FILE\n"
             + yaml.safe_dump(data, sort_keys=False))
@@ -164,7 +191,8 @@ def run_audit(args) -> int:
     if summary.exit_code:
         return summary.exit_code
     df, uri, name, storage, _ = load_target(str(path), None)
-    result = build_report(df, default_out(storage, name), title=f"kdray audit: {name}", correction=args.correction)
+    result = build_report(df, default_out(storage, name), title=f"kdray audit: {name}", correction=args.correction,
+                          sesoi=sesoi)
     print(result.summary_text())
     print("\nkdray audit: the answer")
     print("\n".join(answer_lines(result.analysis)))

@@ -71,6 +71,14 @@ def cmd_plan(args) -> int:
             w = significance_warning and significance_warning(len(s.student_seeds), correction=args.correction)
             if w:
                 print(f"  warning: {s.name}: {w}")
+    if args.pilot:
+        from kdray.analysis.planning import seed_lines
+        from kdray.analysis.runs import ReportError
+
+        try:
+            print("\n".join(seed_lines(args.pilot, args.tracking_uri, args.correction, _sesoi(args))))
+        except (ReportError, ValueError) as e:
+            return _fail(str(e))
         if args.list:
             for spec in plan.all:
                 print(f"{spec.trial_key}  {spec.label}")
@@ -119,11 +127,23 @@ def cmd_status(args) -> int:
     return 0
 
 
+def _sesoi(args) -> Optional[dict]:
+    """--sesoi METRIC=VALUE items -> the full SESOI dict; ValueError (one line) on a bad one."""
+    from kdray.analysis.sizing import parse_sesoi
+
+    return parse_sesoi(getattr(args, "sesoi", None))
+
+
 def cmd_report(args) -> int:
     from kdray.analysis.report import run_report
 
+    try:
+        sesoi = _sesoi(args)
+    except ValueError as e:
+        return _fail(str(e))
     return run_report(args.target, args.out, args.tracking_uri, args.threshold, args.exclude_below, args.jobs,
-                      args.correction, args.min_metrics)
+                      args.correction, args.min_metrics, sesoi=sesoi,
+                      decision_correction=args.decision_correction)
 
 
 def cmd_verify(args) -> int:
@@ -137,9 +157,13 @@ def cmd_verify(args) -> int:
 
 
 def cmd_power(args) -> int:
-    from kdray.analysis.power import run_power
+    from kdray.analysis.planning import run_power
 
-    return run_power(args.target, args.tracking_uri, args.correction, args.draws)
+    try:
+        sesoi = _sesoi(args)
+    except ValueError as e:
+        return _fail(str(e))
+    return run_power(args.target, args.tracking_uri, args.correction, args.draws, sesoi=sesoi)
 
 
 def cmd_data(args) -> int:
@@ -273,6 +297,20 @@ def _correction(sp: argparse.ArgumentParser) -> None:
                          "bh Benjamini-Hochberg (default), by Benjamini-Yekutieli, holm Holm")
 
 
+def _pilot_options(sp: argparse.ArgumentParser, tracking: bool = True) -> None:
+    sp.add_argument("--pilot", help="a finished sweep (file or MLflow experiment) whose noise sizes the study: "
+                                    "the student seeds needed for 80%% power at each metric's SESOI")
+    if tracking:
+        sp.add_argument("--tracking-uri", help="MLflow tracking URI of the pilot (default: its sweep's)")
+    _sesoi_option(sp)
+
+
+def _sesoi_option(sp: argparse.ArgumentParser) -> None:
+    sp.add_argument("--sesoi", action="append", metavar="METRIC=VALUE",
+                    help="smallest effect of interest of a metric, in its units (repeatable; defaults in "
+                         "docs/statistics.md: 1%% of each metric's range, e.g. prediction_disagreement=0.01)")
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="kdray", description="Ray-distributed sweeps for the functional study of knowledge distillation.")
     sub = p.add_subparsers(dest="command", required=True)
@@ -297,6 +335,7 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("sweep", nargs="+")
     sp.add_argument("--list", action="store_true", help="also list every trial key and label")
     _correction(sp)
+    _pilot_options(sp)
     max_trials(sp)
     sp = add("sweep", cmd_sweep, "run a sweep (re-running it resumes: finished trials are skipped)")
     sp.add_argument("sweep")
@@ -313,6 +352,7 @@ def build_parser() -> argparse.ArgumentParser:
     from kdray.audit import add_arguments
     add_arguments(sp)
     _correction(sp)
+    _pilot_options(sp, tracking=False)
     sp = add("status", cmd_status, "a sweep's trials per stage (done, running, pending, failed) from MLflow and storage")
     sp.add_argument("target", help="a sweep file or an MLflow experiment name")
     sp.add_argument("--tracking-uri", help="MLflow tracking URI (default: the sweep's)")
@@ -329,6 +369,10 @@ def build_parser() -> argparse.ArgumentParser:
                          "to count as supported (default 3 of 4, the paper's rule)")
     sp.add_argument("--jobs", type=_positive_int, default=None,
                     help="worker processes for fetching runs and drawing figures (default: one per core; 1: none)")
+    _sesoi_option(sp)
+    sp.add_argument("--decision-correction", choices=("none", "holm", "bh"), default="none",
+                    help="correct over each setup's transfer decisions (treated conditions x alphas x temperatures "
+                         "x teacher seeds): holm (family-wise error rate) or bh (false discovery rate); default none")
     sp = add("verify", cmd_verify, "does a study reproduce? re-trains a seeded sample of its stored trials and "
                                    "compares each with what was stored (bit for bit where the fingerprint matches)")
     from kdray.verify import add_arguments as verify_arguments
@@ -350,6 +394,7 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--tracking-uri", help="MLflow tracking URI (default: the sweep's)")
     sp.add_argument("--draws", type=_positive_int, default=2000, help="simulated studies per estimate (default 2000)")
     _correction(sp)
+    _sesoi_option(sp)
     return p
 
 

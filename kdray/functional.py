@@ -182,7 +182,7 @@ def functional_metrics_many(teacher_logits, comparator_logits, labels, chunk: in
                 "js_divergence": float(js[i]) / n,
                 "rank_disagreement": float(rank_diff[i]) / (n * k),
                 "prediction_disagreement": disagreement,
-                "prediction_agreement": 1.0 - disagreement,
+                "prediction_agreement": agree_all / n,          # k/n exactly, not 1 - (n - k)/n
                 "correct_agreement": agree_right / n_right if n_right else float("nan"),
                 "incorrect_agreement": (agree_all - agree_right) / n_wrong if n_wrong else float("nan"),
                 "variation_of_information": vi,

@@ -117,7 +117,11 @@ def evaluate(model: nn.Module, bundle: DataBundle, device, batch_size: int) -> t
 
 
 def loss_and_accuracy(logits: torch.Tensor, y: torch.Tensor) -> tuple[float, float]:
-    return (float(nn.functional.cross_entropy(logits, y)), float((logits.argmax(-1) == y).float().mean()))
+    """(mean cross-entropy, accuracy); the accuracy is the exact rate k/n in float64, never a float32
+    mean: two students' equal count differences must be equal differences, or a rank test would
+    break their tie (docs/statistics.md)."""
+    correct = int((logits.argmax(-1) == y).sum())
+    return float(nn.functional.cross_entropy(logits, y)), correct / y.numel()
 
 
 # ------------------------------------------------------------------ the trial

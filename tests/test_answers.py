@@ -81,7 +81,7 @@ def test_an_experiments_report_keeps_each_teacher_and_student_variant_apart():
 
 def test_paired_runs_with_different_fingerprints_are_counted_per_test():
     from kdray.analysis import provenance
-    from kdray.analysis.stats import analyse
+    from kdray.analysis.pipeline import analyse
 
     rows = [_row("T1", role="teacher")]
     for s in range(10, 16):

@@ -148,17 +148,18 @@ def test_rank_biserial_and_superiority_by_hand():
     assert effects.superiority(np.array([1.0, 0.0, -1.0, 2.0]), "lower") == 0.375
 
 
-def test_pooled_interval_is_stratified_and_covers():
+def test_pooled_interval_is_welchs():
+    """By hand: group means 2 and 12, variances 1 and 6 over 3 and 4 pairs; var = (1/3 + 6/4) / 4,
+    Welch-Satterthwaite df = (1/3 + 1.5)^2 / ((1/3)^2 / 2 + 1.5^2 / 3)."""
+    from scipy.stats import t
+
     groups = [np.array([1.0, 2.0, 3.0]), np.array([10.0, 10.0, 13.0, 15.0])]
     est, lo, hi = effects.pooled_interval(groups)
-    assert est == pytest.approx((2 + 12) / 2) and lo < est < hi
+    v = 1 / 3 + np.var([10, 10, 13, 15], ddof=1) / 4
+    df = v ** 2 / ((1 / 3) ** 2 / 2 + (np.var([10, 10, 13, 15], ddof=1) / 4) ** 2 / 3)
+    assert est == 7 and hi - est == pytest.approx(t.ppf(0.975, df) * np.sqrt(v) / 2, rel=1e-12)
+    assert est - lo == pytest.approx(hi - est)
     assert effects.pooled_interval([np.full(4, 0.5), np.full(3, 0.5)]) == (0.5, 0.5, 0.5)
-    rng = np.random.default_rng(4)
-    means = np.array([0.0, 1.0, -0.5])                               # teacher seeds differ; the pooled truth is their mean
-    hits = sum(lo <= means.mean() <= hi for lo, hi in
-               (effects.pooled_interval([rng.normal(m, 1, 10) for m in means], seed=i, n_resamples=999)[1:]
-                for i in range(150)))
-    assert 0.88 <= hits / 150 <= 1.0
 
 
 # ------------------------------------------------------------------ corrections
@@ -223,21 +224,21 @@ def test_exact_greater_p_is_scipys():
 
 
 def test_power_follows_the_correction_and_the_effect():
-    huge = np.ones((2, 4, 8)) + np.random.default_rng(0).normal(0, 0.01, (2, 4, 8))   # every seed favours KD
-    assert power.power_at(huge, 5, "bh", draws=200) == 1.0          # 2^-5 <= 0.05
-    assert power.power_at(huge, 6, "holm", draws=200) == 0.0        # Holm needs 4 * 2^-n <= 0.05: 7 seeds
-    assert power.power_at(huge, 7, "holm", draws=200) == 1.0
+    quiet = np.random.default_rng(0).normal(0, 0.01, (2, 4, 8))     # noise far below the effect of 1
+    assert power.power_at(quiet, 5, 1.0, "bh", draws=200) == 1.0     # 2^-5 <= 0.05
+    assert power.power_at(quiet, 6, 1.0, "holm", draws=200) == 0.0   # Holm needs 4 * 2^-n <= 0.05: 7 seeds
+    assert power.power_at(quiet, 7, 1.0, "holm", draws=200) == 1.0
     null = np.random.default_rng(1).normal(0, 1, (2, 4, 40))
-    assert power.power_at(null, 20, draws=500) < 0.03
+    assert power.power_at(null, 20, 0.0, draws=500) < 0.03
 
 
 def test_power_matches_direct_simulation():
-    """A large normal pilot; the smoothed bootstrap's power against drawing fresh normal studies and
-    deciding each with scipy's exact test and statsmodels' BH (independent code, 400 draws)."""
+    """A large pilot of independent unit noise, power at a stated effect of 0.6 sd, against drawing fresh
+    normal studies and deciding each with scipy's exact test and statsmodels' BH (independent code, 400 draws)."""
     rng = np.random.default_rng(9)
     delta, n = 0.6, 12
-    pilot = rng.normal(delta, 1, (1, 4, 2000))
-    got = power.power_at(pilot, n, draws=2000)
+    pilot = rng.normal(5.0, 1, (1, 4, 2000))                         # its own mean (effect) is not used
+    got = power.power_at(pilot, n, delta, draws=2000)
     wins = 0
     for _ in range(400):
         ps = [wilcoxon(rng.normal(delta, 1, n), alternative="greater", method="exact").pvalue for _ in range(4)]

@@ -6,7 +6,7 @@ import pytest
 
 from kdray.analysis import figures
 from kdray.analysis.report import build_report, log_report_to_mlflow, run_report
-from kdray.analysis.stats import analyse
+from kdray.analysis.pipeline import analyse
 from synthetic_runs import SEEDS, as_frame, run
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -115,10 +115,12 @@ def test_decision_table_and_summary(report):
     assert got[("same", "0", "KD α=0.5")]["supported"] == "no"
     text = report.summary_text()
     lines = {line.split(":")[0]: line for line in text.splitlines()}
-    assert lines["errors"] == ("errors: transfer KD α=0.9 [t0 t1(m) t2; negative ×3] | "
+    assert lines["errors"] == ("errors: transfer KD α=0.9 [t0 t1(m) t2; negative asymmetry ×3]; "
+                               "no transfer larger than the SESOI shown: KD α=0.1 [t0 t1 t2] | "
                                "best accuracy RCD α=0.1 ×3 (an RCD control in 3/3)")
-    assert lines["same"].startswith("same: no supported transfer |")
-    assert lines["broken"].startswith("broken: transfer KD α=0.5 [t0; symmetric] | best accuracy KD α=0.5 ")
+    assert lines["same"].startswith("same: no supported transfer; no transfer larger than the SESOI shown: KD α=0.5 [t0] |")
+    assert lines["broken"].startswith("broken: transfer KD α=0.5 [t0; t0 no asymmetry observed (p 1; ")
+    assert "| best accuracy KD α=0.5 " in lines["broken"]
     assert "broken t0 KD α=0.5 seed 12: status FAILED" in text and "seed 15: NaN activation_distance" in text
     assert len(text.splitlines()) < 40
     assert (report.out_dir / "summary.txt").read_text().strip() == text
@@ -150,7 +152,8 @@ def test_run_report_from_a_sweep_file_and_errors(sweep, tmp_path, capsys):
     assert len(err.splitlines()) == 1 and "setups" in err and "name the experiment instead of the file" in err
     assert run_report("small", str(tmp_path / "rep"), uri, 0.01, None) == 0
     out = capsys.readouterr().out
-    assert "broken: transfer KD α=0.5 [t0; symmetric]" in out and "logged to MLflow: experiment 'small'" in out
+    assert "broken: transfer KD α=0.5 [t0; t0 no asymmetry observed (p 1; " in out
+    assert "logged to MLflow: experiment 'small'" in out
     assert (tmp_path / "rep" / "index.html").is_file()
 
     assert run_report("nope", None, uri, 0.01, None) == 2
@@ -213,10 +216,10 @@ def test_effect_sizes_power_and_the_correction_family_are_reported(report):
     dec = md_rows((out / "tables" / "decisions.md").read_text())
     h = dec[0]
     rows = {(r[0], r[1], r[2]): dict(zip(h, r)) for r in dec[1:]}
-    assert rows[("errors", "0", "KD α=0.9")]["power"] == "1" and rows[("errors", "0", "KD α=0.9")]["seeds for 80%"] == "5"
+    assert rows[("errors", "0", "KD α=0.9")]["power"] == "1 (1-1)"
+    assert rows[("errors", "0", "KD α=0.9")]["seeds for 80%"] == "5 (5)"
     assert rows[("same", "0", "KD α=0.5")]["supported"] == "no"
-    assert rows[("same", "0", "KD α=0.5")]["power"].endswith(" (under-powered)")
-    assert rows[("errors", "0", "KD α=0.1")]["power"].endswith(" (under-powered)")
+    assert "under-powered" not in (out / "tables" / "decisions.md").read_text()
     assert (out / "tables" / "power.md").is_file() and (out / "tables" / "pooled.md").is_file()
     pooled = md_rows((out / "tables" / "pooled.md").read_text())
     assert ["errors", "KD α=0.9", "3/3"] == pooled[[r[1] for r in pooled].index("KD α=0.9")][:3]
@@ -225,7 +228,8 @@ def test_effect_sizes_power_and_the_correction_family_are_reported(report):
     family = "Benjamini-Hochberg (false discovery rate) over the 4 functional metrics of one comparison"
     assert family in page and "id='effects_errors'" in page and "id='power'" in page
     text = report.summary_text()
-    assert f"statistics: {family}" in text and "seeds for 80% power" in text and "pooled over teacher seeds" in text
+    assert f"statistics: {family}" in text and "seeds for 80% power to support transfer at the SESOI" in text
+    assert "pooled over teacher seeds" in text
     assert a.statements["ci_low"].le(a.statements["pa_gain"]).all()
 
 
@@ -244,7 +248,8 @@ def test_correction_option_and_power_and_plan_commands(sweep, tmp_path, capsys):
     assert "Holm (family-wise error rate) over the 4 functional metrics" in (tmp_path / "holm" / "index.html").read_text()
     assert main(["power", "small", "--tracking-uri", uri, "--draws", "200", "--correction", "by"]) == 0
     out = capsys.readouterr().out
-    assert "Power to support transfer (BY)" in out and "broken: student seeds for 80% power on every teacher seed: KD α=0.5" in out
+    assert "Power to support transfer at the SESOI (BY)" in out
+    assert "broken: student seeds for 80% power at the SESOI on every teacher seed (noise at its upper 95% limit): KD α=0.5" in out
     assert main(["power", "nope", "--tracking-uri", uri]) == 2
     assert capsys.readouterr().err.strip() == f"kdray: error: no MLflow experiment 'nope' at {uri}; run `kdray sweep` first"
     assert main(["plan", str(ROOT / "search_spaces/quickstart.yaml"), "--correction", "holm"]) == 0

@@ -10,7 +10,8 @@ from statsmodels.stats.multitest import multipletests
 
 from kdray.analysis import stats
 from kdray.analysis.runs import load_runs
-from kdray.analysis.stats import Condition, _exact_signed_rank, analyse, significance_warning, wilcoxon_one_sided
+from kdray.analysis.pipeline import analyse
+from kdray.analysis.stats import Condition, _exact_signed_rank, significance_warning, wilcoxon_one_sided
 from synthetic_runs import SEEDS, as_frame, planted_runs, rate, run, write_experiment
 
 KD09, KD01, KD05 = Condition.of("kd", alpha=0.9), Condition.of("kd", alpha=0.1), Condition.of("kd", alpha=0.5)

@@ -1,7 +1,8 @@
 """Ties, effect sizes and confidence intervals for paired per-seed differences.
 
-Rate metrics (prediction disagreement, agreements) are k/N, so two seeds'
-differences of the same k/N can differ in the last bits of a float.  Rank
+Rate metrics (accuracy, prediction disagreement, agreements) are k/N, so two
+seeds' differences of the same k/N can differ in the last bits of a float (and
+by ~1e-8 where an older version stored accuracy as float32: ``tie_rtol``).  Rank
 statistics only see signs and the order of |d|, so ``snap_ties`` decides
 ties once, at a documented tolerance, for every metric: two |d| closer than
 ``TIE_RTOL`` times the scale of the paired values are one value, and a |d|
@@ -13,13 +14,17 @@ Everything else here is on snapped differences d = treated - control:
 - ``exact_tied_p``: the signed-rank test's exact null with ties and zeros, by
   counting all 2^n sign patterns through a rank-sum recursion on doubled
   mid-ranks (the same distribution as sign-flip enumeration, any n <= 50);
+- ``lower_bound`` / ``upper_bound`` / ``test_interval``: one-sided bounds that
+  invert the report's own exact tie-aware one-sided tests, and the 1 - 2 level
+  interval they make (what the report shows beside each test);
 - ``hodges_lehmann`` / ``hl_interval``: the median of the Walsh averages and
-  its confidence interval by inverting the exact signed-rank test (normal
-  critical value above 50 pairs);
+  the classical two-sided interval from the untied null (kept for reference;
+  the report uses test_interval);
 - ``rank_biserial`` and ``superiority``: matched-pairs effect sizes oriented
   so that +1 / 1.0 mean "the treated condition is better on every seed";
-- ``pooled_interval``: a stratified bootstrap over teacher x student seeds
-  (scipy.stats.bootstrap resamples each teacher seed's pairs separately).
+- ``pooled_interval``: a Welch t interval for the teacher seeds drawn, and
+  ``random_effects_interval``: a t interval on the teacher seeds' means for
+  teachers like these (3 teacher seeds or more).
 """
 from __future__ import annotations
 
@@ -29,21 +34,43 @@ from typing import NamedTuple, Optional, Sequence
 import numpy as np
 
 TIE_RTOL = 1e-9          # |d| closer than this times the values' scale are tied (and that close to 0: zero)
+F32_RTOL = 2.0 ** -21    # the same for values that are all float32 (an accuracy stored by kdray before 0.x)
 CI_LEVEL = 0.95
 EXACT_MAX_N = 50         # exact null distributions up to this many pairs, normal approximation above
+SCAN_MAX_N = 20          # bounds scan every candidate shift up to this many pairs, bisect above
 
 
-def snap_ties(d, scale: Optional[float] = None) -> np.ndarray:
-    """d with |d| values within TIE_RTOL * scale of each other made equal (and of 0 made 0).
+def tie_rtol(*arrays) -> float:
+    """The relative tie tolerance for differences of these paired values: TIE_RTOL, or F32_RTOL when
+    every finite value is exactly a float32.
 
-    scale defaults to max |d|; callers that know the paired values pass their
-    largest magnitude, so differences that are pure rounding become zeros.
+    A rate k/N rounded to float32 is off by up to half a float32 ulp (6e-8 at 1), so two equal count
+    differences can differ by ~1e-7 of the scale, far above TIE_RTOL: float32 values are compared at
+    float32's resolution (2 ulp of the scale per difference: 2^-21).  Distinct rate differences
+    still differ by 1/N, so this is safe for N below ~2 million; a float64 k/N is almost never a
+    float32 (only dyadic k/N are), and where it is the coarser tolerance changes nothing.
+    """
+    vals = [np.asarray(a, float).ravel() for a in arrays]
+    vals = np.concatenate(vals) if vals else np.array([])
+    vals = vals[np.isfinite(vals)]
+    return F32_RTOL if vals.size and np.all(vals.astype(np.float32).astype(float) == vals) else TIE_RTOL
+
+
+def snap_ties(d, scale: Optional[float] = None, rtol: float = TIE_RTOL) -> np.ndarray:
+    """d with |d| values within rtol * scale of each other made equal (and of 0 made 0).
+
+    Callers that know the paired values pass their largest magnitude as scale (and tie_rtol's
+    tolerance), so differences that are pure rounding become zeros.  Given the differences alone,
+    scale is max |d|; but differences that are all exactly float32 are taken as differences of
+    float32 rates in [0, 1] (an accuracy stored by an older version): F32_RTOL of max(1, max |d|).
     """
     d = np.asarray(d, float)
     if d.size == 0:
         return d.copy()
     a = np.abs(d)
-    tol = TIE_RTOL * (float(np.max(a)) if scale is None else float(scale))
+    if scale is None and rtol == TIE_RTOL and tie_rtol(d) == F32_RTOL:
+        scale, rtol = max(1.0, float(np.nanmax(a))), F32_RTOL
+    tol = rtol * (float(np.max(a)) if scale is None else float(scale))
     order = np.argsort(a, kind="stable")
     s = a[order]
     starts = np.ones(s.size, bool)
@@ -85,6 +112,83 @@ def exact_tied_p(d: np.ndarray, alternative: str) -> float:
     obs = int(np.sum(r2[d > 0]))
     cdf, sf = counts[:obs + 1].sum() / total, counts[obs:].sum() / total
     return float({"less": cdf, "greater": sf}.get(alternative, min(1.0, 2 * min(cdf, sf))))
+
+
+def snapped_p(d: np.ndarray, alternative: str) -> tuple[float, str]:
+    """The signed-rank p of already-snapped d and its null ("exact", "exact-ties" or "normal";
+    stats.signed_rank_test's rules: zeros dropped, exact to EXACT_MAX_N pairs, scipy's normal above)."""
+    if d.size < 1:
+        return math.nan, ""
+    if np.all(d == 0):
+        return 1.0, "exact"
+    if d.size > EXACT_MAX_N:
+        from scipy.stats import wilcoxon
+
+        return float(wilcoxon(d, alternative=alternative, method="asymptotic").pvalue), "normal"
+    ties = np.any(d == 0) or np.unique(np.abs(d)).size < d.size
+    return exact_tied_p(d, alternative), "exact-ties" if ties else "exact"
+
+
+# ------------------------------------------------------------------ bounds that agree with the test
+
+def _distinct(v: np.ndarray, tol: float) -> np.ndarray:
+    """Sorted v with values within tol of the previous kept value dropped."""
+    v = np.sort(v)
+    keep = np.r_[True, np.diff(v) > tol]
+    return v[keep]
+
+
+def lower_bound(d, level: float = 0.05) -> float:
+    """The one-sided (1 - level) lower confidence bound for the shift of snapped d, by inverting the
+    very test the report runs: the exact tie-aware signed-rank test of d - delta > 0 ("greater").
+
+    The test's p as a function of delta only changes at the Walsh averages (where |d_i - delta|
+    tie or cross, or d_i - delta is zero), so it is evaluated at each of them and between them, from
+    below; the bound is the first delta the test does not reject (just above a rejected Walsh average
+    when the open stretch after it is the first not rejected: np.nextafter of it).  So the bound is
+    above 0 exactly when every delta <= 0 is rejected, which includes the report's own test at 0;
+    -inf when no shift is rejected (too few pairs).  Above SCAN_MAX_N pairs the first is found by
+    bisection, which assumes the p grows with delta (tests/test_stats_round2.py checks both).
+    """
+    d = np.asarray(d, float)
+    d = snap_ties(d[~np.isnan(d)])         # as the test snaps them (float32 differences at float32's resolution)
+    if d.size == 0:
+        return math.nan
+    scale = float(np.max(np.abs(d))) or 1.0
+    tol = TIE_RTOL * scale
+    w = _distinct(walsh_averages(d), tol)
+    step = max(scale, float(w[-1] - w[0])) or 1.0
+
+    def rejected(delta: float) -> bool:
+        return snapped_p(snap_ties(d - delta, scale), "greater")[0] <= level
+
+    # candidates in increasing order: below all, then each Walsh average and the stretch after it
+    cand = np.empty(2 * w.size + 1)
+    cand[0], cand[1::2] = w[0] - step, w
+    cand[2:-1:2], cand[-1] = (w[:-1] + w[1:]) / 2, w[-1] + step
+    if d.size <= SCAN_MAX_N:            # every candidate from below: the first not rejected
+        first = next(i for i, c in enumerate(cand) if not rejected(float(c)))
+    else:                               # bisection: the p grows with delta (checked on random tied data)
+        lo, hi = -1, cand.size - 1      # rejected(cand[lo]) (virtually), not rejected(cand[hi])
+        while hi - lo > 1:
+            mid = (lo + hi) // 2
+            lo, hi = (mid, hi) if rejected(float(cand[mid])) else (lo, mid)
+        first = hi
+    if first == 0:
+        return -math.inf
+    return float(cand[first]) if first % 2 else float(np.nextafter(cand[first - 1], math.inf))
+
+
+def upper_bound(d, level: float = 0.05) -> float:
+    """The one-sided (1 - level) upper confidence bound by inverting the "less" test (lower_bound of -d)."""
+    return -lower_bound(-np.asarray(d, float), level)
+
+
+def test_interval(d, level: float = 0.05) -> "Interval":
+    """[lower_bound, upper_bound]: the two-sided (1 - 2 level) interval made of the two one-sided bounds
+    that invert the report's one-sided level tests, so a one-sided test significant at level never
+    shows an interval that covers 0 (tests/test_stats_round2.py checks this on random tied data)."""
+    return Interval(lower_bound(d, level), upper_bound(d, level), 1 - 2 * level)
 
 
 # ------------------------------------------------------------------ effect sizes
@@ -169,34 +273,66 @@ class Effect(NamedTuple):
     superiority: float
 
 
-def effect(d, direction: str, level: float = CI_LEVEL) -> Effect:
-    """Every effect size of one paired comparison (d already snapped)."""
-    ci = hl_interval(d, level)
+def effect(d, direction: str, level: float = 0.05) -> Effect:
+    """Every effect size of one paired comparison (d already snapped); the interval is test_interval's
+    at the report's one-sided level (a 90% interval beside 5% tests)."""
+    ci = test_interval(d, level)
     return Effect(hodges_lehmann(d), ci.low, ci.high, ci.level, rank_biserial(d, direction), superiority(d, direction))
 
 
 # ------------------------------------------------------------------ pooled over teacher seeds
 
-def pooled_interval(groups: Sequence[np.ndarray], level: float = CI_LEVEL, seed: int = 0,
-                    n_resamples: int = 4999) -> tuple[float, float, float]:
-    """(estimate, low, high): the mean over teacher seeds of each seed's mean paired difference, with
-    a stratified bootstrap CI (each teacher seed's pairs resampled within it; BCa, percentile if BCa
-    degenerates).  Groups with fewer than two pairs are left out; none left: nans."""
-    from scipy.stats import bootstrap
+def welch_interval(means, variances, sizes, level: float = CI_LEVEL):
+    """(estimate, low, high) over the last axis (teacher seeds) of per-seed means, variances (ddof=1)
+    and pair counts: the mean of the means with a Welch t interval, variance sum(s_t^2 / n_t) / T^2 and
+    Welch-Satterthwaite degrees of freedom.  Vectorised over leading axes (the coverage simulation,
+    kdray/analysis/operating.py, runs this very function)."""
+    from scipy.stats import t as student_t
 
+    means, variances, sizes = (np.asarray(a, float) for a in (means, variances, sizes))
+    v = variances / sizes
+    total = v.sum(axis=-1)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        df = total ** 2 / np.sum(v ** 2 / (sizes - 1), axis=-1)
+        half = student_t.isf((1 - level) / 2, df) * np.sqrt(total) / means.shape[-1]
+    half = np.where(total > 0, half, 0.0)            # no spread at all: the estimate itself
+    est = means.mean(axis=-1)
+    return est, est - half, est + half
+
+
+def pooled_interval(groups: Sequence[np.ndarray], level: float = CI_LEVEL) -> tuple[float, float, float]:
+    """(estimate, low, high) for the teacher seeds drawn: the mean over teacher seeds of each seed's mean
+    paired difference (teacher seeds weigh equally), with welch_interval.  Groups with fewer than two
+    pairs are left out; none left: nans.  (It replaces a stratified bootstrap that covered too rarely
+    at 5-10 students per teacher; this one's coverage is in docs/statistics.md.)"""
     groups = [np.asarray(g, float) for g in groups if len(g) >= 2]
     if not groups:
         return math.nan, math.nan, math.nan
+    est, lo, hi = welch_interval([g.mean() for g in groups], [np.var(g, ddof=1) for g in groups],
+                                 [g.size for g in groups], level)
+    return float(est), float(lo), float(hi)
 
-    def stat(*samples, axis=-1):
-        return np.mean([np.mean(s, axis=axis) for s in samples], axis=0)
 
-    est = float(stat(*groups))
-    if all(np.all(g == g[0]) for g in groups):
-        return est, est, est          # no spread: every resample gives the estimate
-    for method in ("BCa", "percentile"):
-        ci = bootstrap(groups, stat, n_resamples=n_resamples, vectorized=True, confidence_level=level,
-                       method=method, rng=np.random.default_rng(seed)).confidence_interval
-        if np.isfinite(ci.low) and np.isfinite(ci.high):
-            break
-    return est, float(ci.low), float(ci.high)
+def means_t_interval(means, level: float = CI_LEVEL):
+    """(estimate, low, high) over the last axis: a t interval on the teacher seeds' means with T - 1
+    degrees of freedom (vectorised over leading axes)."""
+    from scipy.stats import t as student_t
+
+    means = np.asarray(means, float)
+    k = means.shape[-1]
+    est = means.mean(axis=-1)
+    half = student_t.isf((1 - level) / 2, k - 1) * np.std(means, axis=-1, ddof=1) / math.sqrt(k)
+    return est, est - half, est + half
+
+
+def random_effects_interval(groups: Sequence[np.ndarray], level: float = CI_LEVEL) -> tuple[float, float, float]:
+    """(estimate, low, high) "for teachers like these": teacher as a random factor.  The estimate is the
+    mean of the teacher seeds' mean differences and the interval means_t_interval on those means (the
+    exact interval of the balanced normal random-effects model; the same fixed effect and standard
+    error as statsmodels' MixedLM where its between-teacher variance is positive).  Needs at least 3
+    teacher seeds with 2 pairs each; otherwise nans."""
+    means = np.array([np.mean(g) for g in groups if len(g) >= 2])
+    if means.size < 3:
+        return math.nan, math.nan, math.nan
+    est, lo, hi = means_t_interval(means, level)
+    return float(est), float(lo), float(hi)

@@ -213,7 +213,7 @@ def count_figure(a: Analysis, setup: str) -> Figure | None:
 
 
 def effects_figure(a: Analysis, setup: str) -> Figure | None:
-    """Hodges-Lehmann shift with its 95% CI per comparison (condition vs control): a panel per teacher
+    """Hodges-Lehmann shift with the interval that inverts the test (90% at level 0.05) per comparison (condition vs control): a panel per teacher
     seed (rows) and functional metric (columns); ticked comparisons filled, the others hollow."""
     t = a.tests[(a.tests["setup"] == setup) & a.tests["metric"].isin(TRANSFER_METRICS)]
     if t.empty:
@@ -232,14 +232,17 @@ def effects_figure(a: Analysis, setup: str) -> Figure | None:
             lo = np.array([r.ci_low if r else np.nan for r in rs])
             hi = np.array([r.ci_high if r else np.nan for r in rs])
             sig = np.array([bool(r and r.significant) for r in rs])
-            ax.errorbar(hl, y, xerr=np.nan_to_num([hl - lo, hi - hl]), fmt="none", ecolor="black", capsize=2, lw=0.8)
+            err = np.array([hl - lo, hi - hl])
+            err[~np.isfinite(err)] = np.nan              # an unbounded side (too few pairs): no bar
+            ax.errorbar(hl, y, xerr=np.nan_to_num(err), fmt="none", ecolor="black", capsize=2, lw=0.8)
             ax.scatter(hl[sig], y[sig], color="black", s=14, zorder=3)
             ax.scatter(hl[~sig], y[~sig], facecolors="white", edgecolors="black", s=14, zorder=3)
             ax.axvline(0, color="grey", lw=0.6)
             ax.set_yticks(y, [f"{c.label} vs {k.label}" for c, k in pairs] if j == 0 else [], fontsize=6)
             ax.xaxis.set_major_locator(MaxNLocator(4))
             ax.set_title(f"{metric_header(m)}, teacher seed {ts}", fontsize=9)
-    fig.suptitle(f"{setup}: Hodges-Lehmann shift, condition - control, with 95% CI (filled: significant)",
+    fig.suptitle(f"{setup}: Hodges-Lehmann shift, condition - control, with its {1 - 2 * a.level:.0%} interval "
+                 f"(two one-sided {1 - a.level:.0%} bounds; filled: significant)",
                  fontsize=10)
     return fig
 

@@ -4,18 +4,22 @@ The per-teacher-seed decisions answer "did this teacher's knowledge
 transfer"; a reader also wants one number with its uncertainty.  Here every
 comparison's paired differences are pooled over teacher seeds: the estimate
 is the mean over teacher seeds of each seed's mean difference (teacher seeds
-weigh equally), its 95% CI a stratified bootstrap (student seeds resampled
-within each teacher seed; effects.pooled_interval).
+weigh equally), its 95% CI a Welch t interval for the teacher seeds drawn
+(effects.pooled_interval), and with 3 teacher seeds or more a random-effects
+interval "for teachers like these" (effects.random_effects_interval).
 """
 from __future__ import annotations
 
 import pandas as pd
 
-from kdray.analysis.effects import pooled_interval
+from kdray.analysis.effects import pooled_interval, random_effects_interval
 from kdray.analysis.stats import Analysis, by_condition, paired
 
-COLUMNS = ["setup", "condition", "control", "metric", "teacher_seeds", "n", "estimate", "ci_low", "ci_high"]
-STATEMENT_COLUMNS = ["setup", "condition", "teacher_seeds", "supported_seeds", "pa_gain", "ci_low", "ci_high"]
+RE_COLUMNS = ["re_low", "re_high"]   # random-effects interval, teachers like these (nan below 3 teacher seeds)
+COLUMNS = ["setup", "condition", "control", "metric", "teacher_seeds", "n", "estimate", "ci_low", "ci_high",
+           *RE_COLUMNS]
+STATEMENT_COLUMNS = ["setup", "condition", "teacher_seeds", "supported_seeds", "pa_gain", "ci_low", "ci_high",
+                     *RE_COLUMNS]
 
 
 def _groups(a: Analysis) -> dict[str, dict]:
@@ -34,9 +38,10 @@ def pooled_tests(a: Analysis) -> pd.DataFrame:
     for setup, cond, ctrl, metric in keys:
         per_seed = [paired(c[cond], c[ctrl], metric).d for c in conds[setup].values() if cond in c and ctrl in c]
         est, lo, hi = pooled_interval(per_seed)
+        _, re_lo, re_hi = random_effects_interval(per_seed)
         rows.append(dict(setup=setup, condition=cond, control=ctrl, metric=metric,
                          teacher_seeds=sum(len(d) >= 2 for d in per_seed), n=sum(len(d) for d in per_seed),
-                         estimate=est, ci_low=lo, ci_high=hi))
+                         estimate=est, ci_low=lo, ci_high=hi, re_low=re_lo, re_high=re_hi))
     return pd.DataFrame(rows, columns=COLUMNS)
 
 
@@ -50,6 +55,7 @@ def statements(a: Analysis) -> pd.DataFrame:
         gains = [paired(conds[setup][r.teacher_seed][cond], conds[setup][r.teacher_seed][r.best_control],
                         "prediction_agreement").d for r in d.itertuples() if r.best_control is not None]
         est, lo, hi = pooled_interval(gains)
+        _, re_lo, re_hi = random_effects_interval(gains)
         rows.append(dict(setup=setup, condition=cond, teacher_seeds=len(d), supported_seeds=int(d["supported"].sum()),
-                         pa_gain=est, ci_low=lo, ci_high=hi))
+                         pa_gain=est, ci_low=lo, ci_high=hi, re_low=re_lo, re_high=re_hi))
     return pd.DataFrame(rows, columns=STATEMENT_COLUMNS)

@@ -1,20 +1,22 @@
-"""Power and seed planning: how likely a study of n student seeds is to support transfer.
+"""Power and seed planning at a smallest effect of interest: how likely a study of n student seeds
+is to support transfer if the effect is the one the user cares about.
 
-From a pilot sweep's per-seed paired differences of one treated condition
-(against each of its controls, on the four functional metrics), studies of n
-seeds are simulated by a smoothed bootstrap: n of the pilot's seeds drawn
-with replacement (all metrics and controls of a seed together, so their
-correlation is kept), plus Gaussian kernel noise of Silverman's bandwidth
-per metric and control (so simulated differences are continuous and the
-exact no-ties signed-rank null applies, as in ``stats._exact_signed_rank``).
-Each simulated study is then decided as the report decides: one-sided exact
-test per metric and control, the chosen correction over each comparison's
-metrics, significant against every control, at least ``min_metrics`` metrics (3, the paper's rule).
-The power is the fraction of simulated studies that support transfer.
+Power is never computed at the pilot's observed effect (that is a function of
+the p-value and says nothing a p-value does not; Hoenig & Heisey 2001).  The
+effect is stated: every functional metric better than every control by its
+SESOI (sizing.SESOI, ``--sesoi``).  A pilot sweep supplies only the noise: the
+covariance of its per-seed paired differences over controls and metrics
+(centred, so its own effect drops out).  Studies of n seeds are simulated as
+normal differences with that covariance and the SESOI as mean, and each is
+decided as the report decides: one-sided exact test per metric and control,
+the chosen correction over each comparison's metrics, significant against
+every control, at least ``min_metrics`` metrics (3, the paper's rule).
 
-This is a planning estimate from the pilot's own effect (it treats the
-observed effect as the true one), vectorised over draws with a fixed seed,
-so it is reproducible.
+A pilot of n0 seeds estimates the noise only roughly, so every power is also
+given with the noise scaled to the ends of the chi-square 95% interval of a
+standard deviation on n0 - 1 degrees of freedom (sizing.sd_interval):
+``power_low`` (noise at its upper limit) and ``power_high``.  Vectorised over
+draws with a fixed seed, so the numbers are reproducible.
 """
 from __future__ import annotations
 
@@ -24,8 +26,8 @@ from typing import Optional
 import numpy as np
 import pandas as pd
 
-from kdray.analysis import corrections
-from kdray.analysis.effects import EXACT_MAX_N, rank_sum_counts
+from kdray.analysis import corrections, sizing
+from kdray.analysis.sizing import exact_greater_p  # noqa: F401 - power.exact_greater_p stays importable
 from kdray import conditions
 from kdray.analysis.stats import (LEVEL, SUPPORT_MIN, TRANSFER_METRICS, by_condition, direction, find_controls,
                                   paired)
@@ -36,46 +38,22 @@ DRAWS = 1000                          # simulated studies per power estimate (Mo
 SEED = 0
 
 
-def exact_greater_p(x: np.ndarray) -> np.ndarray:
-    """One-sided (greater) signed-rank p along the last axis of continuous x (no ties, no zeros),
-    exact up to EXACT_MAX_N pairs, normal approximation above."""
-    n = x.shape[-1]
-    ranks = np.argsort(np.argsort(np.abs(x), axis=-1), axis=-1) + 1
-    r_plus = np.sum(ranks * (x > 0), axis=-1)
-    if n > EXACT_MAX_N:
-        from scipy.stats import norm
+def power_at(pilot: np.ndarray, n: int, shift, correction: str = corrections.DEFAULT, level: float = LEVEL,
+             draws: int = DRAWS, seed: int = SEED, min_metrics: int = SUPPORT_MIN, scale: float = 1.0) -> float:
+    """The probability that a study of n seeds supports transfer when every metric is better than every
+    control by ``shift`` (one value per metric, or one for all; positive favours the treated condition).
 
-        return norm.sf((r_plus - n * (n + 1) / 4) / math.sqrt(n * (n + 1) * (2 * n + 1) / 24))
-    sf = np.cumsum(rank_sum_counts(np.arange(1, n + 1))[::-1])[::-1] / 2.0 ** n
-    return sf[r_plus]
-
-
-def bandwidth(d: np.ndarray) -> np.ndarray:
-    """Silverman's rule along the last axis: 0.9 min(sd, IQR/1.34) n^-1/5 (sd alone where the IQR is 0)."""
-    n = d.shape[-1]
-    sd = np.std(d, axis=-1, ddof=1) if n > 1 else np.zeros(d.shape[:-1])
-    q75, q25 = np.percentile(d, [75, 25], axis=-1)
-    iqr = (q75 - q25) / 1.34
-    spread = np.where(iqr > 0, np.minimum(sd, iqr), sd)
-    return 0.9 * spread * n ** -0.2
-
-
-def power_at(pilot: np.ndarray, n: int, correction: str = corrections.DEFAULT, level: float = LEVEL,
-             draws: int = DRAWS, seed: int = SEED, min_metrics: int = SUPPORT_MIN) -> float:
-    """The probability that a study of n seeds supports transfer, pilot shaped (controls, metrics, seeds)
-    with differences oriented so that positive favours the treated condition."""
-    rng = np.random.default_rng([seed, n])
+    ``pilot`` (controls, metrics, seeds) is used only for its covariance over (control, metric), its
+    mean removed; ``scale`` multiplies the noise's standard deviation."""
     c, m, n0 = pilot.shape
-    idx = rng.integers(0, n0, (draws, n))
-    x = pilot[:, :, idx] + rng.standard_normal((c, m, draws, n)) * bandwidth(pilot)[:, :, None, None]
-    p = np.moveaxis(exact_greater_p(x), 1, -1)                 # (controls, draws, metrics)
-    sig = (corrections.adjust(p, correction) <= level).all(axis=0)
-    return float(np.mean(sig.sum(axis=-1) >= min_metrics))
+    cov = np.atleast_2d(np.cov(pilot.reshape(c * m, n0))) if n0 > 1 else np.zeros((c * m, c * m))
+    return sizing.support_rate(cov, shift, n, c, m, correction, level, draws, seed, min_metrics, scale)
 
 
-def pilot_differences(runs: pd.DataFrame, controls: dict) -> Optional[np.ndarray]:
+def pilot_differences(runs: pd.DataFrame, controls: dict, with_metrics: bool = False):
     """(controls, metrics, seeds) differences, oriented to favour the treated condition, on the seeds
-    every control and metric share; metrics no control has are left out.  None without pairs."""
+    every control and metric share; metrics no control has are left out.  None without pairs.
+    ``with_metrics``: (differences, the metrics' names)."""
     pairs = {(c, m): paired(runs, ref, m) for c, ref in controls.items() for m in TRANSFER_METRICS}
     metrics = [m for m in TRANSFER_METRICS if all(len(pairs[(c, m)].seeds) for c in controls)]
     if not metrics or not controls:
@@ -92,75 +70,90 @@ def pilot_differences(runs: pd.DataFrame, controls: dict) -> Optional[np.ndarray
             pr = pairs[(c, m)]
             d = pr.d[np.searchsorted(pr.seeds, seeds)]
             out[i, j] = -d if direction(m) == "lower" else d
-    return out
+    return (out, metrics) if with_metrics else out
 
 
 def power_curves(students: pd.DataFrame, correction: str = corrections.DEFAULT, level: float = LEVEL,
-                 seeds=SEED_RANGE, draws: int = DRAWS, min_metrics: int = SUPPORT_MIN) -> pd.DataFrame:
-    """Per (setup, teacher seed, treated condition): the power at each student-seed count in ``seeds``
-    and at the pilot's own count (``pilot`` True on that row)."""
+                 seeds=SEED_RANGE, draws: int = DRAWS, min_metrics: int = SUPPORT_MIN,
+                 sesoi: Optional[dict] = None) -> pd.DataFrame:
+    """Per (setup, teacher seed, treated condition): the power at the SESOI at each student-seed count in
+    ``seeds`` and at the pilot's own count (``pilot`` True on that row), with the noise as estimated
+    (``power``); at the pilot's count also with the noise at the ends of its 95% interval
+    (``power_low``: noisier, ``power_high``), and on every row ``seeds_low``: the seeds needed for
+    TARGET with the noise at its upper limit (found by bisection over ``seeds``, the power growing
+    with n), so a curve costs about a third more than the estimate alone, not three times."""
+    sesoi = sizing.SESOI if sesoi is None else sesoi
     rows = []
     for (setup, ts), grp in students.groupby(["setup", "teacher_seed"], sort=True):
         conds = by_condition(grp)
         for cond, runs in conds.items():
             controls = {ctrl: conds[ctrl] for rule in conditions.controls_of(cond.method)
                         for ctrl in find_controls(rule, cond, conds)}
-            d = pilot_differences(runs, controls)
-            if d is None:
+            got = pilot_differences(runs, controls, with_metrics=True)
+            if got is None:
                 continue
+            d, metrics = got
+            shift = np.array([sesoi[m] for m in metrics])
             n0 = d.shape[-1]
+            quiet, noisy = sizing.sd_interval(1.0, n0)
+
+            def pw(n: int, scale: float = 1.0) -> float:
+                return power_at(d, n, shift, correction, level, draws, min_metrics=min_metrics, scale=scale)
+
+            low = _first_reaching(sorted(seeds), lambda n: pw(n, noisy) >= TARGET)
             for n in sorted(set(seeds) | {n0}):
                 rows.append(dict(setup=setup, teacher_seed=int(ts), condition=cond, n_seeds=n, pilot=n == n0,
-                                 pilot_seeds=n0, power=power_at(d, n, correction, level, draws,
-                                                                min_metrics=min_metrics)))
-    return pd.DataFrame(rows, columns=["setup", "teacher_seed", "condition", "n_seeds", "pilot", "pilot_seeds", "power"])
+                                 pilot_seeds=n0, power=pw(n), power_low=pw(n, noisy) if n == n0 else math.nan,
+                                 power_high=pw(n, quiet) if n == n0 else math.nan, seeds_low=low))
+    return pd.DataFrame(rows, columns=CURVE_COLUMNS)
 
 
-def seeds_for(curve: pd.DataFrame, target: float = TARGET) -> float:
+CURVE_COLUMNS = ["setup", "teacher_seed", "condition", "n_seeds", "pilot", "pilot_seeds", "power", "power_low",
+                 "power_high", "seeds_low"]
+
+
+def _first_reaching(ns: list, ok) -> float:
+    """The first n of the sorted ns with ok(n), by bisection (ok assumed monotone); nan if none."""
+    if not ns or not ok(ns[-1]):
+        return math.nan
+    lo, hi = -1, len(ns) - 1
+    while hi - lo > 1:
+        mid = (lo + hi) // 2
+        lo, hi = (lo, mid) if ok(ns[mid]) else (mid, hi)
+    return float(ns[hi])
+
+
+def seeds_for(curve: pd.DataFrame, target: float = TARGET, column: str = "power") -> float:
     """The fewest seeds of a curve (one decision's rows) whose power reaches target; nan if none does."""
-    ok = curve[curve["power"] >= target]
+    ok = curve[curve[column] >= target]
     return float(ok["n_seeds"].min()) if len(ok) else math.nan
 
 
-def per_decision(curves: pd.DataFrame) -> dict[tuple, tuple[float, float]]:
-    """(setup, teacher seed, condition) -> (power at the pilot's seed count, seeds needed for TARGET)."""
+def per_decision(curves: pd.DataFrame) -> dict[tuple, tuple[float, float, float, float, float]]:
+    """(setup, teacher seed, condition) -> (power at the pilot's seed count, its low and high ends, seeds
+    needed for TARGET, seeds needed with the noise at its upper limit)."""
     out = {}
     for key, g in curves.groupby(["setup", "teacher_seed", curves["condition"].map(repr)], sort=False):
         cond = g["condition"].iloc[0]
-        out[(key[0], key[1], cond)] = (float(g.loc[g["pilot"], "power"].iloc[0]), seeds_for(g))
+        now = g[g["pilot"]].iloc[0]
+        out[(key[0], key[1], cond)] = (float(now.power), float(now.power_low), float(now.power_high),
+                                       seeds_for(g), float(g["seeds_low"].iloc[0]))
     return out
 
 
 def needs_text(a) -> list[str]:
-    """Per setup, one line: the student seeds each treated condition needs on its hardest teacher seed."""
+    """Per setup, one line: the student seeds each treated condition needs on its hardest teacher seed,
+    at the SESOI, with the noise as estimated (and at its upper 95% limit)."""
     lines = []
     for setup, d in a.decisions.groupby("setup", sort=True):
         parts = []
         for cond in sorted(set(d["condition"]), key=lambda c: c.sort_key):
-            n = d.loc[[c == cond for c in d["condition"]], "seeds_for_power"]
-            parts.append(f"{cond.label} {'more than ' + str(max(SEED_RANGE)) if n.isna().any() else int(n.max())}")
-        lines.append(f"{setup}: student seeds for {TARGET:.0%} power on every teacher seed: {', '.join(parts)}")
+            rows = d[[c == cond for c in d["condition"]]]
+            parts.append(f"{cond.label} {_most(rows['seeds_for_power'])} ({_most(rows['seeds_for_power_low'])})")
+        lines.append(f"{setup}: student seeds for {TARGET:.0%} power at the SESOI on every teacher seed "
+                     f"(noise at its upper 95% limit): {', '.join(parts)}")
     return lines
 
 
-def run_power(target: str, tracking_uri: Optional[str], correction: str = corrections.DEFAULT,
-              draws: int = 2 * DRAWS, level: float = LEVEL) -> int:
-    """What ``kdray power`` does: the power table and the seeds each condition needs; exit code 2 on a user error."""
-    import sys
-
-    from kdray.analysis.report import load_target
-    from kdray.analysis.runs import ReportError
-    from kdray.analysis.stats import analyse
-    from kdray.analysis.tables import power_table
-
-    try:
-        df, _, name, _, _ = load_target(target, tracking_uri)
-    except ReportError as e:
-        print(f"kdray: error: {e}", file=sys.stderr)
-        return 2
-    a = analyse(df, level=level, correction=correction, power_draws=draws)
-    print(f"kdray power: {name}: {len(a.students)} student runs as the pilot, {draws} simulated studies per "
-          f"estimate; {corrections.family_text(correction)}; level {level:g}")
-    print(power_table(a).markdown())
-    print("\n".join(needs_text(a)))
-    return 0
+def _most(n: pd.Series) -> str:
+    return f"more than {max(SEED_RANGE)}" if n.isna().any() or not len(n) else str(int(n.max()))

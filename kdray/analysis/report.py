@@ -33,7 +33,8 @@ from kdray.analysis.scope import Scope, scope_to_plan, split_cohorts
 from kdray import plugins
 from kdray.analysis.runs import ReportError, get_experiment, load_runs, resolve_experiment, sweep_plugins
 from kdray.registry import PluginError
-from kdray.analysis.stats import SUPPORT_MIN, Analysis, analyse
+from kdray.analysis.pipeline import analyse
+from kdray.analysis.stats import NO_TRANSFER, SUPPORT_MIN, Analysis, asymmetry_text, decision_family_text
 from kdray.contracts import KIND_REPORT, KIND_SWEEP, TAG_KIND, TAG_PARENT, TAG_SWEEP_SHA
 from kdray.sanity import report_lines
 
@@ -68,6 +69,7 @@ class ReportResult:
         nulls = a.tests["null"].value_counts()
         lines.append(f"statistics: {corrections.family_text(a.correction)}; level {a.level:g}; p-values "
                      + ", ".join(f"{k} {v}" for k, v in nulls.items() if k) + " (null distribution used)")
+        lines.append(decision_family_text(a.decision_correction, a.decisions))
         if len(a.excluded):
             lines.append(f"excluded ({len(a.excluded)}):")
             for r in a.excluded.head(SHOW_EXCLUDED).itertuples():
@@ -93,8 +95,21 @@ def _transfer_text(d: pd.DataFrame) -> str:
         sup = [r for r in d.itertuples() if r.condition == cond and r.supported]
         if sup:
             seeds = " ".join(f"t{r.teacher_seed}" + ("(m)" if r.marginal else "") for r in sup)
-            parts.append(f"{cond.label} [{seeds}; {_counted([r.asymmetry for r in sup])}]")
-    return "transfer " + ", ".join(parts) if parts else "no supported transfer"
+            parts.append(f"{cond.label} [{seeds}; {_asymmetry_words(sup)}]")
+    absent = [f"{cond.label} [{' '.join(f't{r.teacher_seed}' for r in rs)}]"
+              for cond in sorted(set(d["condition"]), key=lambda c: c.sort_key)
+              if (rs := [r for r in d.itertuples() if r.condition == cond and r.verdict == NO_TRANSFER])]
+    text = "transfer " + ", ".join(parts) if parts else "no supported transfer"
+    return text + ("; no transfer larger than the SESOI shown: " + ", ".join(absent) if absent else "")
+
+
+def _asymmetry_words(sup: list) -> str:
+    """'negative asymmetry ×2' for the teacher seeds whose asymmetry test is significant; each other
+    seed by itself, with its p and the seeds its test would need at the SESOI (stats.asymmetry_text)."""
+    shown = [f"{r.asymmetry} asymmetry" for r in sup if r.asymmetry in ("negative", "positive")]
+    rest = [f"t{r.teacher_seed} {asymmetry_text(r.asymmetry, r.p_asymmetry, r.asymmetry_seeds)}"
+            for r in sup if r.asymmetry not in ("negative", "positive")]
+    return ", ".join(([_counted(shown)] if shown else []) + rest)
 
 
 def _pooled_lines(st: pd.DataFrame, d: pd.DataFrame) -> list[str]:
@@ -102,15 +117,18 @@ def _pooled_lines(st: pd.DataFrame, d: pd.DataFrame) -> list[str]:
     if st.empty:
         return []
     pooled = ", ".join(f"{r.condition.label} {r.supported_seeds}/{r.teacher_seeds} "
-                       f"{tables.fmt_ci(r.pa_gain, r.ci_low, r.ci_high)}" for r in st.itertuples())
+                       f"{tables.fmt_ci(r.pa_gain, r.ci_low, r.ci_high)}{tables.fmt_re(r)}" for r in st.itertuples())
     need = []
     for cond in sorted(set(d["condition"]), key=lambda c: c.sort_key):
         rs = d[[c == cond for c in d["condition"]]]
-        n = rs["seeds_for_power"]
+        n, hi = rs["seeds_for_power"], rs["seeds_for_power_low"]
         most = tables.fmt_seeds(math.nan if n.isna().any() else n.max())
-        need.append(f"{cond.label} {most} (now {tables.fmt(rs['power'].min(), 2)})")
-    return [f"  pooled over teacher seeds: condition supported/seeds PA gain [95% CI]: {pooled}",
-            f"  seeds for {power.TARGET:.0%} power to support transfer (lowest power now): {', '.join(need)}"]
+        most_hi = tables.fmt_seeds(math.nan if hi.isna().any() else hi.max())
+        need.append(f"{cond.label} {most} ({most_hi}; now {tables.fmt(rs['power'].min(), 2)})")
+    return [f"  pooled over teacher seeds: condition supported/seeds PA gain [95% CI for these teacher seeds; "
+            f"for teachers like these, 3+ seeds]: {pooled}",
+            f"  seeds for {power.TARGET:.0%} power to support transfer at the SESOI (noise at its upper 95% limit; "
+            f"lowest power now): {', '.join(need)}"]
 
 
 def _best_text(b: pd.DataFrame) -> str:
@@ -157,13 +175,15 @@ def _html(title: str, summary: str, tabs: list[tables.Table], figs: list[tuple[s
 
 def build_report(df: pd.DataFrame, out_dir: str | Path, threshold: float = 0.01,
                  exclude_below: Optional[float] = None, title: str = "kdray report", pool=None,
-                 correction: str = corrections.DEFAULT, min_metrics: int = SUPPORT_MIN) -> ReportResult:
+                 correction: str = corrections.DEFAULT, min_metrics: int = SUPPORT_MIN,
+                 sesoi: Optional[dict] = None, decision_correction: str = "none") -> ReportResult:
     """Analyse the runs and write every table, figure and the HTML page into out_dir
     (setups analysed and their figures drawn by the process ``pool`` when given, see report_pool)."""
     out = Path(out_dir)
     clock = _Clock()
     a = analyse(df, threshold=threshold, exclude_below=exclude_below, map_=pool.map if pool else map,
-                correction=correction, min_metrics=min_metrics)
+                correction=correction, min_metrics=min_metrics, sesoi=sesoi,
+                decision_correction=decision_correction)
     a.tests["fingerprint_mismatches"] = provenance.mismatches(a.students, a.tests)
     result = ReportResult(out, a, seconds=clock.seconds, sanity=report_lines(df.to_dict("records")),
                           scope=df.attrs.get("scope"))
@@ -317,7 +337,8 @@ def load_target(target: str, tracking_uri: str | None, pool=None) -> tuple[pd.Da
 
 def run_report(target: str, out: str | None, tracking_uri: str | None, threshold: float = 0.01,
                exclude_below: float | None = None, jobs: Optional[int] = None,
-               correction: str = corrections.DEFAULT, min_metrics: int = SUPPORT_MIN) -> int:
+               correction: str = corrections.DEFAULT, min_metrics: int = SUPPORT_MIN,
+               sesoi: Optional[dict] = None, decision_correction: str = "none") -> int:
     """What ``kdray report`` does: print the summary, return the exit code (2 on a user error)."""
     jobs = jobs or os.cpu_count() or 1
     with report_pool(jobs) as pool:
@@ -329,7 +350,7 @@ def run_report(target: str, out: str | None, tracking_uri: str | None, threshold
         out_dir = Path(out) if out else default_out(storage, name)
         result = build_report(df, out_dir, threshold=threshold, exclude_below=exclude_below,
                               title=f"kdray report: {name}", pool=pool, correction=correction,
-                              min_metrics=min_metrics)
+                              min_metrics=min_metrics, sesoi=sesoi, decision_correction=decision_correction)
     phases = ", ".join(f"{k} {v:.1f} s" for k, v in result.seconds.items())
     print(f"kdray report: {len(df)} runs loaded in {loaded:.1f} s; {phases} "
           f"({jobs} process{'es' if jobs > 1 else ''})", file=sys.stderr)

@@ -12,15 +12,20 @@ Choices the protocol leaves open, made here:
 - "Significant" means adjusted p <= level, the correction (BH by default,
   BY or Holm, corrections.py) over the four functional metrics of each
   comparison, uncorrected for accuracy and loss.
-- Differences are snapped at effects.TIE_RTOL before ranking, so equal rates
-  k/N tie exactly; each p records its null distribution: "exact" (no ties),
+- Differences are snapped at effects.TIE_RTOL (F32_RTOL where the values
+  are all float32, as accuracies stored by older versions are) before
+  ranking, so equal rates k/N tie exactly; each p records its null distribution: "exact" (no ties),
   "exact-ties" (all sign patterns, ties and zeros; up to 50 pairs),
   "normal" (above 50 pairs).
 - The prediction-agreement gain, Delta_correct and Delta_incorrect are means
   of per-seed paired differences against the best control.
-- Asymmetry labels: "negative" (supported, mean Delta_incorrect > mean
-  Delta_correct), "positive" (supported, the reverse), "symmetric"
-  (supported, means equal to DECISION_RTOL), "none" (transfer not supported).
+- Asymmetry labels, only where transfer is supported ("none" otherwise):
+  "negative" / "positive" when the two-sided signed-rank test of the per-seed
+  Delta_incorrect - Delta_correct is significant at the level (direction:
+  the smaller one-sided p); otherwise "negative, n.s." / "positive, n.s."
+  from the sign of the mean difference (descriptive only), or "symmetric"
+  (means equal to DECISION_RTOL).  Each carries the seeds a two-sided test
+  would need for 80% power at the asymmetry SESOI, with the pilot's noise.
   "Marginal" likewise needs the gain below the threshold by more than that.
 """
 from __future__ import annotations
@@ -34,7 +39,7 @@ import numpy as np
 import pandas as pd
 
 from kdray import conditions
-from kdray.analysis import corrections, effects
+from kdray.analysis import corrections, effects, sizing
 from kdray.metric_names import METRIC_DIRECTIONS, TRANSFER_METRICS
 
 LEVEL = 0.05
@@ -158,11 +163,13 @@ def is_treatment(cond: Condition) -> bool:
 
 # ------------------------------------------------------------------ primitive statistics
 
-def signed_rank_test(d, alternative: str, scale: Optional[float] = None) -> tuple[float, str]:
+def signed_rank_test(d, alternative: str, scale: Optional[float] = None,
+                     rtol: float = effects.TIE_RTOL) -> tuple[float, str]:
     """Wilcoxon signed-rank p on differences d and the null distribution it used.
 
-    d is snapped first (effects.snap_ties, at ``scale``: the paired values'
-    largest magnitude), so rate differences of equal k/N are ties.  No ties
+    d is snapped first (effects.snap_ties, at ``rtol`` times ``scale``: the
+    paired values' largest magnitude; ``Tie.of`` gives both), so rate
+    differences of equal k/N are ties.  No ties
     and no zeros, n <= 50: the exact null ("exact", as scipy's
     ``method="exact"``).  Ties or zeros (zeros dropped, zero_method="wilcox"),
     n <= 50: the exact null of the tied ranks, every sign pattern counted
@@ -172,7 +179,7 @@ def signed_rank_test(d, alternative: str, scale: Optional[float] = None) -> tupl
     from scipy.stats import wilcoxon
 
     d = np.asarray(d, float)
-    d = effects.snap_ties(d[~np.isnan(d)], scale)
+    d = effects.snap_ties(d[~np.isnan(d)], scale, rtol)
     if d.size < 1:
         return math.nan, ""
     if np.all(d == 0):
@@ -185,14 +192,26 @@ def signed_rank_test(d, alternative: str, scale: Optional[float] = None) -> tupl
     return _exact_signed_rank(d, alternative), "exact"
 
 
-def _signed_rank(d: np.ndarray, alternative: str, scale: Optional[float] = None) -> float:
-    return signed_rank_test(d, alternative, scale)[0]
+def _signed_rank(d: np.ndarray, alternative: str, scale: Optional[float] = None,
+                 rtol: float = effects.TIE_RTOL) -> float:
+    return signed_rank_test(d, alternative, scale, rtol)[0]
 
 
 def _scale(*arrays) -> Optional[float]:
     """The largest magnitude among paired values: the tie tolerance's scale (None when empty)."""
     sizes = [np.asarray(a, float) for a in arrays if np.size(a)]
     return float(max(np.nanmax(np.abs(a)) for a in sizes)) if sizes else None
+
+
+class Tie(NamedTuple):
+    """How differences of some paired values are snapped: scale and relative tolerance (effects.snap_ties)."""
+    scale: Optional[float]
+    rtol: float
+
+    @classmethod
+    def of(cls, *arrays) -> "Tie":
+        """The tolerance for differences of these paired values (float32 values at float32 resolution)."""
+        return cls(_scale(*arrays), effects.tie_rtol(*arrays))
 
 
 @functools.cache
@@ -228,7 +247,7 @@ def wilcoxon_one_sided(kd, control, direction: str) -> float:
     if kd.shape != control.shape:
         raise ValueError(f"paired samples differ in length: {kd.shape} vs {control.shape}")
     alternative = {"lower": "less", "higher": "greater"}[direction]
-    return _signed_rank(kd - control, alternative, _scale(kd, control))
+    return _signed_rank(kd - control, alternative, *Tie.of(kd, control))
 
 
 def wilcoxon_two_sided(d, scale: Optional[float] = None) -> float:
@@ -379,22 +398,58 @@ def summarize(students: pd.DataFrame) -> pd.DataFrame:
     return pd.DataFrame(rows, columns=["setup", "teacher_seed", "condition", "metric", "n", "mean", "sem"])
 
 
-def _test_row(pr: Pairs, metric: str) -> dict:
-    """A comparison's p, its null distribution and effect sizes (on snapped differences)."""
-    d = effects.snap_ties(pr.d, _scale(pr.x, pr.y))
+def tost_p(d: np.ndarray, sesoi: float, tie: "Tie") -> float:
+    """The two one-sided tests (TOST) p that the shift of d lies within (-sesoi, +sesoi): the larger of
+    the exact tie-aware signed-rank p of d + sesoi > 0 and of d - sesoi < 0 (nan without pairs).
+
+    The tied test is not monotone in the shift where the SESOI is itself a tie point (d + sesoi
+    has zeros): it can reject at -sesoi but not at some shift below it.  Equivalence is therefore
+    shown only when the whole interval of effects.test_interval lies inside (-sesoi, sesoi), which
+    implies this p <= level (``equivalent`` in paired_tests)."""
+    if d.size == 0 or not sesoi > 0:
+        return math.nan
+    above = signed_rank_test(d + sesoi, "greater", tie.scale, effects.TIE_RTOL)[0]
+    below = signed_rank_test(d - sesoi, "less", tie.scale, effects.TIE_RTOL)[0]
+    return max(above, below)
+
+
+TRANSFER_SHOWN, NO_TRANSFER, INCONCLUSIVE = ("transfer shown", "no transfer larger than the SESOI shown",
+                                             "inconclusive")
+
+
+def verdict(significant: bool, equivalent: bool, functional: bool = True) -> str:
+    """One comparison's verdict: the one-sided test, else the equivalence test, else neither (for
+    accuracy and loss "better shown" / "no difference larger than the SESOI shown")."""
+    shown, none = (TRANSFER_SHOWN, NO_TRANSFER) if functional else (
+        "better shown", "no difference larger than the SESOI shown")
+    if significant:
+        return shown + (" (smaller than the SESOI)" if equivalent else "")
+    return none if equivalent else INCONCLUSIVE
+
+
+def _test_row(pr: Pairs, metric: str, level: float = LEVEL, sesoi: Optional[dict] = None) -> dict:
+    """A comparison's p, its null distribution and effect sizes (on snapped differences); the interval
+    inverts the same one-sided level test in each direction (effects.test_interval: 90% at 0.05)."""
+    tie = Tie.of(pr.x, pr.y)
+    d = effects.snap_ties(pr.d, *tie)
     alternative = {"lower": "less", "higher": "greater"}[direction(metric)]
-    p, null = signed_rank_test(pr.d, alternative, _scale(pr.x, pr.y))
-    eff = effects.effect(d, direction(metric)) if d.size else effects.Effect(*[math.nan] * 6)
-    return dict(n=len(pr.seeds), mean_diff=mean_sem(pr.d)[0], p=p, null=null, **eff._asdict())
+    p, null = signed_rank_test(pr.d, alternative, *tie)
+    eff = effects.effect(d, direction(metric), level) if d.size else effects.Effect(*[math.nan] * 6)
+    s = (sizing.SESOI if sesoi is None else sesoi).get(metric, math.nan)
+    return dict(n=len(pr.seeds), mean_diff=mean_sem(pr.d)[0], p=p, null=null, **eff._asdict(),
+                sesoi=s, p_tost=tost_p(d, s, tie), equivalent=bool(-s < eff.ci_low and eff.ci_high < s))
 
 
 EFFECT_COLUMNS = ["hl", "ci_low", "ci_high", "ci_level", "rank_biserial", "superiority"]
 
 
-def paired_tests(students: pd.DataFrame, level: float = LEVEL, correction: str = corrections.DEFAULT) -> pd.DataFrame:
+def paired_tests(students: pd.DataFrame, level: float = LEVEL, correction: str = corrections.DEFAULT,
+                 sesoi: Optional[dict] = None) -> pd.DataFrame:
     """One row per (setup, teacher seed, treated condition, control, metric) with raw and adjusted p,
-    the p's null distribution and the effect sizes (Hodges-Lehmann shift with its CI, rank-biserial
-    correlation, probability of superiority; effects.py)."""
+    the p's null distribution and the effect sizes (Hodges-Lehmann shift, the 1 - 2 level interval of
+    the two one-sided bounds that invert the test, rank-biserial
+    correlation, probability of superiority; effects.py), and the equivalence test at the metric's
+    smallest effect of interest (``sesoi``, default sizing.SESOI) with the comparison's verdict."""
     rows = []
     for (setup, ts), grp in students.groupby(["setup", "teacher_seed"], sort=True):
         conds = by_condition(grp)
@@ -404,9 +459,9 @@ def paired_tests(students: pd.DataFrame, level: float = LEVEL, correction: str =
                     for m in TESTED_METRICS:
                         pr = paired(runs, conds[ctrl], m)
                         rows.append(dict(setup=setup, teacher_seed=int(ts), condition=cond, control=ctrl, metric=m,
-                                         **_test_row(pr, m), family=correction if m in TRANSFER_METRICS else "none"))
+                                         **_test_row(pr, m, level, sesoi), family=correction if m in TRANSFER_METRICS else "none"))
     cols = ["setup", "teacher_seed", "condition", "control", "metric", "n", "mean_diff", "p", "null",
-            *EFFECT_COLUMNS, "family"]
+            *EFFECT_COLUMNS, "sesoi", "p_tost", "equivalent", "family"]
     tests = pd.DataFrame(rows, columns=cols)
     tests["p_adj"], tests["significant"] = tests["p"], tests["p"] <= level
     families: dict[tuple, list] = {}   # one family per (setup, teacher seed, condition, control)
@@ -416,6 +471,8 @@ def paired_tests(students: pd.DataFrame, level: float = LEVEL, correction: str =
     for ix in families.values():
         adj = corrections.adjust(tests.loc[ix, "p"].to_numpy(float), correction)
         tests.loc[ix, "p_adj"], tests.loc[ix, "significant"] = adj, adj <= level
+    tests["verdict"] = [verdict(bool(s), bool(e), m in TRANSFER_METRICS)
+                        for s, e, m in zip(tests["significant"], tests["equivalent"], tests["metric"])]
     return tests
 
 
@@ -481,10 +538,28 @@ def _same(a: float, b: float) -> bool:
     return math.isclose(a, b, rel_tol=DECISION_RTOL, abs_tol=DECISION_RTOL * 1e-3)
 
 
-def _asymmetry(supported: bool, d_cor: float, d_inc: float) -> str:
+def _asymmetry(supported: bool, d_cor: float, d_inc: float, p: float = math.nan, p_neg: float = math.nan,
+               level: float = LEVEL) -> str:
+    """The asymmetry label: a direction is named plainly only when its two-sided test p <= level."""
     if not supported or math.isnan(d_cor) or math.isnan(d_inc):
         return "none"
-    return "symmetric" if _same(d_inc, d_cor) else "negative" if d_inc > d_cor else "positive"
+    if p <= level:   # the direction the test found: the smaller one-sided p (p_neg: Δincorrect > Δcorrect)
+        return "negative" if p_neg <= 0.5 else "positive"
+    return "symmetric" if _same(d_inc, d_cor) else "negative, n.s." if d_inc > d_cor else "positive, n.s."
+
+
+def asymmetry_text(label: str, p: float, seeds: float, sesoi: float = sizing.SESOI["asymmetry"]) -> str:
+    """The words for an asymmetry label: "negative asymmetry (p 0.002)", or for a direction the test does
+    not support "direction negative, not significant (p 0.0625; 23 seeds for 80% power at 0.01)"."""
+    need = f"{'more than ' + str(sizing.MAX_SEEDS) if seeds != seeds else int(seeds)} seeds for " \
+           f"{sizing.TARGET:.0%} power at {sesoi:g}"
+    if label in ("negative", "positive"):
+        return f"{label} asymmetry (p {p:.3g})"
+    if label.endswith(", n.s."):
+        return f"direction {label[:-6]}, not significant (p {p:.3g}; {need})"
+    if label == "symmetric":
+        return f"no asymmetry observed (p {p:.3g}; {need})"
+    return label
 
 
 def _marginal(supported: bool, gain: float, threshold: float) -> bool:
@@ -493,8 +568,22 @@ def _marginal(supported: bool, gain: float, threshold: float) -> bool:
 
 
 def decisions(students: pd.DataFrame, against: pd.DataFrame, threshold: float = 0.01,
-              exclude_below: Optional[float] = None, min_metrics: int = SUPPORT_MIN) -> pd.DataFrame:
-    """Transfer support, marginality and asymmetry per (setup, teacher seed, treated condition)."""
+              exclude_below: Optional[float] = None, min_metrics: int = SUPPORT_MIN, level: float = LEVEL,
+              sesoi: Optional[dict] = None, tests: Optional[pd.DataFrame] = None) -> pd.DataFrame:
+    """Transfer support, marginality, asymmetry and the verdict per (setup, teacher seed, treated condition).
+
+    The verdict (with ``tests``, paired_tests' frame): "transfer shown" when supported; "no transfer
+    larger than the SESOI shown" when on more functional metrics than support could spare
+    (4 - min_metrics + 1) the equivalence test (TOST at the level: the 1 - 2 level interval inside
+    +-SESOI, see tost_p) against some control shows the shift within the metric's SESOI, so no min_metrics of them can beat every control by the SESOI;
+    otherwise "inconclusive".
+    """
+    sesoi = sizing.SESOI if sesoi is None else sesoi
+    worst = {(r.setup, r.teacher_seed, r.condition, r.metric): r.max_p_adj for r in against.itertuples()}
+    equiv: dict[tuple, set] = {}
+    if tests is not None and len(tests):
+        for r in tests[tests["metric"].isin(TRANSFER_METRICS) & tests["equivalent"].astype(bool)].itertuples():
+            equiv.setdefault((r.setup, r.teacher_seed, r.condition), set()).add(r.metric)
     rows = []
     sig = {(r.setup, r.teacher_seed, r.condition, r.metric): r.significant for r in against.itertuples()}
     for (setup, ts), grp in students.groupby(["setup", "teacher_seed"], sort=True):
@@ -505,6 +594,13 @@ def decisions(students: pd.DataFrame, against: pd.DataFrame, threshold: float = 
                 continue
             n_sig = sum(bool(sig.get((setup, ts, cond, m), False)) for m in TRANSFER_METRICS)
             supported = n_sig >= min_metrics
+            # the decision's own p: supported at level a <=> its min_metrics-th smallest worst-control p <= a
+            ps = sorted(worst.get((setup, ts, cond, m), math.nan) for m in TRANSFER_METRICS)
+            ps = [p for p in ps if not math.isnan(p)]
+            p_decision = ps[min_metrics - 1] if len(ps) >= min_metrics else 1.0
+            n_equiv = len(equiv.get((setup, ts, cond), ()))
+            shown = (TRANSFER_SHOWN if supported else NO_TRANSFER
+                     if n_equiv >= len(TRANSFER_METRICS) - min_metrics + 1 else INCONCLUSIVE)
             best = best_control(cond, conds, exclude_below)
             ref = conds[best] if best is not None else runs.iloc[0:0]
             cor, inc = paired(runs, ref, "correct_agreement"), paired(runs, ref, "incorrect_agreement")
@@ -512,18 +608,24 @@ def decisions(students: pd.DataFrame, against: pd.DataFrame, threshold: float = 
             di, di_sem, _ = mean_sem(inc.d)
             both, ic, ii = np.intersect1d(cor.seeds, inc.seeds, return_indices=True)
             gain = mean_sem(paired(runs, ref, "prediction_agreement").d)[0]
-            p_asym, asym_null = signed_rank_test(inc.d[ii] - cor.d[ic], "two-sided", _scale(inc.x, inc.y, cor.x, cor.y))
+            tie = Tie.of(inc.x, inc.y, cor.x, cor.y)
+            asym_d = inc.d[ii] - cor.d[ic]
+            p_asym, asym_null = signed_rank_test(asym_d, "two-sided", *tie)
+            p_neg = signed_rank_test(asym_d, "greater", *tie)[0]
+            asym_seeds = sizing.seeds_needed(sesoi["asymmetry"], sizing.pilot_sd(effects.snap_ties(asym_d, *tie)),
+                                             level, two_sided=True) if supported else math.nan
             rows.append(dict(
                 setup=setup, teacher_seed=ts, condition=cond, n_significant=n_sig, supported=supported,
                 marginal=_marginal(supported, gain, threshold), pa_gain=gain,
                 delta_correct=dc, delta_correct_sem=dc_sem, delta_incorrect=di, delta_incorrect_sem=di_sem,
-                n_pairs=len(both), asymmetry=_asymmetry(supported, dc, di),
-                p_asymmetry=p_asym, asymmetry_null=asym_null,
+                n_pairs=len(both), asymmetry=_asymmetry(supported, dc, di, p_asym, p_neg, level),
+                p_asymmetry=p_asym, asymmetry_null=asym_null, asymmetry_seeds=asym_seeds,
+                n_equivalent=n_equiv, verdict=shown, p_decision=p_decision,
                 best_control=best))
     return pd.DataFrame(rows, columns=[
         "setup", "teacher_seed", "condition", "n_significant", "supported", "marginal", "pa_gain",
         "delta_correct", "delta_correct_sem", "delta_incorrect", "delta_incorrect_sem", "n_pairs",
-        "asymmetry", "p_asymmetry", "asymmetry_null", "best_control"])
+        "asymmetry", "p_asymmetry", "asymmetry_null", "asymmetry_seeds", "n_equivalent", "verdict", "p_decision", "best_control"])
 
 
 @dataclass
@@ -548,6 +650,8 @@ class Analysis:
     pooled: pd.DataFrame = field(default_factory=pd.DataFrame)       # pooled.pooled_tests
     statements: pd.DataFrame = field(default_factory=pd.DataFrame)   # pooled.statements
     plugins: tuple = ()                                               # modules declaring plug-in conditions
+    sesoi: dict = field(default_factory=lambda: dict(sizing.SESOI))   # smallest effect of interest per metric
+    decision_correction: str = "none"                                 # over each setup's decisions
 
     def for_setup(self, setup: str) -> "Analysis":
         """The same analysis restricted to one setup (what a worker needs to draw its figures)."""
@@ -558,34 +662,6 @@ class Analysis:
                                 if isinstance(getattr(self, f.name), pd.DataFrame)})
 
 
-def analyse(df: pd.DataFrame, threshold: float = 0.01, exclude_below: Optional[float] = None,
-            correction: str = corrections.DEFAULT, power_draws: Optional[int] = None,
-            level: float = LEVEL, map_=map, min_metrics: int = SUPPORT_MIN) -> Analysis:
-    """Run the statistics of docs/protocol.md §5 on a sweep's runs.
-
-    Every test, decision and summary is within one setup, so each setup is
-    analysed on its own and the parts are concatenated in setup order.
-    ``map_`` may be a process pool's ``map`` (kdray report's workers).
-    ``correction`` is the multiple-comparison correction (corrections.py);
-    ``power_draws`` the simulated studies per power estimate (power.py; 0: none).
-    """
-    setup = df["setup"]
-    groups = [df[setup == s] for s in sorted(setup.dropna().unique())] + ([df[setup.isna()]] if setup.isna().any() else [])
-    mods = tuple(df.attrs.get("plugins", ()))   # the sweep's plug-ins, imported by each worker (report.load_target)
-    job = (threshold, exclude_below, level, correction, power_draws, min_metrics, mods)
-    parts = list(map_(_analyse_part, [(g, *job) for g in groups])) or [_analyse_part((df, *job))]
-    frames = {f.name: _concat([getattr(p, f.name) for p in parts]) for f in fields(Analysis)
-              if isinstance(getattr(parts[0], f.name), pd.DataFrame) and f.name != "runs"}
-    return Analysis(runs=df, **frames, threshold=threshold, exclude_below=exclude_below, level=level,
-                    notes=_notes(frames["tests"], level, correction), correction=correction, min_metrics=min_metrics,
-                    plugins=mods)
-
-
-def _concat(frames: list[pd.DataFrame]) -> pd.DataFrame:
-    full = [f for f in frames if len(f)]
-    return pd.concat(full, ignore_index=True) if full else frames[0].reset_index(drop=True)
-
-
 def _notes(tests: pd.DataFrame, level: float, correction: str = corrections.DEFAULT) -> list[str]:
     if not len(tests):
         return []
@@ -594,35 +670,39 @@ def _notes(tests: pd.DataFrame, level: float, correction: str = corrections.DEFA
     return [w] if w else []
 
 
-def _with_power(dec: pd.DataFrame, curves: pd.DataFrame) -> pd.DataFrame:
-    """Decisions plus the power at their own seed count, the seeds needed for power.TARGET, and
-    ``under_powered``: not supported, with less than that power."""
-    from kdray.analysis import power
+DECISION_CORRECTIONS = ("none", "holm", "bh")
 
-    got = power.per_decision(curves) if len(curves) else {}
-    pw = [got.get((r.setup, r.teacher_seed, r.condition), (math.nan, math.nan)) for r in dec.itertuples()]
+
+def correct_decisions(dec: pd.DataFrame, method: str, level: float = LEVEL, min_metrics: int = SUPPORT_MIN,
+                      threshold: float = 0.01) -> pd.DataFrame:
+    """Decisions with a correction over the family of decisions of each setup (every treated condition,
+    alpha, temperature and teacher seed in it): ``p_decision`` adjusted by Holm (family-wise error rate)
+    or BH (false discovery rate of the decisions); ``supported`` then means p_decision_adj <= level
+    (the uncorrected call kept as ``supported_uncorrected``), and the verdict, marginal and asymmetry
+    follow it.  "none" leaves the decisions as they are."""
     dec = dec.copy()
-    dec["power"] = [p for p, _ in pw]
-    dec["seeds_for_power"] = [n for _, n in pw]
-    dec["under_powered"] = ~dec["supported"].astype(bool) & (dec["power"] < power.TARGET)
+    dec["supported_uncorrected"] = dec["supported"].astype(bool)
+    if method == "none" or not len(dec):
+        dec["p_decision_adj"] = dec["p_decision"]
+        return dec
+    adj = pd.Series(np.nan, index=dec.index)
+    for _, ix in dec.groupby(dec["setup"].astype(str)).groups.items():
+        adj[ix] = corrections.adjust(dec.loc[ix, "p_decision"].to_numpy(float), method)
+    dec["p_decision_adj"] = adj
+    lost = dec["supported_uncorrected"] & ~(adj <= level)
+    dec.loc[lost, "supported"] = False
+    dec.loc[lost, "marginal"] = False
+    dec.loc[lost, "asymmetry"] = "none"
+    dec.loc[lost, "verdict"] = INCONCLUSIVE
     return dec
 
 
-def _analyse_part(job: tuple) -> Analysis:
-    """One setup's runs (or the runs without a setup) -> its analysis."""
-    from kdray import plugins
-    from kdray.analysis import pooled, power
-
-    df, threshold, exclude_below, level, correction, draws, min_metrics, mods = job
-    plugins.load(mods)
-    students, teachers, excluded = prepare(df)
-    tests = paired_tests(students, level, correction)
-    against = against_controls(tests)
-    curves = power.power_curves(students, correction, level, draws=power.DRAWS if draws is None else draws,
-                                min_metrics=min_metrics) if draws != 0 else power.power_curves(students.iloc[0:0])
-    dec = _with_power(decisions(students, against, threshold, exclude_below, min_metrics), curves)
-    a = Analysis(df, students, teachers, excluded, summarize(students), tests, against, dec,
-                 best_accuracy(students), threshold, exclude_below, level, min_metrics=min_metrics,
-                 correction=correction, power=curves, plugins=mods)
-    a.pooled, a.statements = pooled.pooled_tests(a), pooled.statements(a)
-    return a
+def decision_family_text(method: str, dec: pd.DataFrame) -> str:
+    """The family the decision correction runs over, named for the summary."""
+    if method == "none":
+        return ("decisions: no correction over the decisions (each setup's treated conditions x alphas x "
+                "temperatures x teacher seeds); see docs/statistics.md for the rule's error rates")
+    sizes = dec.groupby(dec["setup"].astype(str)).size()
+    fam = ", ".join(f"{k} {v}" for k, v in sizes.items())
+    return (f"decisions: {corrections.CORRECTIONS[method]} over the decisions of each setup (treated "
+            f"conditions x alphas x temperatures x teacher seeds: {fam})")

@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 
 import pandas as pd
 
-from kdray.analysis import corrections, power
+from kdray.analysis import corrections, power, sizing
 from kdray.analysis.effects import CI_LEVEL
 from kdray.analysis.stats import TESTED_METRICS, Analysis, Condition, direction, metric_columns
 from kdray.metric_names import TRANSFER_METRICS
@@ -152,10 +152,15 @@ def tick_tables(a: Analysis) -> list[Table]:
     return out
 
 
-def fmt_ci(est: float, low: float, high: float, level: float = CI_LEVEL) -> str:
-    """'est [low, high]', with * where the interval's actual confidence is below CI_LEVEL (too few pairs)."""
-    star = "*" if level == level and level < CI_LEVEL - 1e-9 else ""
-    return f"{fmt(est, 3)} [{fmt(low, 3)}, {fmt(high, 3)}]{star}"
+TINY = 1e-300           # a bound this close to 0 is "just above (below) 0": the interval is open there
+
+
+def fmt_ci(est: float, low: float, high: float) -> str:
+    """'est [low, high]': an end at +-inf (no bound: too few pairs) as inf, an end that is the float
+    just beside 0 (effects.lower_bound: 0 itself rejected) as an open '(0' or '0)'."""
+    left = "(0" if 0 < low < TINY else "[" + fmt(low, 3)
+    right = "0)" if -TINY < high < 0 else fmt(high, 3) + "]"
+    return f"{fmt(est, 3)} {left}, {right}"
 
 
 def effect_tables(a: Analysis) -> dict[str, Table]:
@@ -165,13 +170,15 @@ def effect_tables(a: Analysis) -> dict[str, Table]:
         cell = {(r.teacher_seed, r.condition, r.control, r.metric): r for r in t.itertuples()}
         keys = sorted({k[:3] for k in cell}, key=lambda k: (k[0], k[1].sort_key, k[2].sort_key))
         rows = [[str(ts), c.label, ctrl.label] + [
-            f"{fmt_ci(r.hl, r.ci_low, r.ci_high, r.ci_level)}; r={fmt(r.rank_biserial, 2)}; P={fmt(r.superiority, 2)}"
+            f"{fmt_ci(r.hl, r.ci_low, r.ci_high)}; r={fmt(r.rank_biserial, 2)}; P={fmt(r.superiority, 2)}"
             if (r := cell.get((ts, c, ctrl, m))) is not None else "" for m in TESTED_METRICS] for ts, c, ctrl in keys]
         out[setup] = Table(slug("effects", setup), f"{setup}: effect sizes of every paired comparison",
                            ["teacher seed", "condition", "control"] + [metric_header(m) for m in TESTED_METRICS], rows,
                            note=f"Hodges-Lehmann shift (condition - control, the metric's units) with its "
-                                f"{CI_LEVEL:.0%} CI from the exact signed-rank test (* fewer pairs than a "
-                                f"{CI_LEVEL:.0%} interval needs: the widest one, its level in data/tests.csv); "
+                                f"{1 - 2 * a.level:.0%} interval: the two one-sided {1 - a.level:.0%} bounds that "
+                                f"invert the exact tie-aware signed-rank test the ticks use, so a tick never "
+                                f"sits beside an interval that covers 0 (inf: no bound, too few pairs; "
+                                f"(0 or 0): open at 0); "
                                 f"r: matched-pairs rank-biserial correlation, P: probability the condition beats "
                                 f"the control on a random seed (both +1 / 1 when it is better on every seed).")
     return out
@@ -184,46 +191,74 @@ def pooled_tables(a: Analysis) -> dict[str, Table]:
         cell = {(r.condition, r.control, r.metric): r for r in t.itertuples()}
         keys = sorted({k[:2] for k in cell}, key=lambda k: (k[0].sort_key, k[1].sort_key))
         rows = [[c.label, ctrl.label, str(max(r.teacher_seeds for k, r in cell.items() if k[:2] == (c, ctrl)))] + [
-            fmt_ci(r.estimate, r.ci_low, r.ci_high) if (r := cell.get((c, ctrl, m))) is not None else ""
+            fmt_ci(r.estimate, r.ci_low, r.ci_high) + fmt_re(r) if (r := cell.get((c, ctrl, m))) is not None else ""
             for m in TESTED_METRICS] for c, ctrl in keys]
         out[setup] = Table(slug("pooled", setup), f"{setup}: paired differences pooled over teacher seeds",
                            ["condition", "control", "teacher seeds"] + [metric_header(m) for m in TESTED_METRICS],
                            rows, note=f"Mean over teacher seeds of the mean paired difference (condition - control), "
-                                      f"{CI_LEVEL:.0%} CI by a bootstrap stratified by teacher seed.")
+                                      f"{CI_LEVEL:.0%} CI for these teacher seeds (Welch t); with 3 or more "
+                                      f"teacher seeds also a {CI_LEVEL:.0%} CI for teachers like these (teacher as "
+                                      f"a random factor: t on the teacher seeds' means), after 'like these'.")
     return out
 
 
 def statement_table(a: Analysis) -> Table:
     """One line per setup and treated condition, over all its teacher seeds."""
-    rows = [[r.setup, r.condition.label, f"{r.supported_seeds}/{r.teacher_seeds}", fmt_ci(r.pa_gain, r.ci_low, r.ci_high)]
-            for r in a.statements.itertuples()]
+    rows = [[r.setup, r.condition.label, f"{r.supported_seeds}/{r.teacher_seeds}",
+             fmt_ci(r.pa_gain, r.ci_low, r.ci_high) + fmt_re(r)] for r in a.statements.itertuples()]
     return Table("pooled", "Pooled over teacher seeds", ["setup", "condition", "supported on teacher seeds",
                                                           "PA gain over the best control"], rows,
                  note=f"PA gain: mean over teacher seeds of the prediction-agreement gain over that seed's best "
-                      f"control, {CI_LEVEL:.0%} CI by a bootstrap stratified by teacher seed.")
+                      f"control, {CI_LEVEL:.0%} CI for these teacher seeds (Welch t); with 3 or more teacher "
+                      f"seeds also the {CI_LEVEL:.0%} CI for teachers like these (random effects).")
 
 
 POWER_SHOWN = (5, 10, 15, 20, 25, 30)
+
+
+def fmt_re(r) -> str:
+    """'; like these [low, high]' where a random-effects interval exists (3+ teacher seeds), else ''."""
+    lo, hi = getattr(r, "re_low", math.nan), getattr(r, "re_high", math.nan)
+    return "" if lo != lo else f"; like these [{fmt(lo, 3)}, {fmt(hi, 3)}]"
 
 
 def fmt_seeds(n: float) -> str:
     return f">{max(power.SEED_RANGE)}" if n != n else str(int(n))
 
 
+def fmt_seeds_at(n: float, label: str = "") -> str:
+    """Seeds sizing.seeds_needed found ('>200' when none up to MAX_SEEDS; blank where not asked)."""
+    if label == "none":
+        return ""
+    return f">{sizing.MAX_SEEDS}" if n != n else str(int(n))
+
+
+def fmt_power(p: float, low: float, high: float) -> str:
+    """'0.62 (0.31-0.85)': the power with its range over the noise estimate's 95% interval."""
+    return f"{fmt(p, 2)} ({fmt(low, 2)}-{fmt(high, 2)})"
+
+
 def power_table(a: Analysis) -> Table:
-    """Per decision: the power to support transfer at several student-seed counts, and the count needed."""
+    """Per decision: the power to support transfer at the SESOI at several student-seed counts, and the
+    count needed (as estimated, and with the noise at its upper 95% limit)."""
     rows = []
     for (setup, ts, _), g in a.power.groupby(["setup", "teacher_seed", a.power["condition"].map(repr)], sort=False):
         at = dict(zip(g["n_seeds"], g["power"]))
         pilot = g[g["pilot"]].iloc[0]
-        rows.append([setup, str(ts), g["condition"].iloc[0].label, f"{fmt(pilot.power, 2)} ({pilot.pilot_seeds})"]
-                    + [fmt(at.get(n, float("nan")), 2) for n in POWER_SHOWN] + [fmt_seeds(power.seeds_for(g))])
-    return Table("power", f"Power to support transfer ({corrections.SHORT[a.correction]})",
-                 ["setup", "teacher seed", "condition", "now (seeds)"] + [f"{n} seeds" for n in POWER_SHOWN]
+        rows.append([setup, str(ts), g["condition"].iloc[0].label,
+                     f"{fmt_power(pilot.power, pilot.power_low, pilot.power_high)} [{pilot.pilot_seeds}]"]
+                    + [fmt(at.get(n, float("nan")), 2) for n in POWER_SHOWN]
+                    + [f"{fmt_seeds(power.seeds_for(g))} ({fmt_seeds(g['seeds_low'].iloc[0])})"])
+    sesoi = ", ".join(f"{m} {a.sesoi[m]:g}" for m in TRANSFER_METRICS)
+    return Table("power", f"Power to support transfer at the SESOI ({corrections.SHORT[a.correction]})",
+                 ["setup", "teacher seed", "condition", "now [seeds]"] + [f"{n} seeds" for n in POWER_SHOWN]
                  + [f"seeds for {power.TARGET:.0%}"], rows,
-                 note="Probability that a study of that many student seeds supports transfer (at least 3 of 4 "
-                      "functional metrics significant against every control), by a smoothed bootstrap of this "
-                      "sweep's per-seed differences (a planning estimate that takes the observed effect as true).")
+                 note=f"Probability that a study of that many student seeds supports transfer (at least "
+                      f"{a.min_metrics} of 4 functional metrics significant against every control) if every "
+                      f"functional metric is better than every control by its smallest effect of interest "
+                      f"({sesoi}). Simulated with this sweep's noise only (the covariance of its per-seed "
+                      f"differences; its own effect is not used); in brackets the range with the noise at the "
+                      f"ends of its 95% interval, and the seeds needed with the noise at its upper limit.")
 
 
 def decision_table(a: Analysis) -> Table:
@@ -232,23 +267,34 @@ def decision_table(a: Analysis) -> Table:
     rows = []
     for r in a.decisions.itertuples():
         b = best_acc.get((r.setup, r.teacher_seed, r.condition.width))
-        rows.append([r.setup, str(r.teacher_seed), r.condition.label, "yes" if r.supported else "no",
+        rows.append([r.setup, str(r.teacher_seed), r.condition.label, "yes" if r.supported else "no", r.verdict,
                      "yes" if r.marginal else "no", fmt(r.pa_gain, 3),
                      fmt_ms(r.delta_correct, r.delta_correct_sem), fmt_ms(r.delta_incorrect, r.delta_incorrect_sem),
-                     r.asymmetry, fmt(r.p_asymmetry, 3), r.best_control.label if r.best_control else "none",
+                     r.asymmetry, fmt(r.p_asymmetry, 3), fmt_seeds_at(r.asymmetry_seeds, r.asymmetry),
+                     r.best_control.label if r.best_control else "none",
                      b.condition.label if b is not None else "",
-                     fmt(r.power, 2) + (" (under-powered)" if r.under_powered else ""), fmt_seeds(r.seeds_for_power)])
+                     fmt_power(r.power, r.power_low, r.power_high),
+                     f"{fmt_seeds(r.seeds_for_power)} ({fmt_seeds(r.seeds_for_power_low)})"])
     return Table("decisions", "Transfer decisions",
-                 ["setup", "teacher seed", "condition", "supported", "marginal", "PA gain", "Δcorrect", "Δincorrect",
-                  "asymmetry", "p(asym)", "best control", "best accuracy", "power",
+                 ["setup", "teacher seed", "condition", "supported", "verdict", "marginal", "PA gain", "Δcorrect", "Δincorrect",
+                  "asymmetry", "p(asym)", f"asym. seeds for {sizing.TARGET:.0%}", "best control", "best accuracy", "power",
                   f"seeds for {power.TARGET:.0%}"], rows,
                  note=f"Supported: at least {a.min_metrics} of {len(TRANSFER_METRICS)} functional metrics significant "
                       f"against every control ({corrections.family_text(a.correction)}). "
-                      f"Power: probability of support at this many seeds (power table); under-powered: "
-                      f"not supported, with less than {power.TARGET:.0%} power to support it at this "
-                      f"many seeds (not evidence of no transfer; see the power table). "
+                      f"Verdict: transfer shown (supported); no transfer larger than the SESOI shown (on at least "
+                      f"{len(TRANSFER_METRICS) - a.min_metrics + 1} functional metrics an equivalence test, TOST at "
+                      f"level {a.level:g}, shows the difference from some control within the metric's smallest "
+                      f"effect of interest: {', '.join(f'{m} {a.sesoi[m]:g}' for m in TRANSFER_METRICS)}); "
+                      f"otherwise inconclusive. "
+                      f"Power: probability of support at this many seeds if every functional metric is better "
+                      f"than every control by its SESOI, with this sweep's noise (range: the noise at the ends of "
+                      f"its 95% interval; power table); seeds for {power.TARGET:.0%}: as estimated (noise at "
+                      f"its upper limit). "
                       f"Marginal: supported but prediction-agreement gain over the best control < {a.threshold:g}. "
-                      f"p(asym): two-sided paired Wilcoxon of Δincorrect - Δcorrect.")
+                      f"p(asym): two-sided paired Wilcoxon of Δincorrect - Δcorrect; asymmetry named "
+                      f"(negative/positive) only where p(asym) <= {a.level:g}, else its direction with n.s.; "
+                      f"asym. seeds: the seeds that test needs for {sizing.TARGET:.0%} power at an asymmetry of "
+                      f"{sizing.SESOI['asymmetry']:g} with this sweep's noise.")
 
 
 def teacher_table(a: Analysis) -> Table:
