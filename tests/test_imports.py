@@ -15,14 +15,6 @@ from pathlib import Path
 
 PACKAGE = Path(__file__).resolve().parents[1] / "kdray"
 
-# TEMPORARY: the cycles inside kdray/analysis are being removed on the statistics branch.
-# Until branch stats lands, a cycle whose modules all lie in this set is tolerated; every
-# other cycle fails.  Delete this set (and its one use below) when that branch is merged.
-TOLERATED_UNTIL_STATS_LANDS = frozenset({
-    "kdray.analysis.figures", "kdray.analysis.pooled", "kdray.analysis.power",
-    "kdray.analysis.report", "kdray.analysis.stats", "kdray.analysis.tables",
-})
-
 
 def module_name(path: Path) -> str:
     parts = path.relative_to(PACKAGE.parent).with_suffix("").parts
@@ -158,5 +150,5 @@ def test_the_cycle_finder_finds_a_cycle():
 
 def test_no_module_of_kdray_is_in_an_import_cycle():
     g = graph()
-    found = [c for c in cycles(g) if not set(c) <= TOLERATED_UNTIL_STATS_LANDS]
+    found = cycles(g)
     assert not found, "import cycles:\n" + "\n".join(path_in(c, g) for c in found)

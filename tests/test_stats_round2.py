@@ -18,6 +18,8 @@ from kdray.analysis.pipeline import analyse
 from kdray.analysis.stats import wilcoxon_one_sided
 from synthetic_runs import as_frame, run
 
+QUICKSTART = Path(__file__).resolve().parents[1] / "search_spaces" / "quickstart.yaml"
+
 
 def brute(d, alternative: str) -> float:
     """The signed-rank p by enumerating every sign pattern of the non-zero |d| (mid-ranks), exact fractions."""
@@ -416,11 +418,11 @@ def test_plan_and_audit_recommend_seeds_from_a_pilot(planted_mlflow, tmp_path, c
     from kdray.cli import main
 
     _, uri = planted_mlflow
-    assert main(["plan", "search_spaces/quickstart.yaml", "--pilot", "small", "--tracking-uri", uri]) == 0
+    assert main(["plan", str(QUICKSTART), "--pilot", "small", "--tracking-uri", uri]) == 0
     out = capsys.readouterr().out
     assert "seeds from pilot 'small'" in out and "their noise only" in out
     assert "broken: student seeds for 80% power at the SESOI on every teacher seed" in out
-    assert main(["plan", "search_spaces/quickstart.yaml", "--pilot", "nope", "--tracking-uri", uri]) == 2
+    assert main(["plan", str(QUICKSTART), "--pilot", "nope", "--tracking-uri", uri]) == 2
     err = capsys.readouterr().err.strip()
     assert err.startswith("kdray: error: no MLflow experiment 'nope'") and "\n" not in err
     assert main(["audit", "--dataset", "digits", "--teacher", "small_cnn", "--storage", str(tmp_path / "r"),
@@ -429,44 +431,6 @@ def test_plan_and_audit_recommend_seeds_from_a_pilot(planted_mlflow, tmp_path, c
     out = capsys.readouterr().out
     assert "# seeds from pilot 'small'" in out and "prediction_disagreement 0.02" in out
     assert not (tmp_path / "r").exists()
-
-
-# ------------------------------------------------------------------ the analysis package is a one-way pipeline
-
-def test_analysis_modules_import_in_one_direction():
-    """Every import inside kdray/analysis (function-local ones included) between its modules, as a graph:
-    it has no cycle (a depth-first search finds no back edge)."""
-    import ast
-
-    root = Path(__file__).resolve().parents[1] / "kdray" / "analysis"
-    mods = {p.stem for p in root.glob("*.py") if p.stem != "__init__"}
-    graph = {m: set() for m in mods}
-    for m in mods:
-        for node in ast.walk(ast.parse((root / f"{m}.py").read_text())):
-            if isinstance(node, ast.ImportFrom) and node.module:
-                names = [node.module] + [f"{node.module}.{a.name}" for a in node.names]
-            elif isinstance(node, ast.Import):
-                names = [a.name for a in node.names]
-            else:
-                continue
-            for name in names:
-                parts = name.split(".")
-                if parts[:2] == ["kdray", "analysis"] and len(parts) > 2 and parts[2] in mods and parts[2] != m:
-                    graph[m].add(parts[2])
-    state: dict[str, int] = {}
-
-    def visit(m, path):
-        state[m] = 1
-        for n in graph[m]:
-            assert state.get(n) != 1, "import cycle: " + " -> ".join(path + [m, n])
-            if n not in state:
-                visit(n, path + [m])
-        state[m] = 2
-
-    for m in sorted(mods):
-        if m not in state:
-            visit(m, [])
-    assert "pipeline" in graph["report"] and "stats" not in graph["effects"]
 
 
 def test_no_significant_row_of_a_report_shows_an_interval_covering_0():
