@@ -71,6 +71,9 @@ def cmd_plan(args) -> int:
             w = significance_warning and significance_warning(len(s.student_seeds), correction=args.correction)
             if w:
                 print(f"  warning: {s.name}: {w}")
+        if args.list:
+            for spec in plan.all:
+                print(f"{spec.trial_key}  {spec.label}")
     if args.pilot:
         from kdray.analysis.planning import seed_lines
         from kdray.analysis.runs import ReportError
@@ -79,9 +82,6 @@ def cmd_plan(args) -> int:
             print("\n".join(seed_lines(args.pilot, args.tracking_uri, args.correction, _sesoi(args))))
         except (ReportError, ValueError) as e:
             return _fail(str(e))
-        if args.list:
-            for spec in plan.all:
-                print(f"{spec.trial_key}  {spec.label}")
     if len(args.sweep) > 1:
         shared = total - len(keys)
         print(f"all {len(args.sweep)} files: {len(keys)} distinct trials "
