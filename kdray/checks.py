@@ -62,10 +62,20 @@ def _check_args(where: str, args: dict, declared: dict, what: str) -> None:
 
 def _check_setup(s: Setup, where: str) -> None:
     data = DATASETS.get(s.dataset.name)
+    missing = data.missing()
+    if missing:
+        how = f"kdray[{data.extra}]" if data.extra else ", ".join(missing)
+        raise SweepError(f"{where}.dataset.name: {data.name!r} needs {', '.join(missing)}, which is not installed: "
+                         f"install {how}")
     _check_args(f"{where}.dataset", {**s.dataset.args, **s.teacher_dataset}, data.args(), f"dataset {data.name!r}")
     models = [("teacher", s.teacher)] + ([("student", s.student)] if s.student else [])
     for role, ref in models:
         arch = MODELS.get(ref.arch)
+        missing = arch.missing()
+        if missing:
+            how = f"kdray[{arch.extra}]" if arch.extra else ", ".join(missing)
+            raise SweepError(f"{where}.{role}.arch: {arch.name!r} needs {', '.join(missing)}, which is not "
+                             f"installed: install {how}")
         _check_args(f"{where}.{role}", ref.args, arch.args(), f"architecture {arch.name!r}")
         if data.modality != ANY and data.modality not in arch.accepts:
             raise SweepError(f"{where}.{role}.arch: {arch.name!r} takes {' or '.join(arch.accepts)} inputs, but dataset "

@@ -83,6 +83,17 @@ class ModelRef(_Strict):
     args: dict[str, Any] = {}
     _arch = _known("arch", MODELS)
 
+    @model_validator(mode="before")
+    @classmethod
+    def _prepared(cls, data):
+        """Args as trials get them: e.g. a pretrained folder's path made absolute and its hash added."""
+        if isinstance(data, dict) and isinstance(data.get("arch"), str) and data["arch"] in MODELS \
+                and isinstance(data.get("args", {}), dict):
+            arch = MODELS.get(data["arch"])
+            if arch.prepare is not None:
+                data = {**data, "args": arch.prepared(data.get("args", {}))}
+        return data
+
 
 class TeacherRef(ModelRef):
     """The teacher: trained by the sweep, or loaded from ``checkpoint`` (a state dict; kdray/checkpoints.py)."""

@@ -39,6 +39,8 @@ class Dataset:
     classes: Optional[int] = None       # None: depends on the files (or args)
     reads_files: bool = True            # False: ships inside a package (digits)
     file_arg: Optional[str] = None      # an argument that points at the files instead of the data root
+    requires: tuple[str, ...] = ()      # modules of an optional extra its loader imports
+    extra: Optional[str] = None         # ... and the extra that installs them ("lm": kdray[lm])
 
     @property
     def budget(self) -> str:
@@ -46,6 +48,11 @@ class Dataset:
 
     def args(self) -> dict:
         return builder_args(self.target, skip=("root",))
+
+    def missing(self) -> list[str]:
+        """The modules it requires that are not installed (found without importing them)."""
+        from kdray.registry import installed
+        return [m for m in self.requires if not installed(m)]
 
     def needs_root(self, args: dict) -> bool:
         return self.reads_files and not (self.file_arg and args.get(self.file_arg))
@@ -92,6 +99,8 @@ declare_dataset("speechcommands", "kdray.data.speechcommands:speechcommands", AU
 declare_dataset("urbansound8k", "kdray.data.urbansound:urbansound8k", AUDIO, classes=10)
 declare_dataset("tinyshakespeare", "kdray.data.tinyshakespeare:tinyshakespeare", TOKENS, task=LM, classes=65,
                 file_arg="path")
+declare_dataset("text_bpe", "kdray.data.text:text_bpe", TOKENS, task=LM, file_arg="path",
+                requires=("tokenizers",), extra="lm")
 
 
 def resolve_root(root: str | os.PathLike | None) -> Optional[Path]:

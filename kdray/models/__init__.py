@@ -36,6 +36,9 @@ class Architecture:
     target: Target                      # "module:function", or the builder itself
     accepts: tuple[str, ...]            # the modalities it can take
     blocks: Optional[str] = None        # the builder argument that sets len(model.blocks)
+    requires: tuple[str, ...] = ()      # modules of an optional extra it imports (checked at validation)
+    extra: Optional[str] = None         # ... and the extra that installs them ("lm": kdray[lm])
+    prepare: Optional[Target] = None    # args -> args at validation (a pretrained folder's hash)
 
     def args(self) -> dict:
         """The arguments a sweep file may give: {name: (annotation, default)} (no import)."""
@@ -47,6 +50,15 @@ class Architecture:
             return None
         value = args.get(self.blocks, self.args().get(self.blocks, (None, None))[1])
         return value if isinstance(value, int) else None
+
+    def missing(self) -> list[str]:
+        """The modules it requires that are not installed (found without importing them)."""
+        from kdray.registry import installed
+        return [m for m in self.requires if not installed(m)]
+
+    def prepared(self, args: dict) -> dict:
+        """The sweep file's args as trials get them (``prepare``; torch-free)."""
+        return dict(args) if self.prepare is None else resolve(self.prepare)(dict(args))
 
     def __call__(self, num_classes: int, input_shape: tuple[int, ...], **args):
         return resolve(self.target)(num_classes=num_classes, input_shape=tuple(input_shape), **args)
@@ -67,8 +79,9 @@ def adopt_model(path: str) -> Architecture:
 MODELS: Registry[Architecture] = Registry("architecture", adopt=adopt_model)
 
 
-def declare_model(name: str, target: Target, accepts: tuple[str, ...], blocks: Optional[str] = None) -> Architecture:
-    arch = Architecture(name, target, tuple(accepts), blocks)
+def declare_model(name: str, target: Target, accepts: tuple[str, ...], blocks: Optional[str] = None,
+                  **info) -> Architecture:
+    arch = Architecture(name, target, tuple(accepts), blocks, **info)
     MODELS.register(name)(arch)
     return arch
 
@@ -84,6 +97,8 @@ declare_model("vggish", "kdray.models.vggish:vggish", (AUDIO,))
 declare_model("ast", "kdray.models.ast:ast", (AUDIO,), blocks="depth")
 declare_model("nano_gpt", "kdray.models.gpt:nano_gpt", (TOKENS,), blocks="n_layer")
 declare_model("pico_gpt", "kdray.models.gpt:pico_gpt", (TOKENS,), blocks="n_layer")
+declare_model("hf_causal_lm", "kdray.models.hf:hf_causal_lm", (TOKENS,), requires=("transformers",), extra="lm",
+              prepare="kdray.models.hf:folder_identity")
 
 
 def build_model(name: str, num_classes: int, input_shape: tuple[int, ...], **args):
