@@ -233,3 +233,31 @@ def test_hf_teacher_and_students_train_through_run_trial(tmp_path, real_data):
         assert out[method]["js_divergence"] < out["siddo"]["js_divergence"], (method, out)
     logits = store.load_npy(plan.teachers[0].trial_key, "test_logits.npy")
     assert logits.shape[-1] == 300 and np.isfinite(logits).all()
+
+
+def test_hf_students_pack_and_agree_with_training_alone(tmp_path, real_data):
+    """K students of one HF config train as one stacked model (kdray/packing.py); their results
+    match training each alone (to float32 rounding: stacked kernels sum in another order)."""
+    from kdray import packing
+    from kdray.plan import build_plan
+    from kdray.recipe import run_trial
+    from kdray.storage import Store
+    from kdray.sweep import parse_sweep
+    cfg = {**TINY, "resid_pdrop": 0.0, "embd_pdrop": 0.0, "attn_pdrop": 0.0}   # dropout would train alone
+    sw = parse_sweep(_sweep(tmp_path, {"arch": "hf_causal_lm", "args": {"config": cfg}},
+                            conditions={"siddo": False, "kd": None, "rcd": None, "reverse_kl": {"alphas": [0.5]}},
+                            student_seeds=[10, 11], resources={"student": {"pack": 2}}))
+    plan = build_plan(sw)
+    store = Store(sw.storage, sw.name)
+    run_trial(plan.teachers[0], store)
+    assert packing.fallback_reasons(plan.students) == {}
+    packed = packing.run_pack(plan.students, store)
+    alone = Store(str(tmp_path / "alone"), "x")
+    run_trial(plan.teachers[0], alone)
+    for s in plan.students:
+        one = run_trial(s, alone)
+        assert packed[s.trial_key]["test_loss"] == pytest.approx(one["test_loss"], rel=1e-5)
+        assert packed[s.trial_key]["js_divergence"] == pytest.approx(one["js_divergence"], rel=1e-4)
+    state = store.read_bytes(plan.teachers[0].trial_key, "model.pt")
+    keys = list(torch.load(__import__("io").BytesIO(state), weights_only=True))
+    assert all(k.startswith("hf.") for k in keys)          # no second copy of the layers under blocks.*

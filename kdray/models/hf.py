@@ -21,6 +21,7 @@ validation with one line (kdray/checks.py).
 """
 from __future__ import annotations
 
+import functools
 import hashlib
 import os
 from pathlib import Path
@@ -100,7 +101,9 @@ def _decoder_layers(hf, n_layers: Optional[int]):
     return (same or lists or [nn.ModuleList()])[0]
 
 
+@functools.cache
 def _causal_lm_module():
+    """The wrapper class, made once (it needs torch; packs require one class for all their models)."""
     import torch
     from torch import nn
 
@@ -110,7 +113,11 @@ def _causal_lm_module():
         def __init__(self, hf):
             super().__init__()
             self.hf = hf
-            self.blocks = _decoder_layers(hf, getattr(hf.config, "num_hidden_layers", None))
+
+        @property
+        def blocks(self) -> nn.ModuleList:
+            """The decoder layers, found in ``hf`` (not a second registration: no duplicate names)."""
+            return _decoder_layers(self.hf, getattr(self.hf.config, "num_hidden_layers", None))
 
         def forward(self, idx: torch.Tensor, attention_mask: Optional[torch.Tensor] = None) -> torch.Tensor:
             return self.hf(input_ids=idx, attention_mask=attention_mask, use_cache=False).logits
