@@ -261,3 +261,39 @@ def test_hf_students_pack_and_agree_with_training_alone(tmp_path, real_data):
     state = store.read_bytes(plan.teachers[0].trial_key, "model.pt")
     keys = list(torch.load(__import__("io").BytesIO(state), weights_only=True))
     assert all(k.startswith("hf.") for k in keys)          # no second copy of the layers under blocks.*
+
+
+def test_a_pretrained_folder_teaches_as_it_was_saved(tmp_path, real_data, capfd):
+    """teacher: {pretrained: DIR} with teacher_recipe {train: false}: the stored teacher outputs are the
+    saved model's; a vocabulary that does not fit is one line at validation (the preflight)."""
+    from kdray.cli import main
+    from kdray.data import load_dataset
+    from kdray.plan import build_plan
+    from kdray.recipe import run_trial
+    from kdray.storage import Store
+    from kdray.sweep import load_sweep
+    data = {"name": "text_bpe", "args": {"path": str(corpus(tmp_path, 12000)[0]), "vocab_size": 300,
+                                         "block_size": 16}}
+    saved = save_tiny(tmp_path / "teacher").eval()
+    f = write_sweep(tmp_path / "s.yaml", _sweep(tmp_path, {"arch": "hf_causal_lm",
+                                                           "args": {"pretrained": str(tmp_path / "teacher")}},
+                                                {"arch": "hf_causal_lm", "args": {"config": TINY}}, dataset=data,
+                                                teacher_recipe={"train": False}))
+    assert main(["validate", str(f)]) == 0, capfd.readouterr().err
+    sw = load_sweep(f)
+    plan = build_plan(sw)
+    store = Store(sw.storage, sw.name)
+    run_trial(plan.teachers[0], store)
+    bundle = load_dataset("text_bpe", None, **data["args"])
+    with torch.inference_mode():
+        want = saved(bundle.test_x).reshape(-1, 300)
+    got = torch.from_numpy(store.load_npy(plan.teachers[0].trial_key, "test_logits.npy"))
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+    out = run_trial(plan.students[0], store)
+    assert np.isfinite(out["js_divergence"])
+    save_tiny(tmp_path / "teacher", vocab=280)
+    capfd.readouterr()
+    code = main(["validate", str(f)])
+    lines = capfd.readouterr().err.strip().splitlines()
+    assert code != 0 and len(lines) == 1 and "setups[0].teacher.arch" in lines[0], lines
+    assert "has vocab_size 280, the data set's tokenizer has 300 tokens" in lines[0], lines

@@ -134,8 +134,9 @@ def hf_causal_lm(num_classes: int, input_shape: tuple[int, ...], config: Optiona
     if (config is None) == (pretrained is None):
         raise ValueError("hf_causal_lm: give exactly one of config ({model_type: gpt2, n_layer: ..., ...}) "
                          "or pretrained (a save_pretrained folder)")
-    transformers = require_transformers()
     os.environ.setdefault("HF_HUB_OFFLINE", "1")     # never the network: configs and local folders only
+    transformers = require_transformers()
+    transformers.utils.logging.disable_progress_bar()   # no "Loading weights" bars in trial logs and errors
     if pretrained is not None:
         if width != 1.0:
             raise ValueError("hf_causal_lm: width scales a model built from config, not a pretrained folder")
