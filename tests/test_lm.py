@@ -297,3 +297,19 @@ def test_a_pretrained_folder_teaches_as_it_was_saved(tmp_path, real_data, capfd)
     lines = capfd.readouterr().err.strip().splitlines()
     assert code != 0 and len(lines) == 1 and "setups[0].teacher.arch" in lines[0], lines
     assert "has vocab_size 280, the data set's tokenizer has 300 tokens" in lines[0], lines
+
+
+def test_the_audit_of_a_pretrained_folder_does_not_train_the_teacher(tmp_path, capsys):
+    import yaml
+
+    from kdray.cli import main
+    save_tiny(tmp_path / "teacher")
+    code = main(["audit", "--dataset", "text_bpe", "--dataset-args", "{vocab_size: 300, block_size: 16}",
+                 "--teacher", "hf_causal_lm", "--teacher-args", f"{{pretrained: {tmp_path / 'teacher'}}}",
+                 "--student", "hf_causal_lm", "--student-args", "{config: {model_type: gpt2, n_layer: 1, n_embd: 16, n_head: 2}}",
+                 "--recipe", "{iterations: 10}", "--method", "reverse_kl", "--method", "gjsd", "--seeds", "2",
+                 "--dry-run"])
+    assert code == 0
+    setup = yaml.safe_load(capsys.readouterr().out)["setups"][0]
+    assert setup["teacher_recipe"] == {"train": False}
+    assert {k for k, v in setup["conditions"].items() if v} == {"siddo", "rcd", "reverse_kl", "gjsd"}
