@@ -21,6 +21,7 @@ MODULES = {
     "ffcv": "benchmarks.ffcv_loading",
     "packing": "benchmarks.packing",
     "packed_sweep": "benchmarks.packed_sweep",
+    "lm_step": "benchmarks.lm_step",                # needs kdray[lm]
 }
 NAMES = tuple(MODULES)
 
