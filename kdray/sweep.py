@@ -210,6 +210,23 @@ class Setup(_Strict):
             raise ValueError("widths must be a non-empty list of fractions in (0, 1]")
         return v
 
+    @field_validator("evals", mode="before")
+    @classmethod
+    def _probes(cls, v):
+        """A declared probe ({probe: {...}}) travels as its canonical name (kdray/probes.py)."""
+        if not isinstance(v, list):
+            return v
+        from kdray.probes import canonical
+        out = []
+        for i, e in enumerate(v):
+            if isinstance(e, dict) and set(e) == {"probe"}:
+                try:
+                    e = canonical(e["probe"])
+                except ValueError as err:
+                    raise ValueError(f"item {i}: {err}") from None
+            out.append(e)
+        return out
+
     @field_validator("evals")
     @classmethod
     def _e(cls, v):

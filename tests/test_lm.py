@@ -313,3 +313,39 @@ def test_the_audit_of_a_pretrained_folder_does_not_train_the_teacher(tmp_path, c
     setup = yaml.safe_load(capsys.readouterr().out)["setups"][0]
     assert setup["teacher_recipe"] == {"train": False}
     assert {k for k, v in setup["conditions"].items() if v} == {"siddo", "rcd", "reverse_kl", "gjsd"}
+
+
+def test_a_probe_on_bpe_tokens_scores_whole_continuations(tmp_path):
+    """The tha/the probe on a BPE data set: contexts end at the trigger's start (keep 0), whole words
+    compete; the counts add up and the likelihood scoring matches one context scored by hand."""
+    from kdray.data.text import load_tokenizer, text_bpe
+    from kdray.probes import Probe, contexts, run_probe
+    path, _ = corpus(tmp_path, 20000)
+    bundle = text_bpe(None, path=str(path), vocab_size=300, block_size=16, cache_dir=str(tmp_path / "c"))
+    from kdray.models import build_model
+    torch.manual_seed(0)
+    model = build_model("hf_causal_lm", 300, (16,), config=TINY).eval()
+    probe = Probe("w", "the", (("tha", "tha"), ("the", "the")), keep=0)
+    r = run_probe(probe, model, bundle, "cpu")
+    n = r["probe_w_contexts"]
+    assert n == bundle.extras["test_text"].count("the") > 3
+    assert r["probe_w_tha"] + r["probe_w_the"] == n
+    tok = load_tokenizer(bundle.extras["tokenizer_json"])
+    ctx = tok.encode(contexts(probe, bundle)[0][-64:]).ids
+    scores = {}
+    for cont in ("tha", "the"):
+        c = tok.encode(cont).ids
+        seq = (ctx + c[:-1])[-16:]
+        with torch.inference_mode():
+            logp = torch.log_softmax(model(torch.tensor([seq]))[0], -1)
+        scores[cont] = sum(float(logp[16 - len(c) + k, c[k]]) for k in range(len(c)))
+    first = {k: run_probe(probe, model, _first_only(bundle, probe), "cpu")[f"probe_w_{k}"] for k in scores}
+    assert first == {k: float(k == max(scores, key=scores.get)) for k in scores}
+
+
+def _first_only(bundle, probe):
+    """The bundle with its test text cut just after the trigger's first occurrence."""
+    import dataclasses
+    text = bundle.extras["test_text"]
+    end = text.index(probe.trigger) + len(probe.trigger)
+    return dataclasses.replace(bundle, extras={**bundle.extras, "test_text": text[:end]})

@@ -18,7 +18,8 @@
   ``["test_positions_total"]`` predicted tokens covered), so every window is full and
   no padding or attention mask is needed.
 * ``extras``: ``tokenizer_json`` (the tokenizer, as text), ``tokenizer_sha256``,
-  ``test_text``, ``source``.
+  ``test_text``, ``test_prefix`` (the characters just before it: history for probes,
+  kdray/probes.py), ``source``.
 """
 from __future__ import annotations
 
@@ -144,5 +145,6 @@ def text_bpe(root: Optional[Path] = None, path: Optional[str] = None, tokenizer:
     x = test_ids[:m * block_size].reshape(m, block_size)
     y = test_ids[1:m * block_size + 1].reshape(m, block_size)
     extras = {"tokenizer_json": tok_json, "tokenizer_sha256": tok_sha, "test_text": test_text,
+              "test_prefix": text[max(0, n - 4 * block_size):n],     # history for probes' early contexts
               "test_positions": m * block_size, "test_positions_total": len(test_ids) - 1, "source": source}
     return DataBundle("lm", n_vocab, (block_size,), train_ids, None, x, y, block_size=block_size, extras=extras)
