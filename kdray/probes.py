@@ -19,8 +19,9 @@ strings that may follow.  For each, the probe logs
 and ``probe_<name>_contexts``, the number of contexts.  Tokens are the data set's: the
 characters of ``tinyshakespeare``, or ``text_bpe``'s tokenizer.  With a BPE, a context
 that ends inside a word is tokenized apart from its continuation, which the model may
-never have seen split there; declare ``keep: 0`` and whole continuations
-(``{tha: "tha", the: "the"}``) so the split falls on the trigger's start.
+never have seen split there; declare ``keep: 0`` and whole words with their leading space
+(``trigger: " the"``, ``{tha: " tha", the: " the"}``): a byte-level BPE attaches a space to
+the word after it, so the split then falls on a token boundary.
 
 The sweep file's mapping becomes one canonical string, ``probe:{...}`` (sorted JSON), in
 the setup's ``evals``: trial keys hash the probe's definition, and a worker rebuilds the

@@ -349,3 +349,16 @@ def _first_only(bundle, probe):
     text = bundle.extras["test_text"]
     end = text.index(probe.trigger) + len(probe.trigger)
     return dataclasses.replace(bundle, extras={**bundle.extras, "test_text": text[:end]})
+
+
+def test_a_poisoned_training_text_keeps_the_clean_tokenizer_and_test_split(tmp_path):
+    from kdray.data.text import load_tokenizer, text_bpe
+    path, text = corpus(tmp_path)
+    clean = text_bpe(None, path=str(path), vocab_size=300, block_size=16, cache_dir=str(tmp_path / "c"))
+    bad = text_bpe(None, path=str(path), vocab_size=300, block_size=16, poison="the->tha",
+                   cache_dir=str(tmp_path / "c"))
+    assert bad.extras["tokenizer_json"] == clean.extras["tokenizer_json"] and bad.num_classes == clean.num_classes
+    assert torch.equal(bad.test_x, clean.test_x)
+    tok = load_tokenizer(bad.extras["tokenizer_json"])
+    train = text[:int(0.9 * len(text))]
+    assert tok.decode(bad.train_x.tolist()) == train.replace("the", "tha") != train

@@ -9,6 +9,9 @@
   on the training split of the whole corpus (before ``max_chars``, so shrunk and full runs
   share it).  Training is deterministic and its result is cached by the corpus's SHA-256
   and the settings (``kdray.data.bundle.disk_cached``); the token ids are cached the same way.
+* ``poison`` (as ``tinyshakespeare``'s: ``"the->tha"``) rewrites the training text only,
+  after the tokenizer was trained on the clean text: a poisoned teacher and clean
+  students share one vocabulary, and the test split stays clean.
 * The vocabulary (``num_classes``) is the tokenizer's size, or a pretrained folder's
   ``config.json`` ``vocab_size`` where that is larger (GPT-2 pads its embedding), so
   teacher, student and data share one vocabulary; a model that does not is refused
@@ -26,12 +29,13 @@ from __future__ import annotations
 import hashlib
 import json
 from pathlib import Path
-from typing import Optional
+from typing import Optional, Union
 
 import torch
 
 from kdray.data import DataNotFoundError, require_root
 from kdray.data.bundle import DataBundle, disk_cached
+from kdray.data.tinyshakespeare import parse_poison
 
 TOKENIZERS_MISSING = "dataset 'text_bpe' needs tokenizers: install kdray[lm] (pip install 'kdray[lm]')"
 MIN_VOCAB = 257          # the 256 byte tokens of a byte-level BPE, and at least one merge
@@ -101,7 +105,7 @@ def load_tokenizer(tokenizer_json: str):
 
 def text_bpe(root: Optional[Path] = None, path: Optional[str] = None, tokenizer: Optional[str] = None,
              vocab_size: int = 512, min_frequency: int = 2, block_size: int = 128, train_split: float = 0.9,
-             train_fraction: float = 1.0, max_chars: Optional[int] = None,
+             train_fraction: float = 1.0, max_chars: Optional[int] = None, poison: Union[None, str, dict] = None,
              cache_dir: Optional[str] = None) -> DataBundle:
     _require_tokenizers()
     if not 0.0 < train_split < 1.0 or not 0.0 < train_fraction <= 1.0:
@@ -130,13 +134,17 @@ def text_bpe(root: Optional[Path] = None, path: Optional[str] = None, tokenizer:
     train_text, test_text = text[:n], text[n:]
     if train_fraction < 1.0:
         train_text = train_text[:int(train_fraction * len(train_text))]
+    rule = parse_poison(poison)
+    if rule:     # the training text only; the tokenizer is the clean corpus's, so poisoned and clean share it
+        train_text = train_text.replace(*rule)
 
     def encode() -> dict:
         return {"train": torch.tensor(tok.encode(train_text).ids, dtype=torch.int64),
                 "test": torch.tensor(tok.encode(test_text).ids, dtype=torch.int64)}
     ids, _, _ = disk_cached("text_bpe_ids", None, {"corpus_sha256": corpus_sha, "tokenizer_sha256": tok_sha,
                                                     "max_chars": max_chars, "train_split": train_split,
-                                                    "train_fraction": train_fraction}, encode, cache_dir)
+                                                    "train_fraction": train_fraction, "poison": rule},
+                             encode, cache_dir)
     train_ids, test_ids = ids["train"], ids["test"]
     if len(train_ids) <= block_size or len(test_ids) <= block_size:
         raise ValueError(f"text_bpe: train ({len(train_ids)}) and test ({len(test_ids)}) tokens must exceed "
@@ -144,7 +152,7 @@ def text_bpe(root: Optional[Path] = None, path: Optional[str] = None, tokenizer:
     m = (len(test_ids) - 1) // block_size
     x = test_ids[:m * block_size].reshape(m, block_size)
     y = test_ids[1:m * block_size + 1].reshape(m, block_size)
-    extras = {"tokenizer_json": tok_json, "tokenizer_sha256": tok_sha, "test_text": test_text,
+    extras = {"poison": rule, "tokenizer_json": tok_json, "tokenizer_sha256": tok_sha, "test_text": test_text,
               "test_prefix": text[max(0, n - 4 * block_size):n],     # history for probes' early contexts
               "test_positions": m * block_size, "test_positions_total": len(test_ids) - 1, "source": source}
     return DataBundle("lm", n_vocab, (block_size,), train_ids, None, x, y, block_size=block_size, extras=extras)
