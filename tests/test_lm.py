@@ -128,11 +128,17 @@ def test_the_trial_key_of_a_pretrained_teacher_is_its_files_not_their_path(tmp_p
 def test_sweep_errors_are_one_line_naming_the_field(tmp_path, monkeypatch):
     from kdray.sweep import SweepError, load_sweep
     bad = [({"arch": "hf_causal_lm", "args": {"pretrained": str(tmp_path / "nowhere")}}, "teacher: pretrained:"),
-           ({"arch": "hf_causal_lm", "args": {"config": TINY, "layers": 3}}, "teacher.args.layers: unknown argument")]
+           ({"arch": "hf_causal_lm", "args": {"config": TINY, "layers": 3}}, "teacher.args.layers: unknown argument"),
+           ({"arch": "hf_causal_lm", "args": {"config": {**TINY, "n_layers": 3}}},
+            "teacher.arch: building 'hf_causal_lm' or running it on 'text_bpe' inputs failed: ValueError: "
+            "config.n_layers: not a field of a gpt2 config; did you mean n_layer"),
+           ({"arch": "hf_causal_lm", "args": {"config": {**TINY, "model_type": "gpt3"}}},
+            "config.model_type 'gpt3'")]
     for teacher, message in bad:
         f = write_sweep(tmp_path / "s.yaml", _sweep(tmp_path, teacher))
         with pytest.raises(SweepError) as e:
-            load_sweep(f)
+            from kdray.preflight import preflight
+            preflight(load_sweep(f), str(f))
         assert message in str(e.value) and "\n" not in str(e.value), str(e.value)
     # without the extra: one line at validation, before anything imports or trains
     real = importlib.util.find_spec

@@ -21,6 +21,7 @@ validation with one line (kdray/checks.py).
 """
 from __future__ import annotations
 
+import difflib
 import functools
 import hashlib
 import os
@@ -129,7 +130,7 @@ def hf_causal_lm(num_classes: int, input_shape: tuple[int, ...], config: Optiona
                  pretrained: Optional[str] = None, pretrained_sha256: Optional[str] = None,
                  width: float = 1.0):
     """A causal LM from ``config`` (a ``transformers`` config mapping with ``model_type``) or from the
-    ``save_pretrained`` folder ``pretrained`` (``config`` then overrides nothing; give one of the two).
+    ``save_pretrained`` folder ``pretrained`` (give one of the two).
     ``width`` scales the hidden size (rounded to a multiple of the head count) for width sweeps."""
     if (config is None) == (pretrained is None):
         raise ValueError("hf_causal_lm: give exactly one of config ({model_type: gpt2, n_layer: ..., ...}) "
@@ -159,6 +160,15 @@ def hf_causal_lm(num_classes: int, input_shape: tuple[int, ...], config: Optiona
         cfg["vocab_size"] = num_classes
         try:
             defaults = transformers.AutoConfig.for_model(model_type)
+        except ValueError as e:
+            raise ValueError(f"hf_causal_lm: config.model_type {model_type!r}: {str(e).splitlines()[0]}") from None
+        known = set(defaults.to_dict()) | set(getattr(defaults, "attribute_map", {}))
+        unknown = sorted(set(cfg) - known)
+        if unknown:   # transformers would keep a typo (n_layers) as an attribute and build its default depth
+            near = difflib.get_close_matches(unknown[0], sorted(known), n=3)
+            hint = f"did you mean {' or '.join(near)}?" if near else f"see {type(defaults).__name__}'s fields"
+            raise ValueError(f"config.{unknown[0]}: not a field of a {model_type} config; {hint}")
+        try:
             for name in SPECIAL_TOKENS:   # GPT-2's 50256 is no token of a small vocabulary
                 v = getattr(defaults, name, None)
                 if name not in cfg and isinstance(v, int) and not 0 <= v < num_classes:
