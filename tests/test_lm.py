@@ -19,7 +19,8 @@ TINY = {"model_type": "gpt2", "n_layer": 2, "n_embd": 32, "n_head": 2, "n_positi
 
 
 def require_lm():
-    missing = [m for m in ("transformers", "tokenizers") if importlib.util.find_spec(m) is None]
+    from kdray.registry import installed
+    missing = [m for m in ("transformers", "tokenizers") if not installed(m)]
     if not missing:
         return
     reason = f"kdray[lm] MISSING: {', '.join(missing)} not installed (pip install -e '.[lm]')"
