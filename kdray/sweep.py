@@ -87,11 +87,14 @@ class ModelRef(_Strict):
     @classmethod
     def _prepared(cls, data):
         """Args as trials get them: e.g. a pretrained folder's path made absolute and its hash added."""
-        if isinstance(data, dict) and isinstance(data.get("arch"), str) and data["arch"] in MODELS \
-                and isinstance(data.get("args", {}), dict):
+        if not (isinstance(data, dict) and isinstance(data.get("arch"), str) and isinstance(data.get("args", {}), dict)):
+            return data
+        try:
             arch = MODELS.get(data["arch"])
-            if arch.prepare is not None:
-                data = {**data, "args": arch.prepared(data.get("args", {}))}
+        except (KeyError, PluginError):      # reported at the arch field by its own validator
+            return data
+        if arch.prepare is not None:
+            data = {**data, "args": arch.prepared(data.get("args", {}))}
         return data
 
 
