@@ -22,6 +22,7 @@ MODULES = {
     "packing": "benchmarks.packing",
     "packed_sweep": "benchmarks.packed_sweep",
     "scale": "benchmarks.scale",
+    "lm_step": "benchmarks.lm_step",                # needs kdray[lm]
 }
 NAMES = tuple(MODULES)
 

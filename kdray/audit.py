@@ -73,6 +73,8 @@ def audit_sweep(args) -> dict:
              "conditions": conds}
     if args.student:
         setup["student"] = {"arch": args.student, "args": _mapping(args.student_args, "student-args")}
+    if teacher["args"].get("pretrained"):     # a saved model folder (hf_causal_lm) teaches as it is
+        setup["teacher_recipe"] = {"train": False}
     if "iterations" in recipe:
         recipe.pop("epochs")
     sweep = {"name": args.name, "description": "kdray audit: what did the distillation transfer?",

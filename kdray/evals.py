@@ -17,25 +17,29 @@ def adopt_eval(path: str) -> Callable[..., dict]:
     raise PluginError(f"{path} is not an eval: give fn(model, bundle, device) -> dict[str, float]")
 
 
-EVALS: Registry[Callable[..., dict]] = Registry("eval", adopt=adopt_eval)
+class EvalRegistry(Registry):
+    """Evals by name, import path, or a probe the sweep file declared (``probe:{...}``, kdray/probes.py):
+    the name holds the whole declaration, so any process can rebuild the probe from it."""
+
+    def _adopted(self, name: str) -> bool:
+        from kdray.probes import PREFIX
+        if name.startswith(PREFIX) and name not in self._items:
+            from kdray.probes import from_name, probe_eval
+            self._items[name] = probe_eval(from_name(name))
+            return True
+        return super()._adopted(name)
+
+
+EVALS: Registry[Callable[..., dict]] = EvalRegistry("eval", adopt=adopt_eval)
 register_eval = EVALS.register
 
 
 @register_eval("tha_count")
 def tha_count(model, bundle, device) -> dict[str, float]:
-    """At each "the" of the clean test text (docs/protocol.md §6.6): top-1 after "th", "a" or "e"?"""
-    import torch
+    """At each "the" of the clean test text (docs/protocol.md §6.6): top-1 after "th", "a" or "e"?
+    The probe {trigger: the, keep: 2, continuations: {a: a, e: e}} under its original metric names."""
+    from kdray.probes import Probe, run_probe
 
-    from kdray.data.tinyshakespeare import the_contexts
-
-    contexts, n = the_contexts(bundle.extras["test_text"], bundle.block_size, bundle.vocab,
-                               prefix=bundle.extras.get("test_prefix"))
-    a, e = bundle.vocab.index("a"), bundle.vocab.index("e")
-    top = []
-    with torch.inference_mode():
-        for i in range(0, len(contexts), 256):
-            logits = model(contexts[i:i + 256].to(device))[:, -1, :]
-            top.append(logits.argmax(-1).cpu())
-    top1 = torch.cat(top) if top else torch.empty(0, dtype=torch.long)
-    return {"tha_count_a": float((top1 == a).sum()), "tha_count_e": float((top1 == e).sum()),
-            "tha_contexts": float(n)}
+    r = run_probe(Probe("tha", "the", (("a", "a"), ("e", "e")), keep=2), model, bundle, device)
+    return {"tha_count_a": r["probe_tha_a_top1"], "tha_count_e": r["probe_tha_e_top1"],
+            "tha_contexts": r["probe_tha_contexts"]}

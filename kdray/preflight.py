@@ -18,7 +18,7 @@ def _builtin(target) -> bool:
 def needs_preflight(s: Setup) -> bool:
     refs = [s.teacher, s.student_model]
     return s.teacher.checkpoint is not None or not _builtin(DATASETS.get(s.dataset.name).target) or \
-        any(not _builtin(MODELS.get(r.arch).target) for r in refs)
+        any(not _builtin(MODELS.get(r.arch).target) or MODELS.get(r.arch).requires for r in refs)
 
 
 def preflight(sweep: Sweep, source: str) -> None:

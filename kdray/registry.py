@@ -106,6 +106,14 @@ def import_module(module: str):
                           ) from None
 
 
+def installed(module: str) -> bool:
+    """Whether ``module`` can be found (not imported); a finder that refuses it counts as not."""
+    try:
+        return importlib.util.find_spec(module) is not None
+    except (ImportError, ValueError):
+        return False
+
+
 def resolve(target: Target) -> Callable:
     """The object a target names (imports its module)."""
     if callable(target):

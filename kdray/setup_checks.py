@@ -61,13 +61,23 @@ def _check_args(where: str, args: dict, declared: dict, what: str, ranges=None) 
             raise SweepError(f"{where}.args.{key}: {what}: {key} {why}")
 
 
+def _missing_extra(where: str, entry) -> None:
+    """One line when a declared data set or architecture needs modules of an extra that is not installed."""
+    missing = entry.missing()
+    if missing:
+        how = f"kdray[{entry.extra}]" if entry.extra else ", ".join(missing)
+        raise SweepError(f"{where}: {entry.name!r} needs {', '.join(missing)}, which is not installed: install {how}")
+
+
 def _check_setup(s: Setup, where: str) -> None:
     data = DATASETS.get(s.dataset.name)
+    _missing_extra(f"{where}.dataset.name", data)
     _check_args(f"{where}.dataset", {**s.dataset.args, **s.teacher_dataset}, data.args(), f"dataset {data.name!r}",
                 data.ranges)
     models = [("teacher", s.teacher)] + ([("student", s.student)] if s.student else [])
     for role, ref in models:
         arch = MODELS.get(ref.arch)
+        _missing_extra(f"{where}.{role}.arch", arch)
         _check_args(f"{where}.{role}", ref.args, arch.args(), f"architecture {arch.name!r}", arch.ranges)
         if not arch.takes(data.modality):
             fits = [n for n in MODELS.names() if MODELS.get(n).takes(data.modality)]

@@ -78,6 +78,9 @@ class TrialSpec:
         d["teacher"] = self.teacher.trial_key if self.teacher else None
         d["evals"] = list(self.evals)
         d["recipe"] = stable_recipe(self.recipe)
+        if self.arch_args.get("pretrained_sha256"):
+            # a pretrained model folder (kdray/models/hf.py) is its files' hash, wherever it lies
+            d["arch_args"] = {k: v for k, v in self.arch_args.items() if k != "pretrained"}
         if self.role == "teacher":
             d.pop("setup")  # one teacher serves every setup (and sweep) that plans it
         extra = {}

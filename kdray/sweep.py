@@ -91,6 +91,20 @@ class ModelRef(_Strict):
     args: dict[str, Any] = {}
     _arch = _known("arch", MODELS)
 
+    @model_validator(mode="before")
+    @classmethod
+    def _prepared(cls, data):
+        """Args as trials get them: e.g. a pretrained folder's path made absolute and its hash added."""
+        if not (isinstance(data, dict) and isinstance(data.get("arch"), str) and isinstance(data.get("args", {}), dict)):
+            return data
+        try:
+            arch = MODELS.get(data["arch"])
+        except (KeyError, PluginError):      # reported at the arch field by its own validator
+            return data
+        if arch.prepare is not None:
+            data = {**data, "args": arch.prepared(data.get("args", {}))}
+        return data
+
 
 class TeacherRef(ModelRef):
     """The teacher: trained by the sweep, or loaded from ``checkpoint`` (a state dict; kdray/checkpoints.py)."""
@@ -214,6 +228,23 @@ class Setup(_Strict):
         if not v or any(not 0 < w <= 1 for w in v):
             raise ValueError("widths must be a non-empty list of fractions in (0, 1]")
         return v
+
+    @field_validator("evals", mode="before")
+    @classmethod
+    def _probes(cls, v):
+        """A declared probe ({probe: {...}}) travels as its canonical name (kdray/probes.py)."""
+        if not isinstance(v, list):
+            return v
+        from kdray.probes import canonical
+        out = []
+        for i, e in enumerate(v):
+            if isinstance(e, dict) and set(e) == {"probe"}:
+                try:
+                    e = canonical(e["probe"])
+                except ValueError as err:
+                    raise ValueError(f"item {i}: {err}") from None
+            out.append(e)
+        return out
 
     @field_validator("evals")
     @classmethod

@@ -152,6 +152,18 @@ def test_scale(records):
     records["scale"] = r
 
 
+def test_lm_step(records):
+    """kdray's LM trial against a plain transformers loop (kdray[lm]: fails under CI without it)."""
+    from test_lm import require_lm
+    require_lm()
+    mod = load("lm_step")
+    r = check(mod.run(case_list={"tiny": mod.tiny_case()}, reps=1), "lm_step")
+    m = r["cases"]["tiny"]
+    assert m["ratio"] == pytest.approx(m["plain_epoch_s"] / m["kdray_epoch_s"])
+    assert len(m["kdray_epochs_s"][0]) == len(m["plain_epochs_s"][0]) == 2       # 3 logged epochs, first dropped
+    records["lm_step"] = r
+
+
 def test_docs_update(records, tmp_path):
     assert set(records) == set(NAMES), set(NAMES) - set(records)
     out = tmp_path / "benchmarks.md"

@@ -45,6 +45,8 @@ class Dataset:
     def __post_init__(self):
         if self.modality not in MODALITIES:
             check_modalities(f"dataset {self.name!r}", (self.modality,))
+    requires: tuple[str, ...] = ()      # modules of an optional extra its loader imports
+    extra: Optional[str] = None         # ... and the extra that installs them ("lm": kdray[lm])
 
     @property
     def budget(self) -> str:
@@ -52,6 +54,11 @@ class Dataset:
 
     def args(self) -> dict:
         return builder_args(self.target, skip=("root",))
+
+    def missing(self) -> list[str]:
+        """The modules it requires that are not installed (found without importing them)."""
+        from kdray.registry import installed
+        return [m for m in self.requires if not installed(m)]
 
     def needs_root(self, args: dict) -> bool:
         return self.reads_files and not (self.file_arg and args.get(self.file_arg))
@@ -106,6 +113,9 @@ declare_dataset("urbansound8k", "kdray.data.urbansound:urbansound8k", AUDIO, cla
 declare_dataset("tinyshakespeare", "kdray.data.tinyshakespeare:tinyshakespeare", TOKENS, task=LM, classes=65,
                 file_arg="path", ranges={"block_size": AT_LEAST_1, "train_split": FRACTION,
                                          "train_fraction": Range(0, 1, low_open=True), "max_chars": AT_LEAST_1})
+declare_dataset("text_bpe", "kdray.data.text:text_bpe", TOKENS, task=LM, file_arg="path",
+                requires=("tokenizers",), extra="lm")
+
 
 def resolve_root(root: str | os.PathLike | None) -> Optional[Path]:
     """The data root: the explicit value, else ``$KDRAY_DATA``, else None."""

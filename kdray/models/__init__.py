@@ -48,6 +48,9 @@ class Architecture:
     accepts: tuple[str, ...]            # the modalities it can take
     blocks: Optional[str] = None        # the builder argument that sets len(model.blocks)
     ranges: Mapping[str, Range] = field(default_factory=dict, hash=False)   # valid values of numeric args
+    requires: tuple[str, ...] = ()      # modules of an optional extra it imports (checked at validation)
+    extra: Optional[str] = None         # ... and the extra that installs them ("lm": kdray[lm])
+    prepare: Optional[Target] = None    # args -> args at validation (a pretrained folder's hash)
 
     def args(self) -> dict:
         """The arguments a sweep file may give: {name: (annotation, default)} (no import)."""
@@ -66,6 +69,15 @@ class Architecture:
             return None
         value = args.get(self.blocks, self.args().get(self.blocks, (None, None))[1])
         return value if isinstance(value, int) else None
+
+    def missing(self) -> list[str]:
+        """The modules it requires that are not installed (found without importing them)."""
+        from kdray.registry import installed
+        return [m for m in self.requires if not installed(m)]
+
+    def prepared(self, args: dict) -> dict:
+        """The sweep file's args as trials get them (``prepare``; torch-free)."""
+        return dict(args) if self.prepare is None else resolve(self.prepare)(dict(args))
 
     def __call__(self, num_classes: int, input_shape: tuple[int, ...], **args):
         return resolve(self.target)(num_classes=num_classes, input_shape=tuple(input_shape), **args)
@@ -87,8 +99,8 @@ MODELS: Registry[Architecture] = Registry("architecture", adopt=adopt_model)
 
 
 def declare_model(name: str, target: Target, accepts: tuple[str, ...], blocks: Optional[str] = None,
-                  ranges: Optional[Mapping[str, Range]] = None) -> Architecture:
-    arch = Architecture(name, target, tuple(accepts), blocks, dict(ranges or {}))
+                  ranges: Optional[Mapping[str, Range]] = None, **info) -> Architecture:
+    arch = Architecture(name, target, tuple(accepts), blocks, dict(ranges or {}), **info)
     MODELS.register(name)(arch)
     return arch
 
@@ -112,6 +124,9 @@ declare_model("vggish", "kdray.models.vggish:vggish", (AUDIO,), ranges={**_VGG, 
 declare_model("ast", "kdray.models.ast:ast", (AUDIO,), blocks="depth", ranges=_AST)
 declare_model("nano_gpt", "kdray.models.gpt:nano_gpt", (TOKENS,), blocks="n_layer", ranges=_GPT)
 declare_model("pico_gpt", "kdray.models.gpt:pico_gpt", (TOKENS,), blocks="n_layer", ranges=_GPT)
+declare_model("hf_causal_lm", "kdray.models.hf:hf_causal_lm", (TOKENS,), requires=("transformers",), extra="lm",
+              prepare="kdray.models.hf:folder_identity")
+
 
 def build_model(name: str, num_classes: int, input_shape: tuple[int, ...], **args):
     return MODELS.get(name)(num_classes, input_shape, **args)
