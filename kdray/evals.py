@@ -29,6 +29,11 @@ class EvalRegistry(Registry):
             return True
         return super()._adopted(name)
 
+    def valid_names(self) -> list[str]:
+        """The named evals, without the probes built in this process (their names are declarations)."""
+        from kdray.probes import PREFIX
+        return [n for n in super().valid_names() if not n.startswith(PREFIX)]
+
 
 EVALS: Registry[Callable[..., dict]] = EvalRegistry("eval", adopt=adopt_eval)
 register_eval = EVALS.register

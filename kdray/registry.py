@@ -70,8 +70,12 @@ class Registry(Generic[T]):
             return self._items[name]
         except KeyError:
             raise UnknownNameError(
-                f"unknown {self.kind} {name!r}; valid: {', '.join(sorted(self._items))}"
+                f"unknown {self.kind} {name!r}; valid: {', '.join(self.valid_names())}"
             ) from None
+
+    def valid_names(self) -> list[str]:
+        """What an error offers instead of an unknown name."""
+        return self.names()
 
     def names(self) -> list[str]:
         self._ready()

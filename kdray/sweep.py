@@ -77,7 +77,7 @@ Conditions = _conditions_model()
 
 def _registered(registry, name: str) -> str:
     if name not in registry:
-        raise ValueError(f"unknown {registry.kind} {name!r}; valid: {', '.join(registry.names())}")
+        raise ValueError(f"unknown {registry.kind} {name!r}; valid: {', '.join(registry.valid_names())}")
     return name
 
 
