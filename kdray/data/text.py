@@ -35,7 +35,7 @@ import torch
 
 from kdray.data import DataNotFoundError, require_root
 from kdray.data.bundle import DataBundle, disk_cached
-from kdray.data.tinyshakespeare import parse_poison
+from kdray.data.tinyshakespeare import parse_poison, split_text
 
 TOKENIZERS_MISSING = "dataset 'text_bpe' needs tokenizers: install kdray[lm] (pip install 'kdray[lm]')"
 MIN_VOCAB = 257          # the 256 byte tokens of a byte-level BPE, and at least one merge
@@ -129,11 +129,7 @@ def text_bpe(root: Optional[Path] = None, path: Optional[str] = None, tokenizer:
     tok = load_tokenizer(tok_json)
     n_vocab = max(tok.get_vocab_size(with_added_tokens=True), model_vocab or 0)
 
-    text = clean[:max_chars] if max_chars else clean
-    n = int(train_split * len(text))
-    train_text, test_text = text[:n], text[n:]
-    if train_fraction < 1.0:
-        train_text = train_text[:int(train_fraction * len(train_text))]
+    train_text, test_text, before = split_text(clean, max_chars, train_split, train_fraction)
     rule = parse_poison(poison)
     if rule:     # the training text only; the tokenizer is the clean corpus's, so poisoned and clean share it
         train_text = train_text.replace(*rule)
@@ -153,6 +149,6 @@ def text_bpe(root: Optional[Path] = None, path: Optional[str] = None, tokenizer:
     x = test_ids[:m * block_size].reshape(m, block_size)
     y = test_ids[1:m * block_size + 1].reshape(m, block_size)
     extras = {"poison": rule, "tokenizer_json": tok_json, "tokenizer_sha256": tok_sha, "test_text": test_text,
-              "test_prefix": text[max(0, n - 4 * block_size):n],     # history for probes' early contexts
+              "test_prefix": before[-4 * block_size:],     # history for probes' early contexts
               "test_positions": m * block_size, "test_positions_total": len(test_ids) - 1, "source": source}
     return DataBundle("lm", n_vocab, (block_size,), train_ids, None, x, y, block_size=block_size, extras=extras)

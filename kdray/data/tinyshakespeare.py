@@ -63,6 +63,18 @@ def decode(ids: torch.Tensor, vocab: str) -> str:
     return "".join(vocab[i] for i in ids.tolist())
 
 
+def split_text(text: str, max_chars: Optional[int], train_split: float,
+               train_fraction: float) -> tuple[str, str, str]:
+    """(train, test, before test): of the first ``max_chars`` characters (all: None), the first
+    ``train_split`` for training (of which the first ``train_fraction`` is kept), the rest for
+    testing, and all the text before the test split (the history of its first contexts)."""
+    text = text[:max_chars] if max_chars else text
+    n = int(train_split * len(text))
+    before, test_text = text[:n], text[n:]
+    train_text = before[:int(train_fraction * len(before))] if train_fraction < 1.0 else before
+    return train_text, test_text, before
+
+
 def parse_poison(poison: Union[None, str, dict]) -> Optional[tuple[str, str]]:
     """``"the->tha"`` or ``{"find": "the", "replace": "tha"}`` -> ``("the", "tha")``."""
     if poison in (None, "", {}):
@@ -135,11 +147,7 @@ def tinyshakespeare(root: Optional[Path] = None, path: Optional[str] = None, dow
                                     + ("" if path else " (set download: true to fetch it)"))
     clean = file.read_text(encoding="utf-8")
     vocab = "".join(sorted(set(clean)))
-    text = clean[:max_chars] if max_chars else clean
-    n = int(train_split * len(text))
-    train_text, test_text = text[:n], text[n:]
-    if train_fraction < 1.0:
-        train_text = train_text[:int(train_fraction * len(train_text))]
+    train_text, test_text, before = split_text(clean, max_chars, train_split, train_fraction)
     rule = parse_poison(poison)
     if rule:
         new = set(rule[1]) - set(vocab)
@@ -156,7 +164,7 @@ def tinyshakespeare(root: Optional[Path] = None, path: Optional[str] = None, dow
     m = (len(test_ids) - 1) // block_size
     x = test_ids[:m * block_size].view(m, block_size)
     y = test_ids[1:m * block_size + 1].view(m, block_size)
-    extras = {"test_text": test_text, "test_prefix": text[max(0, n - block_size):n],
+    extras = {"test_text": test_text, "test_prefix": before[-block_size:],
               "test_positions": m * block_size, "test_positions_total": len(test_ids) - 1,
               "poison": rule, "source": str(file)}
     return DataBundle("lm", len(vocab), (block_size,), train_ids, None, x, y,
