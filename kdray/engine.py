@@ -213,6 +213,7 @@ class MlflowCallback(Callback):
         self.finished: list[str] = []
         self.failed: dict[str, str] = {}
         self.interrupted: list[str] = []
+        self._ended: set[str] = set()                   # the three above, as one set
         self.suspect: list[tuple[str, str, str]] = []    # (role, label, reason) of nonsense results
         self.retries: dict[str, int] = {}                # Tune trial id -> restarts
         self.lost = ""                                   # why MLflow could no longer be written
@@ -231,8 +232,19 @@ class MlflowCallback(Callback):
         return [s.trial_key for specs in self.members.values() for s in specs]
 
     def ended_keys(self) -> set[str]:
-        """Trials that ended in this run: finished, failed or interrupted."""
-        return set(self.finished) | set(self.failed) | set(self.interrupted)
+        """Trials that ended in this run: finished, failed or interrupted (kept as they end, not
+        rebuilt: every result asks, and rebuilding made the driver's cost grow with trials squared)."""
+        return self._ended
+
+    def _ended_now(self, key: str, how: str, reason: str = "") -> None:
+        """Record that trial ``key`` ended: "finished", "failed" (with its reason) or "interrupted"."""
+        if how == "failed":
+            self.failed[key] = reason
+        elif how == "finished":
+            self.finished.append(key)
+        else:
+            self.interrupted.append(key)
+        self._ended.add(key)
 
     def _specs(self, trial) -> list[TrialSpec]:
         """The trial's specs this run logs: its one spec, or the pack members it has yet to finish
@@ -253,10 +265,10 @@ class MlflowCallback(Callback):
         """A trial that ended without its final record: interrupted if Ctrl-C came first, else failed."""
         run_id = self._run(spec)
         if self.stopping.is_set():
-            self.interrupted.append(spec.trial_key)
+            self._ended_now(spec.trial_key, "interrupted")
             self.tracker.end_trial(run_id, False, "interrupted", status="KILLED")
         else:
-            self.failed[spec.trial_key] = reason
+            self._ended_now(spec.trial_key, "failed", reason)
             self.tracker.end_trial(run_id, False, reason)
 
     def _finish(self, spec: TrialSpec, final: dict) -> None:
@@ -274,15 +286,14 @@ class MlflowCallback(Callback):
             self.suspect.append((spec.role, spec.label, reason))
             self.tracker.set_tag(run_id, TAG_SUSPECT, reason)
         self.tracker.end_trial(run_id, True)
-        self.finished.append(spec.trial_key)
+        self._ended_now(spec.trial_key, "finished")
         testhook.maybe_exit("driver", spec.label, final.get(EPOCH))
 
     def end_in_flight(self) -> None:
         """After an interrupted run: every trial that started and did not end is interrupted."""
-        ended = self.ended_keys()
         for key in self.started_keys():
-            if key not in ended:
-                self.interrupted.append(key)
+            if key not in self._ended:
+                self._ended_now(key, "interrupted")
                 if key in self.runs:
                     self._kill_run(self.runs[key])
 

@@ -15,6 +15,7 @@ from typing import Iterable, Optional
 from ray.tune import Callback
 
 STAGES = ("teacher", "student")
+REDRAW_S = 0.5          # a terminal's progress lines are recounted at most this often
 
 
 @dataclass
@@ -64,6 +65,7 @@ class Progress(Callback):
         self.t0 = time.monotonic()
         self.started: dict[str, float] = {}
         self.last_text, self.last_shown, self.drawn = "", 0.0, 0
+        self.last_counted = float("-inf")
 
     def counts(self) -> list[StageCounts]:
         cb = self.cb
@@ -91,9 +93,14 @@ class Progress(Callback):
         return lines
 
     def show(self, force: bool = False) -> None:
+        now = time.monotonic()
+        # Tune calls this every loop step; counting is O(trials), so count at most twice a second
+        # (a terminal) or once per ``every_s`` (a log), or the driver's cost grows with trials squared.
+        if not force and now - self.last_counted < (REDRAW_S if self.tty else self.every_s):
+            return
+        self.last_counted = now
         lines = self.text()
         text = "\n".join(lines)
-        now = time.monotonic()
         if self.tty:
             if text != self.last_text or force:
                 up = f"\x1b[{self.drawn}F" if self.drawn else ""
