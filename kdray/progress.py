@@ -55,7 +55,7 @@ def eta(c: StageCounts, elapsed_s: float, slots: Optional[int] = None) -> Option
 
 
 class Progress(Callback):
-    """Counts each stage from the MLflow callback's record of the run (kdray.engine.MlflowCallback)."""
+    """Counts each stage from the MLflow callback's record of the run (kdray.mlflow_callback.MlflowCallback)."""
 
     def __init__(self, roles: dict[str, str], done_before: dict[str, int], callback, every_s: float = 30.0):
         self.roles, self.cb, self.every_s = roles, callback, every_s
