@@ -24,6 +24,7 @@ from typing import Optional
 import torch
 
 from benchmarks.common import interleaved, median, now, result, sync, torch_threads
+from benchmarks.train_step import kdray_epochs   # seconds per logged epoch, from run_trial's report
 
 NAME = "lm_step"
 TITLE = "LM training step: kdray run_trial (hf_causal_lm) vs a plain transformers loop"
@@ -61,20 +62,6 @@ def plan_for(case: dict, storage: str):
                      "teacher_seeds": [0], "student_seeds": [10],
                      "conditions": {"siddo": True, "kd": None, "rcd": None}}]}
     return build_plan(parse_sweep(d, "<benchmark>"))
-
-
-def kdray_epochs(spec, store, device: str) -> list[float]:
-    """Seconds of every logged epoch after the first, from run_trial's report callback."""
-    from kdray.recipe import run_trial
-
-    stamps: list[float] = []
-
-    def report(metrics: dict, state=None) -> None:
-        if not metrics.get("final"):
-            stamps.append(now())
-
-    run_trial(spec, store, report, device=device)
-    return [b - a for a, b in zip(stamps, stamps[1:])]
 
 
 def plain_epochs(spec, device: str, steps_per_epoch: int) -> list[float]:
