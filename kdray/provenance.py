@@ -79,6 +79,13 @@ def _device(device: str) -> dict:
 
 def _plugin_versions(modules: Iterable[str]) -> dict:
     """{distribution: version} of the packages the plug-in modules come from (entry points too)."""
+    return dict(_versions(tuple(sorted(set(modules)))))
+
+
+@functools.lru_cache(maxsize=64)
+def _versions(modules: tuple[str, ...]) -> tuple:
+    """Once per process and set of modules: reading every installed distribution's metadata takes
+    about 0.4 s, which a short trial would pay again each time."""
     from importlib.metadata import entry_points, packages_distributions, version
 
     tops = {m.split(".")[0].split(":")[0] for m in modules}
@@ -91,7 +98,7 @@ def _plugin_versions(modules: Iterable[str]) -> dict:
                 out[dist] = version(dist)
             except Exception:   # a module on PYTHONPATH, not installed: named, no version
                 out[dist] = "not installed"
-    return out
+    return tuple(sorted(out.items()))
 
 
 def fingerprint(device: str = "cpu", plugins: Iterable[str] = (), simulated: Optional[str] = None) -> dict:
