@@ -60,16 +60,20 @@ def test_packed_students_match_their_unpacked_runs(both):
         assert np.abs(la - lp).max() < 1e-2  # float16 storage of the logits
 
 
-def test_a_pack_with_some_students_finished_retrains_only_the_rest(both, tmp_path):
+def test_a_pack_with_some_students_finished_stores_only_the_rest_and_the_same_bytes(both, tmp_path):
+    """The whole pack trains again (a student's numbers depend on its pack-mates), and only the
+    students without a stored result are stored: the same bytes the uninterrupted pack stored."""
     _, _, plan_p, packed = both
     done, redo = plan_p.students[:4], plan_p.students[4:]
     before = {s.trial_key: (Path(packed.local_dir(s.trial_key)) / "result.json").stat().st_mtime_ns for s in done}
+    first = {s.trial_key: (Path(packed.local_dir(s.trial_key)) / "test_outputs.npz").read_bytes() for s in redo}
     for s in redo:  # as if the pack's process was killed before writing these
         (Path(packed.local_dir(s.trial_key)) / "result.json").unlink()
+        (Path(packed.local_dir(s.trial_key)) / "test_outputs.npz").unlink()
     out = run_pack(plan_p.students, packed)
     assert set(out) == {s.trial_key for s in redo}
     assert all((Path(packed.local_dir(k)) / "result.json").stat().st_mtime_ns == t for k, t in before.items())
-    assert all((Path(packed.local_dir(s.trial_key)) / "result.json").exists() for s in redo)
+    assert all((Path(packed.local_dir(k)) / "test_outputs.npz").read_bytes() == b for k, b in first.items())
 
 
 def test_batchnorm_and_dropout_fall_back_to_one_student_per_trial_only_under_vmap(both):
