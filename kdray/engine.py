@@ -74,6 +74,7 @@ def trainable(config: dict) -> None:
         if state is not None or metrics.get(FINAL) or time.monotonic() - last_sent[0] >= every:
             send(state)
         testhook.maybe_exit("worker", spec.label, metrics.get("epoch"))
+        testhook.maybe_hold(spec.label, metrics.get("epoch"))
 
     def restore() -> Optional[dict]:
         ckpt = tune.get_checkpoint()
@@ -124,6 +125,7 @@ def _train_pack(config: dict) -> None:
             send()
         if metrics.get(FINAL):   # the student is stored: a crash here leaves its pack half stored
             testhook.maybe_exit("worker", labels[key], metrics.get(EPOCH))
+        testhook.maybe_hold(labels[key], metrics.get(EPOCH))
 
     for s in specs:   # the driver's students whose result a killed run of this pack already stored
         if s.trial_key in config.get("pack_todo", ()) and store.exists(s.trial_key, "result.json"):

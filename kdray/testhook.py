@@ -10,15 +10,24 @@ outside tests) it costs one environment lookup.
 ``KDRAY_TEST_SIGINT_AT="<point>"`` makes the process send itself SIGINT at that named
 point (``ray_start``: the driver, just as it starts Ray), so a Ctrl-C lands there
 every time instead of whenever a test's timer happens to fire.
+
+``KDRAY_TEST_HOLD_AT="<label substring>:<epoch>:<folder>"`` makes a trial's Ray worker, once it
+reported that epoch and if the folder exists, write ``<folder>/<pid>`` and wait until ``<folder>/release`` exists (at
+most 10 minutes), so a test can act (kill the node a worker is on) while a trial is surely
+running, not after it happened to finish.
 """
 from __future__ import annotations
 
 import os
 import signal
+import time
+from pathlib import Path
 
 ENV = "KDRAY_TEST_EXIT_AT"
 EXIT_STATUS = 87
 SIGINT_ENV = "KDRAY_TEST_SIGINT_AT"
+HOLD_ENV = "KDRAY_TEST_HOLD_AT"
+RELEASE = "release"
 
 
 def maybe_exit(where: str, label: str, epoch) -> None:
@@ -40,3 +49,20 @@ def maybe_interrupt(point: str) -> None:
     """Deliver SIGINT to this process now when the test asked for it at ``point``."""
     if os.environ.get(SIGINT_ENV) == point:
         os.kill(os.getpid(), signal.SIGINT)
+
+
+def maybe_hold(label: str, epoch) -> None:
+    """Wait here (this worker's pid written first) until the test releases the hold."""
+    value = os.environ.get(HOLD_ENV)
+    if not value:
+        return
+    sub, at, folder = value.split(":", 2)
+    if sub not in label or str(epoch) != at:
+        return
+    folder = Path(folder)
+    if not folder.is_dir():
+        return
+    (folder / str(os.getpid())).write_text(label)
+    deadline = time.monotonic() + 600
+    while not (folder / RELEASE).exists() and time.monotonic() < deadline:
+        time.sleep(0.1)

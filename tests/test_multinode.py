@@ -13,7 +13,8 @@ import pytest
 from kdray.plan import build_plan
 from kdray.sweep import load_sweep
 from sweeps import sweep_dict, write_sweep
-from procs import kill_tree
+from kdray.testhook import HOLD_ENV, RELEASE
+from procs import descendants, kill_tree
 from test_answers import _stored_files
 from test_job_submit import free_port, start_head, start_worker, stop_head
 from test_reliability import KDRAY, trial_runs
@@ -40,7 +41,12 @@ def test_a_worker_node_lost_mid_sweep(tmp_path):
     head = start_head(temp_dir, gcs, dash, env, ("--num-cpus=0",))            # trials run on the workers only
     nodes = []
     try:
-        nodes = [start_worker(temp_dir, gcs, env, ("--num-cpus=2",), f"w{i}") for i in range(2)]
+        # Once the folder `hold` exists, every student's worker holds after its 3rd epoch
+        # (kdray/testhook.py; set on the nodes, whose raylets start the workers) until the
+        # doomed node is gone, so the kill lands mid-pack however fast this machine trains.
+        hold = tmp_path / "hold"
+        nodes = [start_worker(temp_dir, gcs, {**env, HOLD_ENV: f":3:{hold}"}, ("--num-cpus=2",), f"w{i}")
+                 for i in range(2)]
         doomed = nodes[0]
         env = {**env, "RAY_ADDRESS": f"127.0.0.1:{gcs}"}
 
@@ -51,16 +57,20 @@ def test_a_worker_node_lost_mid_sweep(tmp_path):
 
         lost = _file(tmp_path, "lost")
         plan = build_plan(load_sweep(lost))
-        teacher = tmp_path / "lost" / "trials" / plan.teachers[0].trial_key / "model.pt"
+        hold.mkdir()
         p = subprocess.Popen(KDRAY + ["sweep", str(lost), "--quiet"], stdout=subprocess.PIPE,
                              stderr=subprocess.PIPE, text=True, env=env)
+
+        def held_on_doomed():
+            return {int(f.name) for f in hold.iterdir() if f.name.isdigit()} & set(descendants(doomed.pid))
+
         deadline = time.time() + 300
-        while not teacher.exists() and time.time() < deadline and p.poll() is None:
+        while time.time() < deadline and p.poll() is None and not held_on_doomed():
             time.sleep(0.2)
-        assert teacher.exists(), "the teacher never finished"
-        time.sleep(4)      # the 3 packs of 2 students (12 epochs each) are running on both worker nodes
+        assert held_on_doomed(), f"no student held on the doomed node (sweep exit {p.poll()})"
         kill_tree(doomed.pid)               # the node's raylet and every worker process on it, at once
         doomed.wait(timeout=30)
+        (hold / RELEASE).write_text("")
         out, err = p.communicate(timeout=900)
         assert p.returncode == 0, out[-2000:] + err[-3000:]
         assert "retried:" in out and "after a lost worker or node" in out, out
