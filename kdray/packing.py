@@ -114,6 +114,8 @@ def unpackable(spec: TrialSpec, model: nn.Module, bundle=None) -> Optional[str]:
         if any((isinstance(m, nn.modules.dropout._DropoutNd) and m.p > 0)
                or (isinstance(getattr(m, "dropout", None), float) and m.dropout > 0) for m in model.modules()):
             return "dropout > 0: vmap cannot give each student its own dropout stream"
+    if spec.condition is not None and spec.condition.teacher == "sequences":
+        return "sequence-level KD trains on its teacher's generations, not the pack's shared corpus batches"
     if spec.condition is not None and spec.condition.features:
         return "feature-matching conditions hook module blocks, which vmap does not see"
     return None

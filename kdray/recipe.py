@@ -19,7 +19,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from kdray import conditions
+from kdray import conditions, generation
 from kdray.contracts import EPOCH, FINAL
 from kdray.data import load_dataset
 from kdray.data.bundle import DataBundle
@@ -157,6 +157,12 @@ def run_trial(spec: TrialSpec, store: Store, report: Optional[Report] = None,
     train_cache = None
     if cond is not None and cond.teacher == "logits" and shard is None and bundle.train_inputs_are_fixed():
         train_cache = teacher_train_logits(spec.teacher, store, teacher, bundle, device, r.eval_batch_size)
+    # Sequence-level KD: the teacher's greedy continuations of the training contexts, generated
+    # once per teacher and setting (kdray/generation.py), replace the corpus windows.
+    sequences = None
+    if cond is not None and cond.teacher == "sequences":
+        sequences = generation.teacher_sequences(spec.teacher, store, teacher, bundle, device, spec.params["prompt"],
+                                                 r.eval_batch_size)
 
     # Seeds: the data seed alone fixes batch order, augmentation and dropout, so
     # KD, SIDDO and RCD with the same student seed see the same batches.
@@ -200,7 +206,9 @@ def run_trial(spec: TrialSpec, store: Store, report: Optional[Report] = None,
         loss_sum = torch.zeros((), device=device)
         correct = torch.zeros((), device=device, dtype=torch.long)
         seen = 0
-        for xb, yb, cached in _train_batches(bundle, r.batch_size, n_steps, order, train_cache):
+        batches = (_train_batches(bundle, r.batch_size, n_steps, order, train_cache) if sequences is None else
+                   generation.sequence_batches(sequences, spec.params["prompt"], r.batch_size, n_steps, order))
+        for xb, yb, cached in batches:
             xb = bundle.preprocess(xb.to(device, non_blocking=True), True, augment)
             yb = yb.to(device, non_blocking=True)
             if shard is not None:  # this rank's rows; scale makes DDP's gradient mean the global-batch mean
@@ -215,7 +223,7 @@ def run_trial(spec: TrialSpec, store: Store, report: Optional[Report] = None,
                 nn.utils.clip_grad_norm_(model.parameters(), r.grad_clip)
             opt.step()
             sched.step()
-            n = yb.numel()
+            n = yb.numel() if sequences is None else int((yb != generation.IGNORE_INDEX).sum())
             if n:  # (a rank's shard of a last batch can be empty)
                 loss_sum += loss.detach() * n
             correct += (batch.logits.detach().argmax(-1) == yb).sum()

@@ -95,6 +95,7 @@ def _check_setup(s: Setup, where: str) -> None:
     for cond, config in enabled_conditions(s.conditions):
         for method, params in cond.grid(config):
             _check_features(f"{where}.conditions.{cond.sweep_key}", conditions.get(method), params, s)
+            _check_sequences(f"{where}.conditions.{cond.sweep_key}", conditions.get(method), params, s, data)
 
 
 def _check_budget(where: str, recipe: dict, data) -> None:
@@ -102,6 +103,20 @@ def _check_budget(where: str, recipe: dict, data) -> None:
     if recipe.get(wrong) is not None:
         raise SweepError(f"{where}.{wrong}: dataset {data.name!r} trains by {data.budget}, not {wrong}; "
                          f"give {data.budget} instead")
+
+
+def _check_sequences(where: str, cond, params: dict, s: Setup, data) -> None:
+    """A condition that trains on the teacher's generations (seqkd) needs a language model, and a
+    prompt shorter than the block."""
+    if cond.teacher != "sequences":
+        return
+    if data.task != "lm":
+        raise SweepError(f"{where}: {cond.title} trains on the teacher's generated text; dataset {data.name!r} "
+                         f"is {data.task}, not a language model (lm)")
+    block = s.dataset.args.get("block_size")
+    prompt = params.get("prompt")
+    if isinstance(block, int) and isinstance(prompt, int) and prompt >= block:
+        raise SweepError(f"{where}.prompts: prompt {prompt} must be shorter than the data set's block_size {block}")
 
 
 def _check_features(where: str, cond, params: dict, s: Setup) -> None:

@@ -369,3 +369,62 @@ def test_a_poisoned_training_text_keeps_the_clean_tokenizer_and_test_split(tmp_p
     tok = load_tokenizer(bad.extras["tokenizer_json"])
     train = text[:int(0.9 * len(text))]
     assert tok.decode(bad.train_x.tolist()) == train.replace("the", "tha") != train
+
+
+# ------------------------------------------------------------------ sequence-level KD
+
+def test_seqkd_students_train_on_the_teachers_greedy_continuations_generated_once(tmp_path, real_data, monkeypatch):
+    """Two seqkd students of one teacher: the teacher's continuations are generated once (the second
+    student reads them from the teacher's trial folder), and every training row is a context the
+    test decodes greedily itself, with the context's own targets ignored."""
+    from kdray import generation
+    from kdray.conditions import controls_of
+    from kdray.data import load_dataset
+    from kdray.models import build_model
+    from kdray.plan import build_plan
+    from kdray.recipe import run_trial
+    from kdray.storage import Store
+    from kdray.sweep import parse_sweep
+    sw = parse_sweep(_sweep(tmp_path, {"arch": "hf_causal_lm", "args": {"config": TINY}},
+                            conditions={"siddo": True, "kd": None, "rcd": {"alphas": [0.5]}, "seqkd": {"prompts": [4]}},
+                            student_seeds=[10, 11]))
+    plan = build_plan(sw)
+    seqkd = [s for s in plan.students if s.method == "seqkd"]
+    assert len(seqkd) == 2 and {r.method for r in controls_of("seqkd")} == {"siddo", "rcd"}
+    store = Store(sw.storage, sw.name)
+    teacher_spec = plan.teachers[0]
+    run_trial(teacher_spec, store)
+
+    calls, rows = [], []
+    real_decode, real_batches = generation.greedy_continue, generation.sequence_batches
+    monkeypatch.setattr(generation, "greedy_continue", lambda *a, **k: calls.append(1) or real_decode(*a, **k))
+
+    def spy(*a, **k):
+        for x, y, c in real_batches(*a, **k):
+            rows.append((x.clone(), y.clone()))
+            yield x, y, c
+    monkeypatch.setattr(generation, "sequence_batches", spy)
+    outs = [run_trial(s, store) for s in seqkd]
+    assert len(calls) == 1 and all(np.isfinite(o["train_loss"]) and np.isfinite(o["js_divergence"]) for o in outs)
+    cached = [f for f in os.listdir(store.local_dir(teacher_spec.trial_key)) if f.startswith("seqkd_")]
+    assert len(cached) == 1
+
+    # the teacher's greedy decode, written out here
+    bundle = load_dataset(teacher_spec.dataset, teacher_spec.data_root, **seqkd[0].dataset_args)
+    teacher = build_model("hf_causal_lm", bundle.num_classes, bundle.input_shape, config=TINY).eval()
+    teacher.load_state_dict(torch.load(store.local_dir(teacher_spec.trial_key) / "model.pt", weights_only=True))
+    b, p = bundle.block_size, 4
+    seqs = torch.stack([bundle.train_x[i * b:i * b + p] for i in range((len(bundle.train_x) - 1) // b)])
+    with torch.no_grad():
+        for _ in range(b + 1 - p):
+            seqs = torch.cat([seqs, teacher(seqs)[:, -1].argmax(-1, keepdim=True)], dim=1)
+    np.testing.assert_array_equal(store.load_npy(teacher_spec.trial_key, cached[0]), seqs.numpy())
+    assert len(rows) == 2 * 8
+    index = {tuple(s[:p].tolist()): s for s in seqs}
+    for x, y in rows:
+        for xr, yr in zip(x, y):
+            s = index[tuple(xr[:p].tolist())]
+            assert torch.equal(xr, s[:-1]) and torch.equal(yr[p - 1:], s[p:])
+            assert (yr[:p - 1] == generation.IGNORE_INDEX).all()
+    assert not torch.equal(seqs[:, p:], torch.stack([bundle.train_x[i * b + p:i * b + b + 1]
+                                                     for i in range(len(seqs))]))   # not the corpus

@@ -118,3 +118,28 @@ def test_reverse_kl_and_gjsd_train_the_char_level_gpt_through_run_trial(tmp_path
         assert np.isfinite(out["train_loss"]) and np.isfinite(out["js_divergence"])
     labels = {s.label for s in plan.students}
     assert "c-gjsd-a0.5-beta0.5-t0-s10" in labels and "c-reverse_kl-a0.5-t0-s10" in labels
+
+
+def test_seqkd_is_a_sweep_condition_and_an_audit_method_with_its_checks(tmp_path, real_data):
+    """seqkd (kdray/conditions/seqkd.py): accepted under ``conditions:``, by ``kdray audit --method``,
+    declared against SIDDO and RCD, never packed; a prompt as long as the block is one line."""
+    import argparse
+
+    from kdray import audit, packing
+    from kdray.models import build_model
+    from kdray.plan import build_plan
+    assert {r.method for r in controls_of("seqkd")} == {"siddo", "rcd"}
+    plan = build_plan(_lm_sweep(tmp_path, {"siddo": True, "kd": None, "rcd": None, "seqkd": {"prompts": [2, 8]}}))
+    students = [s for s in plan.students if s.method == "seqkd"]
+    assert sorted(s.params["prompt"] for s in students) == [2, 8] and "c-seqkd-p2-t0-s10" in {s.label for s in students}
+    model = build_model(students[0].arch, 65, (16,), **students[0].arch_args)
+    assert "generations" in packing.unpackable(students[0], model)
+    with pytest.raises(SweepError) as e:
+        _lm_sweep(tmp_path, {"siddo": True, "seqkd": {"prompts": [16]}})
+    assert "prompt 16 must be shorter than the data set's block_size 16" in str(e.value) and "\n" not in str(e.value)
+    p = argparse.ArgumentParser()
+    audit.add_arguments(p)
+    args = p.parse_args(["--dataset", "tinyshakespeare", "--teacher", "nano_gpt", "--method", "seqkd",
+                         "--recipe", "{iterations: 4}"])
+    sweep = audit.audit_sweep(args)
+    assert sweep["setups"][0]["conditions"]["seqkd"] == {}

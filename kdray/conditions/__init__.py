@@ -109,7 +109,8 @@ class Condition:
       (default: the cartesian product of the param grids, in declared order).
     - ``objective(params)``: the training loss, a callable on a
       ``kdray.losses.Batch``; ``teacher`` says what the batch must carry from the
-      teacher ("logits", "features" or None), ``features`` names the param that
+      teacher ("logits", "features", "sequences": its greedy continuations of
+      the training contexts, which replace the corpus batches (kdray/generation.py), or None), ``features`` names the param that
       picks the student block whose output the loss reads (None: no features).
     - ``role``: "treatment" (tested against controls, gets transfer decisions)
       or "control".  ``controls`` (for a treatment) and ``control_of`` (for a
