@@ -69,6 +69,8 @@ class TrialSpec:
             d = {name: getattr(self, name) for name in CHECKPOINT_KEY_FIELDS}
             d["evals"] = list(self.evals)
             d["precision"] = self.recipe.get("precision", "fp32")
+            if self.dataset_args.get("tokenizer_sha256"):
+                d["dataset_args"] = {k: v for k, v in self.dataset_args.items() if k != "tokenizer"}
             return d
         d: dict[str, Any] = dict(V1_PARAMS)
         for name, always, default in _key_fields():
@@ -78,6 +80,9 @@ class TrialSpec:
         d["teacher"] = self.teacher.trial_key if self.teacher else None
         d["evals"] = list(self.evals)
         d["recipe"] = stable_recipe(self.recipe)
+        if self.dataset_args.get("tokenizer_sha256"):
+            # a saved tokenizer (kdray/data/tokenizer_identity.py) is its files' hash, wherever it lies
+            d["dataset_args"] = {k: v for k, v in self.dataset_args.items() if k != "tokenizer"}
         if self.arch_args.get("pretrained_sha256"):
             # a pretrained model folder (kdray/models/hf.py) is its files' hash, wherever it lies
             d["arch_args"] = {k: v for k, v in self.arch_args.items() if k != "pretrained"}

@@ -118,10 +118,29 @@ class TeacherRef(ModelRef):
         return v
 
 
+def _dataset_prepared(name: Any, args: Any) -> Any:
+    """A data set's args as trials get them (e.g. a saved tokenizer's path made absolute and its hash
+    added, kdray/data/tokenizer_identity.py); args it cannot read are left to their own validators."""
+    if not (isinstance(name, str) and isinstance(args, dict)):
+        return args
+    try:
+        data = DATASETS.get(name)
+    except (KeyError, PluginError):      # reported at the name field by its own validator
+        return args
+    return data.prepared(args) if data.prepare is not None else args
+
+
 class DatasetRef(_Strict):
     name: str
     args: dict[str, Any] = {}
     _name = _known("name", DATASETS)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _prepared(cls, data):
+        if isinstance(data, dict) and "args" in data:
+            data = {**data, "args": _dataset_prepared(data.get("name"), data["args"])}
+        return data
 
 
 class Recipe(_Strict):
@@ -212,6 +231,18 @@ class Setup(_Strict):
         t = data.get("teacher") if isinstance(data, dict) else None
         if isinstance(t, dict) and t.get("checkpoint") is not None and "teacher_seeds" not in data:
             data = {**data, "teacher_seeds": [0]}
+        return data
+
+    @model_validator(mode="before")
+    @classmethod
+    def _teacher_dataset_prepared(cls, data):
+        """The teacher's own data args (``teacher_dataset``) are prepared as the data set's are."""
+        if isinstance(data, dict) and isinstance(data.get("teacher_dataset"), dict) and data["teacher_dataset"] \
+                and isinstance(data.get("dataset"), dict):
+            name = data["dataset"].get("name")
+            prepared = _dataset_prepared(name, data["teacher_dataset"])
+            if prepared is not data["teacher_dataset"]:
+                data = {**data, "teacher_dataset": prepared}
         return data
 
     @field_validator("teacher_seeds", "student_seeds")

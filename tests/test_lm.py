@@ -428,3 +428,41 @@ def test_seqkd_students_train_on_the_teachers_greedy_continuations_generated_onc
             assert (yr[:p - 1] == generation.IGNORE_INDEX).all()
     assert not torch.equal(seqs[:, p:], torch.stack([bundle.train_x[i * b + p:i * b + b + 1]
                                                      for i in range(len(seqs))]))   # not the corpus
+
+
+# ------------------------------------------------------------------ tokenizer identity
+
+def test_a_saved_tokenizer_is_in_the_trial_key_by_its_files_not_their_path(tmp_path):
+    """text_bpe's ``tokenizer`` (kdray/data/tokenizer_identity.py): validation adds its hash; the same
+    files elsewhere key the same trials, another tokenizer (or a changed config vocab_size) new ones,
+    and a tokenizer changed since planning is refused."""
+    from kdray.data.text import text_bpe, train_bpe
+    from kdray.plan import build_plan
+    from kdray.sweep import SweepError, parse_sweep
+    path, text = corpus(tmp_path)
+    for name, vocab in (("a", 300), ("b", 300), ("c", 310)):
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "tokenizer.json").write_text(train_bpe(text, vocab), encoding="utf-8")
+
+    def keys(tok):
+        data = {"name": "text_bpe", "args": {"path": str(path), "tokenizer": str(tok), "block_size": 16}}
+        sw = parse_sweep(_sweep(tmp_path, {"arch": "nano_gpt", "args": {"n_layer": 1, "n_embd": 16, "n_head": 2}},
+                                dataset=data))
+        plan = build_plan(sw)
+        return [s.trial_key for s in plan.all], plan.teachers[0].dataset_args
+
+    a, args = keys(tmp_path / "a")
+    assert args["tokenizer"] == str(tmp_path / "a") and len(args["tokenizer_sha256"]) == 64
+    assert keys(tmp_path / "b")[0] == a                      # the same bytes in another folder
+    assert keys(tmp_path / "b" / "tokenizer.json")[0] == a   # the file itself
+    c = keys(tmp_path / "c")[0]
+    assert not set(c) & set(a)                               # another tokenizer: every key changes
+    (tmp_path / "b" / "config.json").write_text('{"vocab_size": 320}')
+    assert not set(keys(tmp_path / "b")[0]) & set(a)         # a padded vocabulary is a new data set
+    (tmp_path / "a" / "tokenizer.json").write_text(train_bpe(text, 305), encoding="utf-8")
+    with pytest.raises(ValueError, match="changed since the sweep was planned"):
+        text_bpe(None, path=str(path), tokenizer=args["tokenizer"], tokenizer_sha256=args["tokenizer_sha256"],
+                 block_size=16, cache_dir=str(tmp_path / "cache"))
+    with pytest.raises(SweepError, match="no tokenizer.json at") as e:
+        keys(tmp_path / "missing")
+    assert "\n" not in str(e.value)

@@ -47,6 +47,7 @@ class Dataset:
             check_modalities(f"dataset {self.name!r}", (self.modality,))
     requires: tuple[str, ...] = ()      # modules of an optional extra its loader imports
     extra: Optional[str] = None         # ... and the extra that installs them ("lm": kdray[lm])
+    prepare: Optional[Target] = None    # args -> args as trials get them (torch-free): e.g. a file's hash added
 
     @property
     def budget(self) -> str:
@@ -59,6 +60,10 @@ class Dataset:
         """The modules it requires that are not installed (found without importing them)."""
         from kdray.registry import installed
         return [m for m in self.requires if not installed(m)]
+
+    def prepared(self, args: dict) -> dict:
+        """The sweep file's args as trials get them (``prepare``; torch-free)."""
+        return dict(args) if self.prepare is None else resolve(self.prepare)(dict(args))
 
     def needs_root(self, args: dict) -> bool:
         return self.reads_files and not (self.file_arg and args.get(self.file_arg))
@@ -114,7 +119,7 @@ declare_dataset("tinyshakespeare", "kdray.data.tinyshakespeare:tinyshakespeare",
                 file_arg="path", ranges={"block_size": AT_LEAST_1, "train_split": FRACTION,
                                          "train_fraction": Range(0, 1, low_open=True), "max_chars": AT_LEAST_1})
 declare_dataset("text_bpe", "kdray.data.text:text_bpe", TOKENS, task=LM, file_arg="path",
-                requires=("tokenizers",), extra="lm")
+                requires=("tokenizers",), extra="lm", prepare="kdray.data.tokenizer_identity:tokenizer_identity")
 
 
 def resolve_root(root: str | os.PathLike | None) -> Optional[Path]:

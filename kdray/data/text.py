@@ -9,6 +9,9 @@
   on the training split of the whole corpus (before ``max_chars``, so shrunk and full runs
   share it).  Training is deterministic and its result is cached by the corpus's SHA-256
   and the settings (``kdray.data.bundle.disk_cached``); the token ids are cached the same way.
+* Identity: validation resolves ``tokenizer`` and adds ``tokenizer_sha256`` (its bytes and the
+  folder's ``config.json`` ``vocab_size``, kdray/data/tokenizer_identity.py); trial keys hash
+  that instead of the path, and a tokenizer changed since planning is refused.
 * ``poison`` (as ``tinyshakespeare``'s: ``"the->tha"``) rewrites the training text only,
   after the tokenizer was trained on the clean text: a poisoned teacher and clean
   students share one vocabulary, and the test split stays clean.
@@ -34,6 +37,7 @@ from typing import Optional, Union
 import torch
 
 from kdray.data import DataNotFoundError, require_root
+from kdray.data import tokenizer_identity as identity
 from kdray.data.bundle import DataBundle, disk_cached
 from kdray.data.tinyshakespeare import parse_poison, split_text
 
@@ -106,7 +110,7 @@ def load_tokenizer(tokenizer_json: str):
 def text_bpe(root: Optional[Path] = None, path: Optional[str] = None, tokenizer: Optional[str] = None,
              vocab_size: int = 512, min_frequency: int = 2, block_size: int = 128, train_split: float = 0.9,
              train_fraction: float = 1.0, max_chars: Optional[int] = None, poison: Union[None, str, dict] = None,
-             cache_dir: Optional[str] = None) -> DataBundle:
+             cache_dir: Optional[str] = None, tokenizer_sha256: Optional[str] = None) -> DataBundle:
     _require_tokenizers()
     if not 0.0 < train_split < 1.0 or not 0.0 < train_fraction <= 1.0:
         raise ValueError(f"text_bpe: train_split must be in (0, 1) and train_fraction in (0, 1], got "
@@ -115,6 +119,9 @@ def text_bpe(root: Optional[Path] = None, path: Optional[str] = None, tokenizer:
     corpus_sha = hashlib.sha256(clean.encode("utf-8")).hexdigest()
     model_vocab = None
     if tokenizer is not None:
+        if tokenizer_sha256 is not None and identity.tokenizer_sha256(tokenizer) != tokenizer_sha256:
+            raise ValueError(f"tokenizer: {tokenizer} changed since the sweep was planned (tokenizer_sha256 was "
+                             f"{tokenizer_sha256[:12]}...); plan the sweep again")
         tok_json, model_vocab = saved_tokenizer(tokenizer)
     else:
         if vocab_size < MIN_VOCAB:
