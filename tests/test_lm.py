@@ -466,3 +466,20 @@ def test_a_saved_tokenizer_is_in_the_trial_key_by_its_files_not_their_path(tmp_p
     with pytest.raises(SweepError, match="no tokenizer.json at") as e:
         keys(tmp_path / "missing")
     assert "\n" not in str(e.value)
+
+
+def test_text_bpe_yields_only_full_windows_so_no_padding_or_mask_exists(tmp_path):
+    """No data path pads (docs/plugins.md, "Corpus"): every test window and every training batch is
+    block_size real tokens, and the trained tokenizer has no special (pad) tokens; the losses and
+    functional metrics therefore take no attention mask."""
+    from kdray.data.text import load_tokenizer, text_bpe
+    path, _ = corpus(tmp_path)
+    b = text_bpe(None, path=str(path), vocab_size=300, block_size=16, cache_dir=str(tmp_path / "cache"))
+    tok = load_tokenizer(b.extras["tokenizer_json"])
+    assert tok.get_vocab_size(with_added_tokens=True) == tok.get_vocab_size(with_added_tokens=False)
+    assert b.test_x.shape == b.test_y.shape == (b.extras["test_positions"] // 16, 16)
+    assert torch.equal(b.test_x.reshape(-1)[1:], b.test_y.reshape(-1)[:-1])   # contiguous, never padded
+    g = torch.Generator().manual_seed(0)
+    for x, y in b.train_batches(8, 5, g):
+        assert x.shape == y.shape == (8, 16) and (x >= 0).all() and (y >= 0).all()
+        torch.testing.assert_close(x[:, 1:], y[:, :-1])     # y is x shifted: real next tokens throughout
