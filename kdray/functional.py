@@ -189,3 +189,95 @@ def functional_metrics_many(teacher_logits, comparator_logits, labels, chunk: in
                 "procrustes_distance": procrustes,
             })
     return out
+
+
+STREAMED_METRICS = ("activation_distance", "js_divergence", "rank_disagreement", "prediction_disagreement",
+                    "prediction_agreement", "correct_agreement", "incorrect_agreement", "variation_of_information")
+
+
+def _block64(x, rows: slice, cols: slice) -> torch.Tensor:
+    """``x[rows, cols]`` as a float64 tensor (a copy: a memory-mapped array is read-only)."""
+    if isinstance(x, np.ndarray):
+        return torch.from_numpy(np.array(x[rows, cols], dtype=np.float64))
+    return torch.as_tensor(x[rows, cols]).detach().to(torch.float64)
+
+
+def _lse(x, rows: slice, k: int, vocab_block: int) -> torch.Tensor:
+    """Per row of ``x[rows]``: the log-sum-exp (float64), read in column blocks of ``vocab_block``
+    (an online log-sum-exp; ``x`` may be a numpy memmap)."""
+    top = total = None
+    for v in range(0, k, vocab_block):
+        blk = _block64(x, rows, slice(v, v + vocab_block))
+        if not bool(torch.isfinite(blk).all()):
+            raise ValueError("streamed functional metrics need finite logits (use functional_metrics)")
+        m = blk.amax(-1)
+        if top is None:
+            top, total = m, torch.exp(blk - m[:, None]).sum(-1)
+            continue
+        new_top = torch.maximum(top, m)
+        total = total * torch.exp(top - new_top) + torch.exp(blk - new_top[:, None]).sum(-1)
+        top = new_top
+    return top + torch.log(total)
+
+
+def functional_metrics_streamed(teacher_logits, comparator_logits, labels, max_elements: int = 1 << 20,
+                                vocab_block: int = 8192) -> dict[str, float]:
+    """The next-token similarity metrics (``STREAMED_METRICS``: docs/protocol.md §4, without
+    Procrustes, whose K x K cross-product is what a vocabulary-size K cannot afford) in memory
+    bounded by ``max_elements`` float64 values per operand, whatever N and K are.
+
+    ``teacher_logits``, ``comparator_logits``: [N, K] arrays, e.g. ``np.load(path,
+    mmap_mode="r")`` of a stored ``test_logits.npy``, so neither is read whole; finite logits.
+    Rows are read ``max(1, max_elements // K)`` at a time, and within them the log-sum-exp and
+    the probabilities are computed over column blocks of ``vocab_block``; ranks need every class of a row, so a row
+    block's probabilities are held (``rows x K <= max_elements``).  Equal to
+    ``functional_metrics`` to float64 rounding (tests/test_functional.py checks 1e-6)."""
+    t, c = teacher_logits, comparator_logits
+    if tuple(t.shape) != tuple(c.shape) or len(t.shape) != 2:
+        raise ValueError(f"logit shapes differ or are not [N, K]: {tuple(t.shape)} vs {tuple(c.shape)}")
+    n, k = t.shape
+    y = _as_tensor(labels).reshape(-1).to(torch.long)
+    if n == 0 or k == 0:
+        raise ValueError("functional_metrics needs at least one input and one class")
+    if y.shape[0] != n:
+        raise ValueError(f"{y.shape[0]} labels for {n} inputs")
+    rows, vocab_block = max(1, int(max_elements) // k), max(1, int(vocab_block))
+    f64 = torch.float64
+    act = js = 0.0
+    rank_diff = 0
+    arg_p, arg_q = torch.empty(n, dtype=torch.long), torch.empty(n, dtype=torch.long)
+    with torch.no_grad():
+        for s in range(0, n, rows):
+            r = slice(s, min(n, s + rows))
+            lse_p, lse_q = _lse(t, r, k, vocab_block), _lse(c, r, k, vocab_block)
+            h = r.stop - r.start
+            p, q = torch.empty(h, k, dtype=f64), torch.empty(h, k, dtype=f64)
+            sq_dist = torch.zeros(h, dtype=f64)
+            for v in range(0, k, vocab_block):
+                cols = slice(v, v + vocab_block)
+                pb = torch.exp(_block64(t, r, cols) - lse_p[:, None])
+                qb = torch.exp(_block64(c, r, cols) - lse_q[:, None])
+                p[:, cols], q[:, cols] = pb, qb
+                sq_dist += ((pb - qb) ** 2).sum(-1)
+            act += float(sq_dist.sqrt().sum())
+            js_rows = 0.5 * (_xlogx_sum(p) + _xlogx_sum(q)) - _xlogx_sum(0.5 * (p + q))
+            js += float(js_rows.clamp(0.0, _LN2).sum())
+            rp, rq = rank_order(p), rank_order(q)     # argmax: rank 1, ties to the lower index
+            rank_diff += int((rp != rq).sum())
+            arg_p[r], arg_q[r] = rp[:, 0], rq[:, 0]
+    agree, right = arg_p == arg_q, arg_p == y
+    n_right, agree_all = int(right.sum()), int(agree.sum())
+    agree_right, n_wrong = int((agree & right).sum()), n - int(right.sum())
+    _, c_ab = torch.unique(arg_p * k + arg_q, return_counts=True)
+    _, c_a = torch.unique(arg_p, return_counts=True)
+    _, c_b = torch.unique(arg_q, return_counts=True)
+    return {
+        "activation_distance": act / n,
+        "js_divergence": js / n,
+        "rank_disagreement": rank_diff / (n * k),
+        "prediction_disagreement": (n - agree_all) / n,
+        "prediction_agreement": agree_all / n,
+        "correct_agreement": agree_right / n_right if n_right else float("nan"),
+        "incorrect_agreement": (agree_all - agree_right) / n_wrong if n_wrong else float("nan"),
+        "variation_of_information": max(0.0, 2.0 * _entropy(c_ab, n) - _entropy(c_a, n) - _entropy(c_b, n)),
+    }
