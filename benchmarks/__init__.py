@@ -18,6 +18,7 @@ MODULES = {
     "data": "benchmarks.data",
     "functional": "benchmarks.functional",
     "report": "benchmarks.report",
+    "report_scale": "benchmarks.report_scale",
     "ffcv": "benchmarks.ffcv_loading",
     "packing": "benchmarks.packing",
     "packed_sweep": "benchmarks.packed_sweep",

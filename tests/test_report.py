@@ -256,3 +256,48 @@ def test_correction_option_and_power_and_plan_commands(sweep, tmp_path, capsys):
     out = capsys.readouterr().out
     assert "digits-cnn: 6 student seeds: smallest one-sided p 2^-6 = 0.01562, Holm-adjusted over 4 metrics 0.0625" in out
     assert "use at least 7 student seeds" in out
+
+
+def _client_and_direct(uri, name):
+    from kdray.analysis.runs import load_runs
+    return load_runs(uri, name, direct=False), load_runs(uri, name)
+
+
+def test_runs_read_from_mlflows_tables_equal_the_clients(sweep):
+    """kdray/analysis/sqlruns.py reads the SQL store's tables itself: the frame equals the one
+    built from MLflow's own client on the planted sweep."""
+    import pandas as pd
+
+    from mlflow import MlflowClient
+
+    from kdray.analysis import sqlruns
+
+    d, uri = sweep
+    exp_id = MlflowClient(uri).get_experiment_by_name("planted").experiment_id
+    assert len(sqlruns.trial_runs(uri, exp_id)) > 100          # the tables were read, not the client
+    by_client, direct = _client_and_direct(uri, "planted")
+    pd.testing.assert_frame_equal(direct, by_client)
+
+
+def test_direct_read_skips_deleted_and_non_trial_runs_and_keeps_nan(tmp_path):
+    """A deleted trial run and the sweep's own run stay out; a NaN metric stays NaN; the answer
+    still equals the client's."""
+    import math
+
+    import pandas as pd
+    from mlflow import MlflowClient
+
+    from synthetic_runs import broken_setup, write_experiment
+
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    write_experiment(uri, "small", broken_setup(), tmp_path / "artifacts")
+    client = MlflowClient(uri)
+    exp = client.get_experiment_by_name("small")
+    runs = client.search_runs([exp.experiment_id], "tags.`kdray.kind` = 'trial'")
+    client.log_metric(runs[0].info.run_id, "test_acc", float("nan"), step=10 ** 6)
+    client.delete_run(runs[1].info.run_id)
+    client.create_run(exp.experiment_id, tags={"kdray.kind": "sweep"})
+    by_client, direct = _client_and_direct(uri, "small")
+    assert len(direct) == len(runs) - 1 and runs[1].info.run_id not in set(direct["run_id"])
+    assert math.isnan(direct.set_index("run_id").loc[runs[0].info.run_id, "test_acc"])
+    pd.testing.assert_frame_equal(direct, by_client)

@@ -214,6 +214,12 @@ def test_a_tracking_server_killed_mid_sweep_and_restarted_loses_and_duplicates_n
     steps = _query(db, "select count(distinct m.step) from metrics m join runs r on m.run_uuid = r.run_uuid "
                        "where r.name = 'd-teacher-t0' and m.key = 'train_loss'")[0][0]
     assert steps == 100
+    # the report reads the database's tables itself (kdray/analysis/sqlruns.py): same frame as MLflow's client
+    import pandas as pd
+    from kdray.analysis.runs import load_runs
+    direct = load_runs(db, "served")
+    assert len(direct) == len(plan.all)
+    pd.testing.assert_frame_equal(direct, load_runs(db, "served", direct=False))
 
 
 @pytest.mark.slow

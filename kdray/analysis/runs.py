@@ -14,6 +14,7 @@ import numpy as np
 import pandas as pd
 
 from kdray import conditions
+from kdray.analysis import sqlruns
 from kdray.contracts import (KIND_SWEEP, KIND_TRIAL, TAG_CHECKPOINT, TAG_CONDITION, TAG_DATA_SHA, TAG_FAILURE,
                              TAG_FINGERPRINT, TAG_FINGERPRINT_JSON, TAG_KIND, TAG_METHOD, TAG_PLUGINS, TAG_ROLE,
                              TAG_SETUP, TAG_TEACHER_KEY, TAG_TRIAL_KEY, parse_condition)
@@ -187,7 +188,7 @@ def runs_frame(rows: list[dict]) -> pd.DataFrame:
     return df.reset_index(drop=True)
 
 
-def load_runs(tracking_uri: str, experiment: str, pool=None) -> pd.DataFrame:
+def load_runs(tracking_uri: str, experiment: str, pool=None, direct: bool = True) -> pd.DataFrame:
     """One row per trial run of a sweep's experiment, with every final metric as a column.
 
     Params are strings in MLflow; they come back typed: alpha, temperature and
@@ -196,10 +197,17 @@ def load_runs(tracking_uri: str, experiment: str, pool=None) -> pd.DataFrame:
     the analysis reports them rather than silently losing them.  Rows are in
     MLflow's order (newest first).
 
-    MLflow turns every run, param and metric into objects (~2.5 ms a run), so
-    with a process ``pool`` the runs are fetched in slices of start time, one
-    slice per task (see kdray.analysis.report.report_pool).
+    A SQL tracking store (sqlite, PostgreSQL, ...) is read straight from its
+    tables (kdray/analysis/sqlruns.py; ``direct=False`` asks MLflow's client
+    instead).  Through the client, MLflow turns every run, param and metric into
+    objects (~2.5 ms a run), so with a process ``pool`` the runs are fetched in
+    slices of start time, one slice per task (see kdray.analysis.report.report_pool).
     """
+    if direct and sqlruns.is_sql(tracking_uri):
+        exp = get_experiment(tracking_uri, experiment)
+        found = sqlruns.trial_runs(tracking_uri, exp.experiment_id)
+        if found is not None:
+            return _in_mlflow_order(runs_frame([_row(r) for r in found]))
     if pool is None:
         from mlflow import MlflowClient
 

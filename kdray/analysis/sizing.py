@@ -59,14 +59,19 @@ def exact_greater_p(x: np.ndarray) -> np.ndarray:
     """One-sided (greater) signed-rank p along the last axis of continuous x (no ties, no zeros),
     exact up to EXACT_MAX_N pairs, normal approximation above."""
     n = x.shape[-1]
-    ranks = np.argsort(np.argsort(np.abs(x), axis=-1), axis=-1) + 1
-    r_plus = np.sum(ranks * (x > 0), axis=-1)
+    order = np.argsort(np.abs(x), axis=-1)                      # the i-th smallest |x| has rank i + 1
+    r_plus = (np.take_along_axis(x, order, axis=-1) > 0) @ np.arange(1, n + 1)
     if n > EXACT_MAX_N:
         from scipy.stats import norm
 
         return norm.sf((r_plus - n * (n + 1) / 4) / math.sqrt(n * (n + 1) * (2 * n + 1) / 24))
-    sf = np.cumsum(rank_sum_counts(np.arange(1, n + 1))[::-1])[::-1] / 2.0 ** n
-    return sf[r_plus]
+    return _untied_sf(n)[r_plus]
+
+
+@functools.lru_cache(maxsize=None)
+def _untied_sf(n: int) -> np.ndarray:
+    """P(W+ >= s) for s = 0 .. n(n+1)/2 under the signed-rank null of n untied pairs."""
+    return np.cumsum(rank_sum_counts(np.arange(1, n + 1))[::-1])[::-1] / 2.0 ** n
 
 
 @functools.lru_cache(maxsize=4096)

@@ -1,0 +1,66 @@
+"""A sweep's trial runs read straight from MLflow's SQL tables (sqlite, PostgreSQL, MySQL).
+
+MLflow's client turns every run, param, tag and metric into objects (~2.5 ms a run): 105 s
+for 42,000 runs on one core.  Reading the four tables a report needs (``runs``, ``tags``,
+``params``, ``latest_metrics``) in one query each gives the same values in a fraction of
+that.  Read-only; the result has the shape ``runs._row`` reads from MLflow's ``Run``
+(``info.run_id/status/start_time``, ``data.params/tags/metrics``), and the report's tests
+check it equals the client's answer.  Any other URI (an MLflow server over HTTP), or a
+database whose tables do not look like MLflow's, returns None: the caller uses the client.
+"""
+from __future__ import annotations
+
+import logging
+from types import SimpleNamespace
+from typing import Optional
+
+from kdray.contracts import KIND_TRIAL, TAG_KIND
+
+log = logging.getLogger(__name__)
+
+# URI schemes (before any "+driver") of the databases MLflow's SQL store supports.
+SQL_SCHEMES = ("sqlite", "postgresql", "mysql", "mssql")
+
+# The trial runs of one experiment: active runs tagged kdray.kind = trial.
+_TRIALS = ("select r.run_uuid from runs r join tags k on k.run_uuid = r.run_uuid "
+           "where r.experiment_id = :exp and r.lifecycle_stage = 'active' and k.key = :kind and k.value = :trial")
+_QUERIES = {
+    "runs": f"select run_uuid, status, start_time from runs where run_uuid in ({_TRIALS})",
+    "tags": f"select run_uuid, key, value from tags where run_uuid in ({_TRIALS})",
+    "params": f"select run_uuid, key, value from params where run_uuid in ({_TRIALS})",
+    "metrics": f"select run_uuid, key, value, is_nan from latest_metrics where run_uuid in ({_TRIALS})",
+}
+
+
+def is_sql(uri: str) -> bool:
+    return uri.split(":", 1)[0].split("+", 1)[0].lower() in SQL_SCHEMES
+
+
+def trial_runs(uri: str, experiment_id: str) -> Optional[list[SimpleNamespace]]:
+    """Every active trial run of the experiment, as Run-shaped records; None when ``uri`` is not
+    a SQL database or its tables are not MLflow's (the caller then asks MLflow's client)."""
+    if not is_sql(uri):
+        return None
+    from sqlalchemy import create_engine, text
+    from sqlalchemy.pool import NullPool
+
+    args = {"exp": int(experiment_id), "kind": TAG_KIND, "trial": KIND_TRIAL}
+    engine = create_engine(uri, poolclass=NullPool)
+    try:
+        with engine.connect() as con:
+            rows = {name: con.execute(text(q), args).fetchall() for name, q in _QUERIES.items()}
+    except Exception as e:   # another schema, a driver missing: the client's path still works
+        log.debug("reading MLflow's tables at %s failed (%s); using MLflow's client", uri, e)
+        return None
+    finally:
+        engine.dispose()
+    runs = {rid: SimpleNamespace(info=SimpleNamespace(run_id=rid, status=status, start_time=start),
+                                 data=SimpleNamespace(params={}, tags={}, metrics={}))
+            for rid, status, start in rows["runs"]}
+    for rid, key, value in rows["tags"]:
+        runs[rid].data.tags[key] = value
+    for rid, key, value in rows["params"]:
+        runs[rid].data.params[key] = value
+    for rid, key, value, is_nan in rows["metrics"]:
+        runs[rid].data.metrics[key] = float("nan") if is_nan else float(value)
+    return list(runs.values())
