@@ -57,11 +57,7 @@ def cmd_plan(args) -> int:
     total = 0
     for path in args.sweep:
         sweep, plan = _load(path, args.max_trials, reach_storage=False)
-        print(format_plan(plan))
-        if any(s.resources.student.pack > 1 for s in sweep.setups):   # builds one model per architecture
-            from kdray.packing import jobs
-            for note in jobs(plan.students)[1]:
-                print(f"  note: {note}")
+        print(format_plan(plan))     # with the packs and why students that asked to pack do not
         total += len(plan.all)
         for spec in plan.all:
             keys.setdefault(spec.trial_key, spec.role)
