@@ -102,7 +102,7 @@ def cmd_sweep(args) -> int:
               "their runs are tagged kdray.simulated and the report says SIMULATED", file=sys.stderr, flush=True)
     from kdray.provenance import sha256_bytes
 
-    summary = run_sweep(sweep, verbose=1 if args.verbose else 0, progress=not (args.quiet or args.verbose),
+    summary = run_sweep(sweep, plan, verbose=1 if args.verbose else 0, progress=not (args.quiet or args.verbose),
                         source_sha256=sha256_bytes(Path(args.sweep).read_bytes()))
     print("\n".join(summary.lines()))
     return summary.exit_code

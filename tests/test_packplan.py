@@ -102,6 +102,14 @@ def test_every_built_in_declaration_matches_its_built_model(tmp_path):
     assert seen == {None, packplan.BATCH_NORM, packplan.DROPOUT}
 
 
+def test_every_built_in_data_set_declares_how_a_pack_takes_its_batches():
+    from kdray.data import DATASETS
+
+    declared = {n: DATASETS.get(n).batches for n in DATASETS.names()}
+    assert None not in declared.values(), declared
+    assert [n for n, b in declared.items() if b != "indexed"] == ["imagenet_ffcv"]    # FFCVBundle streams
+
+
 PLUGIN = """
 from kdray.models import IMAGE, Architecture, Packs
 
@@ -137,8 +145,8 @@ def test_a_declared_plug_in_is_never_built_and_an_undeclared_one_is_looked_at(tm
     plan = build_plan(parse_sweep(_sweep(tmp_path, {"arch": f"{plugin}:undeclared"})))
     b = [s for s in plan.students if s.setup == "b"]
     why = plan.packing().reasons          # the fallback built it: its builder's error, trained alone
-    assert len(b) == 6 and all(why.get(s.trial_key, "").startswith("cannot check it here (AssertionError: the plan built")
-                               for s in b), why
+    looked = "cannot check it here (AssertionError: the plan built"
+    assert len(b) == 6 and all(why.get(s.trial_key, "").startswith(looked) for s in b), why
 
 
 def test_a_pack_whose_built_model_disagrees_with_the_plan_fails_clearly(tmp_path, plugin):

@@ -107,19 +107,22 @@ _IMAGES = {"crop_padding": NON_NEGATIVE}
 declare_dataset("digits", "kdray.data.digits:digits", IMAGE, batches="indexed", classes=10, reads_files=False,
                 ranges={"test_size": FRACTION, "split_seed": SEED_32})
 declare_dataset("svhn", "kdray.data.svhn:svhn", IMAGE, batches="indexed", classes=10, ranges=_IMAGES)
-declare_dataset("tinyimagenet", "kdray.data.tinyimagenet:tinyimagenet", IMAGE, batches="indexed", classes=200, ranges=_IMAGES)
-declare_dataset("imagenet_folder", "kdray.data.imagenet:imagenet_folder", IMAGE,
+declare_dataset("tinyimagenet", "kdray.data.tinyimagenet:tinyimagenet", IMAGE, batches="indexed", classes=200,
+                ranges=_IMAGES)
+declare_dataset("imagenet_folder", "kdray.data.imagenet:imagenet_folder", IMAGE, batches="indexed",
                 ranges={**_IMAGES, "resolution": AT_LEAST_1, "max_per_class": AT_LEAST_1})
 declare_dataset("imagenet_ffcv", "kdray.data.ffcv:imagenet_ffcv", IMAGE, batches="streaming", classes=1000,
                 ranges={"min_res": AT_LEAST_1, "max_res": AT_LEAST_1, "val_res": AT_LEAST_1, "num_workers": NON_NEGATIVE,
                         "crop_ratio": Range(0, 1, low_open=True)})
 declare_dataset("fsdd", "kdray.data.fsdd:fsdd", AUDIO, batches="indexed", classes=10, ranges=_AUDIO)
-declare_dataset("speechcommands", "kdray.data.speechcommands:speechcommands", AUDIO, batches="indexed", classes=35, ranges=_AUDIO)
+declare_dataset("speechcommands", "kdray.data.speechcommands:speechcommands", AUDIO, batches="indexed", classes=35,
+                ranges=_AUDIO)
 declare_dataset("urbansound8k", "kdray.data.urbansound:urbansound8k", AUDIO, batches="indexed", classes=10,
                 ranges={**_AUDIO, "test_size": FRACTION, "random_state": SEED_32})
-declare_dataset("tinyshakespeare", "kdray.data.tinyshakespeare:tinyshakespeare", TOKENS, batches="indexed", task=LM, classes=65,
-                file_arg="path", ranges={"block_size": AT_LEAST_1, "train_split": FRACTION,
-                                         "train_fraction": Range(0, 1, low_open=True), "max_chars": AT_LEAST_1})
+declare_dataset("tinyshakespeare", "kdray.data.tinyshakespeare:tinyshakespeare", TOKENS, batches="indexed", task=LM,
+                classes=65, file_arg="path",
+                ranges={"block_size": AT_LEAST_1, "train_split": FRACTION,
+                        "train_fraction": Range(0, 1, low_open=True), "max_chars": AT_LEAST_1})
 declare_dataset("text_bpe", "kdray.data.text:text_bpe", TOKENS, batches="indexed", task=LM, file_arg="path",
                 requires=("tokenizers",), extra="lm")
 
