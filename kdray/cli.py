@@ -57,11 +57,7 @@ def cmd_plan(args) -> int:
     total = 0
     for path in args.sweep:
         sweep, plan = _load(path, args.max_trials, reach_storage=False)
-        print(format_plan(plan))
-        if any(s.resources.student.pack > 1 for s in sweep.setups):   # builds one model per architecture
-            from kdray.packing import jobs
-            for note in jobs(plan.students)[1]:
-                print(f"  note: {note}")
+        print(format_plan(plan))     # with the packs and why students that asked to pack do not
         total += len(plan.all)
         for spec in plan.all:
             keys.setdefault(spec.trial_key, spec.role)
@@ -106,7 +102,7 @@ def cmd_sweep(args) -> int:
               "their runs are tagged kdray.simulated and the report says SIMULATED", file=sys.stderr, flush=True)
     from kdray.provenance import sha256_bytes
 
-    summary = run_sweep(sweep, verbose=1 if args.verbose else 0, progress=not (args.quiet or args.verbose),
+    summary = run_sweep(sweep, plan, verbose=1 if args.verbose else 0, progress=not (args.quiet or args.verbose),
                         source_sha256=sha256_bytes(Path(args.sweep).read_bytes()))
     print("\n".join(summary.lines()))
     return summary.exit_code

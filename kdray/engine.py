@@ -25,7 +25,7 @@ from ray.tune.search import Searcher
 from kdray import objectstore, simulation, testhook
 from kdray.contracts import EPOCH, FAILURE, FINAL, RESULT_EPOCHS, RESULT_LAST, RESULT_PACK
 from kdray.errors import DataNotFoundError
-from kdray.packing import fallback_reasons, jobs, run_pack
+from kdray.packing import run_pack
 from kdray.plan import Plan, build_plan
 from kdray.recipe import TrialDiverged, run_trial
 from kdray.sanity import sanity_lines
@@ -484,31 +484,27 @@ def _environ(values: dict[str, str]):
             os.environ.pop(k, None)
 
 
-def _tracker_and_ray(uri: str, sweep: Sweep, artifact_root: Optional[str],
-                     plan: Plan) -> tuple[Tracker, float, dict[str, str]]:
-    """Open MLflow (fails before any trial if unreachable) and find which students cannot be
-    packed (builds one model per architecture) while Ray starts: each takes seconds."""
+def _tracker_and_ray(uri: str, sweep: Sweep, artifact_root: Optional[str]) -> tuple[Tracker, float]:
+    """Open MLflow (fails before any trial if unreachable) while Ray starts: each takes seconds."""
     from concurrent.futures import ThreadPoolExecutor
 
     import mlflow.tracking  # noqa: F401 - imported here, never by two threads at once
     import ray  # noqa: F401
 
     probe(uri)  # an unreachable server fails now, before Ray starts
-    with ThreadPoolExecutor(2, thread_name_prefix="kdray-start") as pool:
+    with ThreadPoolExecutor(1, thread_name_prefix="kdray-start") as pool:
         opening = pool.submit(Tracker, uri, sweep.name, artifact_root, sweep.description, tuple(sweep.plugins))
-        checking = pool.submit(fallback_reasons, plan.students)
         t0 = time.time()
         try:
             testhook.maybe_interrupt("ray_start")
             connect_ray()  # in the main thread: Ray installs signal handlers
             seconds = time.time() - t0
-            reasons = checking.result()
-        except BaseException:   # Ctrl-C, a failed start or check: the sweep's run must not stay RUNNING
+        except BaseException:   # Ctrl-C or a failed start: the sweep's run must not stay RUNNING
             if opening.exception() is None:
                 opening.result().end_sweep({}, "KILLED")
             raise
         tracker = opening.result()
-    return tracker, seconds, reasons
+    return tracker, seconds
 
 
 def run_sweep(sweep: Sweep, plan: Optional[Plan] = None, verbose: int = 0, progress: bool = False,
@@ -525,14 +521,14 @@ def _run_sweep(sweep: Sweep, plan: Plan, verbose: int, progress: bool, source_sh
     store = Store(sweep.storage, sweep.name)
     uri = sweep.resolved_tracking_uri()
     artifact_root = objectstore.artifact_root(sweep.storage, sweep.name, uri)
-    tracker, ray_seconds, reasons = _tracker_and_ray(uri, sweep, artifact_root, plan)
+    tracker, ray_seconds = _tracker_and_ray(uri, sweep, artifact_root)
     tracker.use_sweep_file(source_sha256)
     cluster = ray_cluster()
     summary = SweepSummary(sweep.name, len(plan.all), tracking_uri=uri, storage=store.uri, ray_start_seconds=ray_seconds,
                            started_at=t0, ray_cluster=cluster.pop("text"), gpu_hours_planned=plan.gpu_hours())
     tracker.set_tags(tracker.parent_id, cluster)
     try:
-        _run_todo(summary, plan, sweep, store, tracker, verbose, progress, reasons)
+        _run_todo(summary, plan, sweep, store, tracker, verbose, progress)
         summary.seconds = time.time() - t0
         if not summary.tracking_lost:
             tracker.end_sweep({"trials_finished": summary.finished, "trials_failed": len(summary.failed),
@@ -553,7 +549,7 @@ def _run_sweep(sweep: Sweep, plan: Plan, verbose: int, progress: bool, source_sh
 
 
 def _run_todo(summary: SweepSummary, plan: Plan, sweep: Sweep, store: Store, tracker: Tracker, verbose: int,
-              progress: bool, reasons: dict[str, str]) -> None:
+              progress: bool) -> None:
     """Skip what MLflow has, log teachers storage has, and run the rest on Tune."""
     done = tracker.finished_keys()
     todo = [s for s in plan.all if s.trial_key not in done]
@@ -576,7 +572,7 @@ def _run_todo(summary: SweepSummary, plan: Plan, sweep: Sweep, store: Store, tra
         check_resources(todo, autoscaling=bool(os.environ.get("RAY_ADDRESS")))   # a local cluster cannot grow
         check_shared_storage(sweep.storage)      # a local folder on a multi-node cluster: every node's?
         n_teachers = sum(s.role == "teacher" for s in todo)
-        packs, notes = plan_jobs(plan, {s.trial_key for s in todo}, reasons)
+        packs, notes = plan_jobs(plan, {s.trial_key for s in todo})
         for note in notes:
             print(f"kdray: {note}", file=sys.stderr, flush=True)
         keys = {s.trial_key for s in todo}
@@ -591,12 +587,13 @@ def _run_todo(summary: SweepSummary, plan: Plan, sweep: Sweep, store: Store, tra
         _account(summary, todo, cb)
 
 
-def plan_jobs(plan: Plan, todo: set[str], reasons: dict[str, str]) -> tuple[list[list[TrialSpec]], list[str]]:
-    """The Tune trials that finish the ``todo`` students: the plan's packs (cut from every planned
-    student, so a pack is the same students whatever ran before) that hold one of them, and one
-    trial per unpacked student; with the notes on students that cannot be packed."""
-    cut, notes = jobs(plan.students, reasons)
-    return [j for j in cut if any(s.trial_key in todo for s in j)], notes
+def plan_jobs(plan: Plan, todo: set[str]) -> tuple[list[list[TrialSpec]], list[str]]:
+    """The Tune trials that finish the ``todo`` students, as the plan cut them (``Plan.packing``:
+    packs from every planned student, so a pack is the same students whatever ran before) that
+    hold one of them, and one trial per unpacked student; with the plan's notes on students that
+    cannot be packed."""
+    packing = plan.packing()
+    return packing.for_todo(todo), packing.notes
 
 
 def _account(summary: SweepSummary, todo: list[TrialSpec], cb: MlflowCallback) -> None:

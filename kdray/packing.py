@@ -18,13 +18,13 @@ generator, seeded from its data seed as ``run_trial`` seeds the global one.
 
 What can differ from training alone: batched and grouped operations round
 differently from unbatched ones, so results agree within a tolerance
-(docs/benchmarks.md, "Packed trials"), not bit for bit.  Not packable (one
-student per trial instead, see ``unpackable``): BatchNorm and dropout > 0 in
-models left to vmap (vmap stacks no running statistics and cannot give each
-student its own dropout stream, which the pairing guarantee needs),
-feature-matching conditions, FFCV data sets, compiled/bf16/channels-last
-recipes.  Packs are cut from the plan (``jobs`` over every planned student), never from
-what is left to run, and a pack always trains whole: a student's stored result is then
+(docs/benchmarks.md, "Packed trials"), not bit for bit.  Which students pack
+is the plan's decision (kdray/packplan.py: BatchNorm and dropout > 0 in models
+left to vmap, feature-matching conditions, FFCV data sets and
+compiled/bf16/channels-last recipes train one student per trial); ``run_pack``
+only re-checks it on the built models and fails if they disagree.  Packs are cut
+from the plan (``packplan.jobs`` over every planned student), never from what is
+left to run, and a pack always trains whole: a student's stored result is then
 the same bytes whether its sweep ran straight through or was killed and resumed.  Resume
 is per student: a student whose ``result.json`` is stored is not stored or logged again.
 """
@@ -42,8 +42,11 @@ from torch.func import functional_call, stack_module_state, vmap
 from kdray import conditions
 from kdray.contracts import EPOCH, FAILURE
 from kdray.data import load_dataset
-from kdray.data.bundle import DataBundle
 from kdray.losses import Batch, per_student
+from kdray.packplan import by_loss_group as _by_loss_group
+from kdray.packplan import group_key as _group_key
+from kdray.packplan import loss_key as _loss_key
+from kdray.packplan import asks_to_pack, jobs, pack_groups, unpackable  # noqa: F401 - re-exported
 from kdray.recipe import (derive_seed, finish_trial, init_model, load_teacher,
                           loss_and_accuracy, lr_factor, OPTIMIZERS, teacher_train_logits)
 from kdray.spec import TrialSpec
@@ -90,96 +93,6 @@ def packed_forward(base: nn.Module) -> Callable:
 
     batched = vmap(fwd)
     return lambda p, b, x, rngs=(): batched(p, b, x)
-
-
-def _group_key(spec: TrialSpec) -> tuple:
-    import json
-    return (spec.arch, json.dumps(spec.arch_args, sort_keys=True), spec.dataset,
-            json.dumps(spec.dataset_args, sort_keys=True), json.dumps(spec.recipe, sort_keys=True),
-            spec.teacher_key, json.dumps(spec.resources, sort_keys=True), spec.data_root)
-
-
-def unpackable(spec: TrialSpec, model: nn.Module, bundle=None) -> Optional[str]:
-    """Why this spec must train alone, or None if it can join a pack."""
-    r = Recipe(**spec.recipe)
-    if bundle is not None and hasattr(bundle, "set_epoch"):
-        return "streaming data sets (FFCV) share one loader, which K students cannot drive apart"
-    if bundle is not None and type(bundle).train_batches is not DataBundle.train_batches:
-        return "the data set draws its own batches (train_batches), which a pack does not call"
-    if r.compile or r.precision == "bf16" or r.channels_last:
-        return "compile/bf16/channels_last recipes are trained alone"
-    if stacked_forward(model) is None:   # vmap: BatchNorm and dropout only in the stacked forwards
-        if any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in model.modules()):
-            return "BatchNorm running statistics are not stacked under vmap"
-        if any((isinstance(m, nn.modules.dropout._DropoutNd) and m.p > 0)
-               or (isinstance(getattr(m, "dropout", None), float) and m.dropout > 0) for m in model.modules()):
-            return "dropout > 0: vmap cannot give each student its own dropout stream"
-    if spec.condition is not None and spec.condition.teacher == "sequences":
-        return "sequence-level KD trains on its teacher's generations, not the pack's shared corpus batches"
-    if spec.condition is not None and spec.condition.features:
-        return "feature-matching conditions hook module blocks, which vmap does not see"
-    return None
-
-
-def asks_to_pack(spec: TrialSpec) -> bool:
-    """The sweep asks for this student to be packed (``resources.student.pack`` > 1)."""
-    return int(spec.resources.get("pack", 1)) > 1
-
-
-def pack_groups(specs: Sequence[TrialSpec], cap: Optional[int] = None) -> list[list[TrialSpec]]:
-    """Specs grouped by (arch, dataset, recipe, teacher, resources), each group cut into packs of at
-    most ``cap`` (default: the group's ``resources.pack``) of even sizes; a pack waits for one teacher
-    only.  A group is cut in the order of its students' loss groups (``_loss_key``), so that a pack
-    holds few of them: each is one loss call per step."""
-    groups: dict[tuple, list[TrialSpec]] = {}
-    for s in specs:
-        groups.setdefault(_group_key(s), []).append(s)
-    out = []
-    for g in groups.values():
-        g = _by_loss_group(g)
-        k = max(1, cap or int(g[0].resources.get("pack", 1)))
-        n, p = len(g), -(-len(g) // k)           # as few packs as the cap allows, of even sizes (21, 16: 10 + 11)
-        out += [g[i * n // p:(i + 1) * n // p] for i in range(p)]
-    return out
-
-
-def fallback_reasons(specs: Sequence[TrialSpec]) -> dict[str, str]:
-    """{trial key: why it trains alone} for specs that ask for packing (``resources.pack`` > 1) and
-    cannot have it; one model is built per architecture and data set to look."""
-    reasons: dict[str, str] = {}
-    built: dict[tuple, tuple] = {}
-    for s in specs:
-        if not asks_to_pack(s):
-            continue
-        key = _group_key(s)[:4]
-        if key not in built:
-            try:
-                bundle = load_dataset(s.dataset, s.data_root, **s.dataset_args)
-                built[key] = (init_model(s, bundle), bundle, None)
-            except Exception as e:   # e.g. data only on the workers: do not guess, train alone
-                built[key] = (None, None, f"cannot check it here ({type(e).__name__}: {str(e)[:120]})")
-        model, bundle, failed = built[key]
-        why = failed or unpackable(s, model, bundle)
-        if why:
-            reasons[s.trial_key] = why
-    return reasons
-
-
-def jobs(students: Sequence[TrialSpec], reasons: Optional[dict[str, str]] = None
-         ) -> tuple[list[list[TrialSpec]], list[str]]:
-    """Students cut into Tune trials: packs where asked and possible, one student per trial
-    otherwise; and one line per setup and reason saying what was not packed (``reasons``:
-    ``fallback_reasons`` of these students or more, if already known)."""
-    reasons = fallback_reasons(students) if reasons is None else reasons
-    packed = [s for s in students if asks_to_pack(s) and s.trial_key not in reasons]
-    keys = {s.trial_key for s in packed}     # a set: a sweep may hand over thousands of students
-    out = [[s] for s in students if s.trial_key not in keys] + pack_groups(packed)
-    said: dict[tuple, int] = {}
-    for s in students:
-        if s.trial_key in reasons:
-            said[(s.setup, reasons[s.trial_key])] = said.get((s.setup, reasons[s.trial_key]), 0) + 1
-    notes = [f"setup {setup}: {n} students trained one per trial, not packed: {why}" for (setup, why), n in said.items()]
-    return out, notes
 
 
 class _Teacher:
@@ -270,10 +183,12 @@ def run_pack(specs: Sequence[TrialSpec], store: Store, device: str | torch.devic
     r = Recipe(**s0.recipe)
     bundle = load_dataset(s0.dataset, s0.data_root, **s0.dataset_args)
     models = [init_model(s, bundle).to(device) for s in members]
-    for s, m in zip(members, models):
+    for s, m in zip(members, models):   # the plan decided (kdray/packplan.py); this is its safety net
         why = unpackable(s, m, bundle)
         if why:
-            raise ValueError(f"trial {s.label} cannot be packed: {why}")
+            raise ValueError(f"trial {s.label} cannot be packed: {why} (the plan packed it: the packing "
+                             f"declaration of architecture {s.arch!r} or data set {s.dataset!r} disagrees "
+                             f"with the built model; see kdray/packplan.py)")
     students = [_Student(s, device) for s in members]
     rngs = [st.dropout for st in students]
     teacher = _Teacher(s0, store, bundle, device, r, any(st.needs_logits for st in students))
@@ -366,23 +281,6 @@ def _optimizer(r: Recipe, leaves: list[torch.Tensor]) -> torch.optim.Optimizer:
         return OPTIMIZERS[r.optimizer](leaves, r, fused=True)
     except RuntimeError:
         return OPTIMIZERS[r.optimizer](leaves, r, foreach=True)
-
-
-def _loss_key(spec: TrialSpec, i: int) -> tuple:
-    """Students with one key get their losses from one call: the same condition and params,
-    declared ``rowwise`` (kdray/conditions: a mean over rows of per-row terms); the rest alone."""
-    import json
-    cond = spec.condition
-    if cond is None:                       # teachers: cross-entropy
-        return ("",)
-    if cond.rowwise:
-        return (cond.name, json.dumps(spec.params, sort_keys=True, default=str))
-    return ("~alone", i)
-
-
-def _by_loss_group(specs: Sequence[TrialSpec]) -> list[TrialSpec]:
-    """The specs ordered by ``_loss_key`` (stably): each loss group becomes one run."""
-    return [s for _, s in sorted(((_loss_key(s, i), s) for i, s in enumerate(specs)), key=lambda p: p[0])]
 
 
 def _loss_groups(students: Sequence[_Student]) -> list[slice]:

@@ -12,7 +12,8 @@ from __future__ import annotations
 from collections import Counter
 from dataclasses import dataclass, field
 
-from kdray import conditions
+from kdray import conditions, packplan
+from kdray.packplan import Packing
 from kdray.spec import TrialSpec
 from kdray.sweep import Setup, Sweep, enabled_conditions
 
@@ -22,6 +23,7 @@ class Plan:
     sweep: Sweep
     teachers: list[TrialSpec] = field(default_factory=list)
     students: list[TrialSpec] = field(default_factory=list)
+    _packing: tuple = field(default=(), repr=False, compare=False)   # (student keys, Packing)
 
     @property
     def all(self) -> list[TrialSpec]:
@@ -35,6 +37,16 @@ class Plan:
         """The GPU-hours the sweep file's ``gpu_hours_per_model`` estimates for the setups that use GPUs."""
         counts = Counter(s.setup for s in self.all)
         return sum(st.gpu_hours_per_model * counts[st.name] for st in self.sweep.setups if _on_gpu(st))
+
+    def packing(self) -> Packing:
+        """The students' Tune trials: packs cut from every planned student (never from what is left
+        to run), one trial per other student, and why those that asked to pack cannot
+        (kdray/packplan.py: from the declarations, torch-free; a plug-in model or data set that
+        declares nothing is built or loaded to look, once per plan)."""
+        keys = tuple(s.trial_key for s in self.students)
+        if not self._packing or self._packing[0] != keys:
+            self._packing = (keys, packplan.packing(self.students))
+        return self._packing[1]
 
     def n_pairs(self) -> int:
         """The fewest paired student seeds of any setup (what the tests will see)."""
@@ -129,7 +141,24 @@ def format_plan(plan: Plan) -> str:
         if setup.resources.student.pack > 1:
             lines.append(f"    students packed up to {setup.resources.student.pack} per trial (one process, "
                          f"stacked under torch.func.vmap)")
+            lines += ["    " + line for line in _pack_lines(plan, setup.name)]
     return "\n".join(lines)
+
+
+def _pack_lines(plan: Plan, setup: str) -> list[str]:
+    """How the setup's students are cut into packs, and why those that asked to pack cannot."""
+    packing = plan.packing()
+    packs = [j for j in packing.jobs if len(j) > 1 and j[0].setup == setup]
+    sizes = sorted({len(j) for j in packs})
+    size = "" if not sizes else f" of {sizes[0]}" if len(sizes) == 1 else f" of {sizes[0]}-{sizes[-1]}"
+    alone = sum(1 for j in packing.jobs if len(j) == 1 and j[0].setup == setup and j[0].role == "student")
+    out = [f"packs: {sum(map(len, packs))} students in {len(packs)} packs{size}; {alone} one per trial"]
+    why: dict[str, int] = {}
+    for s in plan.students:
+        if s.setup == setup and s.trial_key in packing.reasons:
+            why[packing.reasons[s.trial_key]] = why.get(packing.reasons[s.trial_key], 0) + 1
+    out += [f"not packed: {n} students: {w}" for w, n in why.items()]
+    return out
 
 
 def _on_gpu(setup) -> bool:

@@ -29,6 +29,7 @@ from kdray.registry import (AT_LEAST_1, FRACTION, NON_NEGATIVE, POSITIVE, SEED_3
 DATA_ROOT_ENV = "KDRAY_DATA"
 CLASSIFICATION, LM = "classification", "lm"
 BUDGET = {CLASSIFICATION: "epochs", LM: "iterations"}     # how a recipe counts training length
+BATCHES = ("indexed", "streaming", "own")                 # how a pack takes its batches (Dataset.batches)
 
 
 @dataclass(frozen=True)
@@ -45,9 +46,15 @@ class Dataset:
     def __post_init__(self):
         if self.modality not in MODALITIES:
             check_modalities(f"dataset {self.name!r}", (self.modality,))
+        if self.batches not in (None, *BATCHES):
+            raise PluginError(f"dataset {self.name!r}: unknown batches {self.batches!r}; valid: {', '.join(BATCHES)}")
     requires: tuple[str, ...] = ()      # modules of an optional extra its loader imports
     extra: Optional[str] = None         # ... and the extra that installs them ("lm": kdray[lm])
     prepare: Optional[Target] = None    # args -> args as trials get them (torch-free): e.g. a file's hash added
+    # How K packed students take its batches (kdray/packplan.py): "indexed" (the DataBundle's own
+    # train_draws/take: it packs), "streaming" (one shared loader, FFCV) or "own" (it overrides
+    # train_batches): trained alone; None: not declared, the plan loads it to look.
+    batches: Optional[str] = None
 
     @property
     def budget(self) -> str:
@@ -102,23 +109,26 @@ def register_dataset(name: str, modality: str = IMAGE, **info):
 
 _AUDIO = {"seconds": POSITIVE}
 _IMAGES = {"crop_padding": NON_NEGATIVE}
-declare_dataset("digits", "kdray.data.digits:digits", IMAGE, classes=10, reads_files=False,
+declare_dataset("digits", "kdray.data.digits:digits", IMAGE, batches="indexed", classes=10, reads_files=False,
                 ranges={"test_size": FRACTION, "split_seed": SEED_32})
-declare_dataset("svhn", "kdray.data.svhn:svhn", IMAGE, classes=10, ranges=_IMAGES)
-declare_dataset("tinyimagenet", "kdray.data.tinyimagenet:tinyimagenet", IMAGE, classes=200, ranges=_IMAGES)
-declare_dataset("imagenet_folder", "kdray.data.imagenet:imagenet_folder", IMAGE,
+declare_dataset("svhn", "kdray.data.svhn:svhn", IMAGE, batches="indexed", classes=10, ranges=_IMAGES)
+declare_dataset("tinyimagenet", "kdray.data.tinyimagenet:tinyimagenet", IMAGE, batches="indexed", classes=200,
+                ranges=_IMAGES)
+declare_dataset("imagenet_folder", "kdray.data.imagenet:imagenet_folder", IMAGE, batches="indexed",
                 ranges={**_IMAGES, "resolution": AT_LEAST_1, "max_per_class": AT_LEAST_1})
-declare_dataset("imagenet_ffcv", "kdray.data.ffcv:imagenet_ffcv", IMAGE, classes=1000,
+declare_dataset("imagenet_ffcv", "kdray.data.ffcv:imagenet_ffcv", IMAGE, batches="streaming", classes=1000,
                 ranges={"min_res": AT_LEAST_1, "max_res": AT_LEAST_1, "val_res": AT_LEAST_1, "num_workers": NON_NEGATIVE,
                         "crop_ratio": Range(0, 1, low_open=True)})
-declare_dataset("fsdd", "kdray.data.fsdd:fsdd", AUDIO, classes=10, ranges=_AUDIO)
-declare_dataset("speechcommands", "kdray.data.speechcommands:speechcommands", AUDIO, classes=35, ranges=_AUDIO)
-declare_dataset("urbansound8k", "kdray.data.urbansound:urbansound8k", AUDIO, classes=10,
+declare_dataset("fsdd", "kdray.data.fsdd:fsdd", AUDIO, batches="indexed", classes=10, ranges=_AUDIO)
+declare_dataset("speechcommands", "kdray.data.speechcommands:speechcommands", AUDIO, batches="indexed", classes=35,
+                ranges=_AUDIO)
+declare_dataset("urbansound8k", "kdray.data.urbansound:urbansound8k", AUDIO, batches="indexed", classes=10,
                 ranges={**_AUDIO, "test_size": FRACTION, "random_state": SEED_32})
-declare_dataset("tinyshakespeare", "kdray.data.tinyshakespeare:tinyshakespeare", TOKENS, task=LM, classes=65,
-                file_arg="path", ranges={"block_size": AT_LEAST_1, "train_split": FRACTION,
-                                         "train_fraction": Range(0, 1, low_open=True), "max_chars": AT_LEAST_1})
-declare_dataset("text_bpe", "kdray.data.text:text_bpe", TOKENS, task=LM, file_arg="path",
+declare_dataset("tinyshakespeare", "kdray.data.tinyshakespeare:tinyshakespeare", TOKENS, batches="indexed", task=LM,
+                classes=65, file_arg="path",
+                ranges={"block_size": AT_LEAST_1, "train_split": FRACTION,
+                        "train_fraction": Range(0, 1, low_open=True), "max_chars": AT_LEAST_1})
+declare_dataset("text_bpe", "kdray.data.text:text_bpe", TOKENS, batches="indexed", task=LM, file_arg="path",
                 requires=("tokenizers",), extra="lm", prepare="kdray.data.tokenizer_identity:tokenizer_identity")
 
 

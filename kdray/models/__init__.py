@@ -42,6 +42,23 @@ CONTEXT_ARGS = ("num_classes", "input_shape")     # kdray passes these; a sweep 
 
 
 @dataclass(frozen=True)
+class Packs:
+    """Whether K students of an architecture can train as one pack, declared so that the plan
+    decides it from a sweep file alone (kdray/packplan.py; no model is built).
+
+    ``stacked``: a stacked forward (kdray/stacked) trains every model the builder makes, BatchNorm
+    and dropout per student: it always packs.  Otherwise the pack runs the model under vmap, which
+    stacks no BatchNorm statistics and has no per-student dropout: ``batch_norm`` is True when the
+    model always has BatchNorm, or the name of the builder argument that switches it on;
+    ``dropout`` names the argument that sets its dropout probability (> 0: trained alone).  A
+    model whose packing these cannot say declares none (``packs=None``): the plan then builds one
+    to look.  tests/test_packing.py checks each built-in declaration against the built model."""
+    stacked: bool = False
+    batch_norm: bool | str = False
+    dropout: Optional[str] = None
+
+
+@dataclass(frozen=True)
 class Architecture:
     name: str
     target: Target                      # "module:function", or the builder itself
@@ -51,6 +68,7 @@ class Architecture:
     requires: tuple[str, ...] = ()      # modules of an optional extra it imports (checked at validation)
     extra: Optional[str] = None         # ... and the extra that installs them ("lm": kdray[lm])
     prepare: Optional[Target] = None    # args -> args at validation (a pretrained folder's hash)
+    packs: Optional[Packs] = None       # whether students pack (None: not declared, the plan builds one to look)
 
     def args(self) -> dict:
         """The arguments a sweep file may give: {name: (annotation, default)} (no import)."""
@@ -111,19 +129,24 @@ _ENCODER = {"dim": AT_LEAST_1, "depth": AT_LEAST_1, "heads": AT_LEAST_1, "mlp_di
 _VIT = {**_ENCODER, "patch_size": AT_LEAST_1}
 _AST = {**_ENCODER, "patch": AT_LEAST_1, "stride": AT_LEAST_1}
 _VGG = {"hidden": AT_LEAST_1, "dropout": DROPOUT}
-declare_model("mlp", "kdray.models.small:mlp", (IMAGE, AUDIO),
+_ALWAYS = Packs(stacked=True)               # plain nn.Sequential: kdray/stacked/sequential.py
+_VMAP_BN = Packs(batch_norm=True)
+_VMAP_DROPOUT = Packs(dropout="dropout")    # kdray's GPT: the stacked forward without dropout, else vmap
+declare_model("mlp", "kdray.models.small:mlp", (IMAGE, AUDIO), packs=_ALWAYS,
               ranges={"hidden": AT_LEAST_1, "depth": NON_NEGATIVE, "dropout": DROPOUT, "width": POSITIVE})
-declare_model("small_cnn", "kdray.models.small:small_cnn", (IMAGE,),
+declare_model("small_cnn", "kdray.models.small:small_cnn", (IMAGE,), packs=_ALWAYS,
               ranges={"channels": AT_LEAST_1, "dropout": DROPOUT, "width": POSITIVE})
-declare_model("resnet18", "kdray.models.resnet:resnet18", (IMAGE,), ranges={"width": POSITIVE})
-declare_model("resnet50", "kdray.models.resnet:resnet50", (IMAGE,), ranges={"width": POSITIVE})
-declare_model("vgg19", "kdray.models.vgg:vgg19", (IMAGE,), ranges=_VGG)
-declare_model("vgg19_bn", "kdray.models.vgg:vgg19_bn", (IMAGE,), ranges=_VGG)
-declare_model("vit", "kdray.models.vit:vit", (IMAGE,), blocks="depth", ranges=_VIT)
-declare_model("vggish", "kdray.models.vggish:vggish", (AUDIO,), ranges={**_VGG, "width": POSITIVE})
-declare_model("ast", "kdray.models.ast:ast", (AUDIO,), blocks="depth", ranges=_AST)
-declare_model("nano_gpt", "kdray.models.gpt:nano_gpt", (TOKENS,), blocks="n_layer", ranges=_GPT)
-declare_model("pico_gpt", "kdray.models.gpt:pico_gpt", (TOKENS,), blocks="n_layer", ranges=_GPT)
+declare_model("resnet18", "kdray.models.resnet:resnet18", (IMAGE,), ranges={"width": POSITIVE}, packs=_VMAP_BN)
+declare_model("resnet50", "kdray.models.resnet:resnet50", (IMAGE,), ranges={"width": POSITIVE}, packs=_VMAP_BN)
+declare_model("vgg19", "kdray.models.vgg:vgg19", (IMAGE,), ranges=_VGG, packs=_VMAP_DROPOUT)
+declare_model("vgg19_bn", "kdray.models.vgg:vgg19_bn", (IMAGE,), ranges=_VGG, packs=_VMAP_BN)
+declare_model("vit", "kdray.models.vit:vit", (IMAGE,), blocks="depth", ranges=_VIT, packs=_VMAP_DROPOUT)
+declare_model("vggish", "kdray.models.vggish:vggish", (AUDIO,), ranges={**_VGG, "width": POSITIVE},
+              packs=Packs(batch_norm="batch_norm", dropout="dropout"))
+declare_model("ast", "kdray.models.ast:ast", (AUDIO,), blocks="depth", ranges=_AST, packs=_VMAP_DROPOUT)
+declare_model("nano_gpt", "kdray.models.gpt:nano_gpt", (TOKENS,), blocks="n_layer", ranges=_GPT, packs=_VMAP_DROPOUT)
+declare_model("pico_gpt", "kdray.models.gpt:pico_gpt", (TOKENS,), blocks="n_layer", ranges=_GPT, packs=_VMAP_DROPOUT)
+# a Hugging Face config's dropouts have many names: not declared, the plan builds one to look
 declare_model("hf_causal_lm", "kdray.models.hf:hf_causal_lm", (TOKENS,), requires=("transformers",), extra="lm",
               prepare="kdray.models.hf:folder_identity")
 
