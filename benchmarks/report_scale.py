@@ -107,9 +107,10 @@ def create_bulk(uri: str, n_runs: int, artifact_root: str, sample: int = 5) -> d
             "rows": sum(len(v) for v in rows.values())}
 
 
-def run(quick: bool = False, device: str = "cpu") -> dict:
+def run(quick: bool = False, device: str = "cpu", n_runs: int = 0) -> dict:
+    """``n_runs`` (213 a + 71 b) overrides the size (tests)."""
     t0 = now()
-    n_runs = RUNS["quick" if quick else "full"]
+    n_runs = n_runs or RUNS["quick" if quick else "full"]
     with tempfile.TemporaryDirectory(prefix="kdray-bench-report-scale-") as tmp:
         uri = f"sqlite:///{tmp}/mlflow.db"
         made = create_bulk(uri, n_runs, f"{tmp}/artifacts")

@@ -95,6 +95,14 @@ def test_report(records):
     records["report"] = r
 
 
+def test_report_scale(records):
+    """The bulk-written runs are read back by MlflowClient inside the benchmark (it raises if they differ)."""
+    r = check(load("report_scale").run(n_runs=142), "report_scale")
+    assert r["measurements"]["runs"] == 142 and r["measurements"]["setups"] == 1
+    assert r["measurements"]["report files written"] > 5
+    records["report_scale"] = r
+
+
 def test_ffcv_not_installed_and_torchvision_side(records, monkeypatch, tmp_path):
     mod = load("ffcv")
     monkeypatch.setattr(mod, "ffcv_available", lambda: (False, "ImportError: no module named ffcv"))
