@@ -246,6 +246,43 @@ def test_power_matches_direct_simulation():
     assert abs(got - wins / 400) < 0.08
 
 
+def test_w_plus_prefixes_are_rank_sums_of_every_prefix():
+    """Tukey's identity, checked by brute force: W+ of the first n values = the sum of the ranks of |x|
+    (scipy's rankdata) where x > 0, for every n."""
+    from scipy.stats import rankdata
+
+    from kdray.analysis import sizing
+
+    x = np.random.default_rng(3).normal(0.1, 1, (7, 15))
+    got = sizing.w_plus_prefixes(x)
+    for row, w in zip(x, got):
+        assert list(w) == [int(rankdata(np.abs(row[:n]))[row[:n] > 0].sum()) for n in range(1, 16)]
+
+
+def test_a_power_curve_decides_each_n_on_the_first_n_seeds_of_one_set_of_studies():
+    """support_curve against its own definition, decided by independent code: the same normal studies
+    (drawn here with its documented seeding), each n decided on the first n seeds by scipy's exact test,
+    statsmodels' BH per control, significant against both controls on >= 2 of 3 metrics.  And a one-n
+    curve is support_rate."""
+    from kdray.analysis import sizing
+
+    cov = np.diag([1.0, 0.5, 2.0, 1.0, 1.0, 0.3])
+    shift, ns, draws = np.array([0.5, 0.4, 0.9]), [3, 5, 8, 11], 60
+    got = sizing.support_curve(cov, shift, ns, 2, 3, "bh", draws=draws, min_metrics=2, seed=4)
+    rng = np.random.default_rng([4, 11])
+    z = rng.standard_normal((draws, 11, 6)) @ (np.linalg.eigh(cov)[1] * np.sqrt(np.linalg.eigh(cov)[0])).T
+    x = (z + np.tile(shift, 2)).reshape(draws, 11, 2, 3)
+    for n in ns:
+        wins = 0
+        for study in x:
+            sig = [multipletests([wilcoxon(study[:n, c, m], alternative="greater", method="exact").pvalue
+                                  for m in range(3)], alpha=0.05, method="fdr_bh")[0] for c in range(2)]
+            wins += int(np.sum(np.logical_and(*sig)) >= 2)
+        assert got[n] == pytest.approx(wins / draws), n
+    assert sizing.support_curve(cov, shift, [8], 2, 3, draws=draws) == {8: sizing.support_rate(cov, shift, 8, 2, 3,
+                                                                                                 draws=draws)}
+
+
 def test_seeds_for_target():
     import pandas as pd
 

@@ -50,6 +50,16 @@ def power_at(pilot: np.ndarray, n: int, shift, correction: str = corrections.DEF
     return sizing.support_rate(cov, shift, n, c, m, correction, level, draws, seed, min_metrics, scale)
 
 
+def power_curve(pilot: np.ndarray, ns, shift, correction: str = corrections.DEFAULT, level: float = LEVEL,
+                draws: int = DRAWS, seed: int = SEED, min_metrics: int = SUPPORT_MIN, scale: float = 1.0,
+                top: int = 0) -> dict:
+    """power_at for every n of ``ns`` at once (sizing.support_curve: one set of simulated studies of
+    max(ns, top) seeds, each n deciding on its first n; a one-n curve equals power_at)."""
+    c, m, n0 = pilot.shape
+    cov = np.atleast_2d(np.cov(pilot.reshape(c * m, n0))) if n0 > 1 else np.zeros((c * m, c * m))
+    return sizing.support_curve(cov, shift, ns, c, m, correction, level, draws, seed, min_metrics, scale, top)
+
+
 def pilot_differences(runs: pd.DataFrame, controls: dict, with_metrics: bool = False):
     """(controls, metrics, seeds) differences, oriented to favour the treated condition, on the seeds
     every control and metric share; metrics no control has are left out.  None without pairs.
@@ -79,9 +89,10 @@ def power_curves(students: pd.DataFrame, correction: str = corrections.DEFAULT, 
     """Per (setup, teacher seed, treated condition): the power at the SESOI at each student-seed count in
     ``seeds`` and at the pilot's own count (``pilot`` True on that row), with the noise as estimated
     (``power``); at the pilot's count also with the noise at the ends of its 95% interval
-    (``power_low``: noisier, ``power_high``), and on every row ``seeds_low``: the seeds needed for
-    TARGET with the noise at its upper limit (found by bisection over ``seeds``, the power growing
-    with n), so a curve costs about a third more than the estimate alone, not three times."""
+    (``power_low``: noisier, ``power_high``), and on every row ``seeds_low``: the fewest of ``seeds``
+    reaching TARGET with the noise at its upper limit.  Every n and noise level is decided on the
+    same simulated studies (the first n seeds of each; sizing.support_curve), so a curve costs
+    about three sorts, not one per n, and its points do not wobble against each other."""
     sesoi = sizing.SESOI if sesoi is None else sesoi
     rows = []
     for (setup, ts), grp in students.groupby(["setup", "teacher_seed"], sort=True):
@@ -97,30 +108,23 @@ def power_curves(students: pd.DataFrame, correction: str = corrections.DEFAULT, 
             n0 = d.shape[-1]
             quiet, noisy = sizing.sd_interval(1.0, n0)
 
-            def pw(n: int, scale: float = 1.0) -> float:
-                return power_at(d, n, shift, correction, level, draws, min_metrics=min_metrics, scale=scale)
+            ns = sorted(set(seeds) | {n0})
 
-            low = _first_reaching(sorted(seeds), lambda n: pw(n, noisy) >= TARGET)
-            for n in sorted(set(seeds) | {n0}):
+            def curve(at, scale: float = 1.0) -> dict:   # every n and scale on the same simulated studies
+                return power_curve(d, at, shift, correction, level, draws, min_metrics=min_metrics, scale=scale,
+                                   top=ns[-1])
+
+            est, low_curve, high = curve(ns), curve(ns, noisy), curve([n0], quiet)
+            low = next((float(n) for n in sorted(seeds) if low_curve[n] >= TARGET), math.nan)
+            for n in ns:
                 rows.append(dict(setup=setup, teacher_seed=int(ts), condition=cond, n_seeds=n, pilot=n == n0,
-                                 pilot_seeds=n0, power=pw(n), power_low=pw(n, noisy) if n == n0 else math.nan,
-                                 power_high=pw(n, quiet) if n == n0 else math.nan, seeds_low=low))
+                                 pilot_seeds=n0, power=est[n], power_low=low_curve[n] if n == n0 else math.nan,
+                                 power_high=high[n] if n == n0 else math.nan, seeds_low=low))
     return pd.DataFrame(rows, columns=CURVE_COLUMNS)
 
 
 CURVE_COLUMNS = ["setup", "teacher_seed", "condition", "n_seeds", "pilot", "pilot_seeds", "power", "power_low",
                  "power_high", "seeds_low"]
-
-
-def _first_reaching(ns: list, ok) -> float:
-    """The first n of the sorted ns with ok(n), by bisection (ok assumed monotone); nan if none."""
-    if not ns or not ok(ns[-1]):
-        return math.nan
-    lo, hi = -1, len(ns) - 1
-    while hi - lo > 1:
-        mid = (lo + hi) // 2
-        lo, hi = (lo, mid) if ok(ns[mid]) else (mid, hi)
-    return float(ns[hi])
 
 
 def seeds_for(curve: pd.DataFrame, target: float = TARGET, column: str = "power") -> float:

@@ -140,6 +140,54 @@ def pilot_sd(d) -> Optional[float]:
     return float(np.std(d, ddof=1)) if d.size >= 2 else math.nan
 
 
+def w_plus_prefixes(x: np.ndarray) -> np.ndarray:
+    """W+ of the first n values along the last axis, for every n = 1 .. N (continuous x: no ties, no
+    zeros).  W+ is the number of Walsh averages (x_i + x_j) / 2, i <= j, above 0 (Tukey's identity:
+    the same sum of the ranks of the positive |x|), so adding value j adds #{i <= j: x_i + x_j > 0};
+    one pass gives every prefix, where ranking each prefix would sort N times."""
+    out = np.empty(x.shape, np.int64)
+    acc = np.zeros(x.shape[:-1], np.int64)
+    for j in range(x.shape[-1]):
+        acc += np.count_nonzero(x[..., :j + 1] + x[..., j:j + 1] > 0, axis=-1)
+        out[..., j] = acc
+    return out
+
+
+def _greater_p_from_w(w: np.ndarray, n: int) -> np.ndarray:
+    """exact_greater_p's answer from W+ of n continuous pairs."""
+    if n > EXACT_MAX_N:
+        from scipy.stats import norm
+
+        return norm.sf((w - n * (n + 1) / 4) / math.sqrt(n * (n + 1) * (2 * n + 1) / 24))
+    return _untied_sf(n)[w]
+
+
+def support_curve(cov: np.ndarray, shift, ns, controls: int, metrics: int, correction: str = "bh",
+                  level: float = 0.05, draws: int = 1000, seed: int = SEED, min_metrics: int = 3,
+                  scale: float = 1.0, top: int = 0) -> dict[int, float]:
+    """support_rate at every n of ``ns`` from one set of simulated studies of max(ns, top) seeds, each
+    n deciding on the first n of them (common random numbers: one draw and one pass of
+    w_plus_prefixes instead of a draw and a sort per n; ``top`` > max(ns) gives a few ns the draws of
+    a longer curve).  For a single n the draws are support_rate's own, so
+    ``support_curve(..., [n])[n] == support_rate(..., n)``."""
+    ns = sorted({int(n) for n in ns})
+    top = max(ns[-1], int(top))
+    rng = np.random.default_rng([seed, top])
+    c, m = controls, metrics
+    w, v = np.linalg.eigh(np.asarray(cov, float))
+    root = v * np.sqrt(np.clip(w, 0, None))                     # root @ root.T == cov
+    z = rng.standard_normal((draws, top, c * m)) @ root.T * scale
+    x = z + np.tile(np.broadcast_to(np.asarray(shift, float), (m,)), c)
+    x = x.reshape(draws, top, c, m).transpose(2, 0, 3, 1)       # (controls, draws, metrics, seeds)
+    wp = w_plus_prefixes(x[..., :ns[-1]])
+    out = {}
+    for n in ns:
+        p = _greater_p_from_w(wp[..., n - 1], n)                # (controls, draws, metrics)
+        sig = (corrections.adjust(p, correction) <= level).all(axis=0)
+        out[n] = float(np.mean(sig.sum(axis=-1) >= min_metrics))
+    return out
+
+
 def support_rate(cov: np.ndarray, shift, n: int, controls: int, metrics: int, correction: str = "bh",
                  level: float = 0.05, draws: int = 1000, seed: int = SEED, min_metrics: int = 3,
                  scale: float = 1.0) -> float:
@@ -150,13 +198,4 @@ def support_rate(cov: np.ndarray, shift, n: int, controls: int, metrics: int, co
     Each seed's differences over (control, metric), control-major, are normal with covariance
     ``scale``^2 ``cov`` and mean ``shift`` (one value per metric, or one for all; positive favours the
     treated condition).  Fixed seed: reproducible."""
-    rng = np.random.default_rng([seed, n])
-    c, m = controls, metrics
-    w, v = np.linalg.eigh(np.asarray(cov, float))
-    root = v * np.sqrt(np.clip(w, 0, None))                     # root @ root.T == cov
-    z = rng.standard_normal((draws, n, c * m)) @ root.T * scale
-    x = z + np.tile(np.broadcast_to(np.asarray(shift, float), (m,)), c)
-    x = x.reshape(draws, n, c, m).transpose(2, 0, 3, 1)         # (controls, draws, metrics, seeds)
-    p = exact_greater_p(x)                                      # (controls, draws, metrics)
-    sig = (corrections.adjust(p, correction) <= level).all(axis=0)
-    return float(np.mean(sig.sum(axis=-1) >= min_metrics))
+    return support_curve(cov, shift, [n], controls, metrics, correction, level, draws, seed, min_metrics, scale)[int(n)]
