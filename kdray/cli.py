@@ -139,7 +139,7 @@ def cmd_report(args) -> int:
         return _fail(str(e))
     return run_report(args.target, args.out, args.tracking_uri, args.threshold, args.exclude_below, args.jobs,
                       args.correction, args.min_metrics, sesoi=sesoi,
-                      decision_correction=args.decision_correction)
+                      decision_correction=args.decision_correction, figures_for=args.figures)
 
 
 def cmd_verify(args) -> int:
@@ -369,6 +369,8 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--decision-correction", choices=("none", "holm", "bh"), default="none",
                     help="correct over each setup's transfer decisions (treated conditions x alphas x temperatures "
                          "x teacher seeds): holm (family-wise error rate) or bh (false discovery rate); default none")
+    sp.add_argument("--figures", choices=("auto", "all", "none"), default="auto",
+                    help="per-setup figures: auto (every setup's, up to 24 setups; none above), all, or none")
     sp = add("verify", cmd_verify, "does a study reproduce? re-trains a seeded sample of its stored trials and "
                                    "compares each with what was stored (bit for bit where the fingerprint matches)")
     from kdray.verify import add_arguments as verify_arguments

@@ -301,3 +301,23 @@ def test_direct_read_skips_deleted_and_non_trial_runs_and_keeps_nan(tmp_path):
     assert len(direct) == len(runs) - 1 and runs[1].info.run_id not in set(direct["run_id"])
     assert math.isnan(direct.set_index("run_id").loc[runs[0].info.run_id, "test_acc"])
     pd.testing.assert_frame_equal(direct, by_client)
+
+
+def test_figures_are_drawn_up_to_a_number_of_setups_unless_asked(sweep, tmp_path, monkeypatch):
+    """--figures auto draws every setup's figures up to FIGURE_SETUPS setups and none above (the
+    summary says how to ask for them); all and none do what they say."""
+    from kdray.analysis import report as report_mod
+    from kdray.analysis.runs import load_runs
+
+    d, uri = sweep
+    df = load_runs(uri, "planted")
+    monkeypatch.setattr(report_mod, "FIGURE_SETUPS", 1)          # the planted sweep has more setups
+    assert df["setup"].nunique() > 1
+    auto = build_report(df, tmp_path / "auto")
+    assert not (tmp_path / "auto" / "figures").exists()
+    assert "--figures all" in auto.summary_text() and "<img" not in auto.index.read_text()
+    drawn = build_report(df, tmp_path / "all", figures_for="all")
+    assert len(list((tmp_path / "all" / "figures").glob("*.png"))) >= 6 and "<img" in drawn.index.read_text()
+    monkeypatch.setattr(report_mod, "FIGURE_SETUPS", 24)
+    build_report(df, tmp_path / "none", figures_for="none")
+    assert not (tmp_path / "none" / "figures").exists()

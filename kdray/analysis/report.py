@@ -173,12 +173,19 @@ def _html(title: str, summary: str, tabs: list[tables.Table], figs: list[tuple[s
     return "\n".join(parts)
 
 
+# Above this many setups a report draws no per-setup figures unless asked (--figures all): at
+# 5 figures a setup, 200 setups are 1,000 figures (minutes of drawing) that no reader pages through.
+FIGURE_SETUPS = 24
+
+
 def build_report(df: pd.DataFrame, out_dir: str | Path, threshold: float = 0.01,
                  exclude_below: Optional[float] = None, title: str = "kdray report", pool=None,
                  correction: str = corrections.DEFAULT, min_metrics: int = SUPPORT_MIN,
-                 sesoi: Optional[dict] = None, decision_correction: str = "none") -> ReportResult:
+                 sesoi: Optional[dict] = None, decision_correction: str = "none",
+                 figures_for: str = "auto") -> ReportResult:
     """Analyse the runs and write every table, figure and the HTML page into out_dir
-    (setups analysed and their figures drawn by the process ``pool`` when given, see report_pool)."""
+    (setups analysed and their figures drawn by the process ``pool`` when given, see report_pool).
+    ``figures_for``: "all" setups, "none", or "auto": all up to FIGURE_SETUPS setups, none above."""
     out = Path(out_dir)
     clock = _Clock()
     a = analyse(df, threshold=threshold, exclude_below=exclude_below, map_=pool.map if pool else map,
@@ -189,7 +196,12 @@ def build_report(df: pd.DataFrame, out_dir: str | Path, threshold: float = 0.01,
                           scope=df.attrs.get("scope"))
     clock.lap("analysis")
     files = result.files
-    pending = figures.all_figures(a, out / "figures", pool)   # drawn by the workers meanwhile
+    n_setups = a.students["setup"].nunique()
+    draw = figures_for == "all" or (figures_for == "auto" and n_setups <= FIGURE_SETUPS)
+    pending = figures.all_figures(a, out / "figures", pool) if draw else iter(())   # drawn by the workers meanwhile
+    if not draw and n_setups:
+        a.notes.append(f"figures not drawn ({n_setups} setups, {len(figures.FIGURES)} figures each; drawn by "
+                       f"default up to {FIGURE_SETUPS} setups): `kdray report ... --figures all` draws them")
     tabs = tables.all_tables(a)
     for t in tabs:
         files += [_write(out / "tables" / f"{t.name}.md", t.markdown()),
@@ -338,7 +350,7 @@ def load_target(target: str, tracking_uri: str | None, pool=None) -> tuple[pd.Da
 def run_report(target: str, out: str | None, tracking_uri: str | None, threshold: float = 0.01,
                exclude_below: float | None = None, jobs: Optional[int] = None,
                correction: str = corrections.DEFAULT, min_metrics: int = SUPPORT_MIN,
-               sesoi: Optional[dict] = None, decision_correction: str = "none") -> int:
+               sesoi: Optional[dict] = None, decision_correction: str = "none", figures_for: str = "auto") -> int:
     """What ``kdray report`` does: print the summary, return the exit code (2 on a user error)."""
     jobs = jobs or os.cpu_count() or 1
     with report_pool(jobs) as pool:
@@ -350,7 +362,8 @@ def run_report(target: str, out: str | None, tracking_uri: str | None, threshold
         out_dir = Path(out) if out else default_out(storage, name)
         result = build_report(df, out_dir, threshold=threshold, exclude_below=exclude_below,
                               title=f"kdray report: {name}", pool=pool, correction=correction,
-                              min_metrics=min_metrics, sesoi=sesoi, decision_correction=decision_correction)
+                              min_metrics=min_metrics, sesoi=sesoi, decision_correction=decision_correction,
+                              figures_for=figures_for)
     phases = ", ".join(f"{k} {v:.1f} s" for k, v in result.seconds.items())
     print(f"kdray report: {len(df)} runs loaded in {loaded:.1f} s; {phases} "
           f"({jobs} process{'es' if jobs > 1 else ''})", file=sys.stderr)

@@ -21,9 +21,12 @@ log = logging.getLogger(__name__)
 # URI schemes (before any "+driver") of the databases MLflow's SQL store supports.
 SQL_SCHEMES = ("sqlite", "postgresql", "mysql", "mssql")
 
-# The trial runs of one experiment: active runs tagged kdray.kind = trial.
-_TRIALS = ("select r.run_uuid from runs r join tags k on k.run_uuid = r.run_uuid "
-           "where r.experiment_id = :exp and r.lifecycle_stage = 'active' and k.key = :kind and k.value = :trial")
+# The trial runs of one experiment: active runs tagged kdray.kind = trial.  The values are inlined
+# (an integer and two constants) so the queries run on the driver's own cursor, whose fetchall is
+# several times faster than SQLAlchemy's result rows, whatever the driver's parameter style.
+_TRIALS = (f"select r.run_uuid from runs r join tags k on k.run_uuid = r.run_uuid "
+           f"where r.experiment_id = {{exp:d}} and r.lifecycle_stage = 'active' and k.key = '{TAG_KIND}' "
+           f"and k.value = '{KIND_TRIAL}'")
 _QUERIES = {
     "runs": f"select run_uuid, status, start_time from runs where run_uuid in ({_TRIALS})",
     "tags": f"select run_uuid, key, value from tags where run_uuid in ({_TRIALS})",
@@ -41,14 +44,20 @@ def trial_runs(uri: str, experiment_id: str) -> Optional[list[SimpleNamespace]]:
     a SQL database or its tables are not MLflow's (the caller then asks MLflow's client)."""
     if not is_sql(uri):
         return None
-    from sqlalchemy import create_engine, text
+    from sqlalchemy import create_engine
     from sqlalchemy.pool import NullPool
 
-    args = {"exp": int(experiment_id), "kind": TAG_KIND, "trial": KIND_TRIAL}
     engine = create_engine(uri, poolclass=NullPool)
     try:
-        with engine.connect() as con:
-            rows = {name: con.execute(text(q), args).fetchall() for name, q in _QUERIES.items()}
+        con = engine.raw_connection()
+        try:
+            cur = con.cursor()
+            rows = {}
+            for name, q in _QUERIES.items():
+                cur.execute(q.format(exp=int(experiment_id)))
+                rows[name] = cur.fetchall()
+        finally:
+            con.close()
     except Exception as e:   # another schema, a driver missing: the client's path still works
         log.debug("reading MLflow's tables at %s failed (%s); using MLflow's client", uri, e)
         return None
