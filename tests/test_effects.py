@@ -289,3 +289,25 @@ def test_seeds_for_target():
     curve = pd.DataFrame(dict(n_seeds=[5, 6, 7, 8], pilot=[False, True, False, False], power=[0.1, 0.5, 0.81, 0.9]))
     assert power.seeds_for(curve) == 7
     assert math.isnan(power.seeds_for(curve.assign(power=0.2)))
+
+
+def test_the_plain_python_test_a_bound_scans_is_the_numpy_test():
+    """effects.greater_rejected_small (the bounds' scan) against the numpy path the report's test uses,
+    on tied, zero-holding and continuous data at every Walsh average and between them."""
+    rng = np.random.default_rng(11)
+    checked = 0
+    for trial in range(300):
+        n = int(rng.integers(1, effects.SCAN_MAX_N + 1))
+        kind = trial % 3
+        d = (rng.integers(-3, 5, n) / 7 if kind == 0 else rng.normal(0.3, 1, n) if kind == 1
+             else np.round(rng.normal(0.2, 1, n), 1))
+        d = effects.snap_ties(d)
+        scale = float(np.max(np.abs(d))) or 1.0
+        w = np.unique(effects.walsh_averages(d))
+        for delta in np.r_[w, (w[:-1] + w[1:]) / 2, w[0] - 1, w[-1] + 1]:
+            for level in (0.05, 0.2):
+                want = effects.snapped_p(effects.snap_ties(d - delta, scale), "greater")[0] <= level
+                assert effects.greater_rejected_small(d.tolist(), float(delta), effects.TIE_RTOL * scale,
+                                                      level) == want, (d, delta, level)
+                checked += 1
+    assert checked > 10000

@@ -141,6 +141,36 @@ def snapped_p(d: np.ndarray, alternative: str) -> tuple[float, str]:
 
 # ------------------------------------------------------------------ bounds that agree with the test
 
+def greater_rejected_small(values: list, delta: float, tol: float, level: float) -> bool:
+    """``snapped_p(snap_ties(values - delta, scale), "greater")[0] <= level`` (tol = TIE_RTOL * scale)
+    for a few values, step for step in plain Python: sorted by |value - delta| (stably), runs of
+    gaps <= tol share their smallest |.|, a run within tol of 0 is zero and dropped, each run is one
+    block of tied mid-ranks, and the exact tied null of those blocks gives the p.  A confidence
+    bound asks this some fifty times per test (tests/test_effects.py checks it equals the numpy path)."""
+    v = [x - delta for x in values]
+    order = sorted(range(len(v)), key=lambda i: abs(v[i]))
+    r2: list[int] = []
+    obs, pos, prev = 0, 0, None
+    runs: list[tuple[float, int, int]] = []       # (smallest |v|, members, members > 0)
+    for i in order:
+        a = abs(v[i])
+        if prev is None or a - prev > tol:
+            runs.append((a, 0, 0))
+        rep, k, plus = runs[-1]
+        runs[-1] = (rep, k + 1, plus + (v[i] > 0))
+        prev = a
+    for rep, k, plus in runs:
+        if rep <= tol:                            # zeros: dropped, as the exact test drops them
+            continue
+        block = 2 * pos + k + 1                   # twice the mean rank of positions pos+1 .. pos+k
+        r2 += [block] * k
+        obs += block * plus
+        pos += k
+    if not r2:                                    # all zero: p = 1
+        return 1.0 <= level
+    return float(_tails(np.array(r2, np.int64).tobytes())[1][obs]) <= level
+
+
 def _distinct(v: np.ndarray, tol: float) -> np.ndarray:
     """Sorted v with values within tol of the previous kept value dropped."""
     v = np.sort(v)
@@ -171,6 +201,12 @@ def lower_bound(d, level: float = 0.05) -> float:
 
     def rejected(delta: float) -> bool:
         return snapped_p(snap_ties(d - delta, scale), "greater")[0] <= level
+
+    if d.size <= SCAN_MAX_N:          # the same test in plain Python: numpy's per-call cost dominates at this size
+        values, snap_tol = d.tolist(), TIE_RTOL * scale
+
+        def rejected(delta: float) -> bool:  # noqa: F811
+            return greater_rejected_small(values, delta, snap_tol, level)
 
     # candidates in increasing order: below all, then each Walsh average and the stretch after it
     cand = np.empty(2 * w.size + 1)

@@ -50,16 +50,6 @@ def power_at(pilot: np.ndarray, n: int, shift, correction: str = corrections.DEF
     return sizing.support_rate(cov, shift, n, c, m, correction, level, draws, seed, min_metrics, scale)
 
 
-def power_curve(pilot: np.ndarray, ns, shift, correction: str = corrections.DEFAULT, level: float = LEVEL,
-                draws: int = DRAWS, seed: int = SEED, min_metrics: int = SUPPORT_MIN, scale: float = 1.0,
-                top: int = 0) -> dict:
-    """power_at for every n of ``ns`` at once (sizing.support_curve: one set of simulated studies of
-    max(ns, top) seeds, each n deciding on its first n; a one-n curve equals power_at)."""
-    c, m, n0 = pilot.shape
-    cov = np.atleast_2d(np.cov(pilot.reshape(c * m, n0))) if n0 > 1 else np.zeros((c * m, c * m))
-    return sizing.support_curve(cov, shift, ns, c, m, correction, level, draws, seed, min_metrics, scale, top)
-
-
 def pilot_differences(runs: pd.DataFrame, controls: dict, with_metrics: bool = False):
     """(controls, metrics, seeds) differences, oriented to favour the treated condition, on the seeds
     every control and metric share; metrics no control has are left out.  None without pairs.
@@ -109,12 +99,12 @@ def power_curves(students: pd.DataFrame, correction: str = corrections.DEFAULT, 
             quiet, noisy = sizing.sd_interval(1.0, n0)
 
             ns = sorted(set(seeds) | {n0})
-
-            def curve(at, scale: float = 1.0) -> dict:   # every n and scale on the same simulated studies
-                return power_curve(d, at, shift, correction, level, draws, min_metrics=min_metrics, scale=scale,
-                                   top=ns[-1])
-
-            est, low_curve, high = curve(ns), curve(ns, noisy), curve([n0], quiet)
+            c, m, _ = d.shape
+            cov = np.atleast_2d(np.cov(d.reshape(c * m, n0))) if n0 > 1 else np.zeros((c * m, c * m))
+            # every n and noise level decided on the same simulated studies
+            got = sizing.support_curves(cov, shift, {1.0: ns, noisy: ns, quiet: [n0]}, c, m, correction, level,
+                                        draws, min_metrics=min_metrics)
+            est, low_curve, high = got[1.0], got[noisy], got[quiet]
             low = next((float(n) for n in sorted(seeds) if low_curve[n] >= TARGET), math.nan)
             for n in ns:
                 rows.append(dict(setup=setup, teacher_seed=int(ts), condition=cond, n_seeds=n, pilot=n == n0,

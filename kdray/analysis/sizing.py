@@ -170,21 +170,31 @@ def support_curve(cov: np.ndarray, shift, ns, controls: int, metrics: int, corre
     w_plus_prefixes instead of a draw and a sort per n; ``top`` > max(ns) gives a few ns the draws of
     a longer curve).  For a single n the draws are support_rate's own, so
     ``support_curve(..., [n])[n] == support_rate(..., n)``."""
-    ns = sorted({int(n) for n in ns})
-    top = max(ns[-1], int(top))
+    return support_curves(cov, shift, {scale: ns}, controls, metrics, correction, level, draws, seed, min_metrics,
+                          top)[scale]
+
+
+def support_curves(cov: np.ndarray, shift, plan: dict, controls: int, metrics: int, correction: str = "bh",
+                   level: float = 0.05, draws: int = 1000, seed: int = SEED, min_metrics: int = 3,
+                   top: int = 0) -> dict[float, dict[int, float]]:
+    """support_curve for several noise scales ({scale: ns}) on the same standard normal draws (made once)."""
+    plan = {scale: sorted({int(n) for n in ns}) for scale, ns in plan.items()}
+    top = max(max(ns[-1] for ns in plan.values()), int(top))
     rng = np.random.default_rng([seed, top])
     c, m = controls, metrics
     w, v = np.linalg.eigh(np.asarray(cov, float))
     root = v * np.sqrt(np.clip(w, 0, None))                     # root @ root.T == cov
-    z = rng.standard_normal((draws, top, c * m)) @ root.T * scale
-    x = z + np.tile(np.broadcast_to(np.asarray(shift, float), (m,)), c)
-    x = x.reshape(draws, top, c, m).transpose(2, 0, 3, 1)       # (controls, draws, metrics, seeds)
-    wp = w_plus_prefixes(x[..., :ns[-1]])
+    z = rng.standard_normal((draws, top, c * m)) @ root.T
+    mean = np.tile(np.broadcast_to(np.asarray(shift, float), (m,)), c)
     out = {}
-    for n in ns:
-        p = _greater_p_from_w(wp[..., n - 1], n)                # (controls, draws, metrics)
-        sig = (corrections.adjust(p, correction) <= level).all(axis=0)
-        out[n] = float(np.mean(sig.sum(axis=-1) >= min_metrics))
+    for scale, ns in plan.items():
+        x = (z[:, :ns[-1]] * scale + mean).reshape(draws, ns[-1], c, m).transpose(2, 0, 3, 1)  # (c, draws, m, seeds)
+        wp = w_plus_prefixes(x)
+        out[scale] = {}
+        for n in ns:
+            p = _greater_p_from_w(wp[..., n - 1], n)            # (controls, draws, metrics)
+            sig = (corrections.adjust(p, correction) <= level).all(axis=0)
+            out[scale][n] = float(np.mean(sig.sum(axis=-1) >= min_metrics))
     return out
 
 
