@@ -168,7 +168,7 @@ def register_synthetic_svhn() -> None:
     if SYNTHETIC_SVHN in DATASETS:
         return
 
-    @register_dataset(SYNTHETIC_SVHN, classes=10, reads_files=False)
+    @register_dataset(SYNTHETIC_SVHN, classes=10, reads_files=False, batches="indexed")
     def bench_svhn_synthetic(root=None, n_train: int = 20000, n_test: int = 2000, augment=None) -> DataBundle:
         xtr, ytr = svhn_like_arrays(n_train, 0)
         xte, yte = svhn_like_arrays(n_test, 1)

@@ -105,7 +105,10 @@ def test_every_built_in_declaration_matches_its_built_model(tmp_path):
 def test_every_built_in_data_set_declares_how_a_pack_takes_its_batches():
     from kdray.data import DATASETS
 
-    declared = {n: DATASETS.get(n).batches for n in DATASETS.names()}
+    built_in = [n for n in DATASETS.names()    # not the ones a benchmark or test registered in this process
+                if isinstance(DATASETS.get(n).target, str) and DATASETS.get(n).target.startswith("kdray.")]
+    assert "digits" in built_in and "text_bpe" in built_in
+    declared = {n: DATASETS.get(n).batches for n in built_in}
     assert None not in declared.values(), declared
     assert [n for n, b in declared.items() if b != "indexed"] == ["imagenet_ffcv"]    # FFCVBundle streams
 
