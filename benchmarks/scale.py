@@ -70,7 +70,9 @@ def run(quick: bool = False, device: str = "cpu", sizes: Optional[tuple] = None)
              f"Targets: exponent b <= {TARGET_EXPONENT} (no super-linear term) and <= {TARGET_MS_PER_TRIAL:g} ms of "
              f"driver CPU per trial at the largest size (measured {ms:.1f} ms).",
              "Driver CPU is the sweep driver process's user + system time during run_sweep (Ray's own "
-             "processes and the trials' workers excluded)."]
+             "processes and the trials' workers excluded).",
+             "MLflow calls: wall seconds the driver spent in kdray's Tracker methods (creating runs, params, "
+             "epochs, tags, artefact copies, ending runs), per trial."]
     return result(NAME, TITLE, fits["unpacked"], "exponent b of driver CPU seconds ~ trials^b (unpacked)",
                   f"<= {TARGET_EXPONENT}", met, measurements, {"quick": quick, "device": device, "sizes": list(sizes)},
                   notes, now() - t0)

@@ -154,13 +154,14 @@ def run_loop(d: dict, threads: int, device: str) -> dict:
 class _MlflowTimer:
     """Accumulates the seconds the driver spends in kdray's Tracker calls during a sweep."""
 
-    METHODS = ("start_trial", "log_epochs", "log_artifact", "end_trial", "end_sweep", "finished_keys",
-               "discard_unfinished")
+    METHODS = ("start_trial", "log_epochs", "log_artifact", "log_artifacts", "set_tags", "set_tag", "end_trial",
+               "end_sweep", "finished_keys", "discard_unfinished")
 
     def __init__(self):
         self.seconds = 0.0
         self.calls = 0
         self._orig = {}
+        self._depth = 0   # one Tracker method calling another is counted once
 
     def __enter__(self):
         from kdray.tracking import Tracker
@@ -171,11 +172,14 @@ class _MlflowTimer:
 
             def timed(*a, _orig=orig, **k):
                 t = now()
+                self._depth += 1
                 try:
                     return _orig(*a, **k)
                 finally:
-                    self.seconds += now() - t
-                    self.calls += 1
+                    self._depth -= 1
+                    if not self._depth:
+                        self.seconds += now() - t
+                        self.calls += 1
 
             setattr(Tracker, name, timed)
         return self

@@ -128,20 +128,22 @@ class MlflowCallback(Callback):
             self.tracker.end_trial(run_id, False, reason)
 
     def _finish(self, spec: TrialSpec, final: dict) -> None:
+        """End the trial's run FINISHED: its artefacts; its provenance tags (and why its results look
+        suspect, if they do) in one log_batch with what the tracker holds for it (its final epochs,
+        its params); then its status (MLflow has no call that sets both)."""
         run_id = self._run(spec)
         with tempfile.TemporaryDirectory() as tmp:
             names = ["test_outputs.npz"] + (["model.pt"] if spec.role == "teacher" else [])
-            for name in names:
-                self.tracker.log_artifact(run_id, self.store.fetch_to(spec.trial_key, name, tmp))
+            self.tracker.log_artifacts(run_id, [self.store.fetch_to(spec.trial_key, name, tmp) for name in names])
         run = self.store.load_run(spec.trial_key)
-        self.tracker.set_tags(run_id, provenance_tags(run))
+        tags = provenance_tags(run)
         share = len(run.get("pack_keys") or ()) or 1     # a pack's seconds are its students' together
         self.gpu_seconds += float(spec.resources.get("gpu", 0) or 0) * float(final.get("train_seconds") or 0) / share
         reason = suspicion(final)
         if reason:
             self.suspect.append((spec.role, spec.label, reason))
-            self.tracker.set_tag(run_id, TAG_SUSPECT, reason)
-        self.tracker.end_trial(run_id, True)
+            tags[TAG_SUSPECT] = reason
+        self.tracker.end_trial(run_id, True, tags=tags)
         self._ended_now(spec.trial_key, "finished")
         testhook.maybe_exit("driver", spec.label, final.get(EPOCH))
 
@@ -170,7 +172,10 @@ class MlflowCallback(Callback):
     def on_trial_result(self, iteration, trials, trial, result, **info):
         specs = self._specs(trial)
         if RESULT_PACK not in result:
-            self.tracker.log_epochs(self._run(specs[0]), result.get(RESULT_EPOCHS) or [result.get(RESULT_LAST) or {}])
+            records = result.get(RESULT_EPOCHS) or [result.get(RESULT_LAST) or {}]
+            # the final record: the run ends next (on_trial_complete, or on_trial_error if the trial fails
+            # after all), and its end's tags take these metrics along in one call (tracker.log_epochs)
+            self.tracker.log_epochs(self._run(specs[0]), records, hold=any(m.get(FINAL) for m in records))
             return
         ended = self.ended_keys()
         for spec in specs:   # a packed student ends as soon as its final record (or its failure) arrives
@@ -178,8 +183,9 @@ class MlflowCallback(Callback):
             if not records or spec.trial_key in ended:
                 continue
             failure = next((m[FAILURE] for m in records if FAILURE in m), None)
-            self.tracker.log_epochs(self._run(spec), [m for m in records if FAILURE not in m])
             final = next((m for m in records if m.get(FINAL)), None)
+            # a run that ends now: its epochs go in one call with its end's tags (tracker.log_epochs)
+            self.tracker.log_epochs(self._run(spec), [m for m in records if FAILURE not in m], hold=bool(failure or final))
             if failure:
                 self._end_unfinished(spec, failure)
             elif final:
@@ -216,9 +222,8 @@ def log_reused_teacher(tracker: Tracker, store: Store, spec: TrialSpec) -> None:
     """A teacher already trained (same key) by another sweep: log its stored results, do not retrain."""
     run_id = tracker.start_trial(spec)
     result = store.load_result(spec.trial_key)
-    tracker.log_epochs(run_id, result["history"] + [result[FINAL]])
-    tracker.set_tags(run_id, {TAG_REUSED: "true", **provenance_tags(store.load_run(spec.trial_key))})
-    tracker.end_trial(run_id, True)
+    tracker.log_epochs(run_id, result["history"] + [result[FINAL]], hold=True)
+    tracker.end_trial(run_id, True, tags={TAG_REUSED: "true", **provenance_tags(store.load_run(spec.trial_key))})
 
 
 def _error_line(trial) -> str:
