@@ -75,35 +75,50 @@ def _metrics(spec, rng: np.random.Generator, base: dict) -> dict:
     return m
 
 
-def create_experiment(uri: str, n_runs: int, artifact_root: str, seed: int = 0) -> dict:
-    """Write the synthetic sweep's runs; return counts and seconds."""
+def base_metrics(rng: np.random.Generator) -> dict:
+    """One (setup, teacher seed, student seed)'s metric levels, shared by its conditions."""
+    return dict(acc=0.95 + rng.normal(0, 0.003), loss=0.35 + rng.normal(0, 0.01), act=0.12 + rng.normal(0, 0.005),
+                js=0.02 + rng.normal(0, 0.001), rank=0.30 + rng.normal(0, 0.005), pd=0.05 + rng.normal(0, 0.003),
+                ca=0.97 + rng.normal(0, 0.003), ia=0.30 + rng.normal(0, 0.01), vi=0.30 + rng.normal(0, 0.01),
+                pr=0.10 + rng.normal(0, 0.005))
+
+
+def start_experiment(uri: str, n_runs: int, artifact_root: str):
+    """The synthetic sweep's plan, its MLflow experiment and sweep run: (sweep dict, plan, client,
+    experiment id, sweep run id)."""
     from mlflow import MlflowClient
-    from mlflow.entities import Metric, Param
 
     from kdray import __version__
-    from kdray.contracts import KIND_SWEEP, TAG_KIND, TAG_VERSION, trial_tags
+    from kdray.contracts import KIND_SWEEP, TAG_KIND, TAG_VERSION
     from kdray.plan import build_plan
     from kdray.sweep import parse_sweep
 
-    t0 = now()
     d = sweep_dict(n_runs)
     plan = build_plan(parse_sweep(d, "<benchmark>"))
     assert len(plan.all) == n_runs, len(plan.all)
-    rng = np.random.default_rng(seed)
-    bases: dict = {}
     client = MlflowClient(uri)
     exp = client.create_experiment(d["name"], artifact_location=Path(artifact_root).resolve().as_uri())
     parent = client.create_run(exp, run_name=f"sweep {d['name']}",
                                tags={TAG_KIND: KIND_SWEEP, TAG_VERSION: __version__}).info.run_id
+    return d, plan, client, exp, parent
+
+
+def create_experiment(uri: str, n_runs: int, artifact_root: str, seed: int = 0) -> dict:
+    """Write the synthetic sweep's runs; return counts and seconds."""
+    from mlflow.entities import Metric, Param
+
+    from kdray import __version__
+    from kdray.contracts import trial_tags
+
+    t0 = now()
+    d, plan, client, exp, parent = start_experiment(uri, n_runs, artifact_root)
+    rng = np.random.default_rng(seed)
+    bases: dict = {}
     t_plan = now() - t0
     for spec in plan.all:
         key = (spec.setup, spec.teacher_seed, spec.student_seed)
         if key not in bases:
-            bases[key] = dict(acc=0.95 + rng.normal(0, 0.003), loss=0.35 + rng.normal(0, 0.01),
-                              act=0.12 + rng.normal(0, 0.005), js=0.02 + rng.normal(0, 0.001),
-                              rank=0.30 + rng.normal(0, 0.005), pd=0.05 + rng.normal(0, 0.003),
-                              ca=0.97 + rng.normal(0, 0.003), ia=0.30 + rng.normal(0, 0.01),
-                              vi=0.30 + rng.normal(0, 0.01), pr=0.10 + rng.normal(0, 0.005))
+            bases[key] = base_metrics(rng)
         tags = trial_tags(spec, parent, __version__, "benchmark")
         run_id = client.create_run(exp, run_name=spec.label, tags=tags).info.run_id
         params = [Param(k, "None" if v is None else str(v)[:6000]) for k, v in spec.flat_params().items()]

@@ -23,19 +23,12 @@ from pathlib import Path
 import numpy as np
 
 from benchmarks.common import now, result
-from benchmarks.report import _metrics, kdray_command, sweep_dict
+from benchmarks.report import _metrics, base_metrics, kdray_command, start_experiment
 
 NAME = "report_scale"
 TITLE = "kdray report on 42,032 runs (10x the paper; sqlite, runs written in bulk)"
 TARGET_S = 60.0
 RUNS = {"full": 42032, "quick": 4189}
-
-
-def _bases(rng: np.random.Generator) -> dict:
-    return dict(acc=0.95 + rng.normal(0, 0.003), loss=0.35 + rng.normal(0, 0.01), act=0.12 + rng.normal(0, 0.005),
-                js=0.02 + rng.normal(0, 0.001), rank=0.30 + rng.normal(0, 0.005), pd=0.05 + rng.normal(0, 0.003),
-                ca=0.97 + rng.normal(0, 0.003), ia=0.30 + rng.normal(0, 0.01), vi=0.30 + rng.normal(0, 0.01),
-                pr=0.10 + rng.normal(0, 0.005))
 
 
 def planned_rows(plan, exp_id: str, parent: str, artifact_root: str, seed: int = 0) -> dict[str, list[dict]]:
@@ -51,7 +44,7 @@ def planned_rows(plan, exp_id: str, parent: str, artifact_root: str, seed: int =
     for i, spec in enumerate(plan.all):
         rid = hashlib.sha256(spec.trial_key.encode()).hexdigest()[:32]
         key = (spec.setup, spec.teacher_seed, spec.student_seed)
-        bases.setdefault(key, _bases(rng))
+        bases.setdefault(key, base_metrics(rng))
         rows["runs"].append(dict(run_uuid=rid, name=spec.label, source_type="LOCAL", source_name="", entry_point_name="",
                                  user_id="benchmark", status="FINISHED", start_time=t0 + 10 * i, end_time=t0 + 10 * i + 5,
                                  source_version="", lifecycle_stage="active", experiment_id=int(exp_id),
@@ -70,24 +63,13 @@ def planned_rows(plan, exp_id: str, parent: str, artifact_root: str, seed: int =
 
 def create_bulk(uri: str, n_runs: int, artifact_root: str, sample: int = 5) -> dict:
     """MLflow makes the schema, experiment and sweep run; the trial runs go in by executemany."""
-    from mlflow import MlflowClient
     from sqlalchemy import create_engine, insert
     from mlflow.store.tracking.dbmodels import models
 
-    from kdray import __version__
-    from kdray.contracts import KIND_SWEEP, TAG_KIND, TAG_VERSION
-    from kdray.plan import build_plan
-    from kdray.sweep import parse_sweep
-
     t0 = now()
-    d = sweep_dict(n_runs)
-    plan = build_plan(parse_sweep(d, "<benchmark>"))
-    assert len(plan.all) == n_runs, len(plan.all)
-    client = MlflowClient(uri)
+    d, plan, client, exp, parent = start_experiment(uri, n_runs, artifact_root)
     root = Path(artifact_root).resolve().as_uri()
-    exp = client.create_experiment(d["name"], artifact_location=root)
-    parent = client.create_run(exp, run_name=f"sweep {d['name']}", tags={TAG_KIND: KIND_SWEEP, TAG_VERSION: __version__})
-    rows = planned_rows(plan, exp, parent.info.run_id, root)
+    rows = planned_rows(plan, exp, parent, root)
     tables = {"runs": models.SqlRun, "tags": models.SqlTag, "params": models.SqlParam, "metrics": models.SqlMetric,
               "latest_metrics": models.SqlLatestMetric}
     engine = create_engine(uri)
@@ -95,7 +77,7 @@ def create_bulk(uri: str, n_runs: int, artifact_root: str, sample: int = 5) -> d
         for name, model in tables.items():
             con.execute(insert(model.__table__), rows[name])
     engine.dispose()
-    client.set_terminated(parent.info.run_id, "FINISHED")
+    client.set_terminated(parent, "FINISHED")
     for r in rows["runs"][:: max(1, n_runs // sample)][:sample]:   # MLflow reads back what was written
         got = client.get_run(r["run_uuid"])
         rid = r["run_uuid"]
