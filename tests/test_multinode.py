@@ -2,9 +2,12 @@
 tree, its own raylet).  A worker node lost mid-sweep (a head with no CPUs, two worker nodes):
 the sweep still ends with exactly one FINISHED run per planned trial, the packs that were on the
 lost node are retried elsewhere and store the same bytes an undisturbed sweep stores, and the
-summary counts the retries."""
+summary counts the retries.  A node that stops answering (SIGSTOP) until the head declares it
+dead and then comes back: the same account.  DDP ranks on two nodes equal the one-node run."""
 import os
+import signal
 import subprocess
+import sys
 import tempfile
 import time
 
@@ -128,3 +131,73 @@ def test_a_ddp_teacher_spread_over_two_nodes_equals_the_one_node_run(tmp_path):
         assert runs["one"][key].data.metrics["ddp_nodes"] == 1
         for m in ("test_acc", "test_loss", "train_loss", "train_acc"):
             assert x.data.metrics[m] == pytest.approx(runs["one"][key].data.metrics[m], abs=1e-6), (key, m)
+
+
+def _dead_nodes(dash: int, env: dict) -> int:
+    """How many of the cluster's nodes its dashboard reports DEAD (Ray's state API, in a child process:
+    this test process never connects to Ray)."""
+    code = ("from ray.util.state import list_nodes; "
+            f"print(sum(n.state == 'DEAD' for n in list_nodes(address='http://127.0.0.1:{dash}')))")
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, env=env)
+    return int(r.stdout.strip().splitlines()[-1]) if r.returncode == 0 and r.stdout.strip() else 0
+
+
+def test_a_worker_node_that_stops_answering_and_comes_back(tmp_path):
+    """The head loses a worker node mid-pack (its processes stopped with SIGSTOP: to the head, a
+    partition) until it declares the node dead, then the node comes back (SIGCONT): the sweep
+    retries that node's packs elsewhere and ends with exactly one FINISHED run per planned trial,
+    nothing logged twice by the node that returned."""
+    temp_dir = tempfile.mkdtemp(prefix="kdray-pausednode-")
+    gcs, dash = free_port(), free_port()
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+    env.update(RAY_AUTH_MODE="token", RAY_AUTH_TOKEN=os.urandom(16).hex())
+    # the head declares a silent node dead after about 2 s instead of Ray's default ~30 s
+    head_env = {**env, "RAY_health_check_period_ms": "500", "RAY_health_check_timeout_ms": "500",
+                "RAY_health_check_failure_threshold": "4"}
+    head = start_head(temp_dir, gcs, dash, head_env, ("--num-cpus=0",))
+    hold = tmp_path / "hold"
+    nodes = []
+    try:
+        nodes = [start_worker(temp_dir, gcs, {**env, HOLD_ENV: f":3:{hold}"}, ("--num-cpus=2",), f"w{i}")
+                 for i in range(2)]
+        doomed = nodes[0]
+        env = {**env, "RAY_ADDRESS": f"127.0.0.1:{gcs}"}
+        paused = _file(tmp_path, "paused")
+        plan = build_plan(load_sweep(paused))
+        hold.mkdir()
+        p = subprocess.Popen(KDRAY + ["sweep", str(paused), "--quiet"], stdout=subprocess.PIPE,
+                             stderr=subprocess.PIPE, text=True, env=env)
+
+        def held_on_doomed():
+            return {int(f.name) for f in hold.iterdir() if f.name.isdigit()} & set(descendants(doomed.pid))
+
+        deadline = time.time() + 300
+        while time.time() < deadline and p.poll() is None and not held_on_doomed():
+            time.sleep(0.2)
+        assert held_on_doomed(), f"no student held on the node to stop (sweep exit {p.poll()})"
+        frozen = [doomed.pid] + descendants(doomed.pid)
+        for pid in frozen:
+            os.kill(pid, signal.SIGSTOP)
+        try:
+            (hold / RELEASE).write_text("")          # the other node's students go on
+            deadline = time.time() + 120
+            while time.time() < deadline and _dead_nodes(dash, env) == 0:
+                time.sleep(1)
+            assert _dead_nodes(dash, env) == 1, "the head never declared the silent node dead"
+        finally:
+            for pid in frozen:
+                try:
+                    os.kill(pid, signal.SIGCONT)
+                except ProcessLookupError:
+                    pass
+        out, err = p.communicate(timeout=900)
+        assert p.returncode == 0, out[-2000:] + err[-3000:]
+        assert "retried:" in out and "after a lost worker or node" in out, out
+        runs = trial_runs(paused)
+        assert sorted(x.data.tags["kdray.trial_key"] for x in runs) == sorted(s.trial_key for s in plan.all)
+        assert all(x.info.status == "FINISHED" for x in runs)
+    finally:
+        for node in nodes:
+            if node.poll() is None:
+                stop_head(node)
+        stop_head(head)
