@@ -4,12 +4,15 @@ the sweep still ends with exactly one FINISHED run per planned trial, the packs 
 lost node are retried elsewhere and store the same bytes an undisturbed sweep stores, and the
 summary counts the retries.  A node that stops answering (SIGSTOP) until the head declares it
 dead and then comes back: the same account.  DDP ranks on two nodes equal the one-node run."""
+import contextlib
 import os
 import signal
 import subprocess
 import sys
 import tempfile
 import time
+from pathlib import Path
+from typing import Optional
 
 import pytest
 
@@ -36,58 +39,72 @@ def _file(tmp_path, name):
     return write_sweep(tmp_path / f"{name}.yaml", data)
 
 
-def test_a_worker_node_lost_mid_sweep(tmp_path):
-    temp_dir = tempfile.mkdtemp(prefix="kdray-lostnode-")
+@contextlib.contextmanager
+def _two_worker_cluster(tmp_path, prefix: str, head_env: Optional[dict] = None):
+    """A head with no CPUs and two 2-CPU worker nodes, token authentication on; yields (the sweeps'
+    environment, the worker nodes, the dashboard port).  Once the folder ``tmp_path / "hold"``
+    exists, every student's worker holds after its 3rd epoch (kdray/testhook.py; set on the nodes,
+    whose raylets start the workers) until ``hold / RELEASE`` exists, so a test can act on a node
+    while a pack is surely running there, however fast this machine trains."""
+    temp_dir = tempfile.mkdtemp(prefix=prefix)
     gcs, dash = free_port(), free_port()
     env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
     env.update(RAY_AUTH_MODE="token", RAY_AUTH_TOKEN=os.urandom(16).hex())   # nodes and sweeps share one token
-    head = start_head(temp_dir, gcs, dash, env, ("--num-cpus=0",))            # trials run on the workers only
+    head = start_head(temp_dir, gcs, dash, {**env, **(head_env or {})}, ("--num-cpus=0",))   # trials on the workers
     nodes = []
     try:
-        # Once the folder `hold` exists, every student's worker holds after its 3rd epoch
-        # (kdray/testhook.py; set on the nodes, whose raylets start the workers) until the
-        # doomed node is gone, so the kill lands mid-pack however fast this machine trains.
-        hold = tmp_path / "hold"
-        nodes = [start_worker(temp_dir, gcs, {**env, HOLD_ENV: f":3:{hold}"}, ("--num-cpus=2",), f"w{i}")
-                 for i in range(2)]
-        doomed = nodes[0]
-        env = {**env, "RAY_ADDRESS": f"127.0.0.1:{gcs}"}
-
-        calm = _file(tmp_path, "calm")
-        r = subprocess.run(KDRAY + ["sweep", str(calm), "--quiet"], capture_output=True, text=True, timeout=900,
-                           env=env)
-        assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-3000:]
-
-        lost = _file(tmp_path, "lost")
-        plan = build_plan(load_sweep(lost))
-        hold.mkdir()
-        p = subprocess.Popen(KDRAY + ["sweep", str(lost), "--quiet"], stdout=subprocess.PIPE,
-                             stderr=subprocess.PIPE, text=True, env=env)
-
-        def held_on_doomed():
-            return {int(f.name) for f in hold.iterdir() if f.name.isdigit()} & set(descendants(doomed.pid))
-
-        deadline = time.time() + 300
-        while time.time() < deadline and p.poll() is None and not held_on_doomed():
-            time.sleep(0.2)
-        assert held_on_doomed(), f"no student held on the doomed node (sweep exit {p.poll()})"
-        kill_tree(doomed.pid)               # the node's raylet and every worker process on it, at once
-        doomed.wait(timeout=30)
-        (hold / RELEASE).write_text("")
-        out, err = p.communicate(timeout=900)
-        assert p.returncode == 0, out[-2000:] + err[-3000:]
-        assert "retried:" in out and "after a lost worker or node" in out, out
-        runs = trial_runs(lost)
-        assert sorted(x.data.tags["kdray.trial_key"] for x in runs) == sorted(s.trial_key for s in plan.all)
-        assert all(x.info.status == "FINISHED" for x in runs)
-        assert any(int(x.data.tags.get("kdray.retries", 0)) > 0 for x in runs)
-        a, b = _stored_files(tmp_path / "calm"), _stored_files(tmp_path / "lost")
-        assert sorted(a) == sorted(b) and [k for k in a if a[k] != b[k]] == []    # retried packs: same bytes
+        nodes = [start_worker(temp_dir, gcs, {**env, HOLD_ENV: f":3:{tmp_path / 'hold'}"}, ("--num-cpus=2",),
+                              f"w{i}") for i in range(2)]
+        yield {**env, "RAY_ADDRESS": f"127.0.0.1:{gcs}"}, nodes, dash
     finally:
         for node in nodes:
             if node.poll() is None:
                 stop_head(node)
         stop_head(head)
+
+
+def _sweep_held_on(path, env: dict, hold: Path, node: subprocess.Popen) -> subprocess.Popen:
+    """Start ``kdray sweep path`` with the hold on; return once a student is held on ``node``."""
+    hold.mkdir()
+    p = subprocess.Popen(KDRAY + ["sweep", str(path), "--quiet"], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                         text=True, env=env)
+
+    def held_there():
+        return {int(f.name) for f in hold.iterdir() if f.name.isdigit()} & set(descendants(node.pid))
+
+    deadline = time.time() + 300
+    while time.time() < deadline and p.poll() is None and not held_there():
+        time.sleep(0.2)
+    assert held_there(), f"no student held on the node (sweep exit {p.poll()})"
+    return p
+
+
+def _ends_with_one_finished_run_per_trial_after_retries(p: subprocess.Popen, path) -> None:
+    out, err = p.communicate(timeout=900)
+    assert p.returncode == 0, out[-2000:] + err[-3000:]
+    assert "retried:" in out and "after a lost worker or node" in out, out
+    runs = trial_runs(path)
+    assert sorted(x.data.tags["kdray.trial_key"] for x in runs) == sorted(s.trial_key
+                                                                         for s in build_plan(load_sweep(path)).all)
+    assert all(x.info.status == "FINISHED" for x in runs)
+    assert any(int(x.data.tags.get("kdray.retries", 0)) > 0 for x in runs)
+
+
+def test_a_worker_node_lost_mid_sweep(tmp_path):
+    with _two_worker_cluster(tmp_path, "kdray-lostnode-") as (env, nodes, _):
+        calm = _file(tmp_path, "calm")
+        r = subprocess.run(KDRAY + ["sweep", str(calm), "--quiet"], capture_output=True, text=True, timeout=900,
+                           env=env)
+        assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-3000:]
+        lost = _file(tmp_path, "lost")
+        doomed = nodes[0]
+        p = _sweep_held_on(lost, env, tmp_path / "hold", doomed)
+        kill_tree(doomed.pid)               # the node's raylet and every worker process on it, at once
+        doomed.wait(timeout=30)
+        (tmp_path / "hold" / RELEASE).write_text("")
+        _ends_with_one_finished_run_per_trial_after_retries(p, lost)
+    a, b = _stored_files(tmp_path / "calm"), _stored_files(tmp_path / "lost")
+    assert sorted(a) == sorted(b) and [k for k in a if a[k] != b[k]] == []    # retried packs: same bytes
 
 
 def test_a_ddp_teacher_spread_over_two_nodes_equals_the_one_node_run(tmp_path):
@@ -147,39 +164,17 @@ def test_a_worker_node_that_stops_answering_and_comes_back(tmp_path):
     partition) until it declares the node dead, then the node comes back (SIGCONT): the sweep
     retries that node's packs elsewhere and ends with exactly one FINISHED run per planned trial,
     nothing logged twice by the node that returned."""
-    temp_dir = tempfile.mkdtemp(prefix="kdray-pausednode-")
-    gcs, dash = free_port(), free_port()
-    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
-    env.update(RAY_AUTH_MODE="token", RAY_AUTH_TOKEN=os.urandom(16).hex())
     # the head declares a silent node dead after about 2 s instead of Ray's default ~30 s
-    head_env = {**env, "RAY_health_check_period_ms": "500", "RAY_health_check_timeout_ms": "500",
-                "RAY_health_check_failure_threshold": "4"}
-    head = start_head(temp_dir, gcs, dash, head_env, ("--num-cpus=0",))
-    hold = tmp_path / "hold"
-    nodes = []
-    try:
-        nodes = [start_worker(temp_dir, gcs, {**env, HOLD_ENV: f":3:{hold}"}, ("--num-cpus=2",), f"w{i}")
-                 for i in range(2)]
-        doomed = nodes[0]
-        env = {**env, "RAY_ADDRESS": f"127.0.0.1:{gcs}"}
+    quick = {"RAY_health_check_period_ms": "500", "RAY_health_check_timeout_ms": "500",
+             "RAY_health_check_failure_threshold": "4"}
+    with _two_worker_cluster(tmp_path, "kdray-pausednode-", quick) as (env, nodes, dash):
         paused = _file(tmp_path, "paused")
-        plan = build_plan(load_sweep(paused))
-        hold.mkdir()
-        p = subprocess.Popen(KDRAY + ["sweep", str(paused), "--quiet"], stdout=subprocess.PIPE,
-                             stderr=subprocess.PIPE, text=True, env=env)
-
-        def held_on_doomed():
-            return {int(f.name) for f in hold.iterdir() if f.name.isdigit()} & set(descendants(doomed.pid))
-
-        deadline = time.time() + 300
-        while time.time() < deadline and p.poll() is None and not held_on_doomed():
-            time.sleep(0.2)
-        assert held_on_doomed(), f"no student held on the node to stop (sweep exit {p.poll()})"
-        frozen = [doomed.pid] + descendants(doomed.pid)
+        p = _sweep_held_on(paused, env, tmp_path / "hold", nodes[0])
+        frozen = [nodes[0].pid] + descendants(nodes[0].pid)
         for pid in frozen:
             os.kill(pid, signal.SIGSTOP)
         try:
-            (hold / RELEASE).write_text("")          # the other node's students go on
+            (tmp_path / "hold" / RELEASE).write_text("")          # the other node's students go on
             deadline = time.time() + 120
             while time.time() < deadline and _dead_nodes(dash, env) == 0:
                 time.sleep(1)
@@ -190,14 +185,4 @@ def test_a_worker_node_that_stops_answering_and_comes_back(tmp_path):
                     os.kill(pid, signal.SIGCONT)
                 except ProcessLookupError:
                     pass
-        out, err = p.communicate(timeout=900)
-        assert p.returncode == 0, out[-2000:] + err[-3000:]
-        assert "retried:" in out and "after a lost worker or node" in out, out
-        runs = trial_runs(paused)
-        assert sorted(x.data.tags["kdray.trial_key"] for x in runs) == sorted(s.trial_key for s in plan.all)
-        assert all(x.info.status == "FINISHED" for x in runs)
-    finally:
-        for node in nodes:
-            if node.poll() is None:
-                stop_head(node)
-        stop_head(head)
+        _ends_with_one_finished_run_per_trial_after_retries(p, paused)
