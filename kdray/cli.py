@@ -122,16 +122,10 @@ def cmd_audit(args) -> int:
 def _too_few_seeds(seeds: int, correction: str) -> Optional[str]:
     """Why an audit of ``seeds`` paired seeds could never show transfer (None when it could): before
     anything trains, with the smallest seed count that can (issue 27)."""
-    from kdray.analysis import corrections
-    from kdray.analysis.stats import LEVEL
+    from kdray.analysis.stats import significance_warning
 
-    need = corrections.seeds_needed(LEVEL, correction)
-    if seeds >= need:
-        return None
-    adj = corrections.min_adjusted_p(seeds, correction)
-    return (f"--seeds {seeds}: the smallest {correction}-adjusted one-sided Wilcoxon p with {seeds} paired seeds is "
-            f"{adj:.4g} > {LEVEL:g}, so no transfer could ever be shown; use --seeds {need} or more "
-            f"(--correction {correction}; the paper used 10)")
+    why = significance_warning(seeds, correction=correction)
+    return f"--seeds {seeds}: {why} (--correction {correction}; the paper used 10)" if why else None
 
 
 def cmd_status(args) -> int:

@@ -67,9 +67,9 @@ def test_a_relative_checkpoint_is_written_absolute(tmp_path):
     (["--method", "nope"], "--method: 'nope' is not a distillation method"),
     (["--recipe", "[1, 2]"], "--recipe: expected a mapping"),
     (["--seeds", "0"], "--seeds: expected at least 1"),
-    (["--seeds", "4"], "--seeds 4: the smallest bh-adjusted one-sided Wilcoxon p with 4 paired seeds is 0.0625 > 0.05, "
-                       "so no transfer could ever be shown; use --seeds 5 or more"),
-    (["--seeds", "6", "--correction", "holm"], "use --seeds 7 or more (--correction holm"),
+    (["--seeds", "4"], "--seeds 4: 4 paired student seeds: the smallest one-sided Wilcoxon p is 2^-4 = 0.0625 > 0.05, "
+                       "so none of the 4 metric tests can be significant; use at least 5 student seeds"),
+    (["--seeds", "6", "--correction", "holm"], "use at least 7 student seeds (--correction holm"),
     (["--checkpoint", "/no/such/teacher.pt"], "teacher.checkpoint: /no/such/teacher.pt does not exist"),
 ])
 def test_bad_audit_arguments_are_one_line(tmp_path, args, words):

@@ -199,14 +199,14 @@ def lower_bound(d, level: float = 0.05) -> float:
     w = _distinct(walsh_averages(d), tol)
     step = max(scale, float(w[-1] - w[0])) or 1.0
 
-    def rejected(delta: float) -> bool:
-        return snapped_p(snap_ties(d - delta, scale), "greater")[0] <= level
-
     if d.size <= SCAN_MAX_N:          # the same test in plain Python: numpy's per-call cost dominates at this size
         values, snap_tol = d.tolist(), TIE_RTOL * scale
 
-        def rejected(delta: float) -> bool:  # noqa: F811
+        def rejected(delta: float) -> bool:
             return greater_rejected_small(values, delta, snap_tol, level)
+    else:
+        def rejected(delta: float) -> bool:
+            return snapped_p(snap_ties(d - delta, scale), "greater")[0] <= level
 
     # candidates in increasing order: below all, then each Walsh average and the stretch after it
     cand = np.empty(2 * w.size + 1)
