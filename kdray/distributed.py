@@ -161,6 +161,7 @@ def _worker_loop(config: dict) -> None:
     import ray.train
     import ray.train.torch
 
+    from kdray import testhook
     from kdray.contracts import FINAL
     from kdray.data import load_dataset
     from kdray.recipe import run_trial
@@ -187,6 +188,7 @@ def _worker_loop(config: dict) -> None:
     def report(metrics: dict, st: Optional[dict] = None) -> None:
         if rank == 0:  # the final metrics also record how the trial ran
             channel.put(({**metrics, **placed} if metrics.get(FINAL) else metrics, st))
+        testhook.maybe_hold(f"{spec.label} rank {rank}", metrics.get("epoch"))
 
     presharded = bool(getattr(load_dataset(spec.dataset, spec.data_root, **spec.dataset_args), "presharded", False))
     run_trial(spec, store, report, (lambda: state), device=device, shard=Shard(rank, world, device, presharded))

@@ -14,7 +14,11 @@ every time instead of whenever a test's timer happens to fire.
 ``KDRAY_TEST_HOLD_AT="<label substring>:<epoch>:<folder>"`` makes a trial's Ray worker, once it
 reported that epoch and if the folder exists, write ``<folder>/<pid>`` and wait until ``<folder>/release`` exists (at
 most 10 minutes), so a test can act (kill the node a worker is on) while a trial is surely
-running, not after it happened to finish.
+running, not after it happened to finish.  A DDP trial's ranks hold too, each on its own node.
+
+``KDRAY_TEST_DRIVER_HOLD="<folder>"`` makes the sweep driver, at its next write to MLflow once the
+folder exists, write ``<folder>/held`` and wait the same way (``<folder>/release``), so a test can
+lose a node while the driver is writing to MLflow.
 """
 from __future__ import annotations
 
@@ -27,6 +31,7 @@ ENV = "KDRAY_TEST_EXIT_AT"
 EXIT_STATUS = 87
 SIGINT_ENV = "KDRAY_TEST_SIGINT_AT"
 HOLD_ENV = "KDRAY_TEST_HOLD_AT"
+DRIVER_HOLD_ENV = "KDRAY_TEST_DRIVER_HOLD"
 RELEASE = "release"
 
 
@@ -59,10 +64,20 @@ def maybe_hold(label: str, epoch) -> None:
     sub, at, folder = value.split(":", 2)
     if sub not in label or str(epoch) != at:
         return
-    folder = Path(folder)
+    _hold(Path(folder), str(os.getpid()), label)
+
+
+def maybe_hold_driver() -> None:
+    """The driver's hold, before an MLflow write (kdray/tracking.py): once, while the folder is there."""
+    folder = os.environ.get(DRIVER_HOLD_ENV)
+    if folder and not (Path(folder) / RELEASE).exists():
+        _hold(Path(folder), "held", str(os.getpid()))
+
+
+def _hold(folder: Path, name: str, text: str) -> None:
     if not folder.is_dir():
         return
-    (folder / str(os.getpid())).write_text(label)
+    (folder / name).write_text(text)
     deadline = time.monotonic() + 600
     while not (folder / RELEASE).exists() and time.monotonic() < deadline:
         time.sleep(0.1)

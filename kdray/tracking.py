@@ -16,7 +16,7 @@ import time
 from pathlib import Path
 from typing import Callable, Iterable, Optional, TypeVar
 
-from kdray import __version__
+from kdray import __version__, testhook
 from kdray.contracts import (EPOCH, EXPERIMENT_KIND, FINAL, KIND_SWEEP, KIND_TRIAL, TAG_EXPERIMENT_KIND, TAG_FAILURE,
                              TAG_KIND, TAG_PLUGINS, TAG_SWEEP_SHA, TAG_TRIAL_KEY, TAG_VERSION, trial_tags)
 from kdray.spec import TrialSpec
@@ -323,6 +323,7 @@ class Tracker:
             p, t = params[:100], tags[:100]
             m = metrics[:1000 - len(p) - len(t)]
             params, tags, metrics = params[len(p):], tags[len(t):], metrics[len(m):]
+            testhook.maybe_hold_driver()
             self._call(lambda: self.client.log_batch(run_id, metrics=m, params=p, tags=t), what)
         self._params.pop(run_id, None)
         self._held.pop(run_id, None)
