@@ -38,6 +38,8 @@ from kdray.tracking import MLFLOW_CLIENT_ENV, Tracker, TrackingError, patience_s
 
 log = logging.getLogger(__name__)
 
+BRIEF = (EPOCH, "train_loss", "test_acc", FINAL, FAILURE)   # a result's RESULT_LAST: Tune's table
+
 
 # ------------------------------------------------------------------ the Tune trainable
 
@@ -59,7 +61,9 @@ def trainable(config: dict) -> None:
     def send(state: Optional[dict] = None) -> None:
         # Every tune.report waits for the driver to take the result: batching epochs keeps
         # short trials from stalling on the driver (the metrics of docs/protocol.md §4 are unchanged).
-        result = {RESULT_LAST: pending[-1], RESULT_EPOCHS: list(pending)}
+        # RESULT_LAST is only what Tune's table shows: Tune keeps statistics of every number in it and
+        # rewrites them as JSON; the callback takes the records from RESULT_EPOCHS.
+        result = {RESULT_LAST: {k: v for k, v in pending[-1].items() if k in BRIEF}, RESULT_EPOCHS: list(pending)}
         pending.clear()
         last_sent[0] = time.monotonic()
         if state is None:
@@ -388,8 +392,10 @@ def _trial_dirname(trial) -> str:
 
 
 class _TuneNotices(logging.Filter):
-    """Drops Tune's interrupt notices: its resume advice (``Tuner.restore``) is not how kdray resumes."""
-    DROP = ("Tuner.restore", "Stop signal received", "Trials did not complete", "Experiment has been interrupted")
+    """Drops Tune's interrupt notices (its resume advice, ``Tuner.restore``, is not how kdray resumes)
+    and its result grid's notice that trials have no result files (kdray writes none: see ``_tune_run``)."""
+    DROP = ("Tuner.restore", "Stop signal received", "Trials did not complete", "Experiment has been interrupted",
+            "Failed to fetch metrics for")
 
     def filter(self, record: logging.LogRecord) -> bool:
         return not any(d in record.getMessage() for d in self.DROP)
@@ -407,15 +413,17 @@ def _graceful_interrupt(stopping: Flag):
               file=sys.stderr, flush=True)
         os.kill(os.getpid(), signal.SIGUSR1)
 
-    tune_log = logging.getLogger("ray.tune.tune")
+    tune_logs = [logging.getLogger(n) for n in ("ray.tune.tune", "ray.tune.analysis.experiment_analysis")]
     notices = _TuneNotices()
     previous = signal.signal(signal.SIGINT, handler)
-    tune_log.addFilter(notices)
+    for log in tune_logs:
+        log.addFilter(notices)
     try:
         yield
     finally:
         signal.signal(signal.SIGINT, previous)
-        tune_log.removeFilter(notices)
+        for log in tune_logs:
+            log.removeFilter(notices)
 
 
 def _tune_run(specs: list[TrialSpec], sweep: Sweep, store: Store, tracker: Tracker, trained: set[str],
@@ -425,12 +433,14 @@ def _tune_run(specs: list[TrialSpec], sweep: Sweep, store: Store, tracker: Track
     ``verbose``: Tune's own tables; ``progress``: kdray's lines, given the trials done before, per role."""
     import ray
     from ray import tune
-    from ray.tune.logger import JsonLoggerCallback
 
     tune_env = {
-        # Tune's CSV and TensorBoard files would duplicate MLflow at a cost to the driver; its
-        # result.json stays (Tune's result grid reads it).
+        # Tune's CSV, JSON and TensorBoard files would duplicate MLflow at a cost to the driver
+        # (its result grid's notice that they are missing is dropped: see _TuneNotices).
         "TUNE_DISABLE_AUTO_CALLBACK_LOGGERS": "1",
+        # Tune's experiment state (every trial's JSON, rewritten whole) is for Tuner.restore, which
+        # kdray does not use (it resumes from MLflow and storage): save it rarely, not every ~10 s.
+        "TUNE_GLOBAL_CHECKPOINT_S": "900",
         # Tune queues one pending trial at a time for a custom searcher; queue as many as it does
         # for a grid, so that free slots fill at once and an autoscaler sees the demand.
         "TUNE_MAX_PENDING_TRIALS_PG": str(max(200, int(ray.cluster_resources().get("CPU", 1) * 1.1))),
@@ -441,7 +451,7 @@ def _tune_run(specs: list[TrialSpec], sweep: Sweep, store: Store, tracker: Track
     callback = MlflowCallback(tracker, store, stopping)
     searcher = TeachersFirst(specs, store, trained, packs)
     n_jobs = len(searcher.teachers) + len(searcher.students)
-    callbacks = [callback, JsonLoggerCallback()]
+    callbacks = [callback]
     if progress is not None:
         from kdray.progress import Progress
         callbacks.append(Progress({s.trial_key: s.role for s in specs}, progress, callback, sweep.progress_every_s))

@@ -193,7 +193,8 @@ class MlflowCallback(Callback):
 
     @_tracked
     def on_trial_complete(self, iteration, trials, trial, **info):
-        last = (trial.last_result or {}).get(RESULT_LAST) or {}
+        result = trial.last_result or {}
+        last = (result.get(RESULT_EPOCHS) or [result.get(RESULT_LAST) or {}])[-1]   # a pack's: its failure, if any
         ended = self.ended_keys()
         for spec in self._specs(trial):
             if spec.trial_key in ended:
