@@ -23,6 +23,7 @@ MODULES = {
     "packing": "benchmarks.packing",
     "packed_sweep": "benchmarks.packed_sweep",
     "scale": "benchmarks.scale",
+    "scale_server": "benchmarks.scale_server",     # needs PostgreSQL (apt) and psycopg2
     "lm_step": "benchmarks.lm_step",                # needs kdray[lm]
 }
 NAMES = tuple(MODULES)

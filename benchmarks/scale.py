@@ -38,20 +38,47 @@ def grid(teachers: int, students: int, pack: int) -> dict:
         "resources": {"student": {"pack": pack}}}], "report_every_s": 10, "progress_every_s": 3600}
 
 
+def _check_logged(uri: str, experiment: str, trials: int) -> None:
+    """Every trial of the sweep has one FINISHED run in ``experiment`` on the server (else raise)."""
+    from mlflow.tracking import MlflowClient
+
+    from kdray.contracts import TAG_TRIAL_KEY
+
+    client = MlflowClient(uri)
+    exp = client.get_experiment_by_name(experiment)
+    runs = [x for x in (client.search_runs([exp.experiment_id], max_results=50000) if exp else [])
+            if TAG_TRIAL_KEY in x.data.tags]
+    finished = {x.data.tags[TAG_TRIAL_KEY] for x in runs if x.info.status == "FINISHED"}
+    if len(runs) != trials or len(finished) != trials:
+        raise RuntimeError(f"{experiment}: {len(runs)} runs, {len(finished)} finished trials on {uri}; "
+                           f"{trials} planned")
+
+
 def fit(ns: list[float], ys: list[float]) -> tuple[float, float]:
     """(a, b) of y = a * n^b, least squares in log-log."""
     b, log_a = np.polyfit(np.log(ns), np.log(ys), 1)
     return float(math.exp(log_a)), float(b)
 
 
-def run(quick: bool = False, device: str = "cpu", sizes: Optional[tuple] = None) -> dict:
+def run(quick: bool = False, device: str = "cpu", sizes: Optional[tuple] = None, packs: tuple = (1, 16)) -> dict:
+    return measure(NAME, TITLE, quick, device, sizes, packs)
+
+
+def measure(name: str, title: str, quick: bool, device: str, sizes: Optional[tuple], packs: tuple = (1, 16),
+            tracking_uri: Optional[str] = None, notes: tuple[str, ...] = ()) -> dict:
+    """The sweeps, unpacked and packed, at each size; into a fresh sqlite store each, or into
+    ``tracking_uri`` (each sweep its own experiment there, checked to hold every trial's run)."""
     t0 = now()
     sizes = sizes or SIZES["quick" if quick else "full"]
     rows, measurements = {}, {}
-    for pack in (1, 16):
+    for pack in packs:
         label = "unpacked" if pack == 1 else f"packed {pack}"
         for teachers, students in sizes:
-            r = run_kdray(grid(teachers, students, pack), device)
+            d = grid(teachers, students, pack)
+            d["name"] = f"scale-{teachers}x{students}-pack{pack}"
+            r = run_kdray(d, device, tracking_uri=tracking_uri)
+            if tracking_uri:
+                _check_logged(tracking_uri, d["name"], r["trials"])
             n = r["trials"]
             rows.setdefault(label, []).append((n, r["driver_cpu_s"], r["mlflow_driver_s"], r["wall_s"]))
             measurements[f"{label}, {n} trials: driver CPU ms/trial"] = round(1000 * r["driver_cpu_s"] / n, 2)
@@ -72,7 +99,30 @@ def run(quick: bool = False, device: str = "cpu", sizes: Optional[tuple] = None)
              "Driver CPU is the sweep driver process's user + system time during run_sweep (Ray's own "
              "processes and the trials' workers excluded).",
              "MLflow calls: wall seconds the driver spent in kdray's Tracker methods (creating runs, params, "
-             "epochs, tags, artefact copies, ending runs), per trial."]
-    return result(NAME, TITLE, fits["unpacked"], "exponent b of driver CPU seconds ~ trials^b (unpacked)",
+             "epochs, tags, artefact copies, ending runs), per trial.", *notes]
+    return result(name, title, fits["unpacked"], "exponent b of driver CPU seconds ~ trials^b (unpacked)",
                   f"<= {TARGET_EXPONENT}", met, measurements, {"quick": quick, "device": device, "sizes": list(sizes)},
                   notes, now() - t0)
+
+
+def one_size(teachers: int, students: int, packs: tuple = (1, 16), device: str = "cpu") -> dict:
+    """Driver CPU and MLflow ms per trial at one size (no fit): the full mode's largest point alone."""
+    out = {}
+    for pack in packs:
+        d = grid(teachers, students, pack)
+        d["name"] = f"scale-{teachers}x{students}-pack{pack}"
+        r = run_kdray(d, device)
+        n = r["trials"]
+        out[f"pack {pack}, {n} trials"] = {"driver CPU ms/trial": round(1000 * r["driver_cpu_s"] / n, 2),
+                                          "MLflow calls ms/trial": round(1000 * r["mlflow_driver_s"] / n, 2),
+                                          "sweep wall s": round(r["wall_s"], 1), "load": r["load_avg_1m"]}
+    return out
+
+
+if __name__ == "__main__":   # python -m benchmarks.scale 20x69: one size, printed, docs untouched
+    import json
+    import sys
+
+    for size in sys.argv[1:] or ["20x69"]:
+        t, s = map(int, size.split("x"))
+        print(json.dumps(one_size(t, s), indent=1), flush=True)

@@ -98,12 +98,12 @@ def tiny_grid() -> dict:
     return d
 
 
-def _parse(d: dict, storage: str, device: str, slots: int):
+def _parse(d: dict, storage: str, device: str, slots: int, tracking_uri: Optional[str] = None):
     from kdray.sweep import parse_sweep
 
     d = copy.deepcopy(d)
     d["storage"] = storage
-    d["tracking_uri"] = f"sqlite:///{Path(storage) / 'mlflow.db'}"
+    d["tracking_uri"] = tracking_uri or f"sqlite:///{Path(storage) / 'mlflow.db'}"
     gpu = (1.0 / slots) if torch.device(device).type == "cuda" else 0
     for s in d["setups"]:
         pack = (s.get("resources") or {}).get("student", {}).get("pack", 1)
@@ -199,9 +199,9 @@ def _cpu_seconds() -> float:
     return u.ru_utime + u.ru_stime
 
 
-def run_kdray(d: dict, device: str, slots: Optional[int] = None) -> dict:
+def run_kdray(d: dict, device: str, slots: Optional[int] = None, tracking_uri: Optional[str] = None) -> dict:
     """``kdray sweep``: Ray start-up (overlapped with opening MLflow), the Tune run, MLflow logging;
-    into fresh storage."""
+    into fresh storage (and a fresh sqlite store unless ``tracking_uri`` names another)."""
     import ray
 
     from kdray.engine import run_sweep
@@ -210,7 +210,7 @@ def run_kdray(d: dict, device: str, slots: Optional[int] = None) -> dict:
     slots = slots or cpu_count()
     was_running = ray.is_initialized()
     with tempfile.TemporaryDirectory(prefix="kdray-bench-sweep-") as tmp:
-        sweep = _parse(d, tmp, device, slots)
+        sweep = _parse(d, tmp, device, slots, tracking_uri)
         plan = build_plan(sweep)
         load0 = load_avg()
         with _MlflowTimer() as mt:

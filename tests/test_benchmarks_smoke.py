@@ -161,6 +161,15 @@ def test_scale(records):
     records["scale"] = r
 
 
+def test_scale_server(records):
+    """The same sweeps logging to a real mlflow server on a real PostgreSQL that the benchmark starts
+    itself: it raises unless every planned trial has one FINISHED run in its sweep's experiment there."""
+    r = check(load("scale_server").run(sizes=((1, 1), (1, 2)), packs=(1,)), "scale_server", ratio=False)
+    m = r["measurements"]
+    assert [m[f"unpacked, {n} trials: driver CPU ms/trial"] > 0 for n in (4, 7)] == [True, True]
+    records["scale_server"] = r
+
+
 def test_lm_step(records):
     """kdray's LM trial against a plain transformers loop (kdray[lm]: fails under CI without it)."""
     from test_lm import require_lm

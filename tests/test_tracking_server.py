@@ -1,33 +1,20 @@
 """A sweep logging to a real `mlflow server` over HTTP that is killed mid-sweep and restarted:
 the retries carry the sweep through, nothing is lost and no run is duplicated.  The server's
 backend is sqlite and, as documented for clusters, a real PostgreSQL the suite starts itself."""
-import glob
 import os
-import pwd
-import shutil
-import signal
-import socket
 import sqlite3
 import subprocess
 import sys
-import tempfile
 import time
-from pathlib import Path
 
 import pytest
-import requests
 import yaml
 
+from benchmarks.servers import Missing, free_port, postgresql, start_mlflow_server, stop_mlflow_server
 from kdray.plan import build_plan
 from kdray.sweep import load_sweep
 
 KDRAY = [sys.executable, "-m", "kdray.cli"]
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _missing(reason: str):
@@ -37,57 +24,14 @@ def _missing(reason: str):
     pytest.skip(reason)
 
 
-def _pg_bin() -> str:
-    found = sorted(glob.glob("/usr/lib/postgresql/*/bin/initdb"))
-    if found:
-        return os.path.dirname(found[-1])
-    initdb = shutil.which("initdb")
-    return os.path.dirname(initdb) if initdb else ""
-
-
 @pytest.fixture(scope="session")
 def postgres():
-    """A PostgreSQL server of our own on a free 127.0.0.1 port (initdb + pg_ctl); stopped at the end."""
-    bindir = _pg_bin()
-    if not bindir:
-        _missing("PostgreSQL is not installed (apt-get install -y postgresql; see README)")
+    """A PostgreSQL server of our own on a free 127.0.0.1 port (benchmarks/servers.py); stopped at the end."""
     try:
-        import psycopg2  # noqa: F401  - MLflow's driver for postgresql:// URIs
-    except ImportError:
-        _missing("psycopg2 is not installed (pip install -e '.[dev]')")
-    as_user: list[str] = []
-    root = Path(tempfile.mkdtemp(prefix="kdray-pg-"))   # not under pytest's root-only 0700 tmp: postgres must reach it
-    data = root / "data"
-    if os.geteuid() == 0:         # postgres refuses to run as root
-        try:
-            user = pwd.getpwnam("postgres")
-        except KeyError:
-            _missing("running as root and there is no `postgres` user to run PostgreSQL as")
-        as_user = ["runuser", "-u", "postgres", "--"]
-        os.chown(root, user.pw_uid, user.pw_gid)
-    # Password authentication (SCRAM), as a real server has it: anyone on 127.0.0.1 could use a trust server.
-    password = os.urandom(16).hex()
-    pwfile = root / "pw"
-    pwfile.write_text(password + "\n")
-    if as_user:
-        os.chown(pwfile, user.pw_uid, user.pw_gid)
-    pwfile.chmod(0o600)
-    subprocess.run(as_user + [f"{bindir}/initdb", "-D", str(data), "-U", "kdray", "--auth=scram-sha-256",
-                              f"--pwfile={pwfile}", "-E", "UTF8"],
-                   check=True, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-    pwfile.unlink()
-    port = _free_port()
-    subprocess.run(as_user + [f"{bindir}/pg_ctl", "-D", str(data), "-l", str(root / "log"), "-w", "-o",
-                              f"-h 127.0.0.1 -p {port} -k {root}", "start"], check=True, stdout=subprocess.DEVNULL)
-    try:
-        subprocess.run(as_user + ["env", f"PGPASSWORD={password}", f"{bindir}/createdb", "-h", "127.0.0.1",
-                                  "-p", str(port), "-U", "kdray", "mlflow"], check=True)
-        # the driver named: SQLAlchemy's default is psycopg 3
-        yield f"postgresql+psycopg2://kdray:{password}@127.0.0.1:{port}/mlflow"
-    finally:   # pg_ctl stops exactly the server in our data directory
-        subprocess.run(as_user + [f"{bindir}/pg_ctl", "-D", str(data), "-m", "immediate", "-w", "stop"],
-                       stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        shutil.rmtree(root, ignore_errors=True)
+        with postgresql() as uri:
+            yield uri
+    except Missing as e:
+        _missing(str(e))
 
 
 @pytest.fixture(params=["sqlite", "postgresql"])
@@ -116,25 +60,11 @@ def _query(backend_uri, sql):
 
 
 def _start_server(tmp_path, port, backend_uri):
-    p = subprocess.Popen([sys.executable, "-m", "mlflow", "server", "--backend-store-uri", backend_uri,
-                          "--artifacts-destination", str(tmp_path / "server-artifacts"), "--host", "127.0.0.1",
-                          "--port", str(port), "--workers", "1"], start_new_session=True, cwd=tmp_path,
-                         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    deadline = time.time() + 120
-    while time.time() < deadline:
-        try:
-            if requests.get(f"http://127.0.0.1:{port}/health", timeout=2).ok:
-                return p
-        except requests.RequestException:
-            time.sleep(0.5)
-    os.killpg(p.pid, signal.SIGKILL)
-    raise AssertionError("mlflow server did not start")
+    return start_mlflow_server(tmp_path, port, backend_uri)
 
 
 def _kill(p):
-    if p.poll() is None:
-        os.killpg(p.pid, signal.SIGKILL)   # the server and its own workers: this test's children only
-        p.wait()
+    stop_mlflow_server(p)
 
 
 def _runs(db, status=None):
@@ -186,7 +116,7 @@ def test_the_tests_postgresql_wants_a_password(postgres):
 
 
 def test_a_tracking_server_killed_mid_sweep_and_restarted_loses_and_duplicates_nothing(tmp_path, backend):
-    port = _free_port()
+    port = free_port()
     uri = f"http://127.0.0.1:{port}"
     path = _served_sweep(tmp_path, "served", uri, epochs=4, teacher_epochs=100, student_seeds=[10, 11])
     plan = build_plan(load_sweep(path))
@@ -226,7 +156,7 @@ def test_a_tracking_server_killed_mid_sweep_and_restarted_loses_and_duplicates_n
 def test_a_tracking_server_that_stays_down_stops_the_sweep_in_one_line_and_it_resumes_later(tmp_path):
     """Past ``KDRAY_TRACKING_PATIENCE_S`` the sweep stops (exit 75, one line naming the server); rerun
     once the server is back, it finishes every planned trial with one run each."""
-    port = _free_port()
+    port = free_port()
     uri = f"http://127.0.0.1:{port}"
     path = _served_sweep(tmp_path, "down", uri, epochs=3, teacher_epochs=60, student_seeds=[10])
     plan = build_plan(load_sweep(path))
