@@ -1,4 +1,5 @@
-"""The teacher's greedy continuations of training contexts (sequence-level KD, kdray/conditions/seqkd.py).
+"""Generated training text: the teacher's greedy continuations of training contexts (sequence-level
+KD, kdray/conditions/seqkd.py) and the student's own samples (on-policy GKD, kdray/conditions/gkd.py).
 
 Contexts: the training token stream cut into non-overlapping windows of ``block_size``
 tokens (window i starts at token ``i * block_size``); each window's first ``prompt``
@@ -14,6 +15,12 @@ folder as ``seqkd_<digest>.npy`` (int64 ``[contexts, block_size + 1]``), where t
 hashes the decoding rule, ``prompt``, the length and the SHA-256 of the contexts
 themselves (so a student whose data differs from its teacher's, e.g. a poisoned teacher,
 gets its own file).  A second student of the teacher reads the file.
+
+The student's own samples are drawn at training time, never cached: on an on-policy step
+the student (current weights, eval mode, no grad) extends each corpus row's first
+``prompt`` tokens to ``block_size + 1`` by sampling (``sample_continue``), with uniforms from
+a generator of (seed, step) alone (``step_generator``); the same ``IGNORE_INDEX`` targets
+mark the context.
 """
 from __future__ import annotations
 
@@ -79,10 +86,48 @@ def teacher_sequences(teacher_spec: TrialSpec, store: Store, teacher: nn.Module,
     return seqs
 
 
+def inputs_and_targets(rows: torch.Tensor, prompt: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """``x = rows[:, :-1]``, ``y = rows[:, 1:]`` with the context's own targets (the first
+    ``prompt - 1``) ignored: a loss counts the generated tokens only."""
+    x, y = rows[:, :-1], rows[:, 1:].clone()
+    y[:, :prompt - 1] = IGNORE_INDEX
+    return x, y
+
+
 def sequence_batches(seqs: torch.Tensor, prompt: int, batch_size: int, steps: int, order: torch.Generator):
     """(x, y, None) per step: rows drawn with replacement by ``order``; y's corpus targets ignored."""
     for _ in range(steps):
         rows = seqs[torch.randint(len(seqs), (batch_size,), generator=order)]
-        x, y = rows[:, :-1], rows[:, 1:].clone()
-        y[:, :prompt - 1] = IGNORE_INDEX
-        yield x, y, None
+        yield (*inputs_and_targets(rows, prompt), None)
+
+
+def step_generator(seed: int, step: int) -> torch.Generator:
+    """A CPU generator that is a function of (seed, step) alone: a rerun, or a run resumed from a
+    checkpoint, draws the same numbers at every step."""
+    return torch.Generator().manual_seed(int.from_bytes(hashlib.sha256(f"{seed}:{step}".encode()).digest()[:8],
+                                                        "little") >> 1)
+
+
+@torch.no_grad()
+def sample_continue(model: nn.Module, prompts: torch.Tensor, length: int, temperature: float,
+                    generator: torch.Generator) -> torch.Tensor:
+    """``prompts`` ``[B, p]`` extended to ``[B, length]`` by tokens sampled from
+    ``softmax(logits / temperature)`` of the model's current weights (eval mode, restored after).
+
+    Inverse-CDF sampling: one float64 uniform per row and token, drawn on the CPU from
+    ``generator`` (so every device draws the same numbers), picks the first token whose
+    cumulative probability exceeds it.  The whole prefix is re-read each step (no KV cache:
+    any kdray LM).  No grad, but not inference mode: the result is a training input."""
+    was_training = model.training
+    model.eval()
+    try:
+        seq = prompts
+        while seq.shape[1] < length:
+            u = torch.rand((len(seq), 1), generator=generator, dtype=torch.float64).to(seq.device)
+            probs = torch.softmax(model(seq)[:, -1].float() / temperature, dim=-1).double()
+            cdf = probs.cumsum(-1)
+            nxt = torch.searchsorted(cdf, u * cdf[:, -1:], right=True).clamp_(max=probs.shape[-1] - 1)
+            seq = torch.cat([seq, nxt.to(seq.dtype)], dim=1)
+    finally:
+        model.train(was_training)
+    return seq

@@ -26,6 +26,7 @@ class Batch:
     teacher_features: Optional[torch.Tensor] = None  # the teacher's block output
     seed: int = 0                                    # the trial's noise seed (from its data seed)
     step: int = 0                                    # the optimiser step this batch is for
+    sampled: bool = False                            # the student's own samples: y holds them, no labels
 
 
 def flat(logits: torch.Tensor) -> torch.Tensor:

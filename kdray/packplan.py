@@ -9,8 +9,8 @@ these holds (checked in this order; the first is its reason):
 * its recipe compiles, trains in bf16 or channels-last;
 * its model runs under vmap (no stacked forward in ``kdray/stacked`` for it) and has
   BatchNorm, or dropout > 0 (``Architecture(packs=Packs(...))`` says which);
-* its condition matches features (block hooks), or trains on its teacher's generations
-  (sequence-level KD).
+* its condition matches features (block hooks), or declares why it trains alone
+  (``Condition.alone``: sequence-level KD and on-policy GKD train on generated text).
 
 For the built-in models and data sets this is read from their declarations
 (``kdray.models.Packs``, ``kdray.data.Dataset.batches``) and the spec: torch-free, no
@@ -44,7 +44,6 @@ RECIPE = "compile/bf16/channels_last recipes are trained alone"
 BATCH_NORM = "BatchNorm running statistics are not stacked under vmap"
 DROPOUT = "dropout > 0: vmap cannot give each student its own dropout stream"
 FEATURES = "feature-matching conditions hook module blocks, which vmap does not see"
-SEQUENCES = "sequence-level KD trains on its teacher's generations, not the pack's shared corpus batches"
 BATCHES = {"indexed": None, "streaming": STREAMING, "own": OWN_BATCHES}   # Dataset.batches -> reason
 
 
@@ -62,10 +61,11 @@ def _recipe_reason(spec: TrialSpec) -> Optional[str]:
 
 
 def _features_reason(spec: TrialSpec) -> Optional[str]:
-    """The condition's own reason: block hooks, or a teacher's generations as the training data."""
-    if spec.condition is not None and spec.condition.teacher == "sequences":
-        return SEQUENCES
-    return FEATURES if spec.condition is not None and spec.condition.features else None
+    """The condition's own reason: the one it declares (``alone``: generated training data), or block hooks."""
+    cond = spec.condition
+    if cond is None:
+        return None
+    return cond.alone or (FEATURES if cond.features else None)
 
 
 class Undeclared(Exception):

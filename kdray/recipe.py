@@ -197,6 +197,10 @@ def run_trial(spec: TrialSpec, store: Store, report: Optional[Report] = None,
         start_epoch = int(state["epoch"])
 
     noise_seed = derive_seed(spec.data_seed, "fm_noise")
+    # On-policy steps (GKD): the student's own samples replace some corpus batches, drawn from a
+    # generator of (this seed, step) alone (kdray/generation.py), so a resumed run draws the same.
+    on_policy = cond.on_policy(spec.params) if cond is not None and cond.on_policy is not None else None
+    policy_seed = derive_seed(spec.data_seed, "on_policy")
     step = start_epoch * steps_per_epoch
     for epoch in range(start_epoch, epochs):
         if hasattr(bundle, "set_epoch"):  # streaming loaders (FFCV): per-epoch resolution
@@ -211,11 +215,15 @@ def run_trial(spec: TrialSpec, store: Store, report: Optional[Report] = None,
         for xb, yb, cached in batches:
             xb = bundle.preprocess(xb.to(device, non_blocking=True), True, augment)
             yb = yb.to(device, non_blocking=True)
+            swap = on_policy(model, xb, policy_seed, step) if on_policy is not None else None
+            if swap is not None:     # the teacher scores the samples live: no cached logits
+                (xb, yb), cached = swap, None
             if shard is not None:  # this rank's rows; scale makes DDP's gradient mean the global-batch mean
                 xb, yb, grad_scale = shard.split(xb, yb)
             with autocast:
                 batch = _forward(net, teacher, cond, spec.params, xb.contiguous(memory_format=fmt) if xb.dim() == 4 else xb,
                                  yb, noise_seed, step, cached)
+                batch.sampled = swap is not None
                 loss = objective(batch)
             opt.zero_grad(set_to_none=True)
             (loss if shard is None else loss * grad_scale).backward()
@@ -223,7 +231,8 @@ def run_trial(spec: TrialSpec, store: Store, report: Optional[Report] = None,
                 nn.utils.clip_grad_norm_(model.parameters(), r.grad_clip)
             opt.step()
             sched.step()
-            n = yb.numel() if sequences is None else int((yb != generation.IGNORE_INDEX).sum())
+            masked = sequences is not None or swap is not None    # context targets are ignored
+            n = int((yb != generation.IGNORE_INDEX).sum()) if masked else yb.numel()
             if n:  # (a rank's shard of a last batch can be empty)
                 loss_sum += loss.detach() * n
             correct += (batch.logits.detach().argmax(-1) == yb).sum()

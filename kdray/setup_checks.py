@@ -106,12 +106,12 @@ def _check_budget(where: str, recipe: dict, data) -> None:
 
 
 def _check_sequences(where: str, cond, params: dict, s: Setup, data) -> None:
-    """A condition that trains on the teacher's generations (seqkd) needs a language model, and a
-    prompt shorter than the block."""
-    if cond.teacher != "sequences":
+    """A condition that trains on generated text (seqkd: the teacher's, gkd: the student's own) needs a
+    language model, and a prompt shorter than the block."""
+    if not cond.generates:
         return
     if data.task != "lm":
-        raise SweepError(f"{where}: {cond.title} trains on the teacher's generated text; dataset {data.name!r} "
+        raise SweepError(f"{where}: {cond.title} trains on generated text; dataset {data.name!r} "
                          f"is {data.task}, not a language model (lm)")
     block = s.dataset.args.get("block_size")
     prompt = params.get("prompt")

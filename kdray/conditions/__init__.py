@@ -121,6 +121,11 @@ class Condition:
     - ``sweep_key``: the key under ``conditions:`` in a sweep file (None: only
       produced by another condition's expand, like FM's random control);
       ``enabled_by_default``: present when the file does not mention it.
+    - ``on_policy(params)`` (None: never): a per-step replacement of the corpus batch by the
+      student's own samples, ``f(model, x, seed, step) -> (x, y) or None`` (None keeps the batch;
+      GKD's lambda, kdray/conditions/gkd.py).  The replaced batch reaches the objective with
+      ``Batch.sampled`` set, and the teacher scores it live.
+    - ``alone``: why a student of this condition never trains in a pack ("" : it may pack).
     - ``rowwise``: the objective is a mean over rows, taken by
       ``kdray.losses``' helpers (``cross_entropy``, ``distillation_term``), of
       terms that read only that row's logits, label and teacher logits (no
@@ -146,6 +151,13 @@ class Condition:
     config: Any = None                   # a pydantic model for the sweep entry (default: from params)
     description: str = ""
     rowwise: bool = False                # a pack computes its students' losses in one call
+    on_policy: Optional[Callable[[dict], Callable]] = None
+    alone: str = ""
+
+    @property
+    def generates(self) -> bool:
+        """It trains on generated text (the teacher's or its own): a language model only."""
+        return self.teacher == "sequences" or self.on_policy is not None
 
     def param(self, name: str) -> Param:
         return {p.name: p for p in self.params}[name]

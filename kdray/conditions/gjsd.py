@@ -6,9 +6,9 @@ distribution, per predicted token, mean over tokens (rowwise).  beta in (0, 1):
 the divergence interpolates between forward-KL-like (beta -> 0, divided by beta)
 and reverse-KL-like (beta -> 1) behaviour, and is bounded (by the binary entropy
 of beta), so a confident teacher never gives an unbounded loss.
-At the ends it is 0; use ``kd`` and ``reverse_kl`` for those.  The student's
-own samples (GKD's on-policy lambda) are not part of this condition: it trains
-on the corpus's windows, as KD does.
+At the ends it is 0; use ``kd`` and ``reverse_kl`` for those.  This condition
+trains on the corpus's windows, as KD does; ``gkd`` (kdray/conditions/gkd.py) is
+the same step with GKD's on-policy lambda (the student's own samples).
 
 Tested against SIDDO (same width) and RCD at the same alpha and temperature
 (T=1 where the sweep has none at T), as KD is.

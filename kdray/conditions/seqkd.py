@@ -27,4 +27,5 @@ SEQKD = register(Condition(
     name="seqkd", title="SeqKD", params=(PROMPT,), objective=_objective, teacher="sequences",
     role=TREATMENT, sweep_key="seqkd", order=10,
     controls=(SIDDO_SAME_WIDTH, RCD_SAME_WIDTH), best_pool=(SIDDO_SAME_WIDTH, RCD_SAME_WIDTH),
+    alone="sequence-level KD trains on its teacher's generations, not the pack's shared corpus batches",
     description="train on the teacher's greedy continuations of training contexts (sequence-level KD)"))
