@@ -247,11 +247,11 @@ def test_rank_order_breaks_every_tie_by_the_lower_index_like_a_stable_sort():
             assert order == sorted(range(len(row)), key=lambda c: (-row[c], c))
 
 
-@pytest.mark.parametrize("seed,n,k,max_elements,vocab_block", [(5, 203, 11, 40, 3), (6, 97, 65, 65, 64),
-                                                               (7, 50, 7, 1, 1), (8, 120, 300, 10 ** 6, 8192)])
-def test_streamed_metrics_equal_the_full_tensor_computation(tmp_path, seed, n, k, max_elements, vocab_block):
-    """functional_metrics_streamed (rows x vocab blocks, from memory-mapped .npy files) equals the
-    plain full-tensor computation and the per-sample reference to 1e-6, at block sizes down to one."""
+@pytest.mark.parametrize("seed,n,k,max_elements", [(5, 203, 11, 40), (6, 97, 65, 65), (7, 50, 7, 1),
+                                                   (8, 120, 300, 10 ** 6)])
+def test_streamed_metrics_equal_the_full_tensor_computation(tmp_path, seed, n, k, max_elements):
+    """functional_metrics_streamed (blocks of rows, from memory-mapped .npy files) equals the
+    plain full-tensor computation and the per-sample reference to 1e-6, at block sizes down to one row."""
     from kdray.functional import STREAMED_METRICS, functional_metrics_streamed
     t, c, y = random_case(seed, n, k)
     t, c = t.astype(np.float32), c.astype(np.float32)
@@ -260,7 +260,7 @@ def test_streamed_metrics_equal_the_full_tensor_computation(tmp_path, seed, n, k
     np.save(tmp_path / "t.npy", t)
     np.save(tmp_path / "c.npy", c)
     got = functional_metrics_streamed(np.load(tmp_path / "t.npy", mmap_mode="r"),
-                                      np.load(tmp_path / "c.npy", mmap_mode="r"), y, max_elements, vocab_block)
+                                      np.load(tmp_path / "c.npy", mmap_mode="r"), y, max_elements)
     full = functional_metrics(torch.tensor(t), torch.tensor(c), torch.tensor(y), chunk=10 ** 9)
     ref = reference(t, c, y)
     assert tuple(got) == STREAMED_METRICS
