@@ -35,6 +35,7 @@ from contextlib import contextmanager
 import time
 from typing import Callable, Optional, Sequence
 
+import numpy as np
 import torch
 from torch import nn
 from torch.func import functional_call, stack_module_state, vmap
@@ -337,11 +338,17 @@ def _evaluate_pack(base: nn.Module, params: dict, buffers: dict, bundle, device,
 
 
 def _similarity(teacher: _Teacher, n: int, logits: torch.Tensor, y: torch.Tensor) -> list[Optional[dict]]:
-    """Each student's functional metrics against the pack's teacher, in one batched call."""
-    from kdray.functional import functional_metrics_many
+    """Each student's functional metrics against the pack's teacher, in one batched call; one student
+    at a time, streamed and without Procrustes, when the teacher's logits are too large to hold
+    (kdray/streamed.py: they are memory-mapped, but the pack's own [S, N, K] logits are in memory)."""
+    from kdray import streamed
+    from kdray.functional import functional_metrics_many, functional_metrics_streamed
 
     if teacher.test_logits is None:
         return [None] * n
+    if isinstance(teacher.test_logits, np.memmap):
+        return [functional_metrics_streamed(teacher.test_logits, logits[i].numpy(), y, streamed.BLOCK_ELEMENTS)
+                for i in range(n)]
     return functional_metrics_many(torch.from_numpy(teacher.test_logits), logits, y)
 
 
