@@ -21,11 +21,11 @@ BLOCK = 4096          # elements per block in the streamed runs: 3 windows of 16
 EVAL_BATCH = 2        # windows per test batch in both runs, so both test passes compute the same logits
 
 
-def _plan(tmp_path):
+def _plan(tmp_path, student_seeds=(10,)):
     setup = {"name": "c", "dataset": {"name": "tinyshakespeare", "args": {"block_size": 16, "max_chars": 60000}},
              "teacher": {"arch": "nano_gpt", "args": {"n_layer": 1, "n_embd": 32, "n_head": 2, "dropout": 0.0}},
              "recipe": {"iterations": 6, "log_every": 3, "batch_size": 8, "lr": 3e-3, "eval_batch_size": EVAL_BATCH},
-             "teacher_seeds": [0], "student_seeds": [10],
+             "teacher_seeds": [0], "student_seeds": list(student_seeds),
              "conditions": {"siddo": None, "kd": {"alphas": [0.5]}, "rcd": None}}
     return build_plan(parse_sweep({"name": "st", "storage": str(tmp_path), "setups": [setup]}, "sweep.yaml"))
 
@@ -120,6 +120,32 @@ def test_a_streamed_trial_never_holds_its_test_logits_whole(both):
         assert plain_peaks[role][0] > n * k * 2, role       # the check can fail
         assert big_peaks[role][0] < n * k * 2, (role, big_peaks[role][0], n * k * 2)
         assert big_peaks[role][1] <= BLOCK
+
+
+def test_a_packed_trial_above_the_limit_streams_its_students_metrics_against_the_mapped_teacher(both, tmp_path,
+                                                                                                monkeypatch):
+    """Packed students (two seeds) against the teacher stored above: with the limit forced to 0 the
+    teacher's logits are memory-mapped and each student's metrics streamed, equal to the pack's
+    in-memory metrics; the pack's own [S, N, K] test logits are still held (docs/plugins.md)."""
+    from kdray.packing import run_pack
+    plan, (plain, _, _), _ = both
+    students = _plan(tmp_path / "p", (10, 11)).students
+    teacher = plan.teachers[0].trial_key
+    assert students[0].teacher.trial_key == teacher and len(students) == 2
+    stores = {}
+    for name, limit in (("plain", None), ("big", "0")):
+        store = Store(str(tmp_path / name), "st")
+        for f in ("model.pt", "test_logits.npy"):
+            store.write_bytes(teacher, f, plain.read_bytes(teacher, f))
+        if limit is not None:
+            monkeypatch.setenv(streamed.ENV, limit)
+        stores[name] = (store, run_pack(students, store))
+    (_, a), (big, b) = stores["plain"], stores["big"]
+    for s in students:
+        for key in STREAMED_METRICS:
+            np.testing.assert_allclose(b[s.trial_key][key], a[s.trial_key][key], rtol=1e-6, atol=1e-12, err_msg=key)
+        assert "procrustes_distance" in a[s.trial_key] and "procrustes_distance" not in b[s.trial_key]
+        assert "procrustes_distance not computed" in big.load_run(s.trial_key)["metrics_streamed"]
 
 
 class _Bundle:
