@@ -197,11 +197,17 @@ STREAMED_METRICS = ("activation_distance", "js_divergence", "rank_disagreement",
 
 def _row_block_log_softmax(x, rows: slice) -> np.ndarray:
     """Log-softmax (float64) of the rows ``x[rows]`` of a [N, K] array (e.g. a numpy memmap, read
-    once).  Numpy, not torch: its exp is ~5x faster on one CPU thread, which is what a trial has."""
+    once), infinite logits as ``log_softmax64`` takes them.  Numpy, not torch: its exp is ~5x
+    faster on one CPU thread, which is what a trial has."""
     a = np.array(x[rows], dtype=np.float64)
+    if np.isnan(a).any():
+        raise ValueError("streamed functional metrics need logits without NaN (functional_metrics gives nan metrics)")
     top = a.max(-1, keepdims=True)
-    if not np.isfinite(top).all():   # +inf, NaN or an all -inf row (a -inf entry alone is exact: p = 0)
-        raise ValueError("streamed functional metrics need rows with finite logits (use functional_metrics)")
+    pos, neg = np.isposinf(top), np.isneginf(top)
+    if pos.any() or neg.any():
+        a = np.where(pos, np.where(np.isposinf(a), 0.0, -np.inf), a)
+        a = np.where(neg, 0.0, a)
+        top = a.max(-1, keepdims=True)
     a -= top
     a -= np.log(np.exp(a).sum(-1, keepdims=True))
     return a
@@ -224,8 +230,8 @@ def functional_metrics_streamed(teacher_logits, comparator_logits, labels, max_e
     bounded by a few ``max_elements`` float64 arrays, whatever N is.
 
     ``teacher_logits``, ``comparator_logits``: [N, K] arrays, e.g. ``np.load(path,
-    mmap_mode="r")`` of a stored ``test_logits.npy``, so neither is read whole; every row needs a
-    finite maximum.  Rows are read ``max(1, max_elements // K)`` at a time (ranks need every class
+    mmap_mode="r")`` of a stored ``test_logits.npy``, so neither is read whole; no NaN (a
+    ValueError).  Rows are read ``max(1, max_elements // K)`` at a time (ranks need every class
     of a row, so a row is the smallest unit).  Exact: equal to ``functional_metrics`` to float64
     rounding (tests/test_functional.py checks 1e-6); the cost is the two exact argsorts of every
     row's K probabilities (docs/plugins.md, "Metrics at vocabulary size")."""

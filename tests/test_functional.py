@@ -267,5 +267,19 @@ def test_streamed_metrics_equal_the_full_tensor_computation(tmp_path, seed, n, k
     for key in STREAMED_METRICS:
         np.testing.assert_allclose(got[key], full[key], rtol=1e-6, atol=1e-12, err_msg=key)
         np.testing.assert_allclose(got[key], ref[key], rtol=1e-6, atol=1e-9, err_msg=key)
-    with pytest.raises(ValueError, match="finite"):
-        functional_metrics_streamed(np.full((2, 3), np.inf), np.zeros((2, 3)), [0, 1])
+    with pytest.raises(ValueError, match="NaN"):
+        functional_metrics_streamed(np.full((2, 3), np.nan), np.zeros((2, 3)), [0, 1])
+
+
+def test_streamed_metrics_take_infinite_logits_as_the_full_computation():
+    """+inf logits share a row's mass, an all -inf row is uniform, a -inf logit alone has p = 0."""
+    from kdray.functional import STREAMED_METRICS, functional_metrics_streamed
+    t, c, y = random_case(9, 30, 6)
+    t[0, [1, 4]] = np.inf
+    t[1] = -np.inf
+    c[2, 3] = -np.inf
+    c[3, 5] = np.inf
+    got = functional_metrics_streamed(t, c, y, 7)
+    full = functional_metrics(torch.tensor(t), torch.tensor(c), torch.tensor(y))
+    for key in STREAMED_METRICS:
+        np.testing.assert_allclose(got[key], full[key], rtol=1e-6, atol=1e-12, err_msg=key)
