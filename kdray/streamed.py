@@ -51,7 +51,7 @@ def streams(n: int, k: int) -> bool:
     return max(n * k * 4, k * k * 8) > memory_limit()
 
 
-def test_shape(bundle) -> Optional[tuple[int, int]]:
+def outputs_shape(bundle) -> Optional[tuple[int, int]]:
     """(N test positions, K classes) of a data bundle, or None for one whose test set is not a
     tensor (streaming loaders: those keep the in-memory path)."""
     y = getattr(bundle, "test_y", None)
@@ -59,7 +59,7 @@ def test_shape(bundle) -> Optional[tuple[int, int]]:
 
 
 def bundle_streams(bundle) -> bool:
-    shape = test_shape(bundle)
+    shape = outputs_shape(bundle)
     return shape is not None and streams(*shape)
 
 
@@ -108,7 +108,7 @@ def evaluate_to_file(model: nn.Module, bundle, device, batch_size: int,
     batch to a hidden temporary .npy in ``folder`` (the trial's, when storage is local), removed on
     leaving, whatever happens.  A batch holds at most ``batch_size`` inputs and, when an input's
     positions x K would exceed ``BLOCK_ELEMENTS``, fewer (one at least)."""
-    n, k = test_shape(bundle)
+    n, k = outputs_shape(bundle)
     per_input = max(1, n // len(bundle.test_y))
     rows = max(1, min(batch_size, BLOCK_ELEMENTS // (per_input * k)))
     if folder is not None:
@@ -163,9 +163,9 @@ def write_outputs_npz(path: str, logits: np.ndarray, y: torch.Tensor) -> None:
     """The bytes ``storage.npz_bytes(logits=logits.astype(float16), labels=y)`` would give, written in
     blocks of rows: each entry's size is set before it is opened, as ``ZipFile.writestr`` does."""
     n, k = logits.shape
-    head = io_bytes(lambda f: np.lib.format.write_array_header_1_0(
+    head = _io_bytes(lambda f: np.lib.format.write_array_header_1_0(
         f, {"descr": np.lib.format.dtype_to_descr(np.dtype(np.float16)), "fortran_order": False, "shape": (n, k)}))
-    labels = io_bytes(lambda f: np.lib.format.write_array(f, y.numpy(), allow_pickle=False))
+    labels = _io_bytes(lambda f: np.lib.format.write_array(f, y.numpy(), allow_pickle=False))
     with open(path, "wb") as f, zipfile.ZipFile(f, "w", zipfile.ZIP_STORED) as z:
         info = _info("logits.npy")
         info.file_size = len(head) + n * k * 2
@@ -182,7 +182,7 @@ def _info(name: str) -> zipfile.ZipInfo:
     return info
 
 
-def io_bytes(write) -> bytes:
+def _io_bytes(write) -> bytes:
     buf = io.BytesIO()
     write(buf)
     return buf.getvalue()

@@ -198,6 +198,11 @@ def test_a_bad_limit_is_one_line_naming_the_variable(monkeypatch, raw):
     assert "\n" not in str(e.value)
 
 
+def test_the_limit_reaches_trials_on_every_node():
+    from kdray.objectstore import CARRIED_ENV
+    assert streamed.ENV in CARRIED_ENV
+
+
 def test_the_limit_counts_the_logits_and_procrustes_matrix(monkeypatch):
     monkeypatch.delenv(streamed.ENV, raising=False)
     assert not streamed.streams(111_540, 65) and not streamed.streams(50_000, 1000)   # char LM, ImageNet
