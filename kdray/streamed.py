@@ -106,13 +106,15 @@ def evaluate_to_file(model: nn.Module, bundle, device, batch_size: int,
                      folder: Optional[Path]) -> Iterator[tuple[np.ndarray, torch.Tensor]]:
     """The model's float32 test logits as a read-only [N, K] memmap, and the labels: written batch by
     batch to a hidden temporary .npy in ``folder`` (the trial's, when storage is local), removed on
-    leaving, whatever happens.  A batch holds at most ``batch_size`` inputs and, when an input's
+    leaving, whatever happens (and, should the process be killed, by the trial's next attempt).  A batch holds at most ``batch_size`` inputs and, when an input's
     positions x K would exceed ``BLOCK_ELEMENTS``, fewer (one at least)."""
     n, k = outputs_shape(bundle)
     per_input = max(1, n // len(bundle.test_y))
     rows = max(1, min(batch_size, BLOCK_ELEMENTS // (per_input * k)))
     if folder is not None:
         folder.mkdir(parents=True, exist_ok=True)
+        for stale in folder.glob(".test_logits.*.tmp.npy"):   # an earlier attempt's, killed before its cleanup
+            stale.unlink(missing_ok=True)
     fd, path = tempfile.mkstemp(prefix=f".test_logits.{uuid.uuid4().hex}.", suffix=".tmp.npy",
                                 dir=None if folder is None else str(folder))
     os.close(fd)

@@ -176,6 +176,10 @@ def test_the_test_pass_writes_batches_of_at_most_a_block_and_removes_its_file(tm
         np.testing.assert_allclose(logits, want, rtol=1e-6, atol=1e-7)
         assert torch.equal(y, bundle.test_y.reshape(-1)) and not logits.flags.writeable
     assert largest == 3 * 5 * 7 and not list(tmp_path.iterdir())
+    stale = tmp_path / ".test_logits.0.killed.tmp.npy"             # a killed attempt's file
+    stale.write_bytes(b"x")
+    with streamed.evaluate_to_file(model, bundle, "cpu", 4, tmp_path):
+        assert not stale.exists() and len(list(tmp_path.iterdir())) == 1
     with pytest.raises(RuntimeError, match="boom"):
         with streamed.evaluate_to_file(model, bundle, "cpu", 4, tmp_path):
             raise RuntimeError("boom")
@@ -208,3 +212,18 @@ def test_the_limit_counts_the_logits_and_procrustes_matrix(monkeypatch):
     assert not streamed.streams(111_540, 65) and not streamed.streams(50_000, 1000)   # char LM, ImageNet
     assert streamed.streams(1024, 50_257)                    # GPT-2's vocabulary: a 50,257^2 float64 matrix
     assert streamed.streams(300_000, 1000) and not streamed.streams(200_000, 1000)   # 1.2 GB vs 0.8 GB of float32
+
+
+def test_a_teacher_off_this_machine_is_copied_and_mapped_and_its_copy_unlinked(tmp_path, monkeypatch):
+    """Storage without a local folder (s3://, gs://): the stored logits are copied in blocks to a
+    local file, mapped, and the file unlinked (the mapping keeps it); below the limit, read whole."""
+    store, a = Store(str(tmp_path), "s"), np.arange(6 * 5, dtype=np.float32).reshape(6, 5)
+    store.save_npy("k", "test_logits.npy", a)
+    monkeypatch.setattr(Store, "local_dir", lambda self, key: None)
+    monkeypatch.setattr(streamed, "BLOCK_ELEMENTS", 7)               # copied 28 bytes at a time
+    small = streamed.teacher_test_logits(store, "k")
+    assert type(small) is np.ndarray and np.array_equal(small, a)
+    monkeypatch.setenv(streamed.ENV, "0")
+    mapped = streamed.teacher_test_logits(store, "k")
+    assert isinstance(mapped, np.memmap) and np.array_equal(mapped, a)
+    assert not os.path.exists(mapped.filename)
