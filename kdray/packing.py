@@ -258,20 +258,36 @@ def run_pack(specs: Sequence[TrialSpec], store: Store, device: str | torch.devic
     live = [i for i, st in enumerate(students) if not st.failed]
     if not live:
         return {}
-    logits, y = _evaluate_pack(base, {n: p[live] for n, p in params.items()},
-                               {n: b[live] for n, b in buffers.items()}, bundle, device, _eval_rows(r, len(live)))
-    similarity = _similarity(teacher, len(live), logits, y)
     out = {}
-    for j, i in enumerate(live):
-        st, key = students[i], students[i].spec.trial_key
-        if key not in wanted:     # stored by an earlier run of this same pack
-            continue
-        out[key] = finish_trial(st.spec, store, _unstack(models[i], params, buffers, i), bundle, device, r,
-                                teacher.test_logits, st.history, seconds,
-                                lambda metrics, state=None, key=key: report(key, metrics),
-                                outputs=(logits[j], y), similarity=similarity[j], pack=members,
-                                simulated=simulated)
+    live_params, live_buffers = {n: p[live] for n, p in params.items()}, {n: b[live] for n, b in buffers.items()}
+    folders = [store.local_dir(students[i].spec.trial_key) for i in live]
+    with _pack_outputs(base, live_params, live_buffers, bundle, device, r, folders) as (logits, y):
+        similarity = _similarity(teacher, len(live), logits, y)
+        for j, i in enumerate(live):
+            st, key = students[i], students[i].spec.trial_key
+            if key not in wanted:     # stored by an earlier run of this same pack
+                continue
+            out[key] = finish_trial(st.spec, store, _unstack(models[i], params, buffers, i), bundle, device, r,
+                                    teacher.test_logits, st.history, seconds,
+                                    lambda metrics, state=None, key=key: report(key, metrics),
+                                    outputs=(logits[j], y), similarity=similarity[j], pack=members,
+                                    simulated=simulated)
     return out
+
+
+@contextmanager
+def _pack_outputs(base: nn.Module, params: dict, buffers: dict, bundle, device, r: Recipe, folders: list):
+    """The live students' test logits and the labels: [S, N, C] in memory, or, when one student's
+    are too large to hold (kdray/streamed.py), S read-only [N, C] memmaps in their trial folders."""
+    from kdray import streamed
+
+    if not streamed.bundle_streams(bundle):
+        yield _evaluate_pack(base, params, buffers, bundle, device, _eval_rows(r, len(folders)))
+        return
+    with streamed.logits_files(*streamed.outputs_shape(bundle), folders) as files:
+        y = _evaluate_pack(base, params, buffers, bundle, device,
+                           streamed.eval_rows(bundle, _eval_rows(r, len(folders)), len(folders)), files)[1]
+        yield [streamed.read_only(f) for f in files], y
 
 
 def _optimizer(r: Recipe, leaves: list[torch.Tensor]) -> torch.optim.Optimizer:
@@ -321,33 +337,40 @@ def _eval_rows(r: Recipe, k: int) -> int:
 
 @torch.inference_mode()
 def _evaluate_pack(base: nn.Module, params: dict, buffers: dict, bundle, device,
-                   rows: int) -> tuple[torch.Tensor, torch.Tensor]:
+                   rows: int, files: Optional[list] = None) -> tuple[Optional[torch.Tensor], torch.Tensor]:
     """Every student's test logits in one packed pass per batch ([S, N, C] float32, CPU) and the
     labels, as ``recipe.evaluate`` gives one student's; each batch is preprocessed once for all S.
-    ``rows`` per batch keeps S x rows near a training step's size."""
+    ``rows`` per batch keeps S x rows near a training step's size.  With ``files`` (S writable
+    [N, C] arrays) each student's rows are written there instead, and the logits returned are None."""
     base.eval()
     vfwd = packed_forward(base)
     k = next(iter(params.values())).shape[0]
-    outs, ys = [], []
+    outs, ys, at = [], [], 0
     for xb, yb in bundle.test_batches(rows):
         x = bundle.preprocess(xb.to(device), False, None)
         logits = vfwd(params, buffers, x.expand(k, *x.shape)).float()
-        outs.append(logits.reshape(logits.shape[0], -1, logits.shape[-1]).cpu())
+        logits = logits.reshape(logits.shape[0], -1, logits.shape[-1]).cpu()
         ys.append(yb.reshape(-1))
-    return torch.cat(outs, dim=1), torch.cat(ys)
+        if files is None:
+            outs.append(logits)
+            continue
+        for f, student in zip(files, logits.numpy()):
+            f[at:at + student.shape[0]] = student
+        at += logits.shape[1]
+    return (torch.cat(outs, dim=1) if files is None else None), torch.cat(ys)
 
 
 def _similarity(teacher: _Teacher, n: int, logits: torch.Tensor, y: torch.Tensor) -> list[Optional[dict]]:
     """Each student's functional metrics against the pack's teacher, in one batched call; one student
-    at a time, streamed and without Procrustes, when the teacher's logits are too large to hold
-    (kdray/streamed.py: they are memory-mapped, but the pack's own [S, N, K] logits are in memory)."""
+    at a time, streamed and without Procrustes, when the students' logits are too large to hold
+    (``logits`` is then a list of memmaps, kdray/streamed.py; the teacher's are mapped too)."""
     from kdray import streamed
     from kdray.functional import functional_metrics_many, functional_metrics_streamed
 
     if teacher.test_logits is None:
         return [None] * n
-    if isinstance(teacher.test_logits, np.memmap):
-        return [functional_metrics_streamed(teacher.test_logits, logits[i].numpy(), y, streamed.BLOCK_ELEMENTS)
+    if isinstance(logits, list):
+        return [functional_metrics_streamed(teacher.test_logits, logits[i], y, streamed.BLOCK_ELEMENTS)
                 for i in range(n)]
     return functional_metrics_many(torch.from_numpy(teacher.test_logits), logits, y)
 

@@ -338,8 +338,9 @@ def finish_trial(spec: TrialSpec, store: Store, model: nn.Module, bundle: DataBu
                  simulated: Optional[str] = None) -> dict:
     """Final evaluation, artefacts and the metrics the tracker logs.
 
-    A packed trial passes its students' ``outputs`` (test logits, labels) and ``similarity``
-    (functional metrics), computed for the whole pack at once (kdray/packing.py), and the
+    A packed trial passes its students' ``outputs`` (test logits, a tensor or a read-only [N, K]
+    memmap, and labels) and ``similarity`` (functional metrics), computed for the whole pack at
+    once (kdray/packing.py), and the
     ``pack`` it trained in (its members, in training order), which run.json keeps so that the
     pack can be trained again as it was (``kdray verify``).  A trial whose test logits are too
     large to hold (kdray/streamed.py) evaluates into a temporary file and reads it in blocks."""
@@ -353,7 +354,7 @@ def finish_trial(spec: TrialSpec, store: Store, model: nn.Module, bundle: DataBu
     if outputs is None:
         outputs = evaluate(model, bundle, device, r.eval_batch_size)
     return _finish(spec, store, model, bundle, device, r, teacher_logits, history, seconds, report,
-                   outputs, similarity, pack, simulated, big=False)
+                   outputs, similarity, pack, simulated, big=isinstance(outputs[0], np.ndarray))
 
 
 def _finish(spec: TrialSpec, store: Store, model: nn.Module, bundle: DataBundle, device, r: Recipe,

@@ -102,39 +102,58 @@ def teacher_test_logits(store: Store, key: str, name: str = "test_logits.npy") -
 # ------------------------------------------------------------------ the test pass
 
 @contextmanager
+def logits_files(n: int, k: int, folders: list[Optional[Path]]) -> Iterator[list[np.ndarray]]:
+    """One writable [N, K] float32 memmap per folder, each a hidden temporary .npy there (the
+    trial's folder when storage is local; else the system's), removed on leaving whatever happens,
+    and should the process be killed, by the trial's next attempt."""
+    paths = []
+    try:
+        for folder in folders:
+            if folder is not None:
+                folder.mkdir(parents=True, exist_ok=True)
+                for stale in folder.glob(".test_logits.*.tmp.npy"):   # an earlier attempt's
+                    stale.unlink(missing_ok=True)
+            fd, path = tempfile.mkstemp(prefix=f".test_logits.{uuid.uuid4().hex}.", suffix=".tmp.npy",
+                                        dir=None if folder is None else str(folder))
+            os.close(fd)
+            paths.append(path)
+        yield [np.lib.format.open_memmap(path, mode="w+", dtype=np.float32, shape=(n, k)) for path in paths]
+    finally:
+        for path in paths:
+            os.unlink(path)
+
+
+def read_only(written: np.ndarray) -> np.ndarray:
+    """A written ``logits_files`` memmap, flushed and mapped again read-only."""
+    written.flush()
+    return np.load(written.filename, mmap_mode="r")
+
+
+def eval_rows(bundle, batch_size: int, models: int = 1) -> int:
+    """Test inputs per batch: ``batch_size``, fewer when ``models`` x an input's positions x K would
+    exceed ``BLOCK_ELEMENTS`` (one at least)."""
+    n, k = outputs_shape(bundle)
+    return max(1, min(batch_size, BLOCK_ELEMENTS // (models * max(1, n // len(bundle.test_y)) * k)))
+
+
+@contextmanager
 def evaluate_to_file(model: nn.Module, bundle, device, batch_size: int,
                      folder: Optional[Path]) -> Iterator[tuple[np.ndarray, torch.Tensor]]:
-    """The model's float32 test logits as a read-only [N, K] memmap, and the labels: written batch by
-    batch to a hidden temporary .npy in ``folder`` (the trial's, when storage is local), removed on
-    leaving, whatever happens (and, should the process be killed, by the trial's next attempt).  A batch holds at most ``batch_size`` inputs and, when an input's
-    positions x K would exceed ``BLOCK_ELEMENTS``, fewer (one at least)."""
+    """The model's float32 test logits as a read-only [N, K] memmap, and the labels, written batch by
+    batch to a ``logits_files`` file in ``folder`` (batches of ``eval_rows``)."""
     n, k = outputs_shape(bundle)
-    per_input = max(1, n // len(bundle.test_y))
-    rows = max(1, min(batch_size, BLOCK_ELEMENTS // (per_input * k)))
-    if folder is not None:
-        folder.mkdir(parents=True, exist_ok=True)
-        for stale in folder.glob(".test_logits.*.tmp.npy"):   # an earlier attempt's, killed before its cleanup
-            stale.unlink(missing_ok=True)
-    fd, path = tempfile.mkstemp(prefix=f".test_logits.{uuid.uuid4().hex}.", suffix=".tmp.npy",
-                                dir=None if folder is None else str(folder))
-    os.close(fd)
-    try:
-        out = np.lib.format.open_memmap(path, mode="w+", dtype=np.float32, shape=(n, k))
+    with logits_files(n, k, [folder]) as (out,):
         ys, at = [], 0
         model.eval()
         with torch.inference_mode():
-            for xb, yb in bundle.test_batches(rows):
+            for xb, yb in bundle.test_batches(eval_rows(bundle, batch_size)):
                 logits = model(bundle.preprocess(xb.to(device), False, None)).float().reshape(-1, k)
                 out[at:at + len(logits)] = logits.cpu().numpy()
                 at += len(logits)
                 ys.append(yb.reshape(-1))
         if at != n:
             raise RuntimeError(f"the test pass gave {at} rows of logits for {n} test positions")
-        out.flush()
-        del out
-        yield np.load(path, mmap_mode="r"), torch.cat(ys)
-    finally:
-        os.unlink(path)
+        yield read_only(out), torch.cat(ys)
 
 
 def _blocks(n: int, k: int) -> Iterator[slice]:

@@ -125,8 +125,8 @@ def test_a_streamed_trial_never_holds_its_test_logits_whole(both):
 def test_a_packed_trial_above_the_limit_streams_its_students_metrics_against_the_mapped_teacher(both, tmp_path,
                                                                                                 monkeypatch):
     """Packed students (two seeds) against the teacher stored above: with the limit forced to 0 the
-    teacher's logits are memory-mapped and each student's metrics streamed, equal to the pack's
-    in-memory metrics; the pack's own [S, N, K] test logits are still held (docs/plugins.md)."""
+    pack evaluates into one file per student, the teacher's logits are memory-mapped and each
+    student's metrics streamed, equal to the pack's in-memory metrics, with the same archives."""
     from kdray.packing import run_pack
     plan, (plain, _, _), _ = both
     students = _plan(tmp_path / "p", (10, 11)).students
@@ -139,6 +139,9 @@ def test_a_packed_trial_above_the_limit_streams_its_students_metrics_against_the
             store.write_bytes(teacher, f, plain.read_bytes(teacher, f))
         if limit is not None:
             monkeypatch.setenv(streamed.ENV, limit)
+            monkeypatch.setattr(streamed, "BLOCK_ELEMENTS", 8 * 2 * 16 * 65)   # the in-memory pack's 8 windows x 2
+            monkeypatch.setattr("kdray.functional.functional_metrics_many",
+                                lambda *a, **k: pytest.fail("the streamed pack computed the in-memory metrics"))
         stores[name] = (store, run_pack(students, store))
     (_, a), (big, b) = stores["plain"], stores["big"]
     for s in students:
@@ -146,6 +149,9 @@ def test_a_packed_trial_above_the_limit_streams_its_students_metrics_against_the
             np.testing.assert_allclose(b[s.trial_key][key], a[s.trial_key][key], rtol=1e-6, atol=1e-12, err_msg=key)
         assert "procrustes_distance" in a[s.trial_key] and "procrustes_distance" not in b[s.trial_key]
         assert "procrustes_distance not computed" in big.load_run(s.trial_key)["metrics_streamed"]
+        assert big.read_bytes(s.trial_key, "test_outputs.npz") == stores["plain"][0].read_bytes(s.trial_key,
+                                                                                               "test_outputs.npz")
+        assert not [p.name for p in big.local_dir(s.trial_key).iterdir() if p.name.startswith(".")]
 
 
 class _Bundle:
