@@ -239,7 +239,8 @@ def run_pack(specs: Sequence[TrialSpec], store: Store, device: str | torch.devic
         lr = opt.param_groups[0]["lr"]
         evals = r.eval_every and (epoch + 1) % r.eval_every == 0 and epoch + 1 < epochs
         if evals:
-            test = _evaluate_pack(base, params, buffers, bundle, device, _eval_rows(r, k_students))
+            test = _pack_test_metrics(base, params, buffers, bundle, device, r,
+                                      [store.local_dir(st.spec.trial_key) for st in students])
             base.train()
         for i, st in enumerate(students):
             if st.failed:
@@ -251,7 +252,7 @@ def run_pack(specs: Sequence[TrialSpec], store: Store, device: str | torch.devic
                 continue
             metrics = {EPOCH: epoch + 1, "train_loss": train_loss, "train_acc": int(correct[i]) / seen, "lr": lr}
             if evals:    # as run_trial: the test metrics of the weights at this epoch
-                metrics["test_loss"], metrics["test_acc"] = loss_and_accuracy(test[0][i], test[1])
+                metrics["test_loss"], metrics["test_acc"] = test[i]
             st.history.append(metrics)
             report(st.spec.trial_key, metrics)
     seconds = time.perf_counter() - t0
@@ -273,6 +274,16 @@ def run_pack(specs: Sequence[TrialSpec], store: Store, device: str | torch.devic
                                     outputs=(logits[j], y), similarity=similarity[j], pack=members,
                                     simulated=simulated)
     return out
+
+
+def _pack_test_metrics(base: nn.Module, params: dict, buffers: dict, bundle, device, r: Recipe,
+                       folders: list) -> list[tuple[float, float]]:
+    """Each student's (test loss, test accuracy) during training, from memory or from files."""
+    from kdray import streamed
+
+    with _pack_outputs(base, params, buffers, bundle, device, r, folders) as (logits, y):
+        loss_acc = streamed.loss_and_accuracy if isinstance(logits, list) else loss_and_accuracy
+        return [loss_acc(logits[i], y) for i in range(len(folders))]
 
 
 @contextmanager

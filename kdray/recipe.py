@@ -126,6 +126,18 @@ def loss_and_accuracy(logits: torch.Tensor, y: torch.Tensor) -> tuple[float, flo
     return float(nn.functional.cross_entropy(logits, y)), correct / y.numel()
 
 
+def eval_loss_and_accuracy(model: nn.Module, bundle: DataBundle, device, batch_size: int,
+                           folder) -> tuple[float, float]:
+    """``loss_and_accuracy`` of a test pass; through a temporary file in ``folder`` when the test
+    logits are too large to hold (kdray/streamed.py)."""
+    from kdray import streamed
+
+    if not streamed.bundle_streams(bundle):
+        return loss_and_accuracy(*evaluate(model, bundle, device, batch_size))
+    with streamed.evaluate_to_file(model, bundle, device, batch_size, folder) as (logits, y):
+        return streamed.loss_and_accuracy(logits, y)
+
+
 # ------------------------------------------------------------------ the trial
 
 def run_trial(spec: TrialSpec, store: Store, report: Optional[Report] = None,
@@ -240,7 +252,8 @@ def run_trial(spec: TrialSpec, store: Store, report: Optional[Report] = None,
         metrics = {EPOCH: epoch + 1, "train_loss": train_loss, "train_acc": int(correct) / seen,
                    "lr": opt.param_groups[0]["lr"]}
         if r.eval_every and (epoch + 1) % r.eval_every == 0 and epoch + 1 < epochs:
-            metrics["test_loss"], metrics["test_acc"] = loss_and_accuracy(*evaluate(model, bundle, device, r.eval_batch_size))
+            metrics["test_loss"], metrics["test_acc"] = eval_loss_and_accuracy(model, bundle, device, r.eval_batch_size,
+                                                                               store.local_dir(spec.trial_key))
         history.append(metrics)
         ckpt = None
         if r.checkpoint_every and (epoch + 1) % r.checkpoint_every == 0 and epoch + 1 < epochs:

@@ -24,7 +24,8 @@ EVAL_BATCH = 2        # windows per test batch in both runs, so both test passes
 def _plan(tmp_path, student_seeds=(10,)):
     setup = {"name": "c", "dataset": {"name": "tinyshakespeare", "args": {"block_size": 16, "max_chars": 60000}},
              "teacher": {"arch": "nano_gpt", "args": {"n_layer": 1, "n_embd": 32, "n_head": 2, "dropout": 0.0}},
-             "recipe": {"iterations": 6, "log_every": 3, "batch_size": 8, "lr": 3e-3, "eval_batch_size": EVAL_BATCH},
+             "recipe": {"iterations": 6, "log_every": 3, "batch_size": 8, "lr": 3e-3, "eval_batch_size": EVAL_BATCH,
+                        "eval_every": 1},
              "teacher_seeds": [0], "student_seeds": list(student_seeds),
              "conditions": {"siddo": None, "kd": {"alphas": [0.5]}, "rcd": None}}
     return build_plan(parse_sweep({"name": "st", "storage": str(tmp_path), "setups": [setup]}, "sweep.yaml"))
@@ -90,6 +91,10 @@ def test_a_streamed_student_records_the_in_memory_metrics_without_procrustes_and
     np.testing.assert_allclose(b["test_loss"], a["test_loss"], rtol=1e-6)
     assert 0 < a["rank_disagreement"] < 1 and 0 < a["js_divergence"]       # not a degenerate comparison
     assert np.isfinite(a["procrustes_distance"]) and "procrustes_distance" not in b
+    for trial in (plan.teachers[0], plan.students[0]):      # the test pass during training (eval_every)
+        ha, hb = (s.load_json(trial.trial_key, "result.json")["history"][0] for s in (plain, big))
+        np.testing.assert_allclose(hb["test_loss"], ha["test_loss"], rtol=1e-6)
+        assert hb["test_acc"] == ha["test_acc"]
     key = plan.students[0].trial_key
     assert "procrustes_distance" not in big.load_json(key, "result.json")["final"]
     note = big.load_run(key)["metrics_streamed"]
@@ -148,6 +153,8 @@ def test_a_packed_trial_above_the_limit_streams_its_students_metrics_against_the
         for key in STREAMED_METRICS:
             np.testing.assert_allclose(b[s.trial_key][key], a[s.trial_key][key], rtol=1e-6, atol=1e-12, err_msg=key)
         assert "procrustes_distance" in a[s.trial_key] and "procrustes_distance" not in b[s.trial_key]
+        ha, hb = (st.load_json(s.trial_key, "result.json")["history"][0] for st in (stores["plain"][0], big))
+        np.testing.assert_allclose(hb["test_loss"], ha["test_loss"], rtol=1e-6)
         assert "procrustes_distance not computed" in big.load_run(s.trial_key)["metrics_streamed"]
         assert big.read_bytes(s.trial_key, "test_outputs.npz") == stores["plain"][0].read_bytes(s.trial_key,
                                                                                                "test_outputs.npz")
