@@ -35,7 +35,6 @@ from contextlib import contextmanager
 import time
 from typing import Callable, Optional, Sequence
 
-import numpy as np
 import torch
 from torch import nn
 from torch.func import functional_call, stack_module_state, vmap

@@ -353,9 +353,8 @@ def finish_trial(spec: TrialSpec, store: Store, model: nn.Module, bundle: DataBu
 
     A packed trial passes its students' ``outputs`` (test logits, a tensor or a read-only [N, K]
     memmap, and labels) and ``similarity`` (functional metrics), computed for the whole pack at
-    once (kdray/packing.py), and the
-    ``pack`` it trained in (its members, in training order), which run.json keeps so that the
-    pack can be trained again as it was (``kdray verify``).  A trial whose test logits are too
+    once (kdray/packing.py), and the ``pack`` it trained in (its members, in training order),
+    which run.json keeps so that the pack can be trained again as it was (``kdray verify``).  A trial whose test logits are too
     large to hold (kdray/streamed.py) evaluates into a temporary file and reads it in blocks."""
     from kdray import streamed
 
