@@ -240,3 +240,19 @@ def test_a_teacher_off_this_machine_is_copied_and_mapped_and_its_copy_unlinked(t
     mapped = streamed.teacher_test_logits(store, "k")
     assert isinstance(mapped, np.memmap) and np.array_equal(mapped, a)
     assert not os.path.exists(mapped.filename)
+
+
+def test_the_report_says_which_runs_streamed_and_why():
+    import pandas as pd
+
+    from kdray.analysis import provenance as report_provenance
+    from kdray.analysis.runs import runs_frame
+    note = streamed.reason(1024, 50257)
+    rows = [{"run_id": str(i), "status": "FINISHED", "role": "student", "setup": "lm", "teacher_seed": 0,
+             "student_seed": i, "method": "kd", "metrics_streamed": note if i < 2 else None,
+             "js_divergence": 0.1} for i in range(3)]
+    lines = report_provenance.summary_lines(runs_frame(rows), pd.DataFrame())
+    [line] = [x for x in lines if "STREAMED" in x]
+    assert "2 runs" in line and note in line and "procrustes_distance" in line
+    rows = [{**r, "metrics_streamed": None} for r in rows]
+    assert not [x for x in report_provenance.summary_lines(runs_frame(rows), pd.DataFrame()) if "STREAMED" in x]
