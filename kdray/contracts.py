@@ -32,6 +32,7 @@ TAG_DATA_SHA = "kdray.data_sha256"      # the data set's tensors as the trial sa
 TAG_PACK = "kdray.pack"                 # a packed student: its pack's id (size and members' keys hashed)
 TAG_SWEEP_SHA = "kdray.sweep_sha256"    # the sweep file that launched the run (its SHA-256)
 TAG_SIMULATED = "kdray.simulated"       # what the run only simulated (a GPU trial run on a CPU)
+TAG_METRICS_STREAMED = "kdray.metrics_streamed"   # why a trial's metrics were streamed, without Procrustes
 TAG_PARENT = "mlflow.parentRunId"       # MLflow nests a trial's run under the sweep's
 # An experiment tag: MLflow 3's UI opens the experiment in its model-training view (runs, metrics,
 # charts) instead of the GenAI "Overview / Traces" page.
@@ -64,6 +65,8 @@ def provenance_tags(run: dict) -> dict[str, str]:
             TAG_DATA_SHA: run.get("data_sha256") or "unknown"}
     if run["fingerprint"].get("simulated"):
         tags[TAG_SIMULATED] = run["fingerprint"]["simulated"]
+    if run.get("metrics_streamed"):
+        tags[TAG_METRICS_STREAMED] = run["metrics_streamed"]
     if run.get("pack_keys"):
         import hashlib
         keys = run["pack_keys"]

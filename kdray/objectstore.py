@@ -26,8 +26,9 @@ TIMEOUT_S = 5.0
 SCHEMES = ("s3", "gs", "gcs")
 # Variables a trial on another node needs to find the same S3-compatible server; Tune's
 # trial actors get AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY and AWS_SESSION_TOKEN already.
+# The last one is kdray/streamed.py's ENV: where a trial's metrics stream must not depend on its node.
 CARRIED_ENV = ("AWS_ENDPOINT_URL", "AWS_ENDPOINT_URL_S3", "AWS_DEFAULT_REGION", "AWS_REGION",
-               "MLFLOW_S3_ENDPOINT_URL")
+               "MLFLOW_S3_ENDPOINT_URL", "KDRAY_METRICS_MEMORY_BYTES")
 ENDPOINT_FIX = "set AWS_ENDPOINT_URL=http(s)://HOST:PORT for an S3-compatible server"
 
 

@@ -238,7 +238,8 @@ def run_pack(specs: Sequence[TrialSpec], store: Store, device: str | torch.devic
         lr = opt.param_groups[0]["lr"]
         evals = r.eval_every and (epoch + 1) % r.eval_every == 0 and epoch + 1 < epochs
         if evals:
-            test = _evaluate_pack(base, params, buffers, bundle, device, _eval_rows(r, k_students))
+            test = _pack_test_metrics(base, params, buffers, bundle, device, r,
+                                      [store.local_dir(st.spec.trial_key) for st in students])
             base.train()
         for i, st in enumerate(students):
             if st.failed:
@@ -250,27 +251,53 @@ def run_pack(specs: Sequence[TrialSpec], store: Store, device: str | torch.devic
                 continue
             metrics = {EPOCH: epoch + 1, "train_loss": train_loss, "train_acc": int(correct[i]) / seen, "lr": lr}
             if evals:    # as run_trial: the test metrics of the weights at this epoch
-                metrics["test_loss"], metrics["test_acc"] = loss_and_accuracy(test[0][i], test[1])
+                metrics["test_loss"], metrics["test_acc"] = test[i]
             st.history.append(metrics)
             report(st.spec.trial_key, metrics)
     seconds = time.perf_counter() - t0
     live = [i for i, st in enumerate(students) if not st.failed]
     if not live:
         return {}
-    logits, y = _evaluate_pack(base, {n: p[live] for n, p in params.items()},
-                               {n: b[live] for n, b in buffers.items()}, bundle, device, _eval_rows(r, len(live)))
-    similarity = _similarity(teacher, len(live), logits, y)
     out = {}
-    for j, i in enumerate(live):
-        st, key = students[i], students[i].spec.trial_key
-        if key not in wanted:     # stored by an earlier run of this same pack
-            continue
-        out[key] = finish_trial(st.spec, store, _unstack(models[i], params, buffers, i), bundle, device, r,
-                                teacher.test_logits, st.history, seconds,
-                                lambda metrics, state=None, key=key: report(key, metrics),
-                                outputs=(logits[j], y), similarity=similarity[j], pack=members,
-                                simulated=simulated)
+    live_params, live_buffers = {n: p[live] for n, p in params.items()}, {n: b[live] for n, b in buffers.items()}
+    folders = [store.local_dir(students[i].spec.trial_key) for i in live]
+    with _pack_outputs(base, live_params, live_buffers, bundle, device, r, folders) as (logits, y):
+        similarity = _similarity(teacher, len(live), logits, y)
+        for j, i in enumerate(live):
+            st, key = students[i], students[i].spec.trial_key
+            if key not in wanted:     # stored by an earlier run of this same pack
+                continue
+            out[key] = finish_trial(st.spec, store, _unstack(models[i], params, buffers, i), bundle, device, r,
+                                    teacher.test_logits, st.history, seconds,
+                                    lambda metrics, state=None, key=key: report(key, metrics),
+                                    outputs=(logits[j], y), similarity=similarity[j], pack=members,
+                                    simulated=simulated)
     return out
+
+
+def _pack_test_metrics(base: nn.Module, params: dict, buffers: dict, bundle, device, r: Recipe,
+                       folders: list) -> list[tuple[float, float]]:
+    """Each student's (test loss, test accuracy) during training, from memory or from files."""
+    from kdray import streamed
+
+    with _pack_outputs(base, params, buffers, bundle, device, r, folders) as (logits, y):
+        loss_acc = streamed.loss_and_accuracy if isinstance(logits, list) else loss_and_accuracy
+        return [loss_acc(logits[i], y) for i in range(len(folders))]
+
+
+@contextmanager
+def _pack_outputs(base: nn.Module, params: dict, buffers: dict, bundle, device, r: Recipe, folders: list):
+    """The live students' test logits and the labels: [S, N, C] in memory, or, when one student's
+    are too large to hold (kdray/streamed.py), S read-only [N, C] memmaps in their trial folders."""
+    from kdray import streamed
+
+    if not streamed.bundle_streams(bundle):
+        yield _evaluate_pack(base, params, buffers, bundle, device, _eval_rows(r, len(folders)))
+        return
+    with streamed.logits_files(*streamed.outputs_shape(bundle), folders) as files:
+        y = _evaluate_pack(base, params, buffers, bundle, device,
+                           streamed.eval_rows(bundle, _eval_rows(r, len(folders)), len(folders)), files)[1]
+        yield [streamed.read_only(f) for f in files], y
 
 
 def _optimizer(r: Recipe, leaves: list[torch.Tensor]) -> torch.optim.Optimizer:
@@ -320,28 +347,41 @@ def _eval_rows(r: Recipe, k: int) -> int:
 
 @torch.inference_mode()
 def _evaluate_pack(base: nn.Module, params: dict, buffers: dict, bundle, device,
-                   rows: int) -> tuple[torch.Tensor, torch.Tensor]:
+                   rows: int, files: Optional[list] = None) -> tuple[Optional[torch.Tensor], torch.Tensor]:
     """Every student's test logits in one packed pass per batch ([S, N, C] float32, CPU) and the
     labels, as ``recipe.evaluate`` gives one student's; each batch is preprocessed once for all S.
-    ``rows`` per batch keeps S x rows near a training step's size."""
+    ``rows`` per batch keeps S x rows near a training step's size.  With ``files`` (S writable
+    [N, C] arrays) each student's rows are written there instead, and the logits returned are None."""
     base.eval()
     vfwd = packed_forward(base)
     k = next(iter(params.values())).shape[0]
-    outs, ys = [], []
+    outs, ys, at = [], [], 0
     for xb, yb in bundle.test_batches(rows):
         x = bundle.preprocess(xb.to(device), False, None)
         logits = vfwd(params, buffers, x.expand(k, *x.shape)).float()
-        outs.append(logits.reshape(logits.shape[0], -1, logits.shape[-1]).cpu())
+        logits = logits.reshape(logits.shape[0], -1, logits.shape[-1]).cpu()
         ys.append(yb.reshape(-1))
-    return torch.cat(outs, dim=1), torch.cat(ys)
+        if files is None:
+            outs.append(logits)
+            continue
+        for f, student in zip(files, logits.numpy()):
+            f[at:at + student.shape[0]] = student
+        at += logits.shape[1]
+    return (torch.cat(outs, dim=1) if files is None else None), torch.cat(ys)
 
 
 def _similarity(teacher: _Teacher, n: int, logits: torch.Tensor, y: torch.Tensor) -> list[Optional[dict]]:
-    """Each student's functional metrics against the pack's teacher, in one batched call."""
-    from kdray.functional import functional_metrics_many
+    """Each student's functional metrics against the pack's teacher, in one batched call; one student
+    at a time, streamed and without Procrustes, when the students' logits are too large to hold
+    (``logits`` is then a list of memmaps, kdray/streamed.py; the teacher's are mapped too)."""
+    from kdray import streamed
+    from kdray.functional import functional_metrics_many, functional_metrics_streamed
 
     if teacher.test_logits is None:
         return [None] * n
+    if isinstance(logits, list):
+        return [functional_metrics_streamed(teacher.test_logits, logits[i], y, streamed.BLOCK_ELEMENTS)
+                for i in range(n)]
     return functional_metrics_many(torch.from_numpy(teacher.test_logits), logits, y)
 
 

@@ -53,12 +53,14 @@ def init_model(spec: TrialSpec, bundle: DataBundle) -> nn.Module:
 
 
 def load_teacher(spec: TrialSpec, store: Store, bundle: DataBundle, device) -> tuple[nn.Module, np.ndarray]:
-    """The frozen teacher (eval mode) and its float32 test logits, from storage."""
+    """The frozen teacher (eval mode) and its float32 test logits, from storage (memory-mapped when
+    they are too large to hold: kdray/streamed.py)."""
+    from kdray.streamed import teacher_test_logits
     t = spec.teacher
     try:
         state = torch.load(io.BytesIO(store.read_bytes(t.trial_key, "model.pt")), map_location=device,
                            weights_only=True)
-        logits = store.load_npy(t.trial_key, "test_logits.npy")
+        logits = teacher_test_logits(store, t.trial_key)
         model = build_model(t.arch, bundle.num_classes, bundle.input_shape, **t.arch_args)
         model.load_state_dict(state)
     except Exception as e:  # missing, truncated or mismatched artefacts
@@ -122,6 +124,18 @@ def loss_and_accuracy(logits: torch.Tensor, y: torch.Tensor) -> tuple[float, flo
     break their tie (docs/statistics.md)."""
     correct = int((logits.argmax(-1) == y).sum())
     return float(nn.functional.cross_entropy(logits, y)), correct / y.numel()
+
+
+def eval_loss_and_accuracy(model: nn.Module, bundle: DataBundle, device, batch_size: int,
+                           folder) -> tuple[float, float]:
+    """``loss_and_accuracy`` of a test pass; through a temporary file in ``folder`` when the test
+    logits are too large to hold (kdray/streamed.py)."""
+    from kdray import streamed
+
+    if not streamed.bundle_streams(bundle):
+        return loss_and_accuracy(*evaluate(model, bundle, device, batch_size))
+    with streamed.evaluate_to_file(model, bundle, device, batch_size, folder) as (logits, y):
+        return streamed.loss_and_accuracy(logits, y)
 
 
 # ------------------------------------------------------------------ the trial
@@ -247,7 +261,8 @@ def run_trial(spec: TrialSpec, store: Store, report: Optional[Report] = None,
         metrics = {EPOCH: epoch + 1, "train_loss": train_loss, "train_acc": int(correct) / seen,
                    "lr": opt.param_groups[0]["lr"]}
         if r.eval_every and (epoch + 1) % r.eval_every == 0 and epoch + 1 < epochs:
-            metrics["test_loss"], metrics["test_acc"] = loss_and_accuracy(*evaluate(model, bundle, device, r.eval_batch_size))
+            metrics["test_loss"], metrics["test_acc"] = eval_loss_and_accuracy(model, bundle, device, r.eval_batch_size,
+                                                                               store.local_dir(spec.trial_key))
         history.append(metrics)
         ckpt = None
         if r.checkpoint_every and (epoch + 1) % r.checkpoint_every == 0 and epoch + 1 < epochs:
@@ -322,14 +337,17 @@ TIMINGS = ("train_seconds",)    # reported and logged, kept in run.json, never i
 
 
 def run_record(spec: TrialSpec, device, bundle: DataBundle, seconds: float,
-               pack: Optional[list[TrialSpec]] = None, simulated: Optional[str] = None) -> dict:
+               pack: Optional[list[TrialSpec]] = None, simulated: Optional[str] = None,
+               streamed_note: Optional[str] = None) -> dict:
     """How a trial was run (run.json): its spec, this process's fingerprint, the data's checksum,
     the pack it trained in, and how long it took.  Provenance, not a result: the report shows
-    it and ``kdray verify`` re-runs the trial (or its pack) from it."""
+    it and ``kdray verify`` re-runs the trial (or its pack) from it.  ``streamed_note``: why its
+    functional metrics lack Procrustes (kdray/streamed.py); only such a trial's record has the key."""
     from kdray import provenance
 
     fp = provenance.fingerprint(str(device), spec.plugins, simulated)
-    return {"spec": spec.to_dict(), "ray_node": provenance.ray_node(), "ray_gpu_ids": provenance.ray_gpu_ids(), "fingerprint": fp, "fingerprint_id": provenance.fingerprint_id(fp),
+    extra = {"metrics_streamed": streamed_note} if streamed_note else {}
+    return {**extra, "spec": spec.to_dict(), "ray_node": provenance.ray_node(), "ray_gpu_ids": provenance.ray_gpu_ids(), "fingerprint": fp, "fingerprint_id": provenance.fingerprint_id(fp),
             "data_sha256": provenance.data_checksum(bundle), "seconds": seconds,
             "pack": [s.to_dict() for s in pack] if pack else None,
             "pack_keys": [s.trial_key for s in pack] if pack else None}
@@ -342,14 +360,34 @@ def finish_trial(spec: TrialSpec, store: Store, model: nn.Module, bundle: DataBu
                  simulated: Optional[str] = None) -> dict:
     """Final evaluation, artefacts and the metrics the tracker logs.
 
-    A packed trial passes its students' ``outputs`` (test logits, labels) and ``similarity``
-    (functional metrics), computed for the whole pack at once (kdray/packing.py), and the
-    ``pack`` it trained in (its members, in training order), which run.json keeps so that the
-    pack can be trained again as it was (``kdray verify``)."""
+    A packed trial passes its students' ``outputs`` (test logits, a tensor or a read-only [N, K]
+    memmap, and labels) and ``similarity`` (functional metrics), computed for the whole pack at
+    once (kdray/packing.py), and the ``pack`` it trained in (its members, in training order),
+    which run.json keeps so that the pack can be trained again as it was (``kdray verify``).  A trial whose test logits are too
+    large to hold (kdray/streamed.py) evaluates into a temporary file and reads it in blocks."""
+    from kdray import streamed
+
+    if outputs is None and streamed.bundle_streams(bundle):
+        with streamed.evaluate_to_file(model, bundle, device, r.eval_batch_size,
+                                       store.local_dir(spec.trial_key)) as outputs:
+            return _finish(spec, store, model, bundle, device, r, teacher_logits, history, seconds, report,
+                           outputs, similarity, pack, simulated, big=True)
+    if outputs is None:
+        outputs = evaluate(model, bundle, device, r.eval_batch_size)
+    return _finish(spec, store, model, bundle, device, r, teacher_logits, history, seconds, report,
+                   outputs, similarity, pack, simulated, big=isinstance(outputs[0], np.ndarray))
+
+
+def _finish(spec: TrialSpec, store: Store, model: nn.Module, bundle: DataBundle, device, r: Recipe,
+            teacher_logits: Optional[np.ndarray], history: list[dict], seconds: float, report: Report,
+            outputs: tuple, similarity: Optional[dict], pack: Optional[list[TrialSpec]],
+            simulated: Optional[str], big: bool) -> dict:
+    """``finish_trial`` on test logits held in memory (a tensor) or, ``big``, in a [N, K] memmap."""
+    from kdray import streamed
     from kdray.evals import EVALS
 
-    logits, y = outputs if outputs is not None else evaluate(model, bundle, device, r.eval_batch_size)
-    test_loss, test_acc = loss_and_accuracy(logits, y)
+    logits, y = outputs
+    test_loss, test_acc = (streamed.loss_and_accuracy if big else loss_and_accuracy)(logits, y)
     final = {EPOCH: len(history), "test_loss": test_loss, "test_acc": test_acc, "train_seconds": seconds, FINAL: 1}
     final["chance_acc"] = 1.0 / bundle.num_classes       # for the sanity check (kdray/sanity.py)
     if history:
@@ -357,23 +395,36 @@ def finish_trial(spec: TrialSpec, store: Store, model: nn.Module, bundle: DataBu
                      train_loss_first=history[0]["train_loss"])
     if similarity is not None:
         final.update(similarity)
+    elif teacher_logits is not None and big:
+        from kdray.functional import functional_metrics_streamed
+        final.update(functional_metrics_streamed(teacher_logits, logits, y, streamed.BLOCK_ELEMENTS))
     elif teacher_logits is not None:
         from kdray.functional import functional_metrics
         final.update(functional_metrics(torch.from_numpy(teacher_logits), logits, y))
+    note = None
+    if teacher_logits is not None and "procrustes_distance" not in final:
+        note = streamed.reason(*teacher_logits.shape)
     for name in spec.evals:
         final.update(EVALS.get(name)(model.eval(), bundle, device))
-    if spec.role == "teacher" and not bool(torch.isfinite(logits).all()):
+    finite = streamed.all_finite(logits) if big else bool(torch.isfinite(logits).all())
+    if spec.role == "teacher" and not finite:
         # Students would train against NaN targets and every metric would fail much later.
         raise TrialDiverged(f"the teacher's test outputs contain NaN or infinite values (trial {spec.label}"
                             + (f", checkpoint {spec.checkpoint}" if spec.checkpoint else "") + ")")
-    store.save_npz(spec.trial_key, "test_outputs.npz", logits=logits.numpy().astype(np.float16), labels=y.numpy())
+    if big:
+        streamed.store_outputs(store, spec.trial_key, "test_outputs.npz", logits, y)
+    else:
+        store.save_npz(spec.trial_key, "test_outputs.npz", logits=logits.numpy().astype(np.float16), labels=y.numpy())
     stored = {k: v for k, v in final.items() if k not in TIMINGS}   # results only: the same bytes every run
     store.save_json(spec.trial_key, "result.json", {FINAL: stored, "history": history})
-    store.save_json(spec.trial_key, RUN_FILE, run_record(spec, device, bundle, seconds, pack, simulated))
+    store.save_json(spec.trial_key, RUN_FILE, run_record(spec, device, bundle, seconds, pack, simulated, note))
     if spec.role == "teacher":
         buf = io.BytesIO()
         torch.save({k: v.cpu() for k, v in model.state_dict().items()}, buf)
-        store.save_npy(spec.trial_key, "test_logits.npy", logits.numpy().astype(np.float32))
+        if big:     # the temporary file's bytes are np.save's of the same float32 array
+            streamed.store_file(store, spec.trial_key, "test_logits.npy", logits.filename)
+        else:
+            store.save_npy(spec.trial_key, "test_logits.npy", logits.numpy().astype(np.float32))
         if bundle.train_inputs_are_fixed():
             store.save_npy(spec.trial_key, "train_logits.npy",
                            training_set_logits(model, bundle, device, r.eval_batch_size).numpy())

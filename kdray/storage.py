@@ -38,7 +38,7 @@ import pyarrow.fs as pafs
 # is how it was run (timings, fingerprint), not a result.
 RESULT_FILES = ("result.json", "test_outputs.npz", "model.pt", "test_logits.npy", "train_logits.npy")
 RUN_FILE = "run.json"
-_ZIP_DATE = (1980, 1, 1, 0, 0, 0)     # the earliest date a zip entry holds: no clock in the bytes
+ZIP_DATE = (1980, 1, 1, 0, 0, 0)     # the earliest date a zip entry holds: no clock in the bytes
 
 
 def npz_bytes(**arrays: np.ndarray) -> bytes:
@@ -49,7 +49,7 @@ def npz_bytes(**arrays: np.ndarray) -> bytes:
         for name, arr in arrays.items():
             body = io.BytesIO()
             np.lib.format.write_array(body, np.asanyarray(arr), allow_pickle=False)
-            info = zipfile.ZipInfo(f"{name}.npy", date_time=_ZIP_DATE)
+            info = zipfile.ZipInfo(f"{name}.npy", date_time=ZIP_DATE)
             info.external_attr = 0o600 << 16
             z.writestr(info, body.getvalue())
     return buf.getvalue()

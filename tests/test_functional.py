@@ -247,11 +247,11 @@ def test_rank_order_breaks_every_tie_by_the_lower_index_like_a_stable_sort():
             assert order == sorted(range(len(row)), key=lambda c: (-row[c], c))
 
 
-@pytest.mark.parametrize("seed,n,k,max_elements,vocab_block", [(5, 203, 11, 40, 3), (6, 97, 65, 65, 64),
-                                                               (7, 50, 7, 1, 1), (8, 120, 300, 10 ** 6, 8192)])
-def test_streamed_metrics_equal_the_full_tensor_computation(tmp_path, seed, n, k, max_elements, vocab_block):
-    """functional_metrics_streamed (rows x vocab blocks, from memory-mapped .npy files) equals the
-    plain full-tensor computation and the per-sample reference to 1e-6, at block sizes down to one."""
+@pytest.mark.parametrize("seed,n,k,max_elements", [(5, 203, 11, 40), (6, 97, 65, 65), (7, 50, 7, 1),
+                                                   (8, 120, 300, 10 ** 6)])
+def test_streamed_metrics_equal_the_full_tensor_computation(tmp_path, seed, n, k, max_elements):
+    """functional_metrics_streamed (blocks of rows, from memory-mapped .npy files) equals the
+    plain full-tensor computation and the per-sample reference to 1e-6, at block sizes down to one row."""
     from kdray.functional import STREAMED_METRICS, functional_metrics_streamed
     t, c, y = random_case(seed, n, k)
     t, c = t.astype(np.float32), c.astype(np.float32)
@@ -260,12 +260,26 @@ def test_streamed_metrics_equal_the_full_tensor_computation(tmp_path, seed, n, k
     np.save(tmp_path / "t.npy", t)
     np.save(tmp_path / "c.npy", c)
     got = functional_metrics_streamed(np.load(tmp_path / "t.npy", mmap_mode="r"),
-                                      np.load(tmp_path / "c.npy", mmap_mode="r"), y, max_elements, vocab_block)
+                                      np.load(tmp_path / "c.npy", mmap_mode="r"), y, max_elements)
     full = functional_metrics(torch.tensor(t), torch.tensor(c), torch.tensor(y), chunk=10 ** 9)
     ref = reference(t, c, y)
     assert tuple(got) == STREAMED_METRICS
     for key in STREAMED_METRICS:
         np.testing.assert_allclose(got[key], full[key], rtol=1e-6, atol=1e-12, err_msg=key)
         np.testing.assert_allclose(got[key], ref[key], rtol=1e-6, atol=1e-9, err_msg=key)
-    with pytest.raises(ValueError, match="finite"):
-        functional_metrics_streamed(np.full((2, 3), np.inf), np.zeros((2, 3)), [0, 1])
+    with pytest.raises(ValueError, match="NaN"):
+        functional_metrics_streamed(np.full((2, 3), np.nan), np.zeros((2, 3)), [0, 1])
+
+
+def test_streamed_metrics_take_infinite_logits_as_the_full_computation():
+    """+inf logits share a row's mass, an all -inf row is uniform, a -inf logit alone has p = 0."""
+    from kdray.functional import STREAMED_METRICS, functional_metrics_streamed
+    t, c, y = random_case(9, 30, 6)
+    t[0, [1, 4]] = np.inf
+    t[1] = -np.inf
+    c[2, 3] = -np.inf
+    c[3, 5] = np.inf
+    got = functional_metrics_streamed(t, c, y, 7)
+    full = functional_metrics(torch.tensor(t), torch.tensor(c), torch.tensor(y))
+    for key in STREAMED_METRICS:
+        np.testing.assert_allclose(got[key], full[key], rtol=1e-6, atol=1e-12, err_msg=key)

@@ -60,6 +60,11 @@ def summary_lines(runs: pd.DataFrame, tests: pd.DataFrame) -> list[str]:
     if simulated:
         lines.append(f"  SIMULATED: {simulated} runs are GPU trials run on a CPU (KDRAY_SIMULATE_GPU=1): "
                      f"no GPU numbers in them")
+    streamed = [r.metrics_streamed for r in used.itertuples() if _known(getattr(r, "metrics_streamed", None))]
+    if streamed:
+        lines.append(f"  STREAMED: {len(streamed)} runs computed their functional metrics from files, without "
+                     f"procrustes_distance (their test logits exceed $KDRAY_METRICS_MEMORY_BYTES; e.g. "
+                     f"{streamed[0]})")
     data = sorted({(r.setup, r.data_sha256) for r in used.itertuples() if _known(getattr(r, "data_sha256", None))})
     for setup, sha in data:
         lines.append(f"  data {setup}: sha256 {sha[:16]}")

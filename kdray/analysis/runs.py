@@ -16,8 +16,8 @@ import pandas as pd
 from kdray import conditions
 from kdray.analysis import sqlruns
 from kdray.contracts import (KIND_SWEEP, KIND_TRIAL, TAG_CHECKPOINT, TAG_CONDITION, TAG_DATA_SHA, TAG_FAILURE,
-                             TAG_FINGERPRINT, TAG_FINGERPRINT_JSON, TAG_KIND, TAG_METHOD, TAG_PLUGINS, TAG_ROLE,
-                             TAG_SETUP, TAG_TEACHER_KEY, TAG_TRIAL_KEY, parse_condition)
+                             TAG_FINGERPRINT, TAG_FINGERPRINT_JSON, TAG_KIND, TAG_METHOD, TAG_METRICS_STREAMED,
+                             TAG_PLUGINS, TAG_ROLE, TAG_SETUP, TAG_TEACHER_KEY, TAG_TRIAL_KEY, parse_condition)
 from kdray.sweep import DEFAULT_STORAGE, SweepError, default_tracking_uri, read_yaml
 from kdray.tracking import TrackingError, check_sqlite_store
 
@@ -25,7 +25,7 @@ from kdray.tracking import TrackingError, check_sqlite_store
 # each run's condition parameters as a dict of typed values.
 ID_COLUMNS = ("run_id", "status", "failure", "start_time", "trial_key", "teacher_key", "setup", "role",
               "method", "params", "width", "teacher_seed", "student_seed", "variant", "fingerprint",
-              "fingerprint_json", "data_sha256", "checkpoint")
+              "fingerprint_json", "data_sha256", "checkpoint", "metrics_streamed")
 # Flattened spec params that say what a student is apart from its seeds and condition (its
 # data, model and recipe): runs that differ in them are different questions (``variant``).
 VARIANT_PREFIXES = ("dataset_args.", "arch_args.", "recipe.")
@@ -150,6 +150,7 @@ def _row(run) -> dict:
         student_seed=_num(p.get("student_seed")), variant=variant_of(p),
         fingerprint=t.get(TAG_FINGERPRINT), fingerprint_json=t.get(TAG_FINGERPRINT_JSON),
         data_sha256=t.get(TAG_DATA_SHA), checkpoint=t.get(TAG_CHECKPOINT) or _none(p.get("checkpoint_sha256")),
+        metrics_streamed=t.get(TAG_METRICS_STREAMED),
     )
     row.update(run.data.metrics)  # latest value per metric = the final one
     return row

@@ -1,8 +1,8 @@
 """What the streamed functional metrics cost at GPT-2's vocabulary (kdray.functional.functional_metrics_streamed).
 
 Writes two [N, V] float32 .npy files of random logits (scale 3) to a temporary folder,
-memory-maps them, and times the streamed metrics with their defaults (max_elements 2**20,
-vocab_block 8192), printing the seconds and the process's peak RSS before and after (mapped
+memory-maps them, and times the streamed metrics with their default (max_elements 2**20,
+rows of V at a time), printing the seconds and the process's peak RSS before and after (mapped
 file pages count).  Run: ``python analysis/reproductions/tinyshakespeare_bpe_gpt2/streamed_metrics_cost.py [N] [V]``
 (default 1024 50257).
 """
