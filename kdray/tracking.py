@@ -219,6 +219,9 @@ class Tracker:
         from mlflow.tracking import MlflowClient
 
         self.uri = uri
+        # MLflow prints a "View run ... at" line per ended run on a tracking server: thousands of
+        # lines in a sweep, where kdray's progress says what happened (a user's own setting wins).
+        os.environ.setdefault("MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT", "true")
         probe(uri)
         seed_sqlite_store(uri)
         self.client = MlflowClient(tracking_uri=uri)

@@ -137,6 +137,7 @@ def test_a_tracking_server_killed_mid_sweep_and_restarted_loses_and_duplicates_n
         _kill(server)
     assert sweep.returncode == 0, err[-3000:]
     assert "5 trials finished now" in out, out
+    assert "View run" not in out, out          # MLflow's per-run URL lines: one per trial, off
     runs = _runs(db)
     assert sorted(r[2] for r in runs) == sorted(s.trial_key for s in plan.all)   # each planned trial once
     assert all(r[1] == "FINISHED" for r in runs), runs
