@@ -15,7 +15,7 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
-from kdray import conditions
+from kdray import conditions, streamlimit
 from kdray.conditions import enabled_conditions
 from kdray.data import DATASETS, resolve_root
 from kdray.errors import SweepError
@@ -32,6 +32,10 @@ def check_sweep(sweep: Sweep, source: str) -> None:
         _check_setup(setup, f"{source}: setups[{i}]")
         _check_checkpoint(setup, f"{source}: setups[{i}].teacher.checkpoint")
     _check_data_roots(sweep, source)
+    try:   # read by every trial (kdray/streamed.py): a bad value would fail them all, one by one
+        streamlimit.memory_limit()
+    except ValueError as e:
+        raise SweepError(str(e)) from None
 
 
 def _check_checkpoint(s: Setup, where: str) -> None:

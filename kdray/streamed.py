@@ -25,30 +25,9 @@ import torch
 from torch import nn
 
 from kdray.storage import ZIP_DATE, Store
+from kdray.streamlimit import DEFAULT_LIMIT, ENV, memory_limit, streams  # noqa: F401  - this module's names too
 
-ENV = "KDRAY_METRICS_MEMORY_BYTES"
-DEFAULT_LIMIT = 1 << 30      # bytes: an N x V float32 array or Procrustes' V x V float64 matrix above this streams
 BLOCK_ELEMENTS = 1 << 20     # logits read, evaluated or written at once (float32/float64: 4-8 MiB per array)
-
-
-def memory_limit() -> int:
-    """``$KDRAY_METRICS_MEMORY_BYTES`` (a whole number of bytes) or ``DEFAULT_LIMIT``."""
-    raw = os.environ.get(ENV, "").strip()
-    if not raw:
-        return DEFAULT_LIMIT
-    try:
-        value = int(raw)
-    except ValueError:
-        value = -1
-    if value < 0:
-        raise ValueError(f"${ENV} must be a whole number of bytes >= 0, not {raw!r}")
-    return value
-
-
-def streams(n: int, k: int) -> bool:
-    """Whether a trial with N test positions and K classes computes its metrics from files: when its
-    float32 logits (N x K x 4 bytes) or Procrustes' K x K float64 cross-product exceed the limit."""
-    return max(n * k * 4, k * k * 8) > memory_limit()
 
 
 def outputs_shape(bundle) -> Optional[tuple[int, int]]:
@@ -96,10 +75,14 @@ def teacher_test_logits(store: Store, key: str, name: str = "test_logits.npy") -
                 out.write(chunk)
         return np.load(path, mmap_mode="r")
     finally:
-        os.unlink(path)
+        os.unlink(path)          # the mapping keeps the data until the array goes
 
 
 # ------------------------------------------------------------------ the test pass
+
+# this module's temporary files in a trial's folder: the logits memmaps, and test_outputs.npz or
+# test_logits.npy on their way in (store_outputs, store_file)
+STALE = (".test_logits.*.tmp.npy", ".test_*.tmp")
 
 @contextmanager
 def logits_files(n: int, k: int, folders: list[Optional[Path]]) -> Iterator[list[np.ndarray]]:
@@ -111,8 +94,9 @@ def logits_files(n: int, k: int, folders: list[Optional[Path]]) -> Iterator[list
         for folder in folders:
             if folder is not None:
                 folder.mkdir(parents=True, exist_ok=True)
-                for stale in folder.glob(".test_logits.*.tmp.npy"):   # an earlier attempt's
-                    stale.unlink(missing_ok=True)
+                for pattern in STALE:   # an earlier, killed attempt's temporary files
+                    for stale in folder.glob(pattern):
+                        stale.unlink(missing_ok=True)
             fd, path = tempfile.mkstemp(prefix=f".test_logits.{uuid.uuid4().hex}.", suffix=".tmp.npy",
                                         dir=None if folder is None else str(folder))
             os.close(fd)
@@ -120,7 +104,7 @@ def logits_files(n: int, k: int, folders: list[Optional[Path]]) -> Iterator[list
         yield [np.lib.format.open_memmap(path, mode="w+", dtype=np.float32, shape=(n, k)) for path in paths]
     finally:
         for path in paths:
-            os.unlink(path)
+            Path(path).unlink(missing_ok=True)
 
 
 def read_only(written: np.ndarray) -> np.ndarray:
@@ -233,4 +217,4 @@ def store_outputs(store: Store, key: str, name: str, logits: np.ndarray, y: torc
         write_outputs_npz(path, logits, y)
         store_file(store, key, name, path)
     finally:
-        os.unlink(path)
+        Path(path).unlink(missing_ok=True)

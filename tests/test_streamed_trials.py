@@ -215,6 +215,19 @@ def test_a_bad_limit_is_one_line_naming_the_variable(monkeypatch, raw):
     assert "\n" not in str(e.value)
 
 
+def test_kdray_validate_refuses_a_bad_limit_in_one_line_before_anything_starts(tmp_path):
+    """What a sweep's user sees: exit 2 and one line naming the variable (not every trial failing)."""
+    import subprocess
+    import sys
+    root = Path(__file__).resolve().parents[1]
+    env = {**os.environ, streamed.ENV: "1GB", "KDRAY_DATA": str(root / "data")}
+    r = subprocess.run([sys.executable, "-m", "kdray.cli", "validate", str(root / "search_spaces" / "quickstart.yaml")],
+                       capture_output=True, text=True, timeout=300, env=env, cwd=tmp_path)
+    assert r.returncode == 2, r.stdout + r.stderr
+    lines = (r.stdout + r.stderr).strip().splitlines()
+    assert len(lines) == 1 and streamed.ENV in lines[0] and "'1GB'" in lines[0], lines
+
+
 def test_the_limit_reaches_trials_on_every_node():
     from kdray.objectstore import CARRIED_ENV
     assert streamed.ENV in CARRIED_ENV
