@@ -468,6 +468,26 @@ def test_a_saved_tokenizer_is_in_the_trial_key_by_its_files_not_their_path(tmp_p
     assert "\n" not in str(e.value)
 
 
+def test_a_relative_corpus_path_is_read_from_where_kdray_started_not_from_a_ray_worker(tmp_path, monkeypatch):
+    """Ray workers run in another folder: validation makes text_bpe's ``path`` absolute (from the folder
+    kdray started in), and a path with nothing there is one line at validation, not a failed trial."""
+    from kdray.plan import build_plan
+    from kdray.sweep import SweepError, parse_sweep
+    path, _ = corpus(tmp_path)
+    monkeypatch.chdir(path.parent)
+
+    def teacher_args(where):
+        data = {"name": "text_bpe", "args": {"path": where, "vocab_size": 300, "block_size": 16}}
+        sw = parse_sweep(_sweep(tmp_path, {"arch": "nano_gpt", "args": {"n_layer": 1, "n_embd": 16, "n_head": 2}},
+                                dataset=data))
+        return build_plan(sw).teachers[0].dataset_args
+
+    assert teacher_args(path.name)["path"] == str(path.resolve())
+    with pytest.raises(SweepError, match="no text file or folder at") as e:
+        teacher_args("missing.txt")
+    assert "\n" not in str(e.value) and str(path.parent.resolve() / "missing.txt") in str(e.value)
+
+
 def test_text_bpe_yields_only_full_windows_so_no_padding_or_mask_exists(tmp_path):
     """No data path pads (docs/plugins.md, "Corpus"): every test window and every training batch is
     block_size real tokens, and the trained tokenizer has no special (pad) tokens; the losses and

@@ -129,7 +129,7 @@ declare_dataset("tinyshakespeare", "kdray.data.tinyshakespeare:tinyshakespeare",
                 ranges={"block_size": AT_LEAST_1, "train_split": FRACTION,
                         "train_fraction": Range(0, 1, low_open=True), "max_chars": AT_LEAST_1})
 declare_dataset("text_bpe", "kdray.data.text:text_bpe", TOKENS, batches="indexed", task=LM, file_arg="path",
-                requires=("tokenizers",), extra="lm", prepare="kdray.data.tokenizer_identity:tokenizer_identity")
+                requires=("tokenizers",), extra="lm", prepare="kdray.data.tokenizer_identity:text_bpe_args")
 
 
 def resolve_root(root: str | os.PathLike | None) -> Optional[Path]:

@@ -6,6 +6,8 @@
 past the tokenizer's size).  Validation resolves the path and adds the hash; the trial key hashes
 the hash, not the path (kdray/spec.py), so the same files elsewhere key the same trials and
 a changed tokenizer keys new ones; ``text_bpe`` refuses a tokenizer that changed since.
+The corpus ``path`` is resolved too: trials read it from Ray workers, whose working folder is
+not the one the sweep was started from.
 """
 from __future__ import annotations
 
@@ -58,3 +60,23 @@ def tokenizer_identity(args: dict) -> dict:
         raise ValueError(f"tokenizer: {where} changed since the sweep was planned (tokenizer_sha256 was "
                          f"{str(given)[:12]}...); plan the sweep again")
     return {**args, "tokenizer": where, "tokenizer_sha256": digest}
+
+
+def corpus_path(args: dict) -> dict:
+    """The args with ``path`` (a text file or a folder of them) made absolute; ValueError (one line)
+    where nothing is there."""
+    path = args.get("path")
+    if path is None:
+        return args
+    if not isinstance(path, str) or not path.strip():
+        raise ValueError(f"path: expected a text file or a folder of *.txt files, got {path!r}")
+    where = Path(path).expanduser().resolve()
+    if not where.exists():
+        raise ValueError(f"path: no text file or folder at {where} (a relative path is read from the folder "
+                         "kdray was started in)")
+    return {**args, "path": str(where)}
+
+
+def text_bpe_args(args: dict) -> dict:
+    """``text_bpe``'s args as trials get them: the corpus path absolute, the tokenizer identified."""
+    return tokenizer_identity(corpus_path(args))
