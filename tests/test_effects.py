@@ -197,6 +197,20 @@ def test_vectorised_corrections_equal_statsmodels_row_by_row():
     assert math.isnan(with_nan[1]) and with_nan[0] == pytest.approx(0.02)
 
 
+def test_rejected_families_equal_statsmodels_adjusted_p_at_the_level():
+    """corrections.rejected (the power simulation's) is "adjusted p <= level" by statsmodels' multipletests,
+    family by family, on p-values with many ties (dyadic, as exact signed-rank p are) and at the boundary."""
+    rng = np.random.default_rng(11)
+    p = rng.integers(1, 40, (400, 4)) / 256                         # ties within families, some p*m/i == level
+    p[:40] = [[0.0125, 0.025, 0.0375, 0.05]] * 40                   # BH's boundary, exactly
+    for method, sm in (("bh", "fdr_bh"), ("by", "fdr_by"), ("holm", "holm")):
+        for level in (0.05, 0.1):
+            got = corrections.rejected(p.reshape(20, 20, 4), method, level).reshape(400, 4)
+            want = np.array([multipletests(row, method=sm)[1] <= level for row in p])
+            assert (got == want).all(), (method, level)
+    assert corrections.rejected([0.01, np.nan, 0.02], "bh").tolist() == [True, False, True]
+
+
 def test_cli_offers_exactly_the_corrections():
     from kdray import cli
 

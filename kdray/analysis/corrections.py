@@ -61,6 +61,27 @@ def adjust(p, method: str = DEFAULT) -> np.ndarray:
     return out
 
 
+def rejected(p, method: str = DEFAULT, level: float = 0.05) -> np.ndarray:
+    """``adjust(p, method) <= level``, without putting adjusted values back in place (the power simulation
+    asks it of a million families).  Step-up (BH, BY): every p up to the largest sorted p whose raw adjusted
+    value is <= level; Holm: every p below the first sorted p whose raw value exceeds it (equal p share a
+    fate either way).  The raw values are adjust's own floats, so the answers are the same booleans."""
+    p = np.asarray(p, float)
+    if method not in CORRECTIONS:
+        raise ValueError(f"unknown correction {method!r}; valid: {', '.join(CORRECTIONS)}")
+    if p.ndim == 0 or p.shape[-1] == 0 or not level < 1 or np.isnan(p).any():
+        return adjust(p, method) <= level
+    m = p.shape[-1]
+    ps = np.sort(p, axis=-1)
+    if method == "holm":
+        over = ps * (m - np.arange(m)) > level
+        first = np.take_along_axis(ps, np.argmax(over, axis=-1)[..., None], axis=-1)
+        return p < np.where(over.any(axis=-1, keepdims=True), first, np.inf)
+    factor = 1.0 if method == "bh" else float(np.sum(1.0 / np.arange(1, m + 1)))
+    ok = ps * factor / (np.arange(1, m + 1) / m) <= level
+    return p <= np.max(np.where(ok, ps, -np.inf), axis=-1, keepdims=True)
+
+
 def min_adjusted_p(n_pairs: int, method: str = DEFAULT, m: int = 4) -> float:
     """The smallest adjusted p a family of m one-sided signed-rank tests on n_pairs pairs can reach:
     every test at its own minimum 2^-n (all signs agree), then corrected."""

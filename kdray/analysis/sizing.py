@@ -145,13 +145,17 @@ def w_plus_prefixes(x: np.ndarray) -> np.ndarray:
     zeros).  W+ is the number of Walsh averages (x_i + x_j) / 2, i <= j, above 0 (Tukey's identity:
     the same sum of the ranks of the positive |x|), so adding value j adds #{i <= j: x_i + x_j > 0};
     one pass gives every prefix, where ranking each prefix would sort N times.  The seeds are put
-    first so each step's count runs down whole rows (a short last-axis sum is several times slower)."""
+    first so each step's count runs down whole rows (a short last-axis sum is several times slower);
+    x_i > -x_j is x_i + x_j > 0 (a float sum's sign is its exact sum's) without the sum, and a step's
+    count fits a byte below 256 seeds."""
     n = x.shape[-1]
     xs = np.ascontiguousarray(np.moveaxis(x, -1, 0)).reshape(n, -1)      # (seeds, everything else)
+    neg = -xs
     out = np.empty(xs.shape, np.int64)
     acc = np.zeros(xs.shape[1], np.int64)
+    count = np.uint8 if n < 256 else np.int64
     for j in range(n):
-        acc += np.add.reduce(np.greater(xs[:j + 1] + xs[j], 0).view(np.uint8), axis=0, dtype=np.int64)
+        acc += np.add.reduce(np.greater(xs[:j + 1], neg[j]).view(np.uint8), axis=0, dtype=count)
         out[j] = acc
     return np.moveaxis(out.reshape((n,) + x.shape[:-1]), 0, -1)
 
@@ -194,7 +198,7 @@ def support_curves(cov: np.ndarray, shift, plan: dict, controls: int, metrics: i
         x = (z[:, :ns[-1]] * scale + mean).reshape(draws, ns[-1], c, m).transpose(2, 0, 3, 1)  # (c, draws, m, seeds)
         wp = w_plus_prefixes(x)
         p = np.stack([_greater_p_from_w(wp[..., n - 1], n) for n in ns])   # (ns, controls, draws, metrics)
-        sig = (corrections.adjust(p, correction) <= level).all(axis=1)      # every control, per study
+        sig = corrections.rejected(p, correction, level).all(axis=1)        # every control, per study
         rates = np.mean(sig.sum(axis=-1) >= min_metrics, axis=-1)
         out[scale] = {n: float(r) for n, r in zip(ns, rates)}
     return out
