@@ -38,11 +38,13 @@ def analyse(df: pd.DataFrame, threshold: float = 0.01, exclude_below: Optional[f
     if decision_correction not in DECISION_CORRECTIONS:
         raise ValueError(f"unknown decision correction {decision_correction!r}; valid: {', '.join(DECISION_CORRECTIONS)}")
     sesoi = dict(sizing.SESOI) | dict(sesoi or {})
-    setup = df["setup"]
-    groups = [df[setup == s] for s in sorted(setup.dropna().unique())] + ([df[setup.isna()]] if setup.isna().any() else [])
     mods = tuple(df.attrs.get("plugins", ()))   # the sweep's plug-ins, imported by each worker (report.load_target)
+    bare = df.copy(deep=False)
+    bare.attrs = {}                              # else pandas deep-copies them into every frame a part makes
+    setup = bare["setup"]
+    groups = [bare[setup == s] for s in sorted(setup.dropna().unique())] + ([bare[setup.isna()]] if setup.isna().any() else [])
     job = (threshold, exclude_below, level, correction, power_draws, min_metrics, mods, sesoi, decision_correction)
-    parts = list(map_(_analyse_part, [(g, *job) for g in groups])) or [_analyse_part((df, *job))]
+    parts = list(map_(_analyse_part, [(g, *job) for g in groups])) or [_analyse_part((bare, *job))]
     frames = {f.name: _concat([getattr(p, f.name) for p in parts]) for f in fields(Analysis)
               if isinstance(getattr(parts[0], f.name), pd.DataFrame) and f.name != "runs"}
     return Analysis(runs=df, **frames, threshold=threshold, exclude_below=exclude_below, level=level,

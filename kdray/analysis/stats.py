@@ -465,12 +465,15 @@ def paired_tests(students: pd.DataFrame, level: float = LEVEL, correction: str =
     tests = pd.DataFrame(rows, columns=cols)
     tests["p_adj"], tests["significant"] = tests["p"], tests["p"] <= level
     families: dict[tuple, list] = {}   # one family per (setup, teacher seed, condition, control)
-    for i, r in zip(tests.index, tests.itertuples()):
+    for i, r in enumerate(tests.itertuples()):
         if r.family != "none":
             families.setdefault((r.setup, r.teacher_seed, r.condition, r.control), []).append(i)
-    for ix in families.values():
-        adj = corrections.adjust(tests.loc[ix, "p"].to_numpy(float), correction)
-        tests.loc[ix, "p_adj"], tests.loc[ix, "significant"] = adj, adj <= level
+    if families:                       # adjusted family by family on arrays, written back once
+        p, p_adj, sig = tests["p"].to_numpy(float), tests["p_adj"].to_numpy(float).copy(), tests["significant"].to_numpy(bool).copy()
+        for ix in families.values():
+            p_adj[ix] = adj = corrections.adjust(p[ix], correction)
+            sig[ix] = adj <= level
+        tests["p_adj"], tests["significant"] = p_adj, sig
     tests["verdict"] = [verdict(bool(s), bool(e), m in TRANSFER_METRICS)
                         for s, e, m in zip(tests["significant"], tests["equivalent"], tests["metric"])]
     return tests
@@ -479,13 +482,20 @@ def paired_tests(students: pd.DataFrame, level: float = LEVEL, correction: str =
 def against_controls(tests: pd.DataFrame) -> pd.DataFrame:
     """Per (setup, teacher seed, condition, metric): significant against every control present."""
     groups: dict[tuple, list] = {}
-    for i, r in zip(tests.index, tests.itertuples()):
+    for i, r in enumerate(tests.itertuples()):   # positions
         groups.setdefault((r.setup, r.teacher_seed, r.condition, r.metric), []).append(i)
+    sig, p_adj = tests["significant"].to_numpy(bool), tests["p_adj"].to_numpy(float)
     rows = [dict(setup=k[0], teacher_seed=k[1], condition=k[2], metric=k[3],
-                 significant=bool(tests.loc[ix, "significant"].all()), n_controls=len(ix),
-                 max_p_adj=float(tests.loc[ix, "p_adj"].max())) for k, ix in groups.items()]
+                 significant=bool(sig[ix].all()), n_controls=len(ix), max_p_adj=_max(p_adj[ix]))
+            for k, ix in groups.items()]
     return pd.DataFrame(rows, columns=["setup", "teacher_seed", "condition", "metric", "significant",
                                        "n_controls", "max_p_adj"])
+
+
+def _max(x: np.ndarray) -> float:
+    """The largest non-nan value (nan if none), as pandas' max."""
+    x = x[~np.isnan(x)]
+    return float(x.max()) if x.size else math.nan
 
 
 def _mean_test_acc(runs: pd.DataFrame) -> float:
