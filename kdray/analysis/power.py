@@ -29,7 +29,7 @@ import pandas as pd
 from kdray.analysis import corrections, sizing
 from kdray.analysis.sizing import exact_greater_p  # noqa: F401 - power.exact_greater_p stays importable
 from kdray import conditions
-from kdray.analysis.stats import (LEVEL, SUPPORT_MIN, TRANSFER_METRICS, by_condition, direction, find_controls,
+from kdray.analysis.stats import (LEVEL, SUPPORT_MIN, TRANSFER_METRICS, condition_groups, direction, find_controls,
                                   paired)
 
 TARGET = 0.8
@@ -75,18 +75,18 @@ def pilot_differences(runs: pd.DataFrame, controls: dict, with_metrics: bool = F
 
 def power_curves(students: pd.DataFrame, correction: str = corrections.DEFAULT, level: float = LEVEL,
                  seeds=SEED_RANGE, draws: int = DRAWS, min_metrics: int = SUPPORT_MIN,
-                 sesoi: Optional[dict] = None) -> pd.DataFrame:
+                 sesoi: Optional[dict] = None, groups: Optional[list] = None) -> pd.DataFrame:
     """Per (setup, teacher seed, treated condition): the power at the SESOI at each student-seed count in
     ``seeds`` and at the pilot's own count (``pilot`` True on that row), with the noise as estimated
     (``power``); at the pilot's count also with the noise at the ends of its 95% interval
     (``power_low``: noisier, ``power_high``), and on every row ``seeds_low``: the fewest of ``seeds``
     reaching TARGET with the noise at its upper limit.  Every n and noise level is decided on the
     same simulated studies (the first n seeds of each; sizing.support_curve), so a curve costs
-    about three sorts, not one per n, and its points do not wobble against each other."""
+    about three sorts, not one per n, and its points do not wobble against each other.  ``groups``:
+    stats.condition_groups' split of students, when the caller has it."""
     sesoi = sizing.SESOI if sesoi is None else sesoi
     rows = []
-    for (setup, ts), grp in students.groupby(["setup", "teacher_seed"], sort=True):
-        conds = by_condition(grp)
+    for setup, ts, conds in condition_groups(students) if groups is None else groups:
         for cond, runs in conds.items():
             controls = {ctrl: conds[ctrl] for rule in conditions.controls_of(cond.method)
                         for ctrl in find_controls(rule, cond, conds)}
@@ -107,7 +107,7 @@ def power_curves(students: pd.DataFrame, correction: str = corrections.DEFAULT, 
             est, low_curve, high = got[1.0], got[noisy], got[quiet]
             low = next((float(n) for n in sorted(seeds) if low_curve[n] >= TARGET), math.nan)
             for n in ns:
-                rows.append(dict(setup=setup, teacher_seed=int(ts), condition=cond, n_seeds=n, pilot=n == n0,
+                rows.append(dict(setup=setup, teacher_seed=ts, condition=cond, n_seeds=n, pilot=n == n0,
                                  pilot_seeds=n0, power=est[n], power_low=low_curve[n] if n == n0 else math.nan,
                                  power_high=high[n] if n == n0 else math.nan, seeds_low=low))
     return pd.DataFrame(rows, columns=CURVE_COLUMNS)
