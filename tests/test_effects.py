@@ -325,3 +325,16 @@ def test_the_plain_python_test_a_bound_scans_is_the_numpy_test():
                                                       level) == want, (d, delta, level)
                 checked += 1
     assert checked > 10000
+
+
+def test_a_curve_cut_short_with_the_same_top_is_the_start_of_the_full_curve():
+    """power_curves draws the noisy curve only up to the pilot's count first: with the same ``top`` the
+    studies are the same, so its points equal the full curve's (and another top draws other studies)."""
+    from kdray.analysis import sizing
+
+    cov = np.array([[1.0, 0.3, 0.0, 0.1], [0.3, 1.0, 0.2, 0.0], [0.0, 0.2, 1.0, 0.4], [0.1, 0.0, 0.4, 1.0]])
+    shift, ns = np.array([0.3, 0.2, 0.4, 0.25]), list(range(5, 31))
+    full = sizing.support_curves(cov, shift, {1.8: ns}, 1, 4, draws=300)[1.8]
+    short = sizing.support_curves(cov, shift, {1.8: ns[:6]}, 1, 4, draws=300, top=30)[1.8]
+    assert short == {n: full[n] for n in ns[:6]}
+    assert 0 < full[10] < 1

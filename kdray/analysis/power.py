@@ -101,11 +101,18 @@ def power_curves(students: pd.DataFrame, correction: str = corrections.DEFAULT, 
             ns = sorted(set(seeds) | {n0})
             c, m, _ = d.shape
             cov = np.atleast_2d(np.cov(d.reshape(c * m, n0))) if n0 > 1 else np.zeros((c * m, c * m))
-            # every n and noise level decided on the same simulated studies
-            got = sizing.support_curves(cov, shift, {1.0: ns, noisy: ns, quiet: [n0]}, c, m, correction, level,
-                                        draws, min_metrics=min_metrics)
+            # every n and noise level decided on the same simulated studies (``top``: the same draws however
+            # far a curve goes); the noisy curve first only up to the pilot's count, the rest only if it needs
+            # more seeds than that to reach TARGET
+            top = ns[-1]
+            got = sizing.support_curves(cov, shift, {1.0: ns, noisy: [n for n in ns if n <= n0], quiet: [n0]}, c, m,
+                                        correction, level, draws, min_metrics=min_metrics, top=top)
             est, low_curve, high = got[1.0], got[noisy], got[quiet]
-            low = next((float(n) for n in sorted(seeds) if low_curve[n] >= TARGET), math.nan)
+            low = next((float(n) for n in sorted(seeds) if n <= n0 and low_curve[n] >= TARGET), None)
+            if low is None:
+                low_curve = sizing.support_curves(cov, shift, {noisy: ns}, c, m, correction, level, draws,
+                                                  min_metrics=min_metrics, top=top)[noisy]
+                low = next((float(n) for n in sorted(seeds) if low_curve[n] >= TARGET), math.nan)
             for n in ns:
                 rows.append(dict(setup=setup, teacher_seed=ts, condition=cond, n_seeds=n, pilot=n == n0,
                                  pilot_seeds=n0, power=est[n], power_low=low_curve[n] if n == n0 else math.nan,
