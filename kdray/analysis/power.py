@@ -130,15 +130,35 @@ def seeds_for(curve: pd.DataFrame, target: float = TARGET, column: str = "power"
     return float(ok["n_seeds"].min()) if len(ok) else math.nan
 
 
+def decision_curves(curves: pd.DataFrame) -> list[tuple]:
+    """(setup, teacher seed, condition, {column: its values}, pilot row) per decision's curve, in order of
+    first appearance (a groupby's order, sort=False), read in one pass as lists: a 42,000-run report has
+    thousands of curves, and a pandas group per curve cost more than everything done with it."""
+    cols = {c: curves[c].tolist() for c in CURVE_COLUMNS}
+    index: dict[tuple, list[int]] = {}
+    for i, key in enumerate(zip(cols["setup"], cols["teacher_seed"], map(repr, cols["condition"]))):
+        if not (pd.isna(key[0]) or pd.isna(key[1])):                  # groupby drops missing keys
+            index.setdefault(key, []).append(i)
+    out = []
+    for (setup, ts, _), ix in index.items():
+        curve = {c: [v[i] for i in ix] for c, v in cols.items()}
+        out.append((setup, ts, curve["condition"][0], curve, curve["pilot"].index(True)))
+    return out
+
+
+def seeds_reaching(ns: list, powers: list, target: float = TARGET) -> float:
+    """seeds_for on a curve's lists."""
+    ok = [n for n, p in zip(ns, powers) if p >= target]
+    return float(min(ok)) if ok else math.nan
+
+
 def per_decision(curves: pd.DataFrame) -> dict[tuple, tuple[float, float, float, float, float]]:
     """(setup, teacher seed, condition) -> (power at the pilot's seed count, its low and high ends, seeds
     needed for TARGET, seeds needed with the noise at its upper limit)."""
     out = {}
-    for key, g in curves.groupby(["setup", "teacher_seed", curves["condition"].map(repr)], sort=False):
-        cond = g["condition"].iloc[0]
-        now = g[g["pilot"]].iloc[0]
-        out[(key[0], key[1], cond)] = (float(now.power), float(now.power_low), float(now.power_high),
-                                       seeds_for(g), float(g["seeds_low"].iloc[0]))
+    for setup, ts, cond, c, i in decision_curves(curves):
+        out[(setup, ts, cond)] = (float(c["power"][i]), float(c["power_low"][i]), float(c["power_high"][i]),
+                                  seeds_reaching(c["n_seeds"], c["power"]), float(c["seeds_low"][0]))
     return out
 
 
