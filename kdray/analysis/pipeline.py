@@ -92,4 +92,5 @@ def _analyse_part(job: tuple) -> Analysis:
                  best_accuracy(students, groups), threshold, exclude_below, level, min_metrics=min_metrics,
                  correction=correction, power=curves, plugins=mods, sesoi=sesoi)
     a.pooled, a.statements = pooled.pooled_tests(a, groups), pooled.statements(a, groups)
+    a.runs = df.iloc[0:0]                        # analyse keeps the runs: not pickled back from a worker
     return a
