@@ -197,6 +197,21 @@ def test_vectorised_corrections_equal_statsmodels_row_by_row():
     assert math.isnan(with_nan[1]) and with_nan[0] == pytest.approx(0.02)
 
 
+def test_rejected_families_equal_statsmodels_adjusted_p_at_the_level():
+    """corrections.rejected (the power simulation's) is "adjusted p <= level" by statsmodels' multipletests,
+    family by family, on p-values with many ties (dyadic, as exact signed-rank p are) and at the boundaries
+    (statsmodels' holm takes ~0.1 s a family: 50 families)."""
+    rng = np.random.default_rng(11)
+    p = rng.integers(1, 40, (50, 4)) / 256                          # ties within families
+    p[0], p[1] = [0.0125, 0.025, 0.0375, 0.05], [0.0125, 0.05 / 3, 0.025, 0.05]   # BH's and Holm's boundaries
+    for method, sm in (("bh", "fdr_bh"), ("by", "fdr_by"), ("holm", "holm")):
+        adjusted = np.array([multipletests(row, method=sm)[1] for row in p])
+        for level in (0.05, 0.1):
+            got = corrections.rejected(p.reshape(5, 10, 4), method, level).reshape(50, 4)
+            assert (got == (adjusted <= level)).all(), (method, level)
+    assert corrections.rejected([0.01, np.nan, 0.02], "bh").tolist() == [True, False, True]
+
+
 def test_cli_offers_exactly_the_corrections():
     from kdray import cli
 
@@ -311,3 +326,16 @@ def test_the_plain_python_test_a_bound_scans_is_the_numpy_test():
                                                       level) == want, (d, delta, level)
                 checked += 1
     assert checked > 10000
+
+
+def test_a_curve_cut_short_with_the_same_top_is_the_start_of_the_full_curve():
+    """power_curves draws the noisy curve only up to the pilot's count first: with the same ``top`` the
+    studies are the same, so its points equal the full curve's (and another top draws other studies)."""
+    from kdray.analysis import sizing
+
+    cov = np.array([[1.0, 0.3, 0.0, 0.1], [0.3, 1.0, 0.2, 0.0], [0.0, 0.2, 1.0, 0.4], [0.1, 0.0, 0.4, 1.0]])
+    shift, ns = np.array([0.3, 0.2, 0.4, 0.25]), list(range(5, 31))
+    full = sizing.support_curves(cov, shift, {1.8: ns}, 1, 4, draws=300)[1.8]
+    short = sizing.support_curves(cov, shift, {1.8: ns[:6]}, 1, 4, draws=300, top=30)[1.8]
+    assert short == {n: full[n] for n in ns[:6]}
+    assert 0 < full[10] < 1

@@ -148,27 +148,39 @@ def greater_rejected_small(values: list, delta: float, tol: float, level: float)
     block of tied mid-ranks, and the exact tied null of those blocks gives the p.  A confidence
     bound asks this some fifty times per test (tests/test_effects.py checks it equals the numpy path)."""
     v = [x - delta for x in values]
-    order = sorted(range(len(v)), key=lambda i: abs(v[i]))
-    r2: list[int] = []
-    obs, pos, prev = 0, 0, None
-    runs: list[tuple[float, int, int]] = []       # (smallest |v|, members, members > 0)
-    for i in order:
-        a = abs(v[i])
-        if prev is None or a - prev > tol:
-            runs.append((a, 0, 0))
-        rep, k, plus = runs[-1]
-        runs[-1] = (rep, k + 1, plus + (v[i] > 0))
-        prev = a
+    a = [abs(x) for x in v]
+    runs: list[list] = []                         # [smallest |v|, members, members > 0]
+    prev = None
+    for i in sorted(range(len(v)), key=a.__getitem__):
+        if prev is None or a[i] - prev > tol:
+            run = [a[i], 0, 0]
+            runs.append(run)
+        run[1] += 1
+        run[2] += v[i] > 0
+        prev = a[i]
+    sizes: list[int] = []
+    obs = pos = 0
     for rep, k, plus in runs:
         if rep <= tol:                            # zeros: dropped, as the exact test drops them
             continue
-        block = 2 * pos + k + 1                   # twice the mean rank of positions pos+1 .. pos+k
-        r2 += [block] * k
-        obs += block * plus
+        obs += (2 * pos + k + 1) * plus           # twice the mean rank of positions pos+1 .. pos+k, per plus
+        sizes.append(k)
         pos += k
-    if not r2:                                    # all zero: p = 1
+    if not sizes:                                 # all zero: p = 1
         return 1.0 <= level
-    return float(_tails(np.array(r2, np.int64).tobytes())[1][obs]) <= level
+    return _tied_sf(tuple(sizes))[obs] <= level
+
+
+@functools.lru_cache(maxsize=8192)
+def _tied_sf(sizes: tuple) -> list:
+    """P(sum >= s) of the tied null whose blocks of equal |d| have these sizes (smallest |d| first), as
+    Python floats: greater_rejected_small's table, keyed by the tie pattern alone."""
+    r2: list[int] = []
+    pos = 0
+    for k in sizes:
+        r2 += [2 * pos + k + 1] * k
+        pos += k
+    return _tails(np.array(r2, np.int64).tobytes())[1].tolist()
 
 
 def _distinct(v: np.ndarray, tol: float) -> np.ndarray:

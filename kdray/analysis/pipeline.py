@@ -18,7 +18,8 @@ import pandas as pd
 from kdray import plugins
 from kdray.analysis import corrections, pooled, power, sizing
 from kdray.analysis.stats import (DECISION_CORRECTIONS, LEVEL, SUPPORT_MIN, Analysis, _notes, against_controls,
-                                  best_accuracy, correct_decisions, decisions, paired_tests, prepare, summarize)
+                                  best_accuracy, condition_groups, correct_decisions, decisions, paired_tests, prepare,
+                                  summarize)
 
 
 def analyse(df: pd.DataFrame, threshold: float = 0.01, exclude_below: Optional[float] = None,
@@ -38,11 +39,13 @@ def analyse(df: pd.DataFrame, threshold: float = 0.01, exclude_below: Optional[f
     if decision_correction not in DECISION_CORRECTIONS:
         raise ValueError(f"unknown decision correction {decision_correction!r}; valid: {', '.join(DECISION_CORRECTIONS)}")
     sesoi = dict(sizing.SESOI) | dict(sesoi or {})
-    setup = df["setup"]
-    groups = [df[setup == s] for s in sorted(setup.dropna().unique())] + ([df[setup.isna()]] if setup.isna().any() else [])
     mods = tuple(df.attrs.get("plugins", ()))   # the sweep's plug-ins, imported by each worker (report.load_target)
+    bare = df.copy(deep=False)
+    bare.attrs = {}                              # else pandas deep-copies them into every frame a part makes
+    setup = bare["setup"]
+    groups = [bare[setup == s] for s in sorted(setup.dropna().unique())] + ([bare[setup.isna()]] if setup.isna().any() else [])
     job = (threshold, exclude_below, level, correction, power_draws, min_metrics, mods, sesoi, decision_correction)
-    parts = list(map_(_analyse_part, [(g, *job) for g in groups])) or [_analyse_part((df, *job))]
+    parts = list(map_(_analyse_part, [(g, *job) for g in groups])) or [_analyse_part((bare, *job))]
     frames = {f.name: _concat([getattr(p, f.name) for p in parts]) for f in fields(Analysis)
               if isinstance(getattr(parts[0], f.name), pd.DataFrame) and f.name != "runs"}
     return Analysis(runs=df, **frames, threshold=threshold, exclude_below=exclude_below, level=level,
@@ -77,15 +80,17 @@ def _analyse_part(job: tuple) -> Analysis:
     df, threshold, exclude_below, level, correction, draws, min_metrics, mods, sesoi, family = job
     plugins.load(mods)
     students, teachers, excluded = prepare(df)
-    tests = paired_tests(students, level, correction, sesoi)
+    groups = condition_groups(students)          # split once, walked by every step
+    tests = paired_tests(students, level, correction, sesoi, groups=groups)
     against = against_controls(tests)
     curves = power.power_curves(students, correction, level, draws=power.DRAWS if draws is None else draws,
-                                min_metrics=min_metrics, sesoi=sesoi) if draws != 0 else \
+                                min_metrics=min_metrics, sesoi=sesoi, groups=groups) if draws != 0 else \
         power.power_curves(students.iloc[0:0])
-    dec = decisions(students, against, threshold, exclude_below, min_metrics, level, sesoi, tests)
+    dec = decisions(students, against, threshold, exclude_below, min_metrics, level, sesoi, tests, groups=groups)
     dec = _with_power(correct_decisions(dec, family, level), curves)
-    a = Analysis(df, students, teachers, excluded, summarize(students), tests, against, dec,
-                 best_accuracy(students), threshold, exclude_below, level, min_metrics=min_metrics,
+    a = Analysis(df, students, teachers, excluded, summarize(students, groups), tests, against, dec,
+                 best_accuracy(students, groups), threshold, exclude_below, level, min_metrics=min_metrics,
                  correction=correction, power=curves, plugins=mods, sesoi=sesoi)
-    a.pooled, a.statements = pooled.pooled_tests(a), pooled.statements(a)
+    a.pooled, a.statements = pooled.pooled_tests(a, groups), pooled.statements(a, groups)
+    a.runs = df.iloc[0:0]                        # analyse keeps the runs: not pickled back from a worker
     return a

@@ -10,10 +10,12 @@ interval "for teachers like these" (effects.random_effects_interval).
 """
 from __future__ import annotations
 
+from typing import Optional
+
 import pandas as pd
 
 from kdray.analysis.effects import pooled_interval, random_effects_interval
-from kdray.analysis.stats import Analysis, by_condition, paired
+from kdray.analysis.stats import Analysis, condition_groups, paired
 
 RE_COLUMNS = ["re_low", "re_high"]   # random-effects interval, teachers like these (nan below 3 teacher seeds)
 COLUMNS = ["setup", "condition", "control", "metric", "teacher_seeds", "n", "estimate", "ci_low", "ci_high",
@@ -22,17 +24,17 @@ STATEMENT_COLUMNS = ["setup", "condition", "teacher_seeds", "supported_seeds", "
                      *RE_COLUMNS]
 
 
-def _groups(a: Analysis) -> dict[str, dict]:
-    """setup -> teacher seed -> {condition: runs}."""
+def _groups(a: Analysis, groups: Optional[list] = None) -> dict[str, dict]:
+    """setup -> teacher seed -> {condition: runs} (from stats.condition_groups' split, when given)."""
     out: dict[str, dict] = {}
-    for (setup, ts), grp in a.students.groupby(["setup", "teacher_seed"], sort=True):
-        out.setdefault(setup, {})[int(ts)] = by_condition(grp)
+    for setup, ts, conds in condition_groups(a.students) if groups is None else groups:
+        out.setdefault(setup, {})[ts] = conds
     return out
 
 
-def pooled_tests(a: Analysis) -> pd.DataFrame:
+def pooled_tests(a: Analysis, groups: Optional[list] = None) -> pd.DataFrame:
     """Per (setup, condition, control, metric) of the paired tests: the difference pooled over teacher seeds."""
-    conds = _groups(a)
+    conds = _groups(a, groups)
     keys = dict.fromkeys((r.setup, r.condition, r.control, r.metric) for r in a.tests.itertuples())
     rows = []
     for setup, cond, ctrl, metric in keys:
@@ -45,10 +47,10 @@ def pooled_tests(a: Analysis) -> pd.DataFrame:
     return pd.DataFrame(rows, columns=COLUMNS)
 
 
-def statements(a: Analysis) -> pd.DataFrame:
+def statements(a: Analysis, groups: Optional[list] = None) -> pd.DataFrame:
     """Per (setup, treated condition): on how many teacher seeds transfer is supported, and the
     prediction-agreement gain over each seed's best control pooled over teacher seeds, with its CI."""
-    conds = _groups(a)
+    conds = _groups(a, groups)
     rows = []
     for (setup, cond), d in a.decisions.groupby(["setup", a.decisions["condition"].map(repr)], sort=False):
         cond = d["condition"].iloc[0]

@@ -29,7 +29,7 @@ import pandas as pd
 from kdray.analysis import corrections, sizing
 from kdray.analysis.sizing import exact_greater_p  # noqa: F401 - power.exact_greater_p stays importable
 from kdray import conditions
-from kdray.analysis.stats import (LEVEL, SUPPORT_MIN, TRANSFER_METRICS, by_condition, direction, find_controls,
+from kdray.analysis.stats import (LEVEL, SUPPORT_MIN, TRANSFER_METRICS, condition_groups, direction, find_controls,
                                   paired)
 
 TARGET = 0.8
@@ -75,18 +75,18 @@ def pilot_differences(runs: pd.DataFrame, controls: dict, with_metrics: bool = F
 
 def power_curves(students: pd.DataFrame, correction: str = corrections.DEFAULT, level: float = LEVEL,
                  seeds=SEED_RANGE, draws: int = DRAWS, min_metrics: int = SUPPORT_MIN,
-                 sesoi: Optional[dict] = None) -> pd.DataFrame:
+                 sesoi: Optional[dict] = None, groups: Optional[list] = None) -> pd.DataFrame:
     """Per (setup, teacher seed, treated condition): the power at the SESOI at each student-seed count in
     ``seeds`` and at the pilot's own count (``pilot`` True on that row), with the noise as estimated
     (``power``); at the pilot's count also with the noise at the ends of its 95% interval
     (``power_low``: noisier, ``power_high``), and on every row ``seeds_low``: the fewest of ``seeds``
     reaching TARGET with the noise at its upper limit.  Every n and noise level is decided on the
     same simulated studies (the first n seeds of each; sizing.support_curve), so a curve costs
-    about three sorts, not one per n, and its points do not wobble against each other."""
+    about three sorts, not one per n, and its points do not wobble against each other.  ``groups``:
+    stats.condition_groups' split of students, when the caller has it."""
     sesoi = sizing.SESOI if sesoi is None else sesoi
     rows = []
-    for (setup, ts), grp in students.groupby(["setup", "teacher_seed"], sort=True):
-        conds = by_condition(grp)
+    for setup, ts, conds in condition_groups(students) if groups is None else groups:
         for cond, runs in conds.items():
             controls = {ctrl: conds[ctrl] for rule in conditions.controls_of(cond.method)
                         for ctrl in find_controls(rule, cond, conds)}
@@ -101,13 +101,20 @@ def power_curves(students: pd.DataFrame, correction: str = corrections.DEFAULT, 
             ns = sorted(set(seeds) | {n0})
             c, m, _ = d.shape
             cov = np.atleast_2d(np.cov(d.reshape(c * m, n0))) if n0 > 1 else np.zeros((c * m, c * m))
-            # every n and noise level decided on the same simulated studies
-            got = sizing.support_curves(cov, shift, {1.0: ns, noisy: ns, quiet: [n0]}, c, m, correction, level,
-                                        draws, min_metrics=min_metrics)
+            # every n and noise level decided on the same simulated studies (``top``: the same draws however
+            # far a curve goes); the noisy curve first only up to the pilot's count, the rest only if it needs
+            # more seeds than that to reach TARGET
+            top = ns[-1]
+            got = sizing.support_curves(cov, shift, {1.0: ns, noisy: [n for n in ns if n <= n0], quiet: [n0]}, c, m,
+                                        correction, level, draws, min_metrics=min_metrics, top=top)
             est, low_curve, high = got[1.0], got[noisy], got[quiet]
-            low = next((float(n) for n in sorted(seeds) if low_curve[n] >= TARGET), math.nan)
+            low = next((float(n) for n in sorted(seeds) if n <= n0 and low_curve[n] >= TARGET), None)
+            if low is None:
+                low_curve = sizing.support_curves(cov, shift, {noisy: ns}, c, m, correction, level, draws,
+                                                  min_metrics=min_metrics, top=top)[noisy]
+                low = next((float(n) for n in sorted(seeds) if low_curve[n] >= TARGET), math.nan)
             for n in ns:
-                rows.append(dict(setup=setup, teacher_seed=int(ts), condition=cond, n_seeds=n, pilot=n == n0,
+                rows.append(dict(setup=setup, teacher_seed=ts, condition=cond, n_seeds=n, pilot=n == n0,
                                  pilot_seeds=n0, power=est[n], power_low=low_curve[n] if n == n0 else math.nan,
                                  power_high=high[n] if n == n0 else math.nan, seeds_low=low))
     return pd.DataFrame(rows, columns=CURVE_COLUMNS)
@@ -123,15 +130,35 @@ def seeds_for(curve: pd.DataFrame, target: float = TARGET, column: str = "power"
     return float(ok["n_seeds"].min()) if len(ok) else math.nan
 
 
+def decision_curves(curves: pd.DataFrame) -> list[tuple]:
+    """(setup, teacher seed, condition, {column: its values}, pilot row) per decision's curve, in order of
+    first appearance (a groupby's order, sort=False), read in one pass as lists: a 42,000-run report has
+    thousands of curves, and a pandas group per curve cost more than everything done with it."""
+    cols = {c: curves[c].tolist() for c in CURVE_COLUMNS}
+    index: dict[tuple, list[int]] = {}
+    for i, key in enumerate(zip(cols["setup"], cols["teacher_seed"], map(repr, cols["condition"]))):
+        if not (pd.isna(key[0]) or pd.isna(key[1])):                  # groupby drops missing keys
+            index.setdefault(key, []).append(i)
+    out = []
+    for (setup, ts, _), ix in index.items():
+        curve = {c: [v[i] for i in ix] for c, v in cols.items()}
+        out.append((setup, ts, curve["condition"][0], curve, curve["pilot"].index(True)))
+    return out
+
+
+def seeds_reaching(ns: list, powers: list, target: float = TARGET) -> float:
+    """seeds_for on a curve's lists."""
+    ok = [n for n, p in zip(ns, powers) if p >= target]
+    return float(min(ok)) if ok else math.nan
+
+
 def per_decision(curves: pd.DataFrame) -> dict[tuple, tuple[float, float, float, float, float]]:
     """(setup, teacher seed, condition) -> (power at the pilot's seed count, its low and high ends, seeds
     needed for TARGET, seeds needed with the noise at its upper limit)."""
     out = {}
-    for key, g in curves.groupby(["setup", "teacher_seed", curves["condition"].map(repr)], sort=False):
-        cond = g["condition"].iloc[0]
-        now = g[g["pilot"]].iloc[0]
-        out[(key[0], key[1], cond)] = (float(now.power), float(now.power_low), float(now.power_high),
-                                       seeds_for(g), float(g["seeds_low"].iloc[0]))
+    for setup, ts, cond, c, i in decision_curves(curves):
+        out[(setup, ts, cond)] = (float(c["power"][i]), float(c["power_low"][i]), float(c["power_high"][i]),
+                                  seeds_reaching(c["n_seeds"], c["power"]), float(c["seeds_low"][0]))
     return out
 
 

@@ -58,14 +58,14 @@ def parse_sesoi(items) -> dict[str, float]:
 def exact_greater_p(x: np.ndarray) -> np.ndarray:
     """One-sided (greater) signed-rank p along the last axis of continuous x (no ties, no zeros),
     exact up to EXACT_MAX_N pairs, normal approximation above."""
-    n = x.shape[-1]
-    order = np.argsort(np.abs(x), axis=-1)                      # the i-th smallest |x| has rank i + 1
-    r_plus = (np.take_along_axis(x, order, axis=-1) > 0) @ np.arange(1, n + 1)
-    if n > EXACT_MAX_N:
-        from scipy.stats import norm
+    return _greater_p_from_w(_w_plus_minus(x)[0], x.shape[-1])
 
-        return norm.sf((r_plus - n * (n + 1) / 4) / math.sqrt(n * (n + 1) * (2 * n + 1) / 24))
-    return _untied_sf(n)[r_plus]
+
+def _w_plus_minus(x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """W+ of x and of -x along the last axis from one sort of |x| (which is |-x|: the same order)."""
+    s = np.take_along_axis(x, np.argsort(np.abs(x), axis=-1), axis=-1)   # the i-th smallest |x| has rank i + 1
+    ranks = np.arange(1, x.shape[-1] + 1)
+    return (s > 0) @ ranks, (s < 0) @ ranks
 
 
 @functools.lru_cache(maxsize=None)
@@ -79,7 +79,8 @@ def _power(n: int, ratio: float, level: float, two_sided: bool, draws: int, seed
     rng = np.random.default_rng([seed, n, abs(int(ratio * 1e6)), ratio < 0])
     x = rng.standard_normal((draws, n)) + ratio
     if two_sided:
-        p = np.minimum(1.0, 2 * np.minimum(exact_greater_p(x), exact_greater_p(-x)))
+        plus, minus = _w_plus_minus(x)
+        p = np.minimum(1.0, 2 * np.minimum(_greater_p_from_w(plus, n), _greater_p_from_w(minus, n)))
     else:
         p = exact_greater_p(x)
     return float(np.mean(p <= level))
@@ -145,13 +146,17 @@ def w_plus_prefixes(x: np.ndarray) -> np.ndarray:
     zeros).  W+ is the number of Walsh averages (x_i + x_j) / 2, i <= j, above 0 (Tukey's identity:
     the same sum of the ranks of the positive |x|), so adding value j adds #{i <= j: x_i + x_j > 0};
     one pass gives every prefix, where ranking each prefix would sort N times.  The seeds are put
-    first so each step's count runs down whole rows (a short last-axis sum is several times slower)."""
+    first so each step's count runs down whole rows (a short last-axis sum is several times slower);
+    x_i > -x_j is x_i + x_j > 0 (a float sum's sign is its exact sum's) without the sum, and a step's
+    count fits a byte below 256 seeds."""
     n = x.shape[-1]
     xs = np.ascontiguousarray(np.moveaxis(x, -1, 0)).reshape(n, -1)      # (seeds, everything else)
+    neg = -xs
     out = np.empty(xs.shape, np.int64)
     acc = np.zeros(xs.shape[1], np.int64)
+    count = np.uint8 if n < 256 else np.int64
     for j in range(n):
-        acc += np.add.reduce(np.greater(xs[:j + 1] + xs[j], 0).view(np.uint8), axis=0, dtype=np.int64)
+        acc += np.add.reduce(np.greater(xs[:j + 1], neg[j]).view(np.uint8), axis=0, dtype=count)
         out[j] = acc
     return np.moveaxis(out.reshape((n,) + x.shape[:-1]), 0, -1)
 
@@ -183,21 +188,28 @@ def support_curves(cov: np.ndarray, shift, plan: dict, controls: int, metrics: i
     """support_curve for several noise scales ({scale: ns}) on the same standard normal draws (made once)."""
     plan = {scale: sorted({int(n) for n in ns}) for scale, ns in plan.items()}
     top = max(max(ns[-1] for ns in plan.values()), int(top))
-    rng = np.random.default_rng([seed, top])
     c, m = controls, metrics
     w, v = np.linalg.eigh(np.asarray(cov, float))
     root = v * np.sqrt(np.clip(w, 0, None))                     # root @ root.T == cov
-    z = rng.standard_normal((draws, top, c * m)) @ root.T
+    z = _standard_normals(seed, draws, top, c * m) @ root.T
     mean = np.tile(np.broadcast_to(np.asarray(shift, float), (m,)), c)
     out = {}
     for scale, ns in plan.items():
         x = (z[:, :ns[-1]] * scale + mean).reshape(draws, ns[-1], c, m).transpose(2, 0, 3, 1)  # (c, draws, m, seeds)
         wp = w_plus_prefixes(x)
         p = np.stack([_greater_p_from_w(wp[..., n - 1], n) for n in ns])   # (ns, controls, draws, metrics)
-        sig = (corrections.adjust(p, correction) <= level).all(axis=1)      # every control, per study
+        sig = corrections.rejected(p, correction, level).all(axis=1)        # every control, per study
         rates = np.mean(sig.sum(axis=-1) >= min_metrics, axis=-1)
         out[scale] = {n: float(r) for n, r in zip(ns, rates)}
     return out
+
+
+@functools.lru_cache(maxsize=8)
+def _standard_normals(seed: int, draws: int, top: int, k: int) -> np.ndarray:
+    """support_curves' standard normal studies, drawn once per shape (a setup's curves share them)."""
+    z = np.random.default_rng([seed, top]).standard_normal((draws, top, k))
+    z.flags.writeable = False
+    return z
 
 
 def support_rate(cov: np.ndarray, shift, n: int, controls: int, metrics: int, correction: str = "bh",

@@ -143,6 +143,13 @@ def by_condition(frame: pd.DataFrame) -> dict[Condition, pd.DataFrame]:
     return {c: frame.loc[ix] for c, ix in sorted(idx.items(), key=lambda kv: kv[0].sort_key)}
 
 
+def condition_groups(students: pd.DataFrame) -> list[tuple]:
+    """(setup, teacher seed, {condition: its runs}) in sorted order: the split every step of an analysis
+    walks, made once per setup (pipeline passes it to each step) instead of once per step."""
+    return [(setup, int(ts), by_condition(grp))
+            for (setup, ts), grp in students.groupby(["setup", "teacher_seed"], sort=True)]
+
+
 # ------------------------------------------------------------------ controls
 
 def find_controls(rule: conditions.ControlRule, treated: Condition, available) -> list[Condition]:
@@ -385,16 +392,18 @@ def metric_columns(df: pd.DataFrame) -> list[str]:
     return [m for m in first if m in present] + sorted(m for m in present if m not in first)
 
 
-def summarize(students: pd.DataFrame) -> pd.DataFrame:
-    """Long table: setup, teacher_seed, condition, metric, n, mean, sem."""
+def summarize(students: pd.DataFrame, groups: Optional[list] = None) -> pd.DataFrame:
+    """Long table: setup, teacher_seed, condition, metric, n, mean, sem (``groups``: condition_groups')."""
     rows = []
     metrics = metric_columns(students)
-    for (setup, ts), grp in students.groupby(["setup", "teacher_seed"], sort=True):
-        for cond, runs in by_condition(grp).items():
-            for m in metrics:
-                mean, sem, n = mean_sem(runs[m])
+    floats = all(students[m].dtype == np.float64 for m in metrics)   # then one array per condition
+    for setup, ts, conds in condition_groups(students) if groups is None else groups:
+        for cond, runs in conds.items():
+            values = runs[metrics].to_numpy(float).T if floats else [runs[m] for m in metrics]
+            for m, x in zip(metrics, values):
+                mean, sem, n = mean_sem(x)
                 if n:
-                    rows.append(dict(setup=setup, teacher_seed=int(ts), condition=cond, metric=m, n=n, mean=mean, sem=sem))
+                    rows.append(dict(setup=setup, teacher_seed=ts, condition=cond, metric=m, n=n, mean=mean, sem=sem))
     return pd.DataFrame(rows, columns=["setup", "teacher_seed", "condition", "metric", "n", "mean", "sem"])
 
 
@@ -444,33 +453,36 @@ EFFECT_COLUMNS = ["hl", "ci_low", "ci_high", "ci_level", "rank_biserial", "super
 
 
 def paired_tests(students: pd.DataFrame, level: float = LEVEL, correction: str = corrections.DEFAULT,
-                 sesoi: Optional[dict] = None) -> pd.DataFrame:
+                 sesoi: Optional[dict] = None, groups: Optional[list] = None) -> pd.DataFrame:
     """One row per (setup, teacher seed, treated condition, control, metric) with raw and adjusted p,
     the p's null distribution and the effect sizes (Hodges-Lehmann shift, the 1 - 2 level interval of
     the two one-sided bounds that invert the test, rank-biserial
     correlation, probability of superiority; effects.py), and the equivalence test at the metric's
-    smallest effect of interest (``sesoi``, default sizing.SESOI) with the comparison's verdict."""
+    smallest effect of interest (``sesoi``, default sizing.SESOI) with the comparison's verdict
+    (``groups``: condition_groups' split of students, when the caller has it)."""
     rows = []
-    for (setup, ts), grp in students.groupby(["setup", "teacher_seed"], sort=True):
-        conds = by_condition(grp)
+    for setup, ts, conds in condition_groups(students) if groups is None else groups:
         for cond, runs in conds.items():
             for rule in conditions.controls_of(cond.method):
                 for ctrl in find_controls(rule, cond, conds):
                     for m in TESTED_METRICS:
                         pr = paired(runs, conds[ctrl], m)
-                        rows.append(dict(setup=setup, teacher_seed=int(ts), condition=cond, control=ctrl, metric=m,
+                        rows.append(dict(setup=setup, teacher_seed=ts, condition=cond, control=ctrl, metric=m,
                                          **_test_row(pr, m, level, sesoi), family=correction if m in TRANSFER_METRICS else "none"))
     cols = ["setup", "teacher_seed", "condition", "control", "metric", "n", "mean_diff", "p", "null",
             *EFFECT_COLUMNS, "sesoi", "p_tost", "equivalent", "family"]
     tests = pd.DataFrame(rows, columns=cols)
     tests["p_adj"], tests["significant"] = tests["p"], tests["p"] <= level
     families: dict[tuple, list] = {}   # one family per (setup, teacher seed, condition, control)
-    for i, r in zip(tests.index, tests.itertuples()):
+    for i, r in enumerate(tests.itertuples()):
         if r.family != "none":
             families.setdefault((r.setup, r.teacher_seed, r.condition, r.control), []).append(i)
-    for ix in families.values():
-        adj = corrections.adjust(tests.loc[ix, "p"].to_numpy(float), correction)
-        tests.loc[ix, "p_adj"], tests.loc[ix, "significant"] = adj, adj <= level
+    if families:                       # adjusted family by family on arrays, written back once
+        p, p_adj, sig = tests["p"].to_numpy(float), tests["p_adj"].to_numpy(float).copy(), tests["significant"].to_numpy(bool).copy()
+        for ix in families.values():
+            p_adj[ix] = adj = corrections.adjust(p[ix], correction)
+            sig[ix] = adj <= level
+        tests["p_adj"], tests["significant"] = p_adj, sig
     tests["verdict"] = [verdict(bool(s), bool(e), m in TRANSFER_METRICS)
                         for s, e, m in zip(tests["significant"], tests["equivalent"], tests["metric"])]
     return tests
@@ -479,13 +491,20 @@ def paired_tests(students: pd.DataFrame, level: float = LEVEL, correction: str =
 def against_controls(tests: pd.DataFrame) -> pd.DataFrame:
     """Per (setup, teacher seed, condition, metric): significant against every control present."""
     groups: dict[tuple, list] = {}
-    for i, r in zip(tests.index, tests.itertuples()):
+    for i, r in enumerate(tests.itertuples()):   # positions
         groups.setdefault((r.setup, r.teacher_seed, r.condition, r.metric), []).append(i)
+    sig, p_adj = tests["significant"].to_numpy(bool), tests["p_adj"].to_numpy(float)
     rows = [dict(setup=k[0], teacher_seed=k[1], condition=k[2], metric=k[3],
-                 significant=bool(tests.loc[ix, "significant"].all()), n_controls=len(ix),
-                 max_p_adj=float(tests.loc[ix, "p_adj"].max())) for k, ix in groups.items()]
+                 significant=bool(sig[ix].all()), n_controls=len(ix), max_p_adj=_max(p_adj[ix]))
+            for k, ix in groups.items()]
     return pd.DataFrame(rows, columns=["setup", "teacher_seed", "condition", "metric", "significant",
                                        "n_controls", "max_p_adj"])
+
+
+def _max(x: np.ndarray) -> float:
+    """The largest non-nan value (nan if none), as pandas' max."""
+    x = x[~np.isnan(x)]
+    return float(x.max()) if x.size else math.nan
 
 
 def _mean_test_acc(runs: pd.DataFrame) -> float:
@@ -516,19 +535,18 @@ def best_control(treated: Condition, conds: dict[Condition, pd.DataFrame],
     return max(pool, key=pool.get) if pool else None
 
 
-def best_accuracy(students: pd.DataFrame) -> pd.DataFrame:
+def best_accuracy(students: pd.DataFrame, groups: Optional[list] = None) -> pd.DataFrame:
     """Per setup, teacher seed and width: the condition with the highest mean test accuracy."""
     rows = []
     if "test_acc" not in students:
         return pd.DataFrame(columns=["setup", "teacher_seed", "width", "condition", "test_acc", "is_rcd"])
-    for (setup, ts), grp in students.groupby(["setup", "teacher_seed"], sort=True):
-        conds = by_condition(grp)
+    for setup, ts, conds in condition_groups(students) if groups is None else groups:
         for w in sorted({c.width for c in conds}, reverse=True):
             acc = {c: _mean_test_acc(r) for c, r in conds.items() if c.width == w}
             acc = {c: a for c, a in acc.items() if not math.isnan(a)}
             if acc:
                 best = max(acc, key=acc.get)
-                rows.append(dict(setup=setup, teacher_seed=int(ts), width=w, condition=best, test_acc=acc[best],
+                rows.append(dict(setup=setup, teacher_seed=ts, width=w, condition=best, test_acc=acc[best],
                                  is_rcd=best.is_random_control))
     return pd.DataFrame(rows, columns=["setup", "teacher_seed", "width", "condition", "test_acc", "is_rcd"])
 
@@ -569,7 +587,8 @@ def _marginal(supported: bool, gain: float, threshold: float) -> bool:
 
 def decisions(students: pd.DataFrame, against: pd.DataFrame, threshold: float = 0.01,
               exclude_below: Optional[float] = None, min_metrics: int = SUPPORT_MIN, level: float = LEVEL,
-              sesoi: Optional[dict] = None, tests: Optional[pd.DataFrame] = None) -> pd.DataFrame:
+              sesoi: Optional[dict] = None, tests: Optional[pd.DataFrame] = None,
+              groups: Optional[list] = None) -> pd.DataFrame:
     """Transfer support, marginality, asymmetry and the verdict per (setup, teacher seed, treated condition).
 
     The verdict (with ``tests``, paired_tests' frame): "transfer shown" when supported; "no transfer
@@ -586,9 +605,7 @@ def decisions(students: pd.DataFrame, against: pd.DataFrame, threshold: float = 
             equiv.setdefault((r.setup, r.teacher_seed, r.condition), set()).add(r.metric)
     rows = []
     sig = {(r.setup, r.teacher_seed, r.condition, r.metric): r.significant for r in against.itertuples()}
-    for (setup, ts), grp in students.groupby(["setup", "teacher_seed"], sort=True):
-        ts = int(ts)
-        conds = by_condition(grp)
+    for setup, ts, conds in condition_groups(students) if groups is None else groups:
         for cond, runs in conds.items():
             if not is_treatment(cond):
                 continue

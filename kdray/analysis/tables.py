@@ -242,13 +242,12 @@ def power_table(a: Analysis) -> Table:
     """Per decision: the power to support transfer at the SESOI at several student-seed counts, and the
     count needed (as estimated, and with the noise at its upper 95% limit)."""
     rows = []
-    for (setup, ts, _), g in a.power.groupby(["setup", "teacher_seed", a.power["condition"].map(repr)], sort=False):
-        at = dict(zip(g["n_seeds"], g["power"]))
-        pilot = g[g["pilot"]].iloc[0]
-        rows.append([setup, str(ts), g["condition"].iloc[0].label,
-                     f"{fmt_power(pilot.power, pilot.power_low, pilot.power_high)} [{pilot.pilot_seeds}]"]
+    for setup, ts, cond, c, i in power.decision_curves(a.power):
+        at = dict(zip(c["n_seeds"], c["power"]))
+        rows.append([setup, str(ts), cond.label,
+                     f"{fmt_power(c['power'][i], c['power_low'][i], c['power_high'][i])} [{c['pilot_seeds'][i]}]"]
                     + [fmt(at.get(n, float("nan")), 2) for n in POWER_SHOWN]
-                    + [f"{fmt_seeds(power.seeds_for(g))} ({fmt_seeds(g['seeds_low'].iloc[0])})"])
+                    + [f"{fmt_seeds(power.seeds_reaching(c['n_seeds'], c['power']))} ({fmt_seeds(c['seeds_low'][0])})"])
     sesoi = ", ".join(f"{m} {a.sesoi[m]:g}" for m in TRANSFER_METRICS)
     return Table("power", f"Power to support transfer at the SESOI ({corrections.SHORT[a.correction]})",
                  ["setup", "teacher seed", "condition", "now [seeds]"] + [f"{n} seeds" for n in POWER_SHOWN]
