@@ -54,6 +54,16 @@ def _check_logged(uri: str, experiment: str, trials: int) -> None:
                            f"{trials} planned")
 
 
+def _sweep(teachers: int, students: int, pack: int, device: str, tracking_uri: Optional[str] = None) -> dict:
+    """One sweep of the grid (run_kdray's record), its own experiment; on a server, checked there."""
+    d = grid(teachers, students, pack)
+    d["name"] = f"scale-{teachers}x{students}-pack{pack}"
+    r = run_kdray(d, device, tracking_uri=tracking_uri)
+    if tracking_uri:
+        _check_logged(tracking_uri, d["name"], r["trials"])
+    return r
+
+
 def fit(ns: list[float], ys: list[float]) -> tuple[float, float]:
     """(a, b) of y = a * n^b, least squares in log-log."""
     b, log_a = np.polyfit(np.log(ns), np.log(ys), 1)
@@ -74,11 +84,7 @@ def measure(name: str, title: str, quick: bool, device: str, sizes: Optional[tup
     for pack in packs:
         label = "unpacked" if pack == 1 else f"packed {pack}"
         for teachers, students in sizes:
-            d = grid(teachers, students, pack)
-            d["name"] = f"scale-{teachers}x{students}-pack{pack}"
-            r = run_kdray(d, device, tracking_uri=tracking_uri)
-            if tracking_uri:
-                _check_logged(tracking_uri, d["name"], r["trials"])
+            r = _sweep(teachers, students, pack, device, tracking_uri)
             n = r["trials"]
             rows.setdefault(label, []).append((n, r["driver_cpu_s"], r["mlflow_driver_s"], r["wall_s"]))
             measurements[f"{label}, {n} trials: driver CPU ms/trial"] = round(1000 * r["driver_cpu_s"] / n, 2)
@@ -109,9 +115,7 @@ def one_size(teachers: int, students: int, packs: tuple = (1, 16), device: str =
     """Driver CPU and MLflow ms per trial at one size (no fit): the full mode's largest point alone."""
     out = {}
     for pack in packs:
-        d = grid(teachers, students, pack)
-        d["name"] = f"scale-{teachers}x{students}-pack{pack}"
-        r = run_kdray(d, device)
+        r = _sweep(teachers, students, pack, device)
         n = r["trials"]
         out[f"pack {pack}, {n} trials"] = {"driver CPU ms/trial": round(1000 * r["driver_cpu_s"] / n, 2),
                                           "MLflow calls ms/trial": round(1000 * r["mlflow_driver_s"] / n, 2),

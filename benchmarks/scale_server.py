@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from typing import Optional
 
-from benchmarks.scale import SIZES, measure  # noqa: F401  - SIZES: the sizes are scale's
+from benchmarks.scale import measure
 from benchmarks.servers import mlflow_server_on_postgresql
 
 NAME = "scale_server"
