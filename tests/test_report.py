@@ -27,8 +27,8 @@ def report(sweep):
 
 @pytest.mark.slow      # starts a process pool: ~6 s
 def test_worker_processes_load_and_draw_what_one_process_does(sweep, report, tmp_path):
-    """kdray report's process pool: runs fetched in start-time slices and figures drawn per setup
-    by workers give the same frame and the same figure files as the serial path."""
+    """kdray report's process pool: runs read in run-id ranges (sqlruns.PARTS) and figures drawn per
+    setup by workers give the same frame and the same figure files as the serial path."""
     import pandas as pd
 
     from kdray.analysis.report import report_pool
@@ -301,6 +301,33 @@ def test_direct_read_skips_deleted_and_non_trial_runs_and_keeps_nan(tmp_path):
     assert len(direct) == len(runs) - 1 and runs[1].info.run_id not in set(direct["run_id"])
     assert math.isnan(direct.set_index("run_id").loc[runs[0].info.run_id, "test_acc"])
     pd.testing.assert_frame_equal(direct, by_client)
+
+
+def test_direct_reads_of_parts_experiment_and_sweep_tag_equal_mlflows(tmp_path):
+    """The run-id ranges the report's workers read are disjoint and cover every trial run; the
+    experiment (a name with a quote in it) and the sweep run's plug-in tag read from the tables
+    are what MLflow's client says, newest sweep run first."""
+    from mlflow import MlflowClient
+
+    from kdray.analysis import sqlruns
+    from kdray.analysis.runs import get_experiment, sweep_plugins
+    from synthetic_runs import broken_setup, write_experiment
+
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    name = "it's small"
+    exp_id = write_experiment(uri, name, broken_setup(), tmp_path / "artifacts")
+    client = MlflowClient(uri)
+    every = {r.info.run_id for r in client.search_runs([exp_id], "tags.`kdray.kind` = 'trial'")}
+    parts = [{r.info.run_id for r in sqlruns.trial_runs(uri, exp_id, lo, hi)} for lo, hi in sqlruns.PARTS]
+    assert set.union(*parts) == every and sum(map(len, parts)) == len(every) and all(parts)
+    exp = get_experiment(uri, name)
+    assert (exp.experiment_id, exp.name) == (client.get_experiment_by_name(name).experiment_id, name)
+    assert sqlruns.experiment(uri, "no such") is False
+    client.create_run(exp_id, tags={"kdray.kind": "sweep", "kdray.plugins": "newest_mod,other"}, start_time=10 ** 13)
+    client.create_run(exp_id, tags={"kdray.kind": "sweep", "kdray.plugins": "older_mod"}, start_time=10 ** 12)
+    assert sweep_plugins(uri, exp_id) == ("newest_mod", "other")
+    newest = client.search_runs([exp_id], "tags.`kdray.kind` = 'sweep'", max_results=1)[0]
+    assert sweep_plugins(uri, exp_id) == tuple(newest.data.tags["kdray.plugins"].split(","))
 
 
 def test_figures_are_drawn_up_to_a_number_of_setups_unless_asked(sweep, tmp_path, monkeypatch):

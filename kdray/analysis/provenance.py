@@ -44,10 +44,11 @@ def summary_lines(runs: pd.DataFrame, tests: pd.DataFrame) -> list[str]:
     checkpoint checksums, teachers, and the paired comparisons that mix fingerprints."""
     lines = []
     used = runs[runs["status"] == "FINISHED"] if "status" in runs else runs
-    fps = Counter(v for v in used.get("fingerprint", pd.Series(dtype=object)) if _known(v))
+    col = {c: used[c].tolist() if c in used else [None] * len(used)
+           for c in ("fingerprint", "fingerprint_json", "metrics_streamed", "setup", "data_sha256")}
+    fps = Counter(v for v in col["fingerprint"] if _known(v))
     unknown = int(len(used) - sum(fps.values()))
-    text = {r.fingerprint: r.fingerprint_json for r in used.itertuples()
-            if _known(getattr(r, "fingerprint", None)) and _known(getattr(r, "fingerprint_json", None))}
+    text = {fp: js for fp, js in zip(col["fingerprint"], col["fingerprint_json"]) if _known(fp) and _known(js)}
     lines.append(f"provenance: runs from {len(fps)} fingerprint{'s' if len(fps) != 1 else ''}"
                  + (f" ({unknown} runs recorded none)" if unknown else ""))
     for fp, n in fps.most_common():
@@ -56,16 +57,16 @@ def summary_lines(runs: pd.DataFrame, tests: pd.DataFrame) -> list[str]:
         except (KeyError, ValueError):
             what = "no description recorded"
         lines.append(f"  fingerprint {fp} ({n} runs): {what}")
-    simulated = sum('"simulated"' in str(getattr(r, "fingerprint_json", "") or "") for r in used.itertuples())
+    simulated = sum('"simulated"' in str(js or "") for js in col["fingerprint_json"])
     if simulated:
         lines.append(f"  SIMULATED: {simulated} runs are GPU trials run on a CPU (KDRAY_SIMULATE_GPU=1): "
                      f"no GPU numbers in them")
-    streamed = [r.metrics_streamed for r in used.itertuples() if _known(getattr(r, "metrics_streamed", None))]
+    streamed = [v for v in col["metrics_streamed"] if _known(v)]
     if streamed:
         lines.append(f"  STREAMED: {len(streamed)} runs computed their functional metrics from files, without "
                      f"procrustes_distance (their test logits exceed $KDRAY_METRICS_MEMORY_BYTES; e.g. "
                      f"{streamed[0]})")
-    data = sorted({(r.setup, r.data_sha256) for r in used.itertuples() if _known(getattr(r, "data_sha256", None))})
+    data = sorted({(setup, sha) for setup, sha in zip(col["setup"], col["data_sha256"]) if _known(sha)})
     for setup, sha in data:
         lines.append(f"  data {setup}: sha256 {sha[:16]}")
     teachers = used[used["role"] == "teacher"] if "role" in used else used.iloc[0:0]

@@ -49,6 +49,7 @@ class ReportResult:
     seconds: dict = field(default_factory=dict)     # per phase
     sanity: list = field(default_factory=list)      # teachers vs chance, suspect trials (kdray/sanity.py)
     scope: Optional[Scope] = None                   # which runs answer the question (scope.py)
+    _summary: Optional[str] = field(default=None, repr=False)
 
     @property
     def index(self) -> Path:
@@ -56,16 +57,22 @@ class ReportResult:
 
     def summary_text(self) -> str:
         """One line per setup: which conditions transfer on which teacher seeds (marginal,
-        asymmetry), and which condition has the best accuracy (the paper's "RCD is often best")."""
+        asymmetry), and which condition has the best accuracy (the paper's "RCD is often best").
+        Computed once (the report writes it and prints it; at 200 setups it takes seconds)."""
+        if self._summary is None:
+            self._summary = self._summary_lines()
+        return self._summary
+
+    def _summary_lines(self) -> str:
         a = self.analysis
         lines = [f"kdray report: {len(a.students)} student and {len(a.teachers)} teacher runs used, "
                  f"{len(a.excluded)} excluded or partly excluded",
                  "transfer: condition [supporting teacher seeds, (m) marginal; asymmetry]"]
+        decisions, best, statements = (_by_setup(f) for f in (a.decisions, a.best_accuracy, a.statements))
         for setup in sorted(set(a.students["setup"])):
-            lines.append(f"{setup}: {_transfer_text(a.decisions[a.decisions['setup'] == setup])}"
-                         f" | {_best_text(a.best_accuracy[a.best_accuracy['setup'] == setup])}")
-            lines += _pooled_lines(a.statements[a.statements["setup"] == setup],
-                                   a.decisions[a.decisions["setup"] == setup])
+            d = decisions.get(setup, a.decisions.iloc[0:0])
+            lines.append(f"{setup}: {_transfer_text(d)} | {_best_text(best.get(setup, a.best_accuracy.iloc[0:0]))}")
+            lines += _pooled_lines(statements.get(setup, a.statements.iloc[0:0]), d)
         nulls = a.tests["null"].value_counts()
         lines.append(f"statistics: {corrections.family_text(a.correction)}; level {a.level:g}; p-values "
                      + ", ".join(f"{k} {v}" for k, v in nulls.items() if k) + " (null distribution used)")
@@ -89,16 +96,24 @@ def _counted(items: list[str]) -> str:
     return ", ".join(f"{x} ×{items.count(x)}" if items.count(x) > 1 else x for x in dict.fromkeys(items))
 
 
+def _by_setup(frame: pd.DataFrame) -> dict:
+    """{setup: its rows}, split once (a boolean mask per setup is quadratic in the setups)."""
+    return dict(tuple(frame.groupby("setup", sort=False))) if len(frame) else {}
+
+
 def _transfer_text(d: pd.DataFrame) -> str:
+    rows: dict = {}
+    for r in d.itertuples():
+        rows.setdefault(r.condition, []).append(r)
+    conds = sorted(rows, key=lambda c: c.sort_key)
     parts = []
-    for cond in sorted(set(d["condition"]), key=lambda c: c.sort_key):
-        sup = [r for r in d.itertuples() if r.condition == cond and r.supported]
+    for cond in conds:
+        sup = [r for r in rows[cond] if r.supported]
         if sup:
             seeds = " ".join(f"t{r.teacher_seed}" + ("(m)" if r.marginal else "") for r in sup)
             parts.append(f"{cond.label} [{seeds}; {_asymmetry_words(sup)}]")
     absent = [f"{cond.label} [{' '.join(f't{r.teacher_seed}' for r in rs)}]"
-              for cond in sorted(set(d["condition"]), key=lambda c: c.sort_key)
-              if (rs := [r for r in d.itertuples() if r.condition == cond and r.verdict == NO_TRANSFER])]
+              for cond in conds if (rs := [r for r in rows[cond] if r.verdict == NO_TRANSFER])]
     text = "transfer " + ", ".join(parts) if parts else "no supported transfer"
     return text + ("; no transfer larger than the SESOI shown: " + ", ".join(absent) if absent else "")
 
@@ -252,17 +267,19 @@ def provenance_tags(result: ReportResult) -> dict[str, str]:
     return {k: v[:8000] for k, v in tags.items() if v}
 
 
-def log_report_to_mlflow(tracking_uri: str, experiment: str, out_dir: str | Path, extra_tags: Optional[dict] = None) -> str:
-    """Log out_dir as the artifacts of a new report run (child of the sweep run if there is one)."""
+def log_report_to_mlflow(tracking_uri: str, experiment: str, out_dir: str | Path, extra_tags: Optional[dict] = None,
+                         experiment_id: Optional[str] = None) -> str:
+    """Log out_dir as the artifacts of a new report run (child of the sweep run if there is one);
+    ``experiment_id`` when the caller has looked the experiment up already."""
     from mlflow import MlflowClient
 
     client = MlflowClient(tracking_uri)
-    exp = get_experiment(tracking_uri, experiment)
-    parents = client.search_runs([exp.experiment_id], f"tags.`{TAG_KIND}` = '{KIND_SWEEP}'", max_results=1)
+    exp_id = experiment_id or get_experiment(tracking_uri, experiment).experiment_id
+    parents = client.search_runs([exp_id], f"tags.`{TAG_KIND}` = '{KIND_SWEEP}'", max_results=1)
     tags = {TAG_KIND: KIND_REPORT, **(extra_tags or {})}
     if parents:
         tags[TAG_PARENT] = parents[0].info.run_id
-    run = client.create_run(exp.experiment_id, tags=tags, run_name="report")
+    run = client.create_run(exp_id, tags=tags, run_name="report")
     try:
         client.log_artifacts(run.info.run_id, str(out_dir))
     except Exception:
@@ -324,13 +341,14 @@ def load_target(target: str, tracking_uri: str | None, pool=None) -> tuple[pd.Da
     ``df.attrs["plugins"]`` names them for the worker processes)."""
     uri, name, storage = resolve_experiment(tracking_uri, target)
     t0 = time.perf_counter()
-    mods = pool.submit(sweep_plugins, uri, name).result() if pool else sweep_plugins(uri, name)
+    exp = get_experiment(uri, name)
+    mods = sweep_plugins(uri, exp.experiment_id)
     try:
         plugins.load(mods)
     except PluginError as e:
         print(f"kdray report: warning: {e}; its conditions are shown by name only", file=sys.stderr)
         mods = ()
-    df = load_runs(uri, name, pool)
+    df = load_runs(uri, name, pool, exp=exp, plugin_modules=tuple(mods))
     if df.empty:
         raise ReportError(f"MLflow experiment {name!r} at {uri} has no trial runs yet; run `kdray sweep` first")
     if is_sweep_file(target):
@@ -343,6 +361,7 @@ def load_target(target: str, tracking_uri: str | None, pool=None) -> tuple[pd.Da
     else:
         df, scope = split_cohorts(df, f"experiment {name!r}")
     df.attrs["plugins"] = tuple(mods)
+    df.attrs["experiment_id"] = exp.experiment_id
     df.attrs["scope"] = scope
     return df, uri, name, storage, time.perf_counter() - t0
 
@@ -369,7 +388,7 @@ def run_report(target: str, out: str | None, tracking_uri: str | None, threshold
           f"({jobs} process{'es' if jobs > 1 else ''})", file=sys.stderr)
     print(result.summary_text())
     try:
-        run_id = log_report_to_mlflow(uri, name, out_dir, provenance_tags(result))
+        run_id = log_report_to_mlflow(uri, name, out_dir, provenance_tags(result), df.attrs.get("experiment_id"))
         print(f"logged to MLflow: experiment {name!r}, run {run_id}")
     except Exception as e:  # the report on disk is still good
         print(f"kdray: warning: could not log the report to MLflow: {type(e).__name__}: {e}", file=sys.stderr)

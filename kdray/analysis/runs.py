@@ -82,21 +82,24 @@ def get_experiment(tracking_uri: str, experiment: str):
         check_sqlite_store(tracking_uri)   # read-only: a damaged or empty file is reported, not written
     except TrackingError as e:
         raise ReportError(str(e)) from None
-    exp = MlflowClient(tracking_uri).get_experiment_by_name(experiment)
-    if exp is None or exp.lifecycle_stage == "deleted":
+    exp = sqlruns.experiment(tracking_uri, experiment)
+    if exp is None:                        # not readable directly: MLflow's client
+        exp = MlflowClient(tracking_uri).get_experiment_by_name(experiment)
+    if not exp or exp.lifecycle_stage == "deleted":
         raise missing
     return exp
 
 
-def sweep_plugins(tracking_uri: str, experiment: str) -> tuple[str, ...]:
+def sweep_plugins(tracking_uri: str, experiment_id: str) -> tuple[str, ...]:
     """The plug-in modules the sweep's trials imported (its sweep run's tag), so a report can label
     and test plug-in conditions as the sweep declared them."""
-    from mlflow import MlflowClient
+    text = sqlruns.sweep_tag(tracking_uri, experiment_id, TAG_PLUGINS)
+    if text is None:                       # not readable directly: MLflow's client
+        from mlflow import MlflowClient
 
-    exp = get_experiment(tracking_uri, experiment)
-    runs = MlflowClient(tracking_uri).search_runs([exp.experiment_id], f"tags.`{TAG_KIND}` = '{KIND_SWEEP}'",
-                                                  max_results=1)
-    text = runs[0].data.tags.get(TAG_PLUGINS, "") if runs else ""
+        runs = MlflowClient(tracking_uri).search_runs([experiment_id], f"tags.`{TAG_KIND}` = '{KIND_SWEEP}'",
+                                                      max_results=1)
+        text = runs[0].data.tags.get(TAG_PLUGINS, "") if runs else ""
     return tuple(m for m in text.split(",") if m)
 
 
@@ -189,7 +192,8 @@ def runs_frame(rows: list[dict]) -> pd.DataFrame:
     return df.reset_index(drop=True)
 
 
-def load_runs(tracking_uri: str, experiment: str, pool=None, direct: bool = True) -> pd.DataFrame:
+def load_runs(tracking_uri: str, experiment: str, pool=None, direct: bool = True, exp=None,
+              plugin_modules: tuple = ()) -> pd.DataFrame:
     """One row per trial run of a sweep's experiment, with every final metric as a column.
 
     Params are strings in MLflow; they come back typed: alpha, temperature and
@@ -202,13 +206,20 @@ def load_runs(tracking_uri: str, experiment: str, pool=None, direct: bool = True
     tables (kdray/analysis/sqlruns.py; ``direct=False`` asks MLflow's client
     instead).  Through the client, MLflow turns every run, param and metric into
     objects (~2.5 ms a run), so with a process ``pool`` the runs are fetched in
-    slices of start time, one slice per task (see kdray.analysis.report.report_pool).
+    slices of start time, one slice per task (see kdray.analysis.report.report_pool).  ``exp``: the
+    experiment when the caller has it (get_experiment); ``plugin_modules``: what the pool's workers
+    import first (a legacy run's condition parameters are typed by its declaration).
     """
     if direct and sqlruns.is_sql(tracking_uri):
-        exp = get_experiment(tracking_uri, experiment)
-        found = sqlruns.trial_runs(tracking_uri, exp.experiment_id)
+        exp = exp or get_experiment(tracking_uri, experiment)
+        if pool is None:
+            found = _sql_rows(tracking_uri, exp.experiment_id)
+        else:                              # each worker reads and shapes a range of run ids
+            parts = list(pool.map(_sql_rows, *zip(*[(tracking_uri, exp.experiment_id, low, high, plugin_modules)
+                                                    for low, high in sqlruns.PARTS])))
+            found = None if None in parts else [row for part in parts for row in part]
         if found is not None:
-            return _in_mlflow_order(runs_frame([_row(r) for r in found]))
+            return _in_mlflow_order(runs_frame(found))
     if pool is None:
         from mlflow import MlflowClient
 
@@ -223,6 +234,15 @@ def load_runs(tracking_uri: str, experiment: str, pool=None, direct: bool = True
     slices = pool.map(_rows_between, [tracking_uri] * (len(edges) - 1), [exp_id] * (len(edges) - 1),
                       edges[:-1].tolist(), edges[1:].tolist())
     return _in_mlflow_order(runs_frame([row for part in slices for row in part]))
+
+
+def _sql_rows(tracking_uri: str, experiment_id: str, low=None, high=None, plugin_modules: tuple = ()):
+    """The rows of the trial runs with ids in [low, high) read from the SQL tables (None: not readable)."""
+    from kdray import plugins
+
+    plugins.load(plugin_modules)
+    found = sqlruns.trial_runs(tracking_uri, experiment_id, low, high)
+    return None if found is None else [_row(r) for r in found]
 
 
 def _in_mlflow_order(df: pd.DataFrame) -> pd.DataFrame:

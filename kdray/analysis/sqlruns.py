@@ -14,7 +14,7 @@ import logging
 from types import SimpleNamespace
 from typing import Optional
 
-from kdray.contracts import KIND_TRIAL, TAG_KIND
+from kdray.contracts import KIND_SWEEP, KIND_TRIAL, TAG_KIND
 
 log = logging.getLogger(__name__)
 
@@ -28,20 +28,32 @@ _TRIALS = (f"select r.run_uuid from runs r join tags k on k.run_uuid = r.run_uui
            f"where r.experiment_id = {{exp:d}} and r.lifecycle_stage = 'active' and k.key = '{TAG_KIND}' "
            f"and k.value = '{KIND_TRIAL}'")
 _QUERIES = {
-    "runs": f"select run_uuid, status, start_time from runs where run_uuid in ({_TRIALS})",
-    "tags": f"select run_uuid, key, value from tags where run_uuid in ({_TRIALS})",
-    "params": f"select run_uuid, key, value from params where run_uuid in ({_TRIALS})",
-    "metrics": f"select run_uuid, key, value, is_nan from latest_metrics where run_uuid in ({_TRIALS})",
+    "runs": f"select run_uuid, status, start_time from runs where run_uuid in ({_TRIALS}{{part}})",
+    "tags": f"select run_uuid, key, value from tags where run_uuid in ({_TRIALS}{{part}})",
+    "params": f"select run_uuid, key, value from params where run_uuid in ({_TRIALS}{{part}})",
+    "metrics": f"select run_uuid, key, value, is_nan from latest_metrics where run_uuid in ({_TRIALS}{{part}})",
 }
+# Run ids are hex (uuid4): a report's worker processes read a range of them each (PARTS).
+PARTS = ((None, "8"), ("8", None))
 
 
 def is_sql(uri: str) -> bool:
     return uri.split(":", 1)[0].split("+", 1)[0].lower() in SQL_SCHEMES
 
 
-def trial_runs(uri: str, experiment_id: str) -> Optional[list[SimpleNamespace]]:
-    """Every active trial run of the experiment, as Run-shaped records; None when ``uri`` is not
-    a SQL database or its tables are not MLflow's (the caller then asks MLflow's client)."""
+def _part(low: Optional[str], high: Optional[str]) -> str:
+    """The run id range [low, high) as SQL (hex digits only: inlined safely)."""
+    for bound in (low, high):
+        if bound is not None and not all(c in "0123456789abcdef" for c in bound):
+            raise ValueError(f"run id bound {bound!r} is not lowercase hex")
+    return (f" and r.run_uuid >= '{low}'" if low else "") + (f" and r.run_uuid < '{high}'" if high else "")
+
+
+def trial_runs(uri: str, experiment_id: str, low: Optional[str] = None,
+               high: Optional[str] = None) -> Optional[list[SimpleNamespace]]:
+    """Every active trial run of the experiment (with a run id in [low, high) when given), as
+    Run-shaped records; None when ``uri`` is not a SQL database or its tables are not MLflow's
+    (the caller then asks MLflow's client)."""
     if not is_sql(uri):
         return None
     from sqlalchemy import create_engine
@@ -54,7 +66,7 @@ def trial_runs(uri: str, experiment_id: str) -> Optional[list[SimpleNamespace]]:
             cur = con.cursor()
             rows = {}
             for name, q in _QUERIES.items():
-                cur.execute(q.format(exp=int(experiment_id)))
+                cur.execute(q.format(exp=int(experiment_id), part=_part(low, high)))
                 rows[name] = cur.fetchall()
         finally:
             con.close()
@@ -73,3 +85,48 @@ def trial_runs(uri: str, experiment_id: str) -> Optional[list[SimpleNamespace]]:
     for rid, key, value, is_nan in rows["metrics"]:
         runs[rid].data.metrics[key] = float("nan") if is_nan else float(value)
     return list(runs.values())
+
+
+def _select(uri: str, sql: str, **values) -> Optional[list[tuple]]:
+    """The rows of one small bound query, or None when the store cannot be read this way."""
+    if not is_sql(uri):
+        return None
+    from sqlalchemy import create_engine, text
+    from sqlalchemy.pool import NullPool
+
+    engine = create_engine(uri, poolclass=NullPool)
+    try:
+        with engine.connect() as con:
+            return [tuple(r) for r in con.execute(text(sql), values)]
+    except Exception as e:
+        log.debug("reading MLflow's tables at %s failed (%s); using MLflow's client", uri, e)
+        return None
+    finally:
+        engine.dispose()
+
+
+def experiment(uri: str, name: str) -> "SimpleNamespace | bool | None":
+    """The experiment named ``name`` (experiment_id, name, lifecycle_stage); ``False`` when there is
+    none, None when the store cannot be read directly (MLflow's own import and store set-up cost a
+    report a second or two each time it asks)."""
+    rows = _select(uri, "select experiment_id, name, lifecycle_stage from experiments where name = :name", name=name)
+    if rows is None:
+        return None
+    if not rows:
+        return False
+    exp_id, name, stage = rows[0]
+    return SimpleNamespace(experiment_id=str(exp_id), name=name, lifecycle_stage=stage)
+
+
+def sweep_tag(uri: str, experiment_id: str, key: str) -> Optional[str]:
+    """Tag ``key`` of the experiment's newest active sweep run ('' when absent), as MLflow's
+    search_runs(max_results=1) would give it; None when the store cannot be read directly."""
+    rows = _select(uri, "select r.run_uuid, t.value from runs r "
+                        "join tags k on k.run_uuid = r.run_uuid and k.key = :kind_key and k.value = :kind "
+                        "left join tags t on t.run_uuid = r.run_uuid and t.key = :key "
+                        "where r.experiment_id = :exp and r.lifecycle_stage = 'active' "
+                        "order by r.start_time desc, r.run_uuid asc",
+                   kind_key=TAG_KIND, kind=KIND_SWEEP, key=key, exp=int(experiment_id))
+    if rows is None:
+        return None
+    return (rows[0][1] or "") if rows else ""

@@ -109,10 +109,12 @@ class Condition(NamedTuple):
 
     @property
     def label(self) -> str:
-        parts = self.label_parts()
-        if self.width != 1.0:
-            parts.append(f"w={self.width:g}")
-        return " ".join(parts)
+        if self.decl is None:          # not cached: its plug-in may still be loaded and give it a title
+            return _label(self)
+        key = repr(self)               # repr, not the tuple: 1 and 1.0 are equal but labelled apart
+        if key not in _LABELS:
+            _LABELS[key] = _label(self)
+        return _LABELS[key]
 
     @property
     def is_random_control(self) -> bool:
@@ -126,6 +128,18 @@ class Condition(NamedTuple):
         rest = [p.name for p in reversed(decl_params) if not p.facet] or [k for k, _ in self.params]
         return ((d.order if d else 99), self.method, -self.width,
                 *(sortable(self.get(n)) for n in facets + rest))
+
+
+def _label(c: Condition) -> str:
+    parts = c.label_parts()
+    if c.width != 1.0:
+        parts.append(f"w={c.width:g}")
+    return " ".join(parts)
+
+
+# A declared condition's label, once per condition: a report labels the same few conditions
+# hundreds of thousands of times (tables, CSVs, the summary).
+_LABELS: dict[str, str] = {}
 
 
 def condition_of(row) -> Condition:
