@@ -50,13 +50,14 @@ class GCSServer:
         return [b.name for b in self.client().list_blobs(bucket, prefix=prefix)]
 
 
-def _service_account_key(path: Path) -> None:
+def write_service_account_key(path: Path | str) -> None:
+    """A throwaway service-account key (a fresh RSA key): enough for google-cloud-cpp to sign its own tokens."""
     from cryptography.hazmat.primitives import serialization
     from cryptography.hazmat.primitives.asymmetric import rsa
 
     pem = rsa.generate_private_key(public_exponent=65537, key_size=2048).private_bytes(
         serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()).decode()
-    path.write_text(json.dumps({
+    Path(path).write_text(json.dumps({
         "type": "service_account", "project_id": "test", "private_key_id": "kdray-test", "private_key": pem,
         "client_email": "kdray@test.iam.gserviceaccount.com", "client_id": "1",
         "token_uri": "http://127.0.0.1:9/token"}))     # never asked: the client signs its own token
@@ -66,7 +67,7 @@ def _service_account_key(path: Path) -> None:
 def gcs_emulator():
     with tempfile.TemporaryDirectory(prefix="kdray-gcs-") as d:
         key_file = Path(d) / "service-account.json"
-        _service_account_key(key_file)
+        write_service_account_key(key_file)
         proc = subprocess.Popen([sys.executable, "-c", _SERVE], stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                                 text=True, cwd=d)
         try:
