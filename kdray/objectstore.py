@@ -11,11 +11,15 @@ S3-compatible servers (MinIO, Ceph, moto, ...) are reached through the standard 
 variables: ``AWS_ENDPOINT_URL`` (pyarrow, so Ray Tune and kdray's trials, and boto3),
 ``MLFLOW_S3_ENDPOINT_URL`` (MLflow's artifact client, which otherwise also uses
 ``AWS_ENDPOINT_URL``), ``AWS_ACCESS_KEY_ID``/``AWS_SECRET_ACCESS_KEY`` and
-``AWS_DEFAULT_REGION``.  ``carried_to_trials`` hands the endpoint and region variables
-to Tune's trial actors, which Tune does not do itself (it carries only the keys).
+``AWS_DEFAULT_REGION``.  Google Cloud Storage is reached with Google's default credentials
+(``GOOGLE_APPLICATION_CREDENTIALS``, or a node's own), a GCS emulator through
+``CLOUD_STORAGE_EMULATOR_ENDPOINT`` (pyarrow) and ``STORAGE_EMULATOR_HOST`` (MLflow's
+client, google-cloud-storage).  ``carried_to_trials`` hands the endpoint and region
+variables to Tune's trial actors, which Tune does not do itself (it carries only the AWS keys).
 """
 from __future__ import annotations
 
+import os
 import uuid
 from contextlib import contextmanager
 from datetime import timedelta
@@ -24,12 +28,32 @@ from kdray.sweep import SweepError
 
 TIMEOUT_S = 5.0
 SCHEMES = ("s3", "gs", "gcs")
-# Variables a trial on another node needs to find the same S3-compatible server; Tune's
-# trial actors get AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY and AWS_SESSION_TOKEN already.
-# The last one is kdray/streamed.py's ENV: where a trial's metrics stream must not depend on its node.
+# Variables a trial on another node needs to find the same S3-compatible server or GCS
+# emulator; Tune's trial actors get AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY and
+# AWS_SESSION_TOKEN already, not GOOGLE_APPLICATION_CREDENTIALS (a key file's path, which
+# must then exist on every node).  The last one is kdray/streamed.py's ENV: where a trial's
+# metrics stream must not depend on its node.
 CARRIED_ENV = ("AWS_ENDPOINT_URL", "AWS_ENDPOINT_URL_S3", "AWS_DEFAULT_REGION", "AWS_REGION",
-               "MLFLOW_S3_ENDPOINT_URL", "KDRAY_METRICS_MEMORY_BYTES")
-ENDPOINT_FIX = "set AWS_ENDPOINT_URL=http(s)://HOST:PORT for an S3-compatible server"
+               "MLFLOW_S3_ENDPOINT_URL", "CLOUD_STORAGE_EMULATOR_ENDPOINT", "STORAGE_EMULATOR_HOST",
+               "GOOGLE_APPLICATION_CREDENTIALS", "KDRAY_METRICS_MEMORY_BYTES")
+GCS_EMULATOR_ENV = "CLOUD_STORAGE_EMULATOR_ENDPOINT"
+
+
+def _is_gcs(uri: str) -> bool:
+    return uri.split("://", 1)[0].lower() in ("gs", "gcs")
+
+
+def _fixes(uri: str) -> dict[str, str]:
+    """What to set for this store: its endpoint (a local server), its credentials, a new bucket."""
+    if _is_gcs(uri):
+        return {"endpoint": f"set {GCS_EMULATOR_ENV} (pyarrow) and STORAGE_EMULATOR_HOST (MLflow) to "
+                            "http://HOST:PORT for a GCS emulator",
+                "credentials": "set GOOGLE_APPLICATION_CREDENTIALS to a service-account key file (any key for an "
+                               "emulator), or run where Google's default credentials are found",
+                "create": "gcloud storage buckets create"}
+    return {"endpoint": "set AWS_ENDPOINT_URL=http(s)://HOST:PORT for an S3-compatible server",
+            "credentials": "check AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY",
+            "create": "aws s3 mb"}
 
 
 def is_object_store(storage: str) -> bool:
@@ -42,8 +66,10 @@ def _first_line(e: BaseException) -> str:
 
 
 def _kind(text: str) -> str:
-    """What an S3/GCS error says went wrong: unreachable, denied, missing or other."""
+    """What an S3/GCS error says went wrong: nocredentials, unreachable, denied, missing or other."""
     t = text.upper()
+    if "ACCESS TOKEN" in t:     # google-cloud-cpp found no credentials (its error also says UNAVAILABLE)
+        return "nocredentials"
     if any(w in t for w in ("NETWORK_CONNECTION", "COULD NOT CONNECT", "COULD NOT RESOLVE", "TIMEOUT", "TIMED OUT",
                             "CONNECTION REFUSED", "UNAVAILABLE")):
         return "unreachable"
@@ -71,13 +97,16 @@ def _bounded(fs):
     return fs
 
 
-def _endpoint(fs) -> str:
+def _endpoint(fs, gcs: bool) -> str:
     try:
         kwargs = fs.__reduce__()[1][0]
     except Exception:
         return "its endpoint"
     if kwargs.get("endpoint_override"):
         return f"endpoint {kwargs['endpoint_override']}"
+    if gcs:
+        emulator = os.environ.get(GCS_EMULATOR_ENV)
+        return f"endpoint {emulator}" if emulator else f"Google Cloud Storage (no {GCS_EMULATOR_ENV})"
     return f"the provider's endpoint{' in ' + kwargs['region'] if kwargs.get('region') else ''} (no AWS_ENDPOINT_URL)"
 
 
@@ -89,29 +118,32 @@ def check_storage(uri: str, where: str) -> None:
     if scheme not in SCHEMES:
         raise SweepError(f"{where}: {uri}: unknown scheme {scheme + '://'!r}; give a local folder, file:///PATH, "
                          "s3://BUCKET/PREFIX or gs://BUCKET/PREFIX")
+    fixes = _fixes(uri)
     try:
         fs, root = pafs.FileSystem.from_uri(uri)
     except Exception as e:     # pyarrow resolves an S3 bucket's region here when none is configured
         why = _first_line(e)
-        fix = {"unreachable": f"check the network, or {ENDPOINT_FIX}",
-               "denied": "check AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY",
-               "missing": "create the bucket or fix the URI"}.get(_kind(why), f"fix the URI, or {ENDPOINT_FIX}")
+        fix = {"unreachable": f"check the network, or {fixes['endpoint']}",
+               "denied": fixes["credentials"], "nocredentials": fixes["credentials"],
+               "missing": "create the bucket or fix the URI"}.get(_kind(why), f"fix the URI, or {fixes['endpoint']}")
         raise SweepError(f"{where}: {uri}: cannot open the object store ({why}); {fix}") from None
     root = root.rstrip("/")
     bucket = root.split("/", 1)[0]
     if not bucket:
         raise SweepError(f"{where}: {uri}: names no bucket; give {scheme}://BUCKET/PREFIX")
     fs = _bounded(fs)
-    at = _endpoint(fs)
+    at = _endpoint(fs, _is_gcs(uri))
 
     def fail(step: str, e: BaseException):
         why = _first_line(e)
         kind = _kind(why)
         if kind == "unreachable":
-            msg = f"{at} does not answer ({why}); start the server or {ENDPOINT_FIX}"
+            msg = f"{at} does not answer ({why}); start the server or {fixes['endpoint']}"
+        elif kind == "nocredentials":
+            msg = f"found no credentials for {at} while {step} ({why}); {fixes['credentials']}"
         elif kind == "denied":
-            msg = (f"{at} refused the credentials while {step} ({why}); check AWS_ACCESS_KEY_ID and "
-                   f"AWS_SECRET_ACCESS_KEY (or the bucket's policy: kdray lists, writes and deletes under the prefix)")
+            msg = (f"{at} refused the credentials while {step} ({why}); {fixes['credentials']} (or the "
+                   f"bucket's policy: kdray lists, writes and deletes under the prefix)")
         elif kind == "missing":
             msg = f"bucket {bucket!r} does not exist at {at}; create it or fix the URI"
         else:
@@ -124,7 +156,7 @@ def check_storage(uri: str, where: str) -> None:
         raise fail("looking up the bucket", e) from None
     if info.type == pafs.FileType.NotFound:
         raise SweepError(f"{where}: {uri}: bucket {bucket!r} does not exist at {at}; create it "
-                         f"(e.g. aws s3 mb {scheme}://{bucket}) or fix the URI")
+                         f"(e.g. {fixes['create']} {scheme}://{bucket}) or fix the URI")
     try:
         fs.get_file_info(pafs.FileSelector(root, allow_not_found=True))
     except OSError as e:
