@@ -27,6 +27,7 @@ from datetime import timedelta
 from kdray.sweep import SweepError
 
 TIMEOUT_S = 5.0
+GCS_RETRY_S = 2.0      # google-cloud-cpp retries a refused connection until this; one request may take longer
 SCHEMES = ("s3", "gs", "gcs")
 # Variables a trial on another node needs to find the same S3-compatible server or GCS
 # emulator; Tune's trial actors get AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY and
@@ -92,7 +93,7 @@ def _bounded(fs):
                       retry_strategy=pafs.AwsStandardS3RetryStrategy(max_attempts=1))
         return pafs.S3FileSystem(**kwargs)
     if isinstance(fs, getattr(pafs, "GcsFileSystem", ())):
-        kwargs.update(retry_time_limit=timedelta(seconds=TIMEOUT_S))
+        kwargs.update(retry_time_limit=timedelta(seconds=GCS_RETRY_S))
         return pafs.GcsFileSystem(**kwargs)
     return fs
 
@@ -217,6 +218,9 @@ def artifact_root(storage: str, sweep_name: str, tracking_uri: str):
     if not tracking_uri.startswith("sqlite"):
         return None
     if is_object_store(storage):
-        return f"{storage.rstrip('/')}/mlartifacts/{sweep_name}"
+        root = storage.rstrip("/")
+        if root.lower().startswith("gcs://"):      # pyarrow takes both names; MLflow's artifact store only gs://
+            root = "gs://" + root[len("gcs://"):]
+        return f"{root}/mlartifacts/{sweep_name}"
     from kdray.sweep import local_storage
     return str(local_storage(storage) / "mlartifacts" / sweep_name)

@@ -119,3 +119,13 @@ def test_a_sweep_on_gcs_storage_writes_and_reports(local_ray, gcs_env, tmp_path,
     assert (tmp_path / "report").is_dir() and any((tmp_path / "report").iterdir())
     assert len(set(gcs_env.keys(BUCKET, "e2e/mlartifacts/objs/"))) > len(
         [k for k in keys if k.startswith("e2e/mlartifacts/objs/")]), "the report logged no artifact to the bucket"
+
+
+def test_mlflow_artifacts_under_a_gcs_scheme_storage_use_gs():
+    """pyarrow opens gcs:// and gs:// alike, MLflow's artifact store only gs://: a sweep tracked in
+    sqlite with ``storage: gcs://...`` keeps its MLflow artifacts at the gs:// spelling of the same place."""
+    from kdray.objectstore import artifact_root
+
+    assert artifact_root("gcs://bkt/pre/", "sw", "sqlite:///m.db") == "gs://bkt/pre/mlartifacts/sw"
+    assert artifact_root("gs://bkt/pre", "sw", "sqlite:///m.db") == "gs://bkt/pre/mlartifacts/sw"
+    assert artifact_root("gcs://bkt/pre", "sw", "http://tracking:5000") is None
