@@ -27,8 +27,8 @@ def report(sweep):
 
 @pytest.mark.slow      # starts a process pool: ~6 s
 def test_worker_processes_load_and_draw_what_one_process_does(sweep, report, tmp_path):
-    """kdray report's process pool: runs read in run-id ranges (sqlruns.PARTS) and figures drawn per
-    setup by workers give the same frame and the same figure files as the serial path."""
+    """kdray report's process pool: runs read in run-id ranges (sqlruns.PARTS), per-setup tables made
+    and figures drawn by workers give the same frame and the same files as the serial path."""
     import pandas as pd
 
     from kdray.analysis.report import report_pool
@@ -46,6 +46,9 @@ def test_worker_processes_load_and_draw_what_one_process_does(sweep, report, tmp
         pd.testing.assert_frame_equal(getattr(drawn.analysis, name), getattr(report.analysis, name))
     names = lambda out: sorted(p.name for p in (out / "figures").iterdir())  # noqa: E731
     assert names(drawn.out_dir) == names(report.out_dir) and len(names(report.out_dir)) >= 6
+    tables = lambda out: {p.name: p.read_bytes() for p in (out / "tables").iterdir()}  # noqa: E731
+    assert tables(drawn.out_dir) == tables(report.out_dir)      # per-setup tables made and written by the workers
+    assert sorted(drawn.files) == sorted(p for p in drawn.out_dir.rglob("*") if p.is_file())
     assert (drawn.out_dir / "summary.txt").read_text() == (report.out_dir / "summary.txt").read_text().replace(
         str(report.out_dir), str(drawn.out_dir))
     with report_pool(1) as none:

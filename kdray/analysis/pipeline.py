@@ -25,7 +25,7 @@ from kdray.analysis.stats import (DECISION_CORRECTIONS, LEVEL, SUPPORT_MIN, Anal
 def analyse(df: pd.DataFrame, threshold: float = 0.01, exclude_below: Optional[float] = None,
             correction: str = corrections.DEFAULT, power_draws: Optional[int] = None,
             level: float = LEVEL, map_=map, min_metrics: int = SUPPORT_MIN,
-            sesoi: Optional[dict] = None, decision_correction: str = "none") -> Analysis:
+            sesoi: Optional[dict] = None, decision_correction: str = "none", each=None) -> Analysis:
     """Run the statistics of docs/protocol.md §5 on a sweep's runs.
 
     Every test, decision and summary is within one setup, so each setup is
@@ -35,6 +35,8 @@ def analyse(df: pd.DataFrame, threshold: float = 0.01, exclude_below: Optional[f
     ``power_draws`` the simulated studies per power estimate (power.py; 0: none); ``sesoi`` the
     smallest effect of interest per metric (sizing.SESOI, the default, with any replaced);
     ``decision_correction`` a correction over each setup's decisions (correct_decisions).
+    ``each``: a picklable function of one setup's analysis, called where that setup was analysed
+    (a worker), its results kept in ``Analysis.each`` in setup order (the report's per-setup tables).
     """
     if decision_correction not in DECISION_CORRECTIONS:
         raise ValueError(f"unknown decision correction {decision_correction!r}; valid: {', '.join(DECISION_CORRECTIONS)}")
@@ -44,13 +46,15 @@ def analyse(df: pd.DataFrame, threshold: float = 0.01, exclude_below: Optional[f
     bare.attrs = {}                              # else pandas deep-copies them into every frame a part makes
     setup = bare["setup"]
     groups = [bare[setup == s] for s in sorted(setup.dropna().unique())] + ([bare[setup.isna()]] if setup.isna().any() else [])
-    job = (threshold, exclude_below, level, correction, power_draws, min_metrics, mods, sesoi, decision_correction)
-    parts = list(map_(_analyse_part, [(g, *job) for g in groups])) or [_analyse_part((bare, *job))]
+    job = (threshold, exclude_below, level, correction, power_draws, min_metrics, mods, sesoi, decision_correction, each)
+    done = list(map_(_analyse_part, [(g, *job) for g in groups])) or [_analyse_part((bare, *job))]
+    parts = [p for p, _ in done]
     frames = {f.name: _concat([getattr(p, f.name) for p in parts]) for f in fields(Analysis)
               if isinstance(getattr(parts[0], f.name), pd.DataFrame) and f.name != "runs"}
     return Analysis(runs=df, **frames, threshold=threshold, exclude_below=exclude_below, level=level,
                     notes=_notes(frames["tests"], level, correction), correction=correction, min_metrics=min_metrics,
-                    plugins=mods, sesoi=sesoi, decision_correction=decision_correction)
+                    plugins=mods, sesoi=sesoi, decision_correction=decision_correction,
+                    each=[x for _, x in done] if each is not None else [])
 
 
 def _concat(frames: list[pd.DataFrame]) -> pd.DataFrame:
@@ -75,9 +79,9 @@ def _with_power(dec: pd.DataFrame, curves: pd.DataFrame) -> pd.DataFrame:
     return dec
 
 
-def _analyse_part(job: tuple) -> Analysis:
-    """One setup's runs (or the runs without a setup) -> its analysis."""
-    df, threshold, exclude_below, level, correction, draws, min_metrics, mods, sesoi, family = job
+def _analyse_part(job: tuple) -> tuple[Analysis, object]:
+    """One setup's runs (or the runs without a setup) -> its analysis (and ``each`` of it)."""
+    df, threshold, exclude_below, level, correction, draws, min_metrics, mods, sesoi, family, each = job
     plugins.load(mods)
     students, teachers, excluded = prepare(df)
     groups = condition_groups(students)          # split once, walked by every step
@@ -92,5 +96,6 @@ def _analyse_part(job: tuple) -> Analysis:
                  best_accuracy(students, groups), threshold, exclude_below, level, min_metrics=min_metrics,
                  correction=correction, power=curves, plugins=mods, sesoi=sesoi)
     a.pooled, a.statements = pooled.pooled_tests(a, groups), pooled.statements(a, groups)
+    extra = each(a) if each is not None else None
     a.runs = df.iloc[0:0]                        # analyse keeps the runs: not pickled back from a worker
-    return a
+    return a, extra

@@ -14,6 +14,7 @@ under the sweep's parent run, so the report travels with the runs.
 from __future__ import annotations
 
 import base64
+import functools
 import html
 import math
 import multiprocessing as mp
@@ -161,6 +162,27 @@ def _write(path: Path, text: str) -> Path:
     return path
 
 
+def _table_files(out: Path, t: tables.Table) -> list[Path]:
+    return [out / "tables" / f"{t.name}.{ext}" for ext in ("md", "csv", "tex")]
+
+
+def _write_table(out: Path, t: tables.Table) -> list[Path]:
+    """The table as Markdown, CSV and LaTeX files."""
+    for path, text in zip(_table_files(out, t), (t.markdown(), t.csv(), t.latex())):
+        _write(path, text)
+    return _table_files(out, t)
+
+
+def _setup_tables_written(out: Path, a: Analysis) -> tuple[list, list]:
+    """tables.setup_tables of one setup's analysis, written to out/tables (by the report worker that
+    analysed the setup, so the parent only writes the tables across setups)."""
+    parts = tables.setup_tables(a)
+    for group in parts:
+        for t in group:
+            _write_table(out, t)
+    return parts
+
+
 def _data_uri(png: Path) -> str:
     return "data:image/png;base64," + base64.b64encode(png.read_bytes()).decode("ascii")
 
@@ -205,7 +227,8 @@ def build_report(df: pd.DataFrame, out_dir: str | Path, threshold: float = 0.01,
     clock = _Clock()
     a = analyse(df, threshold=threshold, exclude_below=exclude_below, map_=pool.map if pool else map,
                 correction=correction, min_metrics=min_metrics, sesoi=sesoi,
-                decision_correction=decision_correction)
+                decision_correction=decision_correction,
+                each=functools.partial(_setup_tables_written, out) if pool else None)
     a.tests["fingerprint_mismatches"] = provenance.mismatches(a.students, a.tests)
     result = ReportResult(out, a, seconds=clock.seconds, sanity=report_lines(df.to_dict("records")),
                           scope=df.attrs.get("scope"))
@@ -217,11 +240,10 @@ def build_report(df: pd.DataFrame, out_dir: str | Path, threshold: float = 0.01,
     if not draw and n_setups:
         a.notes.append(f"figures not drawn ({n_setups} setups, {len(figures.FIGURES)} figures each; drawn by "
                        f"default up to {FIGURE_SETUPS} setups): `kdray report ... --figures all` draws them")
-    tabs = tables.all_tables(a)
+    tabs = tables.all_tables(a, a.each or None)
+    written = {t.name for part in a.each for group in part for t in group}    # by the workers
     for t in tabs:
-        files += [_write(out / "tables" / f"{t.name}.md", t.markdown()),
-                  _write(out / "tables" / f"{t.name}.csv", t.csv()),
-                  _write(out / "tables" / f"{t.name}.tex", t.latex())]
+        files += _write_table(out, t) if t.name not in written else _table_files(out, t)
     for name, frame in (("runs", a.runs), ("summary", a.summary), ("tests", a.tests),
                         ("decisions", a.decisions), ("excluded", a.excluded), ("power", a.power),
                         ("pooled", a.pooled), ("statements", a.statements)):

@@ -683,6 +683,7 @@ class Analysis:
     plugins: tuple = ()                                               # modules declaring plug-in conditions
     sesoi: dict = field(default_factory=lambda: dict(sizing.SESOI))   # smallest effect of interest per metric
     decision_correction: str = "none"                                 # over each setup's decisions
+    each: list = field(default_factory=list)                          # pipeline.analyse's each(setup), per setup
 
     def for_setup(self, setup: str) -> "Analysis":
         """The same analysis restricted to one setup (what a worker needs to draw its figures)."""

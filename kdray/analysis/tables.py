@@ -9,6 +9,7 @@ import csv
 import html
 import io
 import math
+from typing import Optional
 from dataclasses import dataclass, field
 
 import pandas as pd
@@ -310,12 +311,23 @@ def excluded_table(a: Analysis) -> Table:
                  ["setup", "teacher seed", "condition", "student seed", "trial key", "reason"], rows)
 
 
-def all_tables(a: Analysis) -> list[Table]:
+def setup_tables(a: Analysis) -> tuple[list[Table], list[Table]]:
+    """(ticks, effects and pooled tables per setup; metric tables per setup and teacher seed) of an
+    analysis of any setups, each in setup order: an analysis of several setups gives what its
+    setups' analyses give one after the other (so report workers can make them, see all_tables)."""
     effects, pooled = effect_tables(a), pooled_tables(a)
     setups = sorted(set(a.decisions["setup"]))              # tick_tables' order: one table per setup
     per_setup = [t for setup, tick in zip(setups, tick_tables(a))
                  for t in (tick, effects.get(setup), pooled.get(setup)) if t is not None]
-    return [decision_table(a), statement_table(a), power_table(a), *per_setup, *metric_tables(a),
+    return per_setup, metric_tables(a)
+
+
+def all_tables(a: Analysis, parts: Optional[list] = None) -> list[Table]:
+    """Every table, in the report's order; ``parts``: setup_tables of each setup's analysis, in setup
+    order, when the workers that analysed them made them already."""
+    per_setup, metric = setup_tables(a) if parts is None else ([t for p in parts for t in p[0]],
+                                                             [t for p in parts for t in p[1]])
+    return [decision_table(a), statement_table(a), power_table(a), *per_setup, *metric,
             teacher_table(a), excluded_table(a)]
 
 
