@@ -111,11 +111,12 @@ def measure(name: str, title: str, quick: bool, device: str, sizes: Optional[tup
                   notes, now() - t0)
 
 
-def one_size(teachers: int, students: int, packs: tuple = (1, 16), device: str = "cpu") -> dict:
+def one_size(teachers: int, students: int, packs: tuple = (1, 16), device: str = "cpu",
+             tracking_uri: Optional[str] = None) -> dict:
     """Driver CPU and MLflow ms per trial at one size (no fit): the full mode's largest point alone."""
     out = {}
     for pack in packs:
-        r = _sweep(teachers, students, pack, device)
+        r = _sweep(teachers, students, pack, device, tracking_uri)
         n = r["trials"]
         out[f"pack {pack}, {n} trials"] = {"driver CPU ms/trial": round(1000 * r["driver_cpu_s"] / n, 2),
                                           "MLflow calls ms/trial": round(1000 * r["mlflow_driver_s"] / n, 2),
@@ -123,10 +124,20 @@ def one_size(teachers: int, students: int, packs: tuple = (1, 16), device: str =
     return out
 
 
-if __name__ == "__main__":   # python -m benchmarks.scale 20x69: one size, printed, docs untouched
+def main(argv: list[str], tracking_uri: Optional[str] = None) -> None:
+    """``20x69 [--packs 1,16]``: one size at a time, printed, docs untouched."""
     import json
+
+    packs = (1, 16)
+    if "--packs" in argv:
+        i = argv.index("--packs")
+        packs, argv = tuple(int(p) for p in argv[i + 1].split(",")), argv[:i] + argv[i + 2:]
+    for size in argv or ["20x69"]:
+        t, s = map(int, size.split("x"))
+        print(json.dumps(one_size(t, s, packs, tracking_uri=tracking_uri), indent=1), flush=True)
+
+
+if __name__ == "__main__":   # python -m benchmarks.scale 20x69 [--packs 1]
     import sys
 
-    for size in sys.argv[1:] or ["20x69"]:
-        t, s = map(int, size.split("x"))
-        print(json.dumps(one_size(t, s), indent=1), flush=True)
+    main(sys.argv[1:])

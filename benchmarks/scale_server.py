@@ -23,3 +23,12 @@ def run(quick: bool = False, device: str = "cpu", sizes: Optional[tuple] = None,
         return measure(NAME, TITLE, quick, device, sizes, packs, tracking_uri=uri,
                        notes=("Tracking: an mlflow server (1 worker) over HTTP, PostgreSQL behind it, both on this "
                               "machine; driver CPU excludes the server's and PostgreSQL's own CPU.",))
+
+
+if __name__ == "__main__":   # python -m benchmarks.scale_server 20x69 [--packs 1]: one size on a fresh server
+    import sys
+
+    from benchmarks.scale import main
+
+    with mlflow_server_on_postgresql() as uri:
+        main(sys.argv[1:], tracking_uri=uri)
