@@ -41,10 +41,23 @@ def _alive(pid: int) -> bool:
     return _ppid(pid) is not None and "Z" not in Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
 
 
-def stop_tree(pid: int, grace: float = 15.0) -> None:
-    """SIGTERM ``pid`` and its descendants, then SIGKILL whatever is left after ``grace`` seconds."""
+def stop_tree(pid: int, grace: float = 15.0, root_first: bool = False) -> None:
+    """SIGTERM ``pid`` and its descendants, then SIGKILL whatever is left after ``grace`` seconds.
+    ``root_first``: SIGTERM ``pid`` alone first and give it ``grace`` seconds to stop its own processes
+    (`ray start --block` stops a node's in order in ~3 s; a SIGTERM to each at once leaves a head's GCS
+    waiting out the whole grace), then the same to whatever of the tree is left."""
     pids = [pid] + descendants(pid)
+    if root_first:
+        try:
+            os.kill(pid, signal.SIGTERM)
+        except ProcessLookupError:
+            pass
+        deadline = time.time() + grace
+        while time.time() < deadline and any(_alive(p) for p in pids):
+            time.sleep(0.2)
     for sig in (signal.SIGTERM, signal.SIGKILL):
+        if not any(_alive(p) for p in pids):
+            break
         for p in pids:
             try:
                 os.kill(p, sig)

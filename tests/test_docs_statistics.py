@@ -75,7 +75,7 @@ def test_asymmetry_worked_example():
     doc_has(f"two-sided p = {frac(p, 32).numerator}/32 = {p:g}")
 
 
-def test_smallest_p_table():
+def test_smallest_p_table(holm_without_gc):
     """Every row of the smallest-attainable-p table against statsmodels' multipletests."""
     for n in (5, 6, 7):
         raw = np.full(4, 2.0 ** -n)

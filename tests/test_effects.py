@@ -186,9 +186,9 @@ def test_corrections_textbook_example():
     assert corrections.adjust(p, "bh")[3] == pytest.approx(0.0095 * 15 / 4)
 
 
-def test_vectorised_corrections_equal_statsmodels_row_by_row():
+def test_vectorised_corrections_equal_statsmodels_row_by_row(holm_without_gc):
     rng = np.random.default_rng(6)
-    p = rng.uniform(0, 0.2, (30, 4)) ** 2                          # statsmodels' holm takes ~0.1 s a family
+    p = rng.uniform(0, 0.2, (30, 4)) ** 2
     for method, sm in (("bh", "fdr_bh"), ("by", "fdr_by"), ("holm", "holm")):
         got = corrections.adjust(p, method)
         for row, g in zip(p, got):
@@ -197,10 +197,10 @@ def test_vectorised_corrections_equal_statsmodels_row_by_row():
     assert math.isnan(with_nan[1]) and with_nan[0] == pytest.approx(0.02)
 
 
-def test_rejected_families_equal_statsmodels_adjusted_p_at_the_level():
+def test_rejected_families_equal_statsmodels_adjusted_p_at_the_level(holm_without_gc):
     """corrections.rejected (the power simulation's) is "adjusted p <= level" by statsmodels' multipletests,
     family by family, on p-values with many ties (dyadic, as exact signed-rank p are) and at the boundaries
-    (statsmodels' holm takes ~0.1 s a family: 50 families)."""
+    (50 families)."""
     rng = np.random.default_rng(11)
     p = rng.integers(1, 40, (50, 4)) / 256                          # ties within families
     p[0], p[1] = [0.0125, 0.025, 0.0375, 0.05], [0.0125, 0.05 / 3, 0.025, 0.05]   # BH's and Holm's boundaries

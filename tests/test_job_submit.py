@@ -69,7 +69,7 @@ def start_worker(temp_dir: str, gcs: int, env: dict, resources: tuple = ("--num-
 
 def stop_head(head: subprocess.Popen) -> None:
     """Stop this test's own Ray processes: the head and its descendants, never `ray stop`."""
-    stop_tree(head.pid)
+    stop_tree(head.pid, root_first=True)
     head.wait(timeout=30)
 
 

@@ -101,7 +101,7 @@ class TwoNodes:
 
     def stop(self) -> None:
         for p in reversed(self.procs):
-            stop_tree(p.pid)
+            stop_tree(p.pid, root_first=True)   # `ray start --block` stops its node in order
             p.wait(timeout=30)
         shutil.rmtree(self.temp_dir, ignore_errors=True)
 

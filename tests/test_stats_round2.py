@@ -365,7 +365,7 @@ def test_a_null_pilot_is_not_labelled_under_powered_and_its_power_is_at_the_seso
 
 # ------------------------------------------------------------------ 5. the decision rule as a test, and a family of decisions
 
-def test_p_decision_matches_the_rule_and_holm_over_a_setup_is_statsmodels():
+def test_p_decision_matches_the_rule_and_holm_over_a_setup_is_statsmodels(holm_without_gc):
     from statsmodels.stats.multitest import multipletests
 
     from synthetic_runs import planted_runs

@@ -13,6 +13,7 @@ import yaml
 from benchmarks.servers import Missing, free_port, postgresql, start_mlflow_server, stop_mlflow_server
 from kdray.plan import build_plan
 from kdray.sweep import load_sweep
+from kdray.tracking import seed_sqlite_store
 
 KDRAY = [sys.executable, "-m", "kdray.cli"]
 
@@ -60,6 +61,9 @@ def _query(backend_uri, sql):
 
 
 def _start_server(tmp_path, port, backend_uri):
+    """A new sqlite backend starts as kdray's copy of an empty MLflow schema (kdray/tracking.py, as every
+    sweep's own sqlite store does), so the server does not run MLflow's migrations (~20 s) at its start."""
+    seed_sqlite_store(backend_uri)
     return start_mlflow_server(tmp_path, port, backend_uri)
 
 
