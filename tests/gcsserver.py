@@ -18,6 +18,8 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
+from procs import terminate
+
 _SERVE = """
 import sys, time
 from gcp_storage_emulator.server import create_server
@@ -85,9 +87,4 @@ def gcs_emulator():
             threading.Thread(target=lambda: [None for _ in proc.stdout], daemon=True).start()
             yield GCSServer(f"http://127.0.0.1:{port}", str(key_file))
         finally:
-            proc.terminate()
-            try:
-                proc.wait(timeout=10)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait()
+            terminate(proc)

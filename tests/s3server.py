@@ -18,6 +18,8 @@ import threading
 from contextlib import contextmanager
 from dataclasses import dataclass
 
+from procs import terminate
+
 REGION = "us-east-1"
 _IAM_SETUP_REQUESTS = 6    # create_user, create_access_key, put_user_policy; for each of two users
 # moto names some S3 actions after the API call (s3:ListObjectsV2, s3:HeadBucket) where AWS uses
@@ -83,9 +85,4 @@ def moto_s3(auth: bool = True):
             server = S3Server(endpoint, *keys["kdray"], reader=keys["reader"])
         yield server
     finally:
-        proc.terminate()
-        try:
-            proc.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
+        terminate(proc)

@@ -7,15 +7,13 @@ The emulator checks no credentials, so refused credentials are tested only on S3
 """
 from __future__ import annotations
 
-import os
 import time
 
 import pytest
 
 from gcsserver import gcs_emulator
 from kdray.cli import main
-from sweeps import SMALL_GRID
-from test_object_storage import _free_port, _one_line, _trial_runs, _write
+from test_object_storage import _free_port, _one_line, _write, sweep_into_bucket
 
 BUCKET = "kdray-bucket"
 GCS_VARS = ("CLOUD_STORAGE_EMULATOR_ENDPOINT", "STORAGE_EMULATOR_HOST", "GOOGLE_APPLICATION_CREDENTIALS",
@@ -80,38 +78,8 @@ def test_no_credentials_are_one_line(tmp_path, capsys, gcs_env, monkeypatch):
 
 
 def test_a_sweep_on_gcs_storage_writes_and_reports(local_ray, gcs_env, tmp_path, capsys, monkeypatch):
-    """Ray started before this test set the emulator's variables: its workers find the bucket only
-    because kdray hands them to the trial actors (kdray/objectstore.py ``carried_to_trials``)."""
-    import ray
-    from kdray.plan import build_plan
-    from kdray.sweep import load_sweep
-
-    assert ray.get(ray.remote(lambda: os.environ.get("CLOUD_STORAGE_EMULATOR_ENDPOINT")).remote()) != gcs_env.endpoint
-    monkeypatch.chdir(tmp_path)
-    storage = f"gs://{BUCKET}/e2e"
-    path = _write(tmp_path, storage, **SMALL_GRID, teacher={"arch": "mlp", "args": {"hidden": 32}},
-                  recipe={"epochs": 1, "batch_size": 128, "lr": 0.01})
-    plan = build_plan(load_sweep(path))
-    assert main(["sweep", path, "--quiet"]) == 0, capsys.readouterr().err[-3000:]
-    out = capsys.readouterr().out
-    assert f"{len(plan.all)} trials finished now" in out, out
-
-    keys = set(gcs_env.keys(BUCKET, "e2e/"))
-    for spec in plan.all:
-        own = {k.rsplit("/", 1)[1] for k in keys if k.startswith(f"e2e/trials/{spec.trial_key}/")}
-        assert {"test_outputs.npz", "result.json"} <= own, (spec.label, own)
-        if spec.role == "teacher":
-            assert {"model.pt", "test_logits.npy"} <= own, own
-    assert not [k for k in keys if k.endswith(".tmp")]          # every write was renamed into place
-    assert any(k.startswith("e2e/objs/tune/trials/") for k in keys), "no Ray Tune state in the bucket"
-    # MLflow's artifacts (sqlite-tracked sweep) went to the bucket too, through google-cloud-storage.
-    client, exp, runs = _trial_runs(f"sqlite:///{tmp_path / 'mlflow.db'}", "objs")
-    assert exp.artifact_location == f"{storage}/mlartifacts/objs"
-    assert sorted(r.data.tags["kdray.trial_key"] for r in runs) == sorted(s.trial_key for s in plan.all)
-    assert all(r.info.status == "FINISHED" for r in runs)
-    assert any(k.startswith("e2e/mlartifacts/objs/") and k.endswith("/test_outputs.npz") for k in keys)
-    teacher_run = next(r for r in runs if r.data.tags["kdray.role"] == "teacher")
-    assert "model.pt" in {a.path for a in client.list_artifacts(teacher_run.info.run_id)}
+    path, plan, keys, client, runs = sweep_into_bucket(gcs_env, "gs", "CLOUD_STORAGE_EMULATOR_ENDPOINT", tmp_path,
+                                                       capsys, monkeypatch)
 
     # The report reads the runs back and logs itself to MLflow (its artifacts: into the bucket).
     assert main(["report", path, "--jobs", "1", "--out", str(tmp_path / "report")]) == 0, capsys.readouterr().err

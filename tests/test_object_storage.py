@@ -160,17 +160,19 @@ def _trial_runs(uri: str, name: str):
     return client, exp, client.search_runs([exp.experiment_id], "tags.`kdray.kind` = 'trial'", max_results=1000)
 
 
-def test_a_sweep_on_s3_storage_writes_resumes_and_reports(local_ray, s3_env, tmp_path, capsys, monkeypatch):
-    """Ray started before this test set AWS_ENDPOINT_URL: its workers find the bucket only because
-    kdray hands the endpoint to the trial actors (kdray/objectstore.py ``carried_to_trials``)."""
+def sweep_into_bucket(server, scheme: str, endpoint_var: str, tmp_path, capsys, monkeypatch):
+    """Run a small sweep with ``storage: <scheme>://BUCKET/e2e`` and check what lands in the bucket:
+    each trial's artefacts, the teachers' weights, no temporaries, Ray Tune's state and MLflow's
+    artifacts, one FINISHED run per trial.  Ray started before the test set ``endpoint_var``: its
+    workers find the bucket only because kdray hands it to the trial actors (objectstore.carried_to_trials).
+    Returns (sweep file, plan, bucket keys, MLflow client, trial runs)."""
     import ray
     from kdray.plan import build_plan
-    from kdray.storage import Store
     from kdray.sweep import load_sweep
 
-    assert ray.get(ray.remote(lambda: os.environ.get("AWS_ENDPOINT_URL")).remote()) != s3_env.endpoint
+    assert ray.get(ray.remote(lambda: os.environ.get(endpoint_var)).remote()) != os.environ[endpoint_var]
     monkeypatch.chdir(tmp_path)
-    storage = f"s3://{BUCKET}/e2e"
+    storage = f"{scheme}://{BUCKET}/e2e"
     path = _write(tmp_path, storage, **SMALL_GRID, teacher={"arch": "mlp", "args": {"hidden": 32}},
                   recipe={"epochs": 1, "batch_size": 128, "lr": 0.01})
     plan = build_plan(load_sweep(path))
@@ -178,24 +180,36 @@ def test_a_sweep_on_s3_storage_writes_resumes_and_reports(local_ray, s3_env, tmp
     out = capsys.readouterr().out
     assert f"{len(plan.all)} trials finished now" in out, out
 
-    keys = set(s3_env.keys(BUCKET, "e2e/"))
-    from kdray.data import load_dataset
-    fixed_inputs = load_dataset("digits").train_inputs_are_fixed()
+    keys = set(server.keys(BUCKET, "e2e/"))
     for spec in plan.all:
         own = {k.rsplit("/", 1)[1] for k in keys if k.startswith(f"e2e/trials/{spec.trial_key}/")}
         assert {"test_outputs.npz", "result.json"} <= own, (spec.label, own)
         if spec.role == "teacher":
             assert {"model.pt", "test_logits.npy"} <= own, own
-            assert fixed_inputs == ("train_logits.npy" in own), own   # the KD students' cached teacher logits
     assert not [k for k in keys if k.endswith(".tmp")]          # every write was renamed into place
     assert any(k.startswith("e2e/objs/tune/trials/") for k in keys), "no Ray Tune state in the bucket"
-    # MLflow's artifacts (sqlite-tracked sweep) went to the bucket too, through boto3.
+    # MLflow's artifacts (sqlite-tracked sweep) went to the bucket too, through MLflow's own client.
     client, exp, runs = _trial_runs(f"sqlite:///{tmp_path / 'mlflow.db'}", "objs")
     assert exp.artifact_location == f"{storage}/mlartifacts/objs"
-    assert len(runs) == len(plan.all) and all(r.info.status == "FINISHED" for r in runs)
+    assert sorted(r.data.tags["kdray.trial_key"] for r in runs) == sorted(s.trial_key for s in plan.all)
+    assert all(r.info.status == "FINISHED" for r in runs)
     assert any(k.startswith("e2e/mlartifacts/objs/") and k.endswith("/test_outputs.npz") for k in keys)
     teacher_run = next(r for r in runs if r.data.tags["kdray.role"] == "teacher")
     assert "model.pt" in {a.path for a in client.list_artifacts(teacher_run.info.run_id)}
+    return path, plan, keys, client, runs
+
+
+def test_a_sweep_on_s3_storage_writes_resumes_and_reports(local_ray, s3_env, tmp_path, capsys, monkeypatch):
+    from kdray.data import load_dataset
+    from kdray.storage import Store
+
+    path, plan, keys, client, runs = sweep_into_bucket(s3_env, "s3", "AWS_ENDPOINT_URL", tmp_path, capsys, monkeypatch)
+    fixed_inputs = load_dataset("digits").train_inputs_are_fixed()
+    for spec in plan.teachers:      # the KD students' cached teacher logits
+        own = {k.rsplit("/", 1)[1] for k in keys if k.startswith(f"e2e/trials/{spec.trial_key}/")}
+        assert fixed_inputs == ("train_logits.npy" in own), own
+    storage = f"s3://{BUCKET}/e2e"
+    teacher_run = next(r for r in runs if r.data.tags["kdray.role"] == "teacher")
     # What the store reads back is what the trial computed (as MLflow logged it).
     store = Store(storage, "objs")
     result = store.load_json(plan.teachers[0].trial_key, "result.json")
