@@ -392,10 +392,14 @@ def _trial_dirname(trial) -> str:
 
 
 class _TuneNotices(logging.Filter):
-    """Drops Tune's interrupt notices (its resume advice, ``Tuner.restore``, is not how kdray resumes)
-    and its result grid's notice that trials have no result files (kdray writes none: see ``_tune_run``)."""
+    """Drops Tune's interrupt notices (its resume advice, ``Tuner.restore``, is not how kdray resumes),
+    its result grid's notice that trials have no result files (kdray writes none: see ``_tune_run``),
+    and its warnings that processing a result was slow: that time is kdray's MLflow callback logging
+    the trial's runs (sixteen for a pack), counted in docs/benchmarks.md, and Tune's advice ("report
+    results less frequently") does not apply to a trial's one final result."""
     DROP = ("Tuner.restore", "Stop signal received", "Trials did not complete", "Experiment has been interrupted",
-            "Failed to fetch metrics for")
+            "Failed to fetch metrics for", "The `process_trial_result` operation took", "Processing trial results took")
+    LOGGERS = ("ray.tune.tune", "ray.tune.analysis.experiment_analysis", "ray.tune.utils.util")
 
     def filter(self, record: logging.LogRecord) -> bool:
         return not any(d in record.getMessage() for d in self.DROP)
@@ -413,7 +417,7 @@ def _graceful_interrupt(stopping: Flag):
               file=sys.stderr, flush=True)
         os.kill(os.getpid(), signal.SIGUSR1)
 
-    tune_logs = [logging.getLogger(n) for n in ("ray.tune.tune", "ray.tune.analysis.experiment_analysis")]
+    tune_logs = [logging.getLogger(n) for n in _TuneNotices.LOGGERS]
     notices = _TuneNotices()
     previous = signal.signal(signal.SIGINT, handler)
     for log in tune_logs:

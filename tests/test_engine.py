@@ -142,3 +142,32 @@ def test_students_start_when_their_own_teacher_is_done_and_batched_reports_keep_
     assert len(fast_students) == 2
     assert min(r.info.start_time for r in fast_students) < slow_teacher.info.end_time, "students waited for every teacher"
     assert [m.step for m in client.get_metric_history(slow_teacher.info.run_id, "train_loss")] == list(range(1, 41))
+
+
+def test_tunes_slow_result_warnings_are_dropped_during_a_sweep_and_other_warnings_kept(monkeypatch, caplog):
+    """Tune's own ``warn_if_slow`` over a slow result (kdray's callback logging a pack's runs) says to
+    report less often, which does not apply: inside the sweep's context it is dropped; another warning
+    of the same logger, and the same warning outside the sweep, still reach the user."""
+    import logging
+    import time
+
+    from ray.tune.utils import util
+
+    from kdray.engine import _graceful_interrupt
+    from kdray.mlflow_callback import Flag
+
+    monkeypatch.setattr(util, "START_OF_TIME", time.time() - 120)      # Tune stays quiet in its first minute
+
+    def slow():
+        with util.warn_if_slow("process_trial_result", threshold=0.001):
+            time.sleep(0.01)
+
+    caplog.set_level(logging.WARNING, logger="ray.tune.utils.util")
+    with _graceful_interrupt(Flag()):
+        slow()
+        util.logger.warning("another Tune warning")
+    inside = [r.getMessage() for r in caplog.records]
+    assert inside == ["another Tune warning"], inside
+    caplog.clear()
+    slow()
+    assert any("process_trial_result" in r.getMessage() for r in caplog.records)
