@@ -168,9 +168,10 @@ def _table_files(out: Path, t: tables.Table) -> list[Path]:
 
 def _write_table(out: Path, t: tables.Table) -> list[Path]:
     """The table as Markdown, CSV and LaTeX files."""
-    for path, text in zip(_table_files(out, t), (t.markdown(), t.csv(), t.latex())):
+    files = _table_files(out, t)
+    for path, text in zip(files, (t.markdown(), t.csv(), t.latex())):
         _write(path, text)
-    return _table_files(out, t)
+    return files
 
 
 def _setup_tables_written(out: Path, a: Analysis) -> tuple[list, list]:

@@ -204,9 +204,10 @@ def load_runs(tracking_uri: str, experiment: str, pool=None, direct: bool = True
 
     A SQL tracking store (sqlite, PostgreSQL, ...) is read straight from its
     tables (kdray/analysis/sqlruns.py; ``direct=False`` asks MLflow's client
-    instead).  Through the client, MLflow turns every run, param and metric into
-    objects (~2.5 ms a run), so with a process ``pool`` the runs are fetched in
-    slices of start time, one slice per task (see kdray.analysis.report.report_pool).  ``exp``: the
+    instead), with a process ``pool`` a range of run ids per worker
+    (sqlruns.PARTS).  Through the client, MLflow turns every run, param and metric
+    into objects (~2.5 ms a run), so with a ``pool`` the runs are fetched in slices
+    of start time, one slice per task (see kdray.analysis.report.report_pool).  ``exp``: the
     experiment when the caller has it (get_experiment); ``plugin_modules``: what the pool's workers
     import first (a legacy run's condition parameters are typed by its declaration).
     """

@@ -54,13 +54,7 @@ def trial_runs(uri: str, experiment_id: str, low: Optional[str] = None,
     """Every active trial run of the experiment (with a run id in [low, high) when given), as
     Run-shaped records; None when ``uri`` is not a SQL database or its tables are not MLflow's
     (the caller then asks MLflow's client)."""
-    if not is_sql(uri):
-        return None
-    from sqlalchemy import create_engine
-    from sqlalchemy.pool import NullPool
-
-    engine = create_engine(uri, poolclass=NullPool)
-    try:
+    def read(engine) -> dict:
         con = engine.raw_connection()
         try:
             cur = con.cursor()
@@ -68,13 +62,13 @@ def trial_runs(uri: str, experiment_id: str, low: Optional[str] = None,
             for name, q in _QUERIES.items():
                 cur.execute(q.format(exp=int(experiment_id), part=_part(low, high)))
                 rows[name] = cur.fetchall()
+            return rows
         finally:
             con.close()
-    except Exception as e:   # another schema, a driver missing: the client's path still works
-        log.debug("reading MLflow's tables at %s failed (%s); using MLflow's client", uri, e)
+
+    rows = _read(uri, read)
+    if rows is None:
         return None
-    finally:
-        engine.dispose()
     runs = {rid: SimpleNamespace(info=SimpleNamespace(run_id=rid, status=status, start_time=start),
                                  data=SimpleNamespace(params={}, tags={}, metrics={}))
             for rid, status, start in rows["runs"]}
@@ -87,22 +81,33 @@ def trial_runs(uri: str, experiment_id: str, low: Optional[str] = None,
     return list(runs.values())
 
 
-def _select(uri: str, sql: str, **values) -> Optional[list[tuple]]:
-    """The rows of one small bound query, or None when the store cannot be read this way."""
+def _read(uri: str, read):
+    """``read(engine)`` on a fresh engine for ``uri``; None when ``uri`` is not a SQL database or the
+    read fails (another schema, a driver missing: the caller then asks MLflow's client)."""
     if not is_sql(uri):
         return None
-    from sqlalchemy import create_engine, text
+    from sqlalchemy import create_engine
     from sqlalchemy.pool import NullPool
 
     engine = create_engine(uri, poolclass=NullPool)
     try:
-        with engine.connect() as con:
-            return [tuple(r) for r in con.execute(text(sql), values)]
+        return read(engine)
     except Exception as e:
         log.debug("reading MLflow's tables at %s failed (%s); using MLflow's client", uri, e)
         return None
     finally:
         engine.dispose()
+
+
+def _select(uri: str, sql: str, **values) -> Optional[list[tuple]]:
+    """The rows of one small bound query, or None when the store cannot be read this way."""
+    from sqlalchemy import text
+
+    def read(engine) -> list[tuple]:
+        with engine.connect() as con:
+            return [tuple(r) for r in con.execute(text(sql), values)]
+
+    return _read(uri, read)
 
 
 def experiment(uri: str, name: str) -> "SimpleNamespace | bool | None":

@@ -9,8 +9,8 @@ import csv
 import html
 import io
 import math
-from typing import Optional
 from dataclasses import dataclass, field
+from typing import Optional
 
 import pandas as pd
 
